@@ -1,0 +1,182 @@
+"""The shard file: one plain Parquet file per planned shard.
+
+Columns: ``index`` int64, ``label`` int64, ``path`` string (when the source has paths),
+``embedding`` fixed_size_list<float32|float16>[D] (raw teacher output), ``embedding_flip``
+(the teacher on the mirrored image, when flip is on), ``image`` binary (encoded bytes that
+``tf.io.decode_image`` reads at the teacher's input size, unless images are off).
+
+The footer's key-value metadata makes each file self-describing, which is what lets a lost
+ledger be rebuilt from the files alone: ``distill.run`` (the run identity), ``distill.shard``
+(k, start, stop) and ``distill.errors`` (rows that could not be embedded, with the reason).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from shards.storage import Storage
+
+META_RUN = b"distill.run"
+META_SHARD = b"distill.shard"
+META_ERRORS = b"distill.errors"
+ROW_GROUP_ROWS = 256
+EMBEDDING_DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class RowError:
+    """A listing row that could not be embedded, and why. Recorded, counted, never fatal."""
+
+    index: int
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """What the ledger and the manifest know of a done shard."""
+
+    k: int
+    rows: int
+    bytes: int
+    sha256: str
+    errors: tuple[RowError, ...] = ()
+    seconds: float = 0.0
+    finished_at: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["errors"] = [asdict(e) for e in self.errors]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ShardRecord":
+        d = dict(d)
+        d["errors"] = tuple(RowError(**e) for e in d.get("errors", ()))
+        return cls(**d)
+
+
+def shard_schema(dim: int, dtype: str = "float32", flip: bool = True, images: bool = True, paths: bool = True):
+    import pyarrow as pa
+
+    if dtype not in EMBEDDING_DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {dtype!r}")
+    value = pa.float32() if dtype == "float32" else pa.float16()
+    fields = [pa.field("index", pa.int64(), nullable=False), pa.field("label", pa.int64(), nullable=False)]
+    if paths:
+        fields.append(pa.field("path", pa.string()))
+    fields.append(pa.field("embedding", pa.list_(value, dim), nullable=False))
+    if flip:
+        fields.append(pa.field("embedding_flip", pa.list_(value, dim), nullable=False))
+    if images:
+        fields.append(pa.field("image", pa.binary(), nullable=False))
+    return pa.schema(fields)
+
+
+def encode_shard(
+    schema,
+    *,
+    index: np.ndarray,
+    label: np.ndarray,
+    embedding: np.ndarray,
+    embedding_flip: np.ndarray | None = None,
+    path: Sequence[str] | None = None,
+    image: Sequence[bytes] | None = None,
+    run_id: str,
+    k: int,
+    start: int,
+    stop: int,
+    errors: Sequence[RowError] = (),
+) -> bytes:
+    """The Parquet bytes of one shard. Same inputs -> same bytes (no clocks, no hostnames)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = len(index)
+    cols: dict[str, Any] = {
+        "index": pa.array(np.asarray(index, np.int64)),
+        "label": pa.array(np.asarray(label, np.int64)),
+    }
+    if "path" in schema.names:
+        cols["path"] = pa.array(list(path) if path is not None else [None] * n, pa.string())
+    cols["embedding"] = _fixed_list(embedding, schema.field("embedding").type)
+    if "embedding_flip" in schema.names:
+        if embedding_flip is None:
+            raise ValueError("this shard schema has embedding_flip; pass the flipped embeddings")
+        cols["embedding_flip"] = _fixed_list(embedding_flip, schema.field("embedding_flip").type)
+    if "image" in schema.names:
+        cols["image"] = pa.array(list(image) if image is not None else [], pa.binary())
+    meta = {
+        META_RUN: run_id.encode(),
+        META_SHARD: json.dumps({"k": k, "start": start, "stop": stop}).encode(),
+        META_ERRORS: json.dumps([asdict(e) for e in errors]).encode(),
+    }
+    table = pa.table(cols, schema=schema.with_metadata(meta))
+    buf = io.BytesIO()
+    # Images and floats do not compress; the small columns do. No statistics on the big ones.
+    pq.write_table(
+        table,
+        buf,
+        row_group_size=ROW_GROUP_ROWS,
+        compression={c: ("zstd" if c in ("index", "label", "path") else "none") for c in schema.names},
+        write_statistics=["index", "label"],
+    )
+    return buf.getvalue()
+
+
+def _fixed_list(values: np.ndarray, typ):
+    import pyarrow as pa
+
+    dim = typ.list_size
+    np_dtype = np.float16 if typ.value_type == pa.float16() else np.float32
+    flat = np.ascontiguousarray(values, dtype=np_dtype).reshape(-1)
+    if len(flat) % dim:
+        raise ValueError(f"embeddings of size {len(flat)} do not split into rows of {dim}")
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat), dim)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_footer(storage: Storage, name: str) -> dict[str, Any]:
+    """The shard's footer: run id, (k, start, stop), errors and row count. Raises on a bad file."""
+    import pyarrow.parquet as pq
+
+    with storage.open_input(name) as f:
+        md = pq.ParquetFile(f).metadata
+    kv = md.metadata or {}
+    if META_RUN not in kv:
+        raise ValueError(f"{storage.uri(name)} is a Parquet file but not a distill shard (no {META_RUN.decode()})")
+    return {
+        "run": kv[META_RUN].decode(),
+        **json.loads(kv[META_SHARD]),
+        "errors": tuple(RowError(**e) for e in json.loads(kv.get(META_ERRORS, b"[]"))),
+        "rows": md.num_rows,
+    }
+
+
+def verify_shard(storage: Storage, name: str, run_id: str, k: int) -> ShardRecord:
+    """Rebuild a done record from a shard file alone (reads it once, whole)."""
+    import pyarrow.parquet as pq
+
+    data = storage.read_bytes(name)
+    pf = pq.ParquetFile(io.BytesIO(data))
+    kv = pf.metadata.metadata or {}
+    run = kv.get(META_RUN, b"").decode()
+    if run != run_id:
+        raise ValueError(
+            f"{storage.uri(name)} was written by another run ({run or 'unknown'}), not {run_id}; "
+            "it belongs to another listing, teacher or preprocessing. Use a new --out directory."
+        )
+    meta = json.loads(kv[META_SHARD])
+    if meta["k"] != k:
+        raise ValueError(f"{storage.uri(name)} holds shard {meta['k']}, not {k}")
+    errors = tuple(RowError(**e) for e in json.loads(kv.get(META_ERRORS, b"[]")))
+    return ShardRecord(k=k, rows=pf.metadata.num_rows, bytes=len(data), sha256=sha256(data), errors=errors)

@@ -1,0 +1,214 @@
+"""Where shards live: a local/NFS directory, or any URI that ``pyarrow.fs`` understands.
+
+The one write primitive is ``write_atomic``: a reader either sees the whole object under
+its final name or nothing. Locally that is temp file in the same directory + fsync +
+rename + fsync of the directory. On object stores (``s3://``, ``gs://``) an object only
+becomes visible when its upload completes, so a write-once key is already atomic; the
+manifest, written last, is what says which keys are done.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+TEMP_PREFIX = "."
+TEMP_MARK = ".tmp-"
+
+
+class Storage(Protocol):
+    @property
+    def root(self) -> str: ...
+    @property
+    def is_local(self) -> bool: ...
+    def write_atomic(self, name: str, data: bytes) -> None: ...
+    def read_bytes(self, name: str) -> bytes: ...
+    def exists(self, name: str) -> bool: ...
+    def size(self, name: str) -> int: ...
+    def list(self) -> list[str]: ...
+    def remove(self, name: str) -> None: ...
+    def open_input(self, name: str) -> BinaryIO: ...
+    def uri(self, name: str) -> str: ...
+
+
+def temp_name(name: str) -> str:
+    """A hidden, unique sibling of ``name``; never mistaken for a shard."""
+    return f"{TEMP_PREFIX}{name}{TEMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def is_temp_name(name: str) -> bool:
+    return name.startswith(TEMP_PREFIX) and TEMP_MARK in name
+
+
+def is_uri(location: str) -> bool:
+    return "://" in location and not location.startswith("file://")
+
+
+def open_storage(location: str, create: bool = True) -> Storage:
+    """A Storage for a local path, ``file://`` URI, or a pyarrow.fs URI (s3://, gs://, ...)."""
+    if location.startswith("file://"):
+        location = location[len("file://"):]
+    if is_uri(location):
+        return ArrowStorage.from_uri(location, create=create)
+    return LocalStorage(os.path.abspath(location), create=create)
+
+
+@dataclass(frozen=True)
+class LocalStorage:
+    path: str
+    create: bool = True
+
+    def __post_init__(self) -> None:
+        if self.create:
+            os.makedirs(self.path, exist_ok=True)
+        elif not os.path.isdir(self.path):
+            raise FileNotFoundError(f"{self.path} is not a directory")
+
+    @property
+    def root(self) -> str:
+        return self.path
+
+    @property
+    def is_local(self) -> bool:
+        return True
+
+    def _p(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def write_atomic(self, name: str, data: bytes) -> None:
+        tmp = self._p(temp_name(name))
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._p(name))
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        fsync_dir(self.path)
+
+    def read_bytes(self, name: str) -> bytes:
+        with open(self._p(name), "rb") as f:
+            return f.read()
+
+    def exists(self, name: str) -> bool:
+        return os.path.exists(self._p(name))
+
+    def size(self, name: str) -> int:
+        return os.path.getsize(self._p(name))
+
+    def list(self) -> list[str]:
+        return sorted(os.listdir(self.path))
+
+    def remove(self, name: str) -> None:
+        try:
+            os.unlink(self._p(name))
+        except FileNotFoundError:
+            pass
+
+    def open_input(self, name: str) -> BinaryIO:
+        return open(self._p(name), "rb")
+
+    def uri(self, name: str) -> str:
+        return self._p(name)
+
+    def mtime(self, name: str) -> float:
+        return os.path.getmtime(self._p(name))
+
+
+@dataclass(frozen=True)
+class ArrowStorage:
+    """A directory on any pyarrow filesystem (S3, GCS, HDFS, ...)."""
+
+    fs: object  # pyarrow.fs.FileSystem
+    path: str
+    scheme: str
+
+    @classmethod
+    def from_uri(cls, uri: str, create: bool = True) -> "ArrowStorage":
+        import pyarrow.fs as pafs
+
+        try:
+            fs, path = pafs.FileSystem.from_uri(uri)
+        except Exception as e:  # pyarrow raises ArrowInvalid/OSError subclasses
+            raise ValueError(
+                f"cannot open storage {redact(uri)}: {e}. Use a local path, or a URI pyarrow.fs "
+                "supports (s3://bucket/dir, gs://bucket/dir) with credentials in the environment."
+            ) from e
+        if create:
+            fs.create_dir(path, recursive=True)
+        return cls(fs, path.rstrip("/"), uri.split("://", 1)[0])
+
+    @property
+    def root(self) -> str:
+        return f"{self.scheme}://{self.path}"
+
+    @property
+    def is_local(self) -> bool:
+        return False
+
+    def _p(self, name: str) -> str:
+        return f"{self.path}/{name}"
+
+    def write_atomic(self, name: str, data: bytes) -> None:
+        # Object stores publish a key only when its upload completes: write-once is atomic.
+        with self.fs.open_output_stream(self._p(name)) as f:
+            f.write(data)
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.fs.open_input_stream(self._p(name)) as f:
+            return f.read()
+
+    def exists(self, name: str) -> bool:
+        import pyarrow.fs as pafs
+
+        return self.fs.get_file_info(self._p(name)).type != pafs.FileType.NotFound
+
+    def size(self, name: str) -> int:
+        return self.fs.get_file_info(self._p(name)).size
+
+    def list(self) -> list[str]:
+        import pyarrow.fs as pafs
+
+        infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+
+    def remove(self, name: str) -> None:
+        try:
+            self.fs.delete_file(self._p(name))
+        except FileNotFoundError:
+            pass
+
+    def open_input(self, name: str) -> BinaryIO:
+        return self.fs.open_input_file(self._p(name))
+
+    def uri(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def mtime(self, name: str) -> float:
+        mt = self.fs.get_file_info(self._p(name)).mtime
+        return mt.timestamp() if mt else 0.0
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def redact(url: str) -> str:
+    """A URL with any password replaced, safe for logs, errors and manifests."""
+    if "://" not in url or "@" not in url.split("://", 1)[1].split("/", 1)[0]:
+        return url
+    scheme, rest = url.split("://", 1)
+    netloc, slash, tail = rest.partition("/")
+    creds, host = netloc.rsplit("@", 1)
+    user = creds.split(":", 1)[0] if ":" in creds else creds
+    shown = f"{user}:***@" if ":" in creds else "***@"
+    return f"{scheme}://{shown}{host}{slash}{tail}"
