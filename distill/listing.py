@@ -1,0 +1,620 @@
+"""The listing stage: one Parquet row per image, saying its label and where to read it.
+
+It owns turning a source into ``listing.parquet`` and hands that file to the plan and embed
+stages: columns ``index`` (int64, 0..N-1, the row number), ``label`` (int64, 0..C-1), ``path``
+(absolute path; null for .rec rows) and ``offset`` (byte offset of the record's magic in the
+.rec; null for file rows), plus a ``distill.listing`` JSON footer (kind, source, rec, rows,
+num_classes, label_names). Nothing is opened or decoded here: a bad image is listed like any
+other file and the embed stage records it.
+
+Sources:
+
+- **folders**: ``ROOT/NAME/...``. Label = position of NAME among the sorted, non-hidden
+  sub-folder names (an empty sub-folder still takes its label). Files are collected
+  recursively below each identity folder (some packs nest by session or camera), hidden
+  files and folders skipped, symlinked sub-folders not followed, and ordered by their path
+  relative to the identity folder, compared as plain strings (``1.pgm, 10.pgm, 2.pgm``).
+  Files directly in ROOT belong to no identity and are ignored.
+- **list**: a text file of ``path<TAB>label`` lines (label an int >= 0, C = max label + 1)
+  or bare ``path`` lines (label = the parent folder name, numbered by sorted unique names).
+  Relative paths resolve against the list file's folder; blank lines and ``#`` lines are
+  skipped. Rows keep the file's order.
+- **rec**: insightface's ``train.rec`` (+ ``train.idx`` beside it), read in place. Record 0's
+  labels ``[first, end)`` name the identity records, each of which gives its ``[start, end)``
+  image keys: only those ~85k small records are read, so emore lists in seconds. A pack whose
+  record 0 has ``flag == 0`` has no identity records; then every record's header label is
+  read (one small read per image: minutes at emore scale) and the distinct labels are
+  numbered in sorted order. Rows follow key order.
+
+Memory stays bounded: ``train.idx`` and list files are streamed, and rows go to the Parquet
+writer in row groups of ``row_group_rows``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FOOTER_KEY = "distill.listing"
+KINDS = ("folders", "list", "rec")
+DEFAULT_ROW_GROUP_ROWS = 131072
+FINGERPRINT_VERSION = "distill.listing.fingerprint/1"
+_LIST_CHUNK = 65536  # list-file lines parsed per batch handed to the writer
+
+
+@dataclass(frozen=True)
+class ListingConfig:
+    source: str
+    out: str
+    row_group_rows: int = DEFAULT_ROW_GROUP_ROWS
+    idx_block_bytes: int = 1 << 22  # train.idx text parsed per chunk
+
+    def __post_init__(self) -> None:
+        if self.row_group_rows < 1:
+            raise ValueError(f"row_group_rows must be >= 1, got {self.row_group_rows}")
+        if self.idx_block_bytes < 1024:
+            raise ValueError(f"idx_block_bytes must be >= 1024, got {self.idx_block_bytes}")
+
+
+@dataclass(frozen=True)
+class ListingInfo:
+    kind: str
+    source: str
+    rec: str | None
+    rows: int
+    num_classes: int
+    label_names: tuple[str, ...] | None
+
+    def to_json(self) -> dict:
+        return {
+            "kind": self.kind, "source": self.source, "rec": self.rec, "rows": self.rows,
+            "num_classes": self.num_classes,
+            "label_names": list(self.label_names) if self.label_names is not None else None,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ListingInfo":
+        names = d.get("label_names")
+        return cls(d["kind"], d["source"], d.get("rec"), int(d["rows"]), int(d["num_classes"]),
+                   tuple(names) if names is not None else None)
+
+
+@dataclass(frozen=True)
+class ListingRows:
+    """Rows ``[start, stop)`` of a listing; ``offset`` is -1 and ``path`` None where null."""
+
+    index: np.ndarray
+    label: np.ndarray
+    path: list[str | None]
+    offset: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+@dataclass(frozen=True)
+class RecFiles:
+    rec: str
+    idx: str
+    property: str | None
+
+
+# ---------------------------------------------------------------------------- pure decisions
+
+def is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def parse_list_line(line: str, lineno: int, where: str) -> tuple[str, int | None] | None:
+    """``(path, label or None)`` for a data line, None for a blank or ``#`` line."""
+    text = line.rstrip("\r\n")
+    stripped = text.strip()
+    if not stripped or stripped.startswith("#"):
+        return None
+    if "\t" not in text:
+        return stripped, None
+    path, _, label = text.rpartition("\t")
+    path, label = path.strip(), label.strip()
+    if not path:
+        raise ValueError(f"{where}:{lineno}: empty path before the tab; expected `path<TAB>label` or `path`")
+    try:
+        value = int(label)
+    except ValueError:
+        raise ValueError(
+            f"{where}:{lineno}: label {label!r} is not an integer; expected `path<TAB>label` with an int label, "
+            "or a bare `path` (label = its folder name)"
+        ) from None
+    if value < 0:
+        raise ValueError(f"{where}:{lineno}: label {value} is negative; labels are class numbers 0..C-1")
+    return path, value
+
+
+def resolve_list_path(base: str, path: str) -> str:
+    """A list entry as an absolute path: relative ones resolve against the list's folder.
+
+    Plain string work on the common cases; os.path only where ``.``/``..`` need collapsing
+    (millions of lines pass through here).
+    """
+    if path.startswith("/"):
+        return path if "/." not in path and "//" not in path else os.path.normpath(path)
+    if path.startswith(".") or "/." in path or "//" in path:
+        return os.path.normpath(f"{base}/{path}")
+    return f"{base}/{path}"
+
+
+def parent_name(path: str) -> str:
+    """The name of the folder holding ``path`` (an absolute path): the label of a bare list line."""
+    return path[: path.rfind("/")].rpartition("/")[2]
+
+
+def looks_binary(head: bytes) -> bool:
+    """True for the start of a file that is not a text list (an image, an archive, ...)."""
+    if b"\0" in head:
+        return True
+    # Text lists hold tabs and newlines only; raw pixel data is full of other control bytes.
+    control = sum(head.count(bytes([c])) for c in range(32) if c not in (9, 10, 13))
+    return control > len(head) // 100
+
+
+def covering_row_groups(starts: np.ndarray, start: int, stop: int) -> range:
+    """Row groups holding rows ``[start, stop)``; ``starts`` = cumulative group starts + total."""
+    if stop <= start:
+        return range(0)
+    first = int(np.searchsorted(starts, start, side="right")) - 1
+    last = int(np.searchsorted(starts, stop, side="left")) - 1
+    return range(first, last + 1)
+
+
+# ---------------------------------------------------------------------------- source kinds
+
+def resolve_source(source: str) -> tuple[str, str, RecFiles | None]:
+    """(kind, absolute source, rec files or None). Touches the filesystem, decides nothing else."""
+    src = os.path.abspath(source)
+    if not os.path.exists(src):
+        raise FileNotFoundError(
+            f"listing source {src} does not exist; give a folder of identity sub-folders, "
+            "a list file of `path<TAB>label` lines, or an insightface train.rec (or its folder)"
+        )
+    if os.path.isdir(src):
+        rec = os.path.join(src, "train.rec")
+        if os.path.isfile(rec):
+            return "rec", src, _rec_files(rec)
+        return "folders", src, None
+    if src.endswith(".rec"):
+        return "rec", src, _rec_files(src)
+    if src.endswith(".idx") and os.path.isfile(src[: -len(".idx")] + ".rec"):
+        raise ValueError(f"{src} is a RecordIO index; give the .rec beside it ({src[:-4]}.rec) or its folder")
+    with open(src, "rb") as f:
+        if looks_binary(f.read(8192)):
+            raise ValueError(
+                f"{src} is a binary file, not a list: give a folder of identity sub-folders, a text file "
+                "of `path<TAB>label` lines, or an insightface train.rec"
+            )
+    return "list", src, None
+
+
+def _rec_files(rec: str) -> RecFiles:
+    idx = rec[: -len(".rec")] + ".idx"
+    if not os.path.isfile(idx):
+        raise FileNotFoundError(
+            f"{rec} needs its index beside it: expected {idx} (insightface ships train.idx with "
+            "train.rec; copy it into the same folder)"
+        )
+    prop = os.path.join(os.path.dirname(rec), "property")
+    return RecFiles(rec, idx, prop if os.path.isfile(prop) else None)
+
+
+def _bar(**kw):
+    from tqdm import tqdm
+
+    # disable=None: a bar on a terminal, silence in logs and tests.
+    return tqdm(mininterval=0.5, disable=None, **kw)
+
+
+# ---------------------------------------------------------------------------- writing
+
+class _ListingWriter:
+    """Rows in, row groups of exactly ``row_group_rows`` out (the last may be short).
+
+    Writes to a hidden temp sibling of ``out``; ``commit`` adds the footer, fsyncs and renames.
+    """
+
+    def __init__(self, out: str, row_group_rows: int, rec: bool):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from shards.storage import temp_name
+
+        self.out = out
+        self.rows = 0
+        self._rec = rec
+        self._rgr = row_group_rows
+        self._labels: list[np.ndarray] = []
+        self._paths: list[str] = []
+        self._offsets: list[np.ndarray] = []
+        self._buffered = 0
+        self._schema = pa.schema([
+            pa.field("index", pa.int64(), nullable=False),
+            pa.field("label", pa.int64(), nullable=False),
+            pa.field("path", pa.string()),
+            pa.field("offset", pa.int64()),
+        ])
+        self._tmp = os.path.join(os.path.dirname(out), temp_name(os.path.basename(out)))
+        self._file = open(self._tmp, "wb")
+        # Paths and offsets are (nearly) unique: a dictionary only costs time there. zstd makes
+        # an emore listing ~16 MB instead of ~50.
+        self._writer = pq.ParquetWriter(self._file, self._schema, use_dictionary=["label"], compression="zstd")
+
+    @property
+    def total(self) -> int:
+        """Rows added so far, written or still buffered."""
+        return self.rows + self._buffered
+
+    def add(self, labels: np.ndarray, paths: list[str] | None = None, offsets: np.ndarray | None = None) -> None:
+        if not len(labels):
+            return
+        self._labels.append(np.asarray(labels, dtype=np.int64))
+        if self._rec:
+            self._offsets.append(np.asarray(offsets, dtype=np.int64))
+        else:
+            self._paths.extend(paths)
+        self._buffered += len(labels)
+        if self._buffered >= self._rgr:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        import pyarrow as pa
+
+        labels = np.concatenate(self._labels) if self._labels else np.zeros(0, np.int64)
+        offsets = np.concatenate(self._offsets) if self._offsets else None
+        paths = self._paths
+        done = 0
+        while len(labels) - done >= self._rgr or (final and done < len(labels)):
+            n = min(self._rgr, len(labels) - done)
+            sl = slice(done, done + n)
+            table = pa.table({
+                "index": pa.array(np.arange(self.rows, self.rows + n, dtype=np.int64)),
+                "label": pa.array(labels[sl]),
+                "path": pa.nulls(n, pa.string()) if self._rec else pa.array(paths[sl], pa.string()),
+                "offset": pa.array(offsets[sl]) if self._rec else pa.nulls(n, pa.int64()),
+            }, schema=self._schema)
+            self._writer.write_table(table, row_group_size=n)
+            self.rows += n
+            done += n
+        self._labels = [labels[done:]]
+        self._offsets = [offsets[done:]] if offsets is not None else []
+        self._paths = paths[done:]
+        self._buffered = len(labels) - done
+
+    def commit(self, info: ListingInfo) -> None:
+        from shards.storage import fsync_dir
+
+        self._flush(final=True)
+        self._writer.add_key_value_metadata({FOOTER_KEY: json.dumps(info.to_json(), separators=(",", ":"))})
+        self._writer.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp, self.out)
+        fsync_dir(os.path.dirname(self.out))
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        except Exception:  # already failed mid-write: the temp file is dropped either way
+            pass
+        self._file.close()
+        if os.path.exists(self._tmp):
+            os.unlink(self._tmp)
+
+
+def _identity_files(folder: str) -> list[str]:
+    found: list[tuple[list[str], str]] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not is_hidden(d)]
+        rel = os.path.relpath(dirpath, folder)
+        parts = [] if rel == "." else rel.split(os.sep)
+        found.extend((parts + [f], os.path.join(dirpath, f)) for f in filenames if not is_hidden(f))
+    found.sort(key=lambda t: t[0])
+    return [p for _, p in found]
+
+
+def _list_folders(root: str, sink: _ListingWriter) -> tuple[int, tuple[str, ...]]:
+    with os.scandir(root) as it:
+        entries = [e for e in it if not is_hidden(e.name)]
+    names = sorted(e.name for e in entries if e.is_dir())
+    if not names:
+        raise ValueError(
+            f"{root} has no sub-folders: a folder source needs one sub-folder per identity "
+            "(ROOT/NAME/image files). For a flat folder, write a list file of `path<TAB>label` lines."
+        )
+    loose = len(entries) - len(names)
+    if loose:
+        log.info("ignoring %d file(s) directly in %s: they belong to no identity folder", loose, root)
+    empty = 0
+    with _bar(total=len(names), unit="id", desc="listing folders") as bar:
+        for label, name in enumerate(names):
+            files = _identity_files(os.path.join(root, name))
+            empty += not files
+            sink.add(np.full(len(files), label, dtype=np.int64), files)
+            bar.update(1)
+    if empty:
+        log.warning("%d of %d identity folders in %s hold no files; their labels stay reserved", empty, len(names), root)
+    return len(names), tuple(names)
+
+
+def _list_lines(path: str) -> Iterator[tuple[int, str, int | None]]:
+    """(line number, absolute path, label or None) of every data line, checking consistency."""
+    base = os.path.dirname(path)
+    labelled = None
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for lineno, line in enumerate(f, 1):
+            parsed = parse_list_line(line, lineno, path)
+            if parsed is None:
+                continue
+            p, label = parsed
+            if labelled is None:
+                labelled = label is not None
+            elif labelled != (label is not None):
+                raise ValueError(
+                    f"{path}:{lineno}: "
+                    + ("has no label but earlier lines do" if labelled else "has a label but earlier lines do not")
+                    + "; give every line a `<TAB>label`, or none"
+                )
+            yield lineno, resolve_list_path(base, p), label
+
+
+def _list_file(path: str, sink: _ListingWriter) -> tuple[int, tuple[str, ...] | None]:
+    lines = _list_lines(path)
+    first = next(lines, None)
+    lines.close()
+    if first is None:
+        return 0, None
+    names: tuple[str, ...] | None = None
+    ids: dict[str, int] = {}
+    if first[2] is None:
+        # Label = parent folder name: the numbering needs every name first, so read twice.
+        distinct = {parent_name(p) for _, p, _ in _list_lines(path)}
+        names = tuple(sorted(distinct))
+        ids = {n: i for i, n in enumerate(names)}
+    top = -1
+    paths: list[str] = []
+    labels: list[int] = []
+    with _bar(unit="line", desc="listing file") as bar:
+        for _, p, label in _list_lines(path):
+            if label is None:
+                label = ids[parent_name(p)]
+            top = max(top, label)
+            paths.append(p)
+            labels.append(label)
+            if len(paths) >= _LIST_CHUNK:
+                sink.add(np.asarray(labels, dtype=np.int64), paths)
+                bar.update(len(paths))
+                paths, labels = [], []
+        sink.add(np.asarray(labels, dtype=np.int64), paths)
+        bar.update(len(paths))
+    return (len(names) if names is not None else top + 1), names
+
+
+def _read_property(path: str | None) -> int | None:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="ascii") as f:
+            return int(f.read().strip().split(",")[0])
+    except (ValueError, UnicodeDecodeError):
+        log.warning("%s is not `num_classes,height,width`; ignoring it", path)
+        return None
+
+
+def _list_rec(files: RecFiles, sink: _ListingWriter, block_bytes: int) -> int:
+    from distill.recordio import InsightfacePack
+
+    with InsightfacePack(files.rec, files.idx, block_bytes) as pack:
+        with _bar(total=pack.images, unit="img", desc="listing records") as bar:
+            for labels, offsets in pack.chunks():
+                sink.add(labels, offsets=offsets)
+                bar.update(len(labels))
+    declared = _read_property(files.property)
+    if declared is not None and declared != pack.num_classes:
+        log.warning("%s says %d classes but %s holds %d; the listing uses %d",
+                    files.property, declared, files.rec, pack.num_classes, pack.num_classes)
+    return pack.num_classes
+
+
+# ---------------------------------------------------------------------------- entry points
+
+def build_listing(cfg: ListingConfig) -> ListingInfo:
+    """Write the listing for ``cfg.source`` to ``cfg.out`` atomically; return its footer info."""
+    kind, source, rec_files = resolve_source(cfg.source)
+    out = os.path.abspath(cfg.out)
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out} is a directory; give a file path such as {os.path.join(out, 'listing.parquet')}")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    sink = _ListingWriter(out, cfg.row_group_rows, rec=kind == "rec")
+    try:
+        names: tuple[str, ...] | None = None
+        if kind == "folders":
+            num_classes, names = _list_folders(source, sink)
+        elif kind == "list":
+            num_classes, names = _list_file(source, sink)
+        else:
+            num_classes = _list_rec(rec_files, sink, cfg.idx_block_bytes)
+        total = sink.total
+        if total == 0:
+            raise ValueError(f"listing of {source} is empty: no image files or records found there; "
+                             "check the path (folders need ROOT/NAME/files, lists need non-comment lines)")
+        info = ListingInfo(kind, source, rec_files.rec if rec_files else None, total, num_classes, names)
+        sink.commit(info)
+    except BaseException:
+        sink.abort()
+        raise
+    return info
+
+
+def read_listing_info(path: str) -> ListingInfo:
+    """The footer of a listing (reads the Parquet footer only)."""
+    import pyarrow.parquet as pq
+
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"listing {path} does not exist; make it with `distill listing SOURCE --out {path}`")
+    try:
+        meta = pq.read_metadata(path).metadata or {}
+    except Exception as e:  # pyarrow raises ArrowInvalid/OSError for a non-Parquet file
+        raise ValueError(f"{path} is not a Parquet file ({e}); make a listing with `distill listing`") from None
+    raw = meta.get(FOOTER_KEY.encode())
+    if raw is None:
+        raise ValueError(f"{path} has no `{FOOTER_KEY}` footer: it is not a distill listing; "
+                         "make one with `distill listing SOURCE --out PATH`")
+    info = ListingInfo.from_json(json.loads(raw))
+    if info.kind not in KINDS:
+        raise ValueError(f"{path} is a listing of unknown kind {info.kind!r} (this version knows {', '.join(KINDS)}); "
+                         "rebuild it with this version's `distill listing`")
+    return info
+
+
+def _update_strings(h_valid, h_len, h_data, column) -> None:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    h_valid.update(arr.is_valid().to_numpy(zero_copy_only=False).astype(np.uint8).tobytes())
+    filled = pc.fill_null(arr, "").cast(pa.large_string())
+    _, offsets_buf, data_buf = filled.buffers()
+    offsets = np.frombuffer(offsets_buf, dtype="<i8")[filled.offset: filled.offset + len(filled) + 1]
+    h_len.update(np.diff(offsets).astype("<i8").tobytes())
+    if data_buf is not None and len(offsets) and offsets[-1] > offsets[0]:
+        h_data.update(memoryview(data_buf)[int(offsets[0]): int(offsets[-1])])
+
+
+def listing_fingerprint(path: str) -> str:
+    """sha256 over the listing's values (not its bytes): stable across pyarrow versions.
+
+    Each column is hashed in its own stream, so the result does not depend on row groups.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    info = read_listing_info(path)
+    pf = pq.ParquetFile(path)
+    h = {k: hashlib.sha256() for k in ("index", "label", "offset", "path_valid", "path_len", "path_data")}
+    for g in range(pf.num_row_groups):
+        t = pf.read_row_group(g, columns=["index", "label", "path", "offset"])
+        h["index"].update(t.column("index").to_numpy().astype("<i8").tobytes())
+        h["label"].update(t.column("label").to_numpy().astype("<i8").tobytes())
+        h["offset"].update(pc.fill_null(t.column("offset"), -1).to_numpy().astype("<i8").tobytes())
+        _update_strings(h["path_valid"], h["path_len"], h["path_data"], t.column("path"))
+    final = hashlib.sha256(f"{FINGERPRINT_VERSION}\0{info.kind}\0".encode())
+    for k in ("index", "label", "offset", "path_valid", "path_len", "path_data"):
+        final.update(h[k].digest())
+    return final.hexdigest()
+
+
+class ListingReader:
+    """Random access to listing rows; reads only the row groups a range covers.
+
+    The embed driver asks for one shard at a time, usually several shards per row group, so
+    the last few decoded row groups are kept.
+    """
+
+    _CACHE = 4
+
+    def __init__(self, path: str):
+        import pyarrow.parquet as pq
+
+        self.path = os.path.abspath(path)
+        self.info = read_listing_info(self.path)
+        self._pf = pq.ParquetFile(self.path)
+        md = self._pf.metadata
+        sizes = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+        self._starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+        self.num_rows = int(self._starts[-1])
+        self._cache: OrderedDict[int, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def _group(self, g: int):
+        if g in self._cache:
+            self._cache.move_to_end(g)
+            return self._cache[g]
+        t = self._pf.read_row_group(g, columns=["index", "label", "path", "offset"])
+        self._cache[g] = t
+        if len(self._cache) > self._CACHE:
+            self._cache.popitem(last=False)
+        return t
+
+    def rows(self, start: int, stop: int) -> ListingRows:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if not 0 <= start <= stop <= self.num_rows:
+            raise ValueError(f"rows [{start}, {stop}) are outside {self.path} (rows 0..{self.num_rows})")
+        groups = covering_row_groups(self._starts, start, stop)
+        with self._lock:
+            tables = [self._group(g) for g in groups]
+        if not tables:
+            return ListingRows(np.zeros(0, np.int64), np.zeros(0, np.int64), [], np.zeros(0, np.int64))
+        t = pa.concat_tables(tables).slice(start - int(self._starts[groups[0]]), stop - start)
+        return ListingRows(
+            index=t.column("index").to_numpy(),
+            label=t.column("label").to_numpy(),
+            path=t.column("path").to_pylist(),
+            offset=pc.fill_null(t.column("offset"), -1).to_numpy(),
+        )
+
+    def __reduce__(self):
+        # Ship the path, not the open file: a Ray task or actor reopens it where it runs.
+        return (ListingReader, (self.path,))
+
+    def close(self) -> None:
+        self._cache.clear()
+        self._pf.close()
+
+    def __enter__(self) -> "ListingReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------- CLI
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "listing",
+        help="list every image of a source: index, label, where to read it",
+        description=(
+            "Write a listing Parquet (index, label, path, offset) for SOURCE: a folder with one "
+            "sub-folder per identity, a text file of `path<TAB>label` or bare `path` lines, or an "
+            "insightface train.rec (the .rec path or its folder; train.idx must be beside it)."
+        ),
+    )
+    p.add_argument("source", metavar="SOURCE", help="identity folders, list file, or train.rec / its folder")
+    p.add_argument("--out", required=True, help="output file, e.g. RUN/listing.parquet (written atomically)")
+    p.add_argument("--row-group-rows", type=int, default=DEFAULT_ROW_GROUP_ROWS,
+                   help=f"rows per Parquet row group (default {DEFAULT_ROW_GROUP_ROWS})")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = ListingConfig(source=args.source, out=args.out, row_group_rows=args.row_group_rows)
+    t0 = time.perf_counter()
+    info = build_listing(cfg)
+    print(f"listing: {info.kind}, {info.rows} rows, {info.num_classes} classes, "
+          f"{time.perf_counter() - t0:.1f} s -> {os.path.abspath(cfg.out)}")
+    return 0
