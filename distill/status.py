@@ -1,0 +1,141 @@
+"""``distill status``: how far a teacher pass is, from the manifest and the ledger.
+
+Reads only small files (and the ledger); never Ray or TensorFlow, so it answers at once,
+also while ``embed`` runs. The numbers come from a pure ``summarize`` for testing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from shards.ledger import LedgerState
+from shards.plan import shard_at, shard_name
+
+RECENT_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class StatusConfig:
+    shards: str
+    ledger: str = "file"
+    errors: bool = False
+    as_json: bool = False
+
+
+def summarize(manifest: Mapping[str, Any], state: LedgerState, now: float) -> dict[str, Any]:
+    """Counts, rates and ETA. Pure: the clock comes in as ``now``."""
+    total_rows = manifest["rows"]
+    shard_size = manifest["shard_size"]
+    counts = state.counts(now)
+    done = list(state.done.values())
+    rows_done = sum(r.rows for r in done)
+    errors = sum(len(r.errors) for r in done)
+    processed = rows_done + errors
+    spans = [(r.finished_at - r.seconds, r.finished_at, r.rows + len(r.errors)) for r in done if r.finished_at]
+    overall = recent = None
+    if spans:
+        start = min(s for s, _, _ in spans)
+        end = max(e for _, e, _ in spans)
+        overall = processed / (end - start) if end > start else None
+        window = [(s, e, n) for s, e, n in spans if e >= now - RECENT_SECONDS]
+        if window:
+            w_start = max(min(s for s, _, _ in window), now - RECENT_SECONDS)
+            recent = sum(n for _, _, n in window) / max(now - w_start, 1e-9)
+    rate = recent or overall
+    remaining = total_rows - processed
+    leases = sorted(
+        ({"shard": shard_name(k), "owner": l.owner, "expires_in": round(l.expires - now, 1)}
+         for k, l in state.leases.items() if k not in state.done and l.expires > now),
+        key=lambda d: d["shard"],
+    )
+    return {
+        "out": manifest.get("out"),
+        "run_id": manifest["run_id"],
+        "rows_total": total_rows,
+        "rows_done": rows_done,
+        "errors": errors,
+        "shards_total": state.num_shards,
+        **{f"shards_{k}": v for k, v in counts.items()},
+        "complete": counts["done"] == state.num_shards,
+        "images_per_second_recent": recent,
+        "images_per_second_overall": overall,
+        "eta_seconds": remaining / rate if rate and remaining > 0 and not counts["done"] == state.num_shards else None,
+        "leases": leases,
+        "pending_rows": sum(shard_at(k, total_rows, shard_size).rows for k in range(state.num_shards) if k not in state.done),
+    }
+
+
+def format_status(s: Mapping[str, Any], manifest: Mapping[str, Any], error_rows: list | None = None) -> str:
+    pct = 100.0 * (s["rows_done"] + s["errors"]) / max(1, s["rows_total"])
+    lines = [
+        f"run {s['run_id']}: {manifest['rows']} rows, {manifest['num_classes']} classes, "
+        f"teacher dim {manifest['embedding_dim']} ({'flip on' if manifest['flip'] else 'flip off'}, {manifest['dtype']})",
+        f"shards: {s['shards_done']} done, {s['shards_leased']} leased, {s['shards_pending']} pending of {s['shards_total']}"
+        + ("  [complete]" if s["complete"] else ""),
+        f"rows:   {s['rows_done']} embedded, {s['errors']} unreadable, of {s['rows_total']} ({pct:.1f}%)",
+    ]
+    rate = s["images_per_second_recent"] or s["images_per_second_overall"]
+    if rate:
+        eta = f", ETA {_hms(s['eta_seconds'])}" if s["eta_seconds"] else ""
+        which = "last 5 min" if s["images_per_second_recent"] else "overall"
+        lines.append(f"speed:  {rate:.1f} img/s ({which}){eta}")
+    for lease in s["leases"][:10]:
+        lines.append(f"leased: {lease['shard']} by {lease['owner']} (expires in {lease['expires_in']:.0f}s)")
+    if len(s["leases"]) > 10:
+        lines.append(f"leased: ... and {len(s['leases']) - 10} more")
+    if error_rows is not None:
+        for e in error_rows:
+            lines.append(f"error:  index {e['index']} {e['path']}: {e['reason']}")
+    elif s["errors"]:
+        lines.append("        (--errors lists the unreadable rows)")
+    return "\n".join(lines)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def run_status(cfg: StatusConfig) -> dict[str, Any]:
+    from shards.ledger import open_ledger
+    from shards.manifest import load_manifest
+
+    manifest = load_manifest(cfg.shards)
+    ledger = open_ledger(cfg.ledger, cfg.shards, manifest["num_shards"], manifest["run_id"])
+    try:
+        state = ledger.snapshot()
+    finally:
+        ledger.close()
+    s = summarize(manifest, state, time.time())
+    s["out"] = cfg.shards
+    if cfg.errors:
+        s["error_rows"] = [
+            {"shard": r.k, "index": e.index, "path": e.path, "reason": e.reason}
+            for r in sorted(state.done.values(), key=lambda r: r.k) for e in r.errors
+        ]
+    return s
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser("status", help="progress of a teacher pass: shards, rows, errors, speed",
+                       description="Show shards done/leased/pending, rows, unreadable rows and throughput.")
+    p.add_argument("shards", help="shard directory given to `distill embed --out`")
+    p.add_argument("--ledger", default="file", help="the ledger embed used: 'file' (default) or redis://...")
+    p.add_argument("--errors", action="store_true", help="list every unreadable row with its reason")
+    p.add_argument("--json", dest="as_json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=_main)
+
+
+def _main(a) -> int:
+    from shards.manifest import load_manifest
+
+    cfg = StatusConfig(a.shards, a.ledger, a.errors, a.as_json)
+    s = run_status(cfg)
+    if cfg.as_json:
+        print(json.dumps(s, indent=1))
+    else:
+        print(format_status(s, load_manifest(cfg.shards), s.get("error_rows")))
+    return 0

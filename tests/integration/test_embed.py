@@ -1,0 +1,248 @@
+"""The teacher pass end to end: real CLI processes on the session Ray cluster.
+
+Resume tests kill real processes with SIGKILL and compare shard bytes with an
+uninterrupted run of the same command.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import MOBILEFACENET, ORL, run_cli
+
+pytestmark = pytest.mark.integration
+
+
+def read_all(shard_dir: Path):
+    tables = [pq.read_table(p) for p in sorted(shard_dir.glob("part-*.parquet"))]
+    return tables
+
+
+def shard_bytes(shard_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(shard_dir.glob("part-*.parquet"))}
+
+
+def embed_args(listing, teacher, out, address, *extra):
+    return ["embed", listing, "--teacher", teacher, "--out", out, "--address", address, "--no-progress", *extra]
+
+
+def test_tiny_teacher_over_orl(embedded_run, tiny_teacher, orl_listing, tmp_path):
+    from distill.images import decode_rgb
+    from distill.teacher import Preprocessing, Teacher, inspect_teacher
+
+    manifest = json.loads((embedded_run / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["rows_done"] == 400 and manifest["num_shards"] == 7
+    assert manifest["num_classes"] == 40 and manifest["embedding_dim"] == 32 and manifest["error_count"] == 0
+    tables = read_all(embedded_run)
+    assert len(tables) == 7
+    index = np.concatenate([t.column("index").to_numpy() for t in tables])
+    assert sorted(index) == list(range(400))  # every row exactly once
+    # Each shard holds its planned rows, and the manifest's checksums match the files.
+    for s in manifest["shards"]:
+        t = pq.read_table(embedded_run / s["name"])
+        assert t.column("index").to_pylist() == list(range(s["start"], s["stop"]))
+    # The stored embeddings are the teacher's output on the stored (preprocessed-identically) images.
+    t = tables[3]
+    teacher = Teacher(inspect_teacher(str(tiny_teacher)), Preprocessing())
+    px = np.stack([decode_rgb(b) for b in t.column("image").to_pylist()])
+    emb = np.asarray(t.column("embedding").to_pylist(), np.float32)
+    flip = np.asarray(t.column("embedding_flip").to_pylist(), np.float32)
+    np.testing.assert_allclose(emb, teacher(px), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(flip, teacher(px[:, :, ::-1]), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(emb, flip)
+    # Plain Parquet: pandas reads it with no Ray types.
+    df = pq.read_table(embedded_run / "part-00000.parquet").to_pandas()
+    assert list(df.columns) == ["index", "label", "path", "embedding", "embedding_flip", "image"]
+    assert df["path"].iloc[0].endswith(".pgm")
+
+    # A finished run reruns in seconds without teacher work; status and export-npy read it.
+    out = run_cli(*embed_args(orl_listing, tiny_teacher, embedded_run, "127.0.0.1:1",  # no Ray needed
+                              "--shard-size", "64", "--batch-size", "32"))
+    assert "this run: 0 rows" in out.stdout
+    st = run_cli("status", embedded_run)
+    assert "7 done, 0 leased, 0 pending of 7" in st.stdout and "[complete]" in st.stdout
+    run_cli("export-npy", embedded_run, "--out", tmp_path / "npy")
+    e0 = np.load(tmp_path / "npy" / "0_emb.npy")
+    assert e0.shape == (64, 32) and e0.dtype == np.float32
+    assert len((tmp_path / "npy" / "6_img.foo").read_text().splitlines()) == 400 - 6 * 64
+
+
+def test_another_teacher_or_preprocessing_is_refused(embedded_run, orl_listing, tiny_teacher, ray_address):
+    before = shard_bytes(embedded_run)
+    r = run_cli(*embed_args(orl_listing, tiny_teacher, embedded_run, ray_address, "--shard-size", "64",
+                            "--batch-size", "32", "--channel-order", "BGR"), check=False)
+    assert r.returncode == 2 and "another run" in r.stderr and "channel_order" in r.stderr
+    r = run_cli(*embed_args(orl_listing, MOBILEFACENET, embedded_run, ray_address, "--shard-size", "64",
+                            "--batch-size", "32"), check=False)
+    assert r.returncode == 2 and "teacher_fingerprint" in r.stderr
+    assert shard_bytes(embedded_run) == before
+
+
+@pytest.fixture(scope="module")
+def subset_listing(tmp_path_factory) -> Path:
+    """12 ORL identities (120 images) as a list file: the real teacher takes a few seconds."""
+    d = tmp_path_factory.mktemp("subset")
+    lines = [f"{ORL / f's{p}' / f'{i}.pgm'}\t{p - 1}" for p in range(1, 13) for i in range(1, 11)]
+    (d / "list.txt").write_text("\n".join(lines) + "\n")
+    run_cli("listing", d / "list.txt", "--out", d / "listing.parquet")
+    return d / "listing.parquet"
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, subset_listing, ray_address) -> Path:
+    """An uninterrupted run with the real teacher: the bytes every resumed run must equal."""
+    out = tmp_path_factory.mktemp("ref") / "shards"
+    run_cli(*embed_args(subset_listing, MOBILEFACENET, out, ray_address, "--shard-size", "8", "--batch-size", "4"))
+    return out
+
+
+def test_real_teacher_separates_identities(reference_run):
+    tables = read_all(reference_run)
+    label = np.concatenate([t.column("label").to_numpy() for t in tables])
+    emb = np.concatenate([np.asarray(t.column("embedding").to_pylist(), np.float32) for t in tables])
+    assert emb.shape == (120, 192)
+    e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    cos = e @ e.T
+    same = label[:, None] == label[None, :]
+    off_diag = ~np.eye(len(label), dtype=bool)
+    assert cos[same & off_diag].mean() > cos[~same].mean() + 0.2
+
+
+def _start(args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "distill", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_shards(out: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        have = len(list(out.glob("part-*.parquet"))) if out.exists() else 0
+        if have >= n:
+            return have
+        if proc.poll() is not None:
+            raise AssertionError(f"embed exited {proc.returncode} before {n} shards:\n{proc.stderr.read()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {n} shards after {timeout}s")
+
+
+def test_sigkill_driver_midway_then_rerun_is_byte_identical(tmp_path, subset_listing, reference_run, ray_address):
+    out = tmp_path / "shards"
+    args = embed_args(subset_listing, MOBILEFACENET, out, ray_address, "--shard-size", "8", "--batch-size", "4")
+    proc = _start(args)
+    have = _wait_for_shards(out, 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert have < 15, "the run finished before it could be killed; make it slower"
+    partial = shard_bytes(out)
+    r = run_cli(*args)
+    assert "embed complete" in r.stdout
+    resumed = shard_bytes(out)
+    assert resumed == shard_bytes(reference_run)
+    assert all(resumed[name] == data for name, data in partial.items())  # done shards not rewritten
+    assert (out / "manifest.json").read_bytes() == (reference_run / "manifest.json").read_bytes()
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def _actor_pids() -> list[int]:
+    r = subprocess.run(["pgrep", "-f", "ray::EmbedWorker"], capture_output=True, text=True)
+    return [int(p) for p in r.stdout.split()]
+
+
+def test_sigkill_actor_midshard_then_run_finishes_byte_identical(tmp_path, subset_listing, reference_run, ray_address):
+    out = tmp_path / "shards"
+    args = embed_args(subset_listing, MOBILEFACENET, out, ray_address, "--shard-size", "8", "--batch-size", "4")
+    proc = _start(args)
+    _wait_for_shards(out, 2, proc)
+    pids = _actor_pids()
+    assert pids, "no teacher actor process found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "actor died" in stderr
+    assert shard_bytes(out) == shard_bytes(reference_run)
+
+
+def test_two_drivers_at_once_share_the_work_exactly_once(tmp_path, subset_listing, reference_run, ray_address):
+    out = tmp_path / "shards"
+    args = embed_args(subset_listing, MOBILEFACENET, out, ray_address, "--shard-size", "8", "--batch-size", "4",
+                      "--cpus-per-worker", "1")
+    a, b = _start(args), _start(args)
+    for p in (a, b):
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    assert shard_bytes(out) == shard_bytes(reference_run)
+    index = np.concatenate([t.column("index").to_numpy() for t in read_all(out)])
+    assert sorted(index) == list(range(120))
+
+
+def test_corrupt_and_missing_files_are_recorded_not_fatal(tmp_path, tiny_teacher, ray_address):
+    src = tmp_path / "faces"
+    for person in ("s1", "s2", "s3"):
+        (src / person).mkdir(parents=True)
+        for i in range(1, 5):
+            (src / person / f"{i}.pgm").write_bytes((ORL / person / f"{i}.pgm").read_bytes())
+    good = (ORL / "s1" / "5.pgm").read_bytes()
+    (src / "s1" / "empty.jpg").write_bytes(b"")
+    (src / "s2" / "truncated.pgm").write_bytes(good[: len(good) // 3])
+    (src / "s3" / "notes.jpg").write_text("this is not an image")
+    lst = tmp_path / "list.txt"
+    lines = [f"{p}\t{ord(p.parent.name[-1]) - ord('1')}" for p in sorted(src.rglob("*")) if p.is_file()]
+    lines.append(f"{src / 's3' / 'deleted.pgm'}\t2")
+    lst.write_text("\n".join(lines) + "\n")
+    run_cli("listing", lst, "--out", tmp_path / "listing.parquet")
+    out = tmp_path / "shards"
+    r = run_cli(*embed_args(tmp_path / "listing.parquet", tiny_teacher, out, ray_address, "--shard-size", "5"))
+    assert "4 unreadable rows recorded" in r.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["rows_done"] == 12 and manifest["error_count"] == 4
+    reasons = {Path(e["path"]).name: e["reason"] for e in manifest["errors"]}
+    assert reasons["empty.jpg"] == "empty file" and reasons["deleted.pgm"] == "missing file"
+    assert "truncated" in reasons["truncated.pgm"] or "corrupt" in reasons["truncated.pgm"]
+    assert "not an image" in reasons["notes.jpg"]
+    index = sorted(np.concatenate([t.column("index").to_numpy() for t in read_all(out)]).tolist())
+    bad = sorted(e["index"] for e in manifest["errors"])
+    assert sorted(index + bad) == list(range(16))  # every row: embedded or recorded, once
+    st = run_cli("status", out, "--errors")
+    assert "4 unreadable" in st.stdout and "missing file" in st.stdout
+
+
+def test_rec_source_with_a_corrupt_record(tmp_path, tiny_teacher, ray_address):
+    from PIL import Image
+
+    from distill.recordio import write_insightface_rec
+
+    ids = []
+    for person in ("s1", "s2", "s3"):
+        imgs = []
+        for i in range(1, 6):
+            buf = io.BytesIO()
+            Image.open(ORL / person / f"{i}.pgm").convert("RGB").resize((112, 112)).save(buf, "JPEG", quality=90)
+            imgs.append(buf.getvalue())
+        ids.append(imgs)
+    write_insightface_rec(str(tmp_path), ids)
+    run_cli("listing", tmp_path / "train.rec", "--out", tmp_path / "listing.parquet")
+    # Corrupt the magic of the 7th image record (key 7) in place.
+    offsets = dict(line.split("\t") for line in (tmp_path / "train.idx").read_text().split("\n") if line)
+    with open(tmp_path / "train.rec", "r+b") as f:
+        f.seek(int(offsets["7"]))
+        f.write(b"JUNK")
+    out = tmp_path / "shards"
+    r = run_cli(*embed_args(tmp_path / "listing.parquet", tiny_teacher, out, ray_address, "--shard-size", "4"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["rows_done"] == 14 and manifest["error_count"] == 1, r.stdout
+    assert manifest["errors"][0]["reason"].startswith("bad record")
+    t = pq.read_table(out / "part-00000.parquet")
+    assert "path" not in t.column_names  # .rec rows have no paths
+    assert sorted(np.concatenate([t.column("label").to_numpy() for t in read_all(out)]).tolist()) == [0] * 5 + [1] * 4 + [2] * 5

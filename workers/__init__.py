@@ -1,0 +1,1 @@
+"""Ray-side code: the teacher actor (embed) and the Ray Train worker loop (train)."""

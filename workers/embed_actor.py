@@ -1,0 +1,156 @@
+"""The teacher worker: loads the teacher once, turns whole shards into Parquet files.
+
+``EmbedWorker`` is a plain class (unit-testable without Ray); the embed driver wraps it with
+``ray.remote`` and asks one GPU (or some CPUs) per actor. ``embed_shard`` is a generator: it
+yields the number of rows finished after each teacher batch (the driver's progress bar),
+then the shard's done record once the file is durable under its final name.
+
+Exactly-once lives in the write, not in Ray: the shard is computed in full, written to a temp
+name, fsynced and renamed. A restarted actor or a retried task rewrites the same bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+
+from distill.images import UnreadableImage, prepare, read_file
+from distill.teacher import Preprocessing, Teacher, TeacherSpec
+from shards.format import RowError, ShardRecord, encode_shard, sha256, shard_schema
+from shards.plan import Shard, batches
+from shards.storage import open_storage
+
+if TYPE_CHECKING:
+    from distill.listing import ListingRows
+
+
+@dataclass(frozen=True)
+class EmbedTask:
+    """Everything an actor needs, fixed for the whole run (shipped once, at construction)."""
+
+    teacher: TeacherSpec
+    pre: Preprocessing
+    out: str
+    run_id: str
+    batch_size: int
+    flip: bool = True
+    dtype: str = "float32"
+    images: bool = True
+    paths: bool = True
+    rec: str | None = None
+    threads: int | None = None  # TF intra-op threads; None = TF's default
+    decode_threads: int = 4
+
+
+class EmbedWorker:
+    def __init__(self, task: EmbedTask):
+        _configure_tensorflow(task.threads)
+        self.task = task
+        self.teacher = Teacher(task.teacher, task.pre)
+        self.storage = open_storage(task.out)
+        self.schema = shard_schema(task.teacher.embedding_dim, task.dtype, task.flip, task.images, task.paths)
+        self._rec = None
+        if task.rec:
+            from distill.recordio import RecordIOReader
+
+            self._rec = RecordIOReader(task.rec)
+        self._decode = ThreadPoolExecutor(task.decode_threads, thread_name_prefix="decode")
+        self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+
+    def ready(self) -> bool:
+        return True
+
+    # -- reading one row
+    def _raw(self, path: str | None, offset: int) -> bytes:
+        if offset >= 0:
+            from distill.recordio import RecordIOError, unpack
+
+            try:
+                _, image = unpack(self._rec.read_at(int(offset)))
+            except RecordIOError as e:
+                raise UnreadableImage(f"bad record: {e}") from None
+            if not image:
+                raise UnreadableImage("record holds no image bytes")
+            return image
+        return read_file(path)
+
+    def _load_one(self, i: int, rows: ListingRows):
+        try:
+            pixels, stored = prepare(self._raw(rows.path[i], int(rows.offset[i])), self.task.teacher.height, self.task.teacher.width)
+            return i, pixels, stored, None
+        except UnreadableImage as e:
+            where = rows.path[i] if rows.path[i] is not None else f"{self.task.rec}@{int(rows.offset[i])}"
+            return i, None, None, RowError(int(rows.index[i]), where, e.reason)
+
+    def _load_batch(self, rows: ListingRows, lo: int, hi: int):
+        return list(self._decode.map(lambda i: self._load_one(i, rows), range(lo, hi)))
+
+    # -- one shard
+    def embed_shard(self, shard: Shard, rows: ListingRows) -> Iterator[int | dict]:
+        t0 = time.perf_counter()
+        spans = [(s - shard.start, e - shard.start) for s, e in batches(shard, self.task.batch_size)]
+        keep: list[int] = []
+        emb, emb_flip, stored, errors = [], [], [], []
+        pending = self._prefetch.submit(self._load_batch, rows, *spans[0]) if spans else None
+        for b in range(len(spans)):
+            loaded = pending.result()
+            # Decode the next batch while the teacher runs this one.
+            pending = self._prefetch.submit(self._load_batch, rows, *spans[b + 1]) if b + 1 < len(spans) else None
+            good = [(i, px, by) for i, px, by, err in loaded if err is None]
+            errors.extend(err for *_, err in loaded if err is not None)
+            if good:
+                x = np.stack([px for _, px, _ in good])
+                emb.append(self.teacher(x))
+                if self.task.flip:
+                    emb_flip.append(self.teacher(np.ascontiguousarray(x[:, :, ::-1])))
+                keep.extend(i for i, _, _ in good)
+                stored.extend(by for _, _, by in good)
+            yield spans[b][1] - spans[b][0]
+        dim = self.task.teacher.embedding_dim
+        keep_idx = np.asarray(keep, dtype=np.int64)
+        data = encode_shard(
+            self.schema,
+            index=rows.index[keep_idx],
+            label=rows.label[keep_idx],
+            path=[rows.path[i] for i in keep] if self.task.paths else None,
+            embedding=np.concatenate(emb) if emb else np.zeros((0, dim), np.float32),
+            embedding_flip=(np.concatenate(emb_flip) if emb_flip else np.zeros((0, dim), np.float32)) if self.task.flip else None,
+            image=stored if self.task.images else None,
+            run_id=self.task.run_id,
+            k=shard.k,
+            start=shard.start,
+            stop=shard.stop,
+            errors=errors,
+        )
+        self.storage.write_atomic(shard.name, data)
+        yield ShardRecord(
+            k=shard.k, rows=len(keep), bytes=len(data), sha256=sha256(data), errors=tuple(errors),
+            seconds=time.perf_counter() - t0, finished_at=time.time(),
+        ).to_json()
+
+
+def _configure_tensorflow(threads: int | None) -> None:
+    """Once per process, before the teacher loads: deterministic kernels, fixed threads.
+
+    Same threads + same batches + deterministic ops -> the same floats on a rerun, which is
+    what makes a resumed run byte-identical to an uninterrupted one.
+    """
+    import tensorflow as tf
+
+    try:
+        tf.config.experimental.enable_op_determinism()
+        if threads:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            # One inter-op thread: on small CPUs parallel ops oversubscribe the cores (2.4x slower here).
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        pass  # already initialised in this process (tests construct several workers)
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            pass
