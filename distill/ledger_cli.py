@@ -1,0 +1,128 @@
+"""``distill ledger``: look at a run's shard ledger, or rebuild it from the shard files.
+
+The shard files are the truth (each footer names its run and shard); the ledger is a cache
+of who works on what. ``rebuild`` restores a lost, flushed or damaged ledger (file or Redis)
+from ``manifest.json`` (run id, shard count) and the files alone; a rerun of ``distill
+embed`` then redoes only the shards without a valid file. ``show`` prints the counts and
+the live leases. Neither needs Ray or TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+from shards.format import ShardRecord
+from shards.ledger import LedgerState
+
+
+@dataclass(frozen=True)
+class LedgerConfig:
+    action: str  # "rebuild" | "show"
+    shards: str  # the shard directory (local path or pyarrow.fs URI) holding manifest.json
+    ledger: str = "file"
+    force: bool = False
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "ledger",
+        help="show or rebuild a run's shard ledger",
+        description="Show a run's shard ledger, or rebuild it from the shard files (the truth).",
+    )
+    sub = p.add_subparsers(dest="ledger_action", required=True, metavar="ACTION")
+    for action, help_ in (
+        ("rebuild", "restore the ledger's done set from the shard files; drops all leases"),
+        ("show", "done / leased / pending counts and the live leases"),
+    ):
+        q = sub.add_parser(action, help=help_, description=help_)
+        q.add_argument("shards", help="shard directory with manifest.json (path, or s3:// gs:// URI)")
+        q.add_argument(
+            "--ledger", default="file",
+            help="'file' (next to the shards, default) or redis://[:PASSWORD@]HOST:PORT/DB, as given to distill embed",
+        )
+        if action == "rebuild":
+            q.add_argument("--force", action="store_true",
+                           help="rebuild even while drivers hold live leases (they lose them)")
+        q.set_defaults(func=lambda a: run(config_from_args(a)))
+
+
+def config_from_args(a: argparse.Namespace) -> LedgerConfig:
+    return LedgerConfig(action=a.ledger_action, shards=a.shards, ledger=a.ledger, force=getattr(a, "force", False))
+
+
+# ---------------------------------------------------------------- pure reports
+
+def rebuild_summary(records: Iterable[ShardRecord], num_shards: int, where: str) -> str:
+    recs = sorted(records, key=lambda r: r.k)
+    rows = sum(r.rows for r in recs)
+    errors = sum(len(r.errors) for r in recs)
+    missing = num_shards - len(recs)
+    lines = [f"rebuilt {where}: {len(recs)} of {num_shards} shards done ({rows:,} rows, {errors} row errors)"]
+    if missing:
+        todo = sorted(set(range(num_shards)) - {r.k for r in recs})
+        lines.append(f"{missing} shards to do (first: {', '.join(map(str, todo[:10]))}); "
+                     "rerun the same `distill embed` command to finish them")
+    else:
+        lines.append("every shard has a valid file")
+    return "\n".join(lines)
+
+
+def show_lines(state: LedgerState, now: float, where: str, max_leases: int = 20) -> list[str]:
+    c = state.counts(now)
+    lines = [f"{where}: {c['done']} done, {c['leased']} leased, {c['pending']} pending of {state.num_shards} shards"]
+    live = sorted((l for k, l in state.leases.items() if k not in state.done and l.expires > now), key=lambda l: l.k)
+    for l in live[:max_leases]:
+        lines.append(f"  shard {l.k:>6}  {l.owner}  expires in {l.expires - now:.0f}s")
+    if len(live) > max_leases:
+        lines.append(f"  ... and {len(live) - max_leases} more leases")
+    return lines
+
+
+def live_owners(state: LedgerState, now: float) -> list[str]:
+    return sorted({l.owner for k, l in state.leases.items() if k not in state.done and l.expires > now})
+
+
+# ---------------------------------------------------------------- the command
+
+def records_with_progress(storage, run_id: str, num_shards: int) -> list[ShardRecord]:
+    """``shards.reconcile.records_from_files`` with a progress bar: verifying reads every
+    file whole (about 40 GB for emore), which takes minutes."""
+    from tqdm import tqdm
+
+    from shards.reconcile import adopt_file, shard_files
+
+    records = []
+    for k in tqdm(sorted(shard_files(storage, num_shards)), desc="verify shards", unit="shard"):
+        r = adopt_file(storage, run_id, k)
+        if r is not None:
+            records.append(r)
+    return records
+
+
+def run(cfg: LedgerConfig) -> int:
+    from shards.ledger import open_ledger
+    from shards.manifest import load_manifest
+    from shards.storage import open_storage
+
+    m = load_manifest(cfg.shards)
+    run_id, num_shards = m["run_id"], int(m["num_shards"])
+    ledger = open_ledger(cfg.ledger, cfg.shards, num_shards, run_id)
+    try:
+        if cfg.action == "show":
+            print("\n".join(show_lines(ledger.snapshot(), time.time(), ledger.describe())))
+            return 0
+        owners = live_owners(ledger.snapshot(), time.time())
+        if owners and not cfg.force:
+            raise ValueError(
+                f"{ledger.describe()} has live leases held by {', '.join(owners[:5])}; stop those drivers "
+                "first (their shards would be done twice), or pass --force"
+            )
+        records = records_with_progress(open_storage(cfg.shards, create=False), run_id, num_shards)
+        ledger.rebuild(records)
+        print(rebuild_summary(records, num_shards, ledger.describe()))
+        return 0
+    finally:
+        ledger.close()
