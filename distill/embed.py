@@ -246,7 +246,8 @@ class _Heartbeat(threading.Thread):
             except Exception as e:  # a flaky ledger must not kill the run; expiry is the fallback
                 log.warning("lease renewal failed (%s); will retry", e)
                 continue
-            lost = set(ks) - set(kept)
+            with self.lock:  # shards completed since the read are not lost, just done
+                lost = (set(ks) - set(kept)) & self.held
             if lost:
                 # Someone else took them after we stalled; both write identical bytes, so go on.
                 log.warning("lost leases on shards %s to another driver", sorted(lost))
@@ -294,7 +295,7 @@ def _drive(cfg: EmbedConfig, run: Run, ledger: Ledger, owner: str) -> tuple[int,
     progress: dict[int, int] = {}  # rows yielded by the current attempt of k
     attempts: dict[int, int] = {}
     failed: dict[int, str] = {}
-    done_here = rows_here = 0
+    done_here = rows_here = start_failures = 0
     last_manifest = time.monotonic()
     storage = open_storage(cfg.out)
 
@@ -352,7 +353,15 @@ def _drive(cfg: EmbedConfig, run: Run, ledger: Ledger, owner: str) -> tuple[int,
                 if slot is not None:
                     try:
                         ray.get(item)
-                    except ray.exceptions.RayError as e:
+                    except ray.exceptions.RayActorError as e:
+                        # Its node died while it loaded the teacher: start another one.
+                        start_failures += 1
+                        if start_failures > workers * cfg.max_attempts:
+                            raise ValueError(f"teacher actors keep dying while starting: {_first_line(e)}") from e
+                        log.warning("a teacher actor died while starting (%s); replacing it", _first_line(e))
+                        slots[slots.index(slot)] = new_slot()
+                        continue
+                    except ray.exceptions.RayError as e:  # the constructor raised: same for every actor
                         raise ValueError(f"a teacher actor failed to start: {_first_line(e)}") from e
                     slot.ready = True
                     continue
@@ -447,13 +456,17 @@ def _resolve_resources(cfg: EmbedConfig) -> tuple[int, float]:
     res = ray.cluster_resources()
     if cfg.gpus_per_worker > 0:
         gpus = res.get("GPU", 0)
-        if gpus < cfg.gpus_per_worker:
-            raise ValueError(
-                f"--gpus-per-worker {cfg.gpus_per_worker} but the Ray cluster has {gpus:g} GPUs; "
-                "drop --gpus-per-worker to run on CPU, or connect to a GPU cluster with --address"
-            )
-        workers = cfg.workers or max(1, int(gpus // cfg.gpus_per_worker))
-        return workers, cfg.cpus_per_worker or 1.0
+        if cfg.workers is None:
+            if gpus < cfg.gpus_per_worker:
+                raise ValueError(
+                    f"--gpus-per-worker {cfg.gpus_per_worker:g} but the Ray cluster has {gpus:g} GPUs now; pass "
+                    "--workers N to wait for an autoscaler to add them, or drop --gpus-per-worker to run on CPU"
+                )
+            return max(1, int(gpus // cfg.gpus_per_worker)), cfg.cpus_per_worker or 1.0
+        if gpus < cfg.workers * cfg.gpus_per_worker:
+            log.warning("the cluster has %g GPUs for %d actors; they start as the autoscaler adds nodes",
+                        gpus, cfg.workers)
+        return cfg.workers, cfg.cpus_per_worker or 1.0
     workers = cfg.workers or 1
     cpus = cfg.cpus_per_worker or max(1.0, float(int(res.get("CPU", 1) // workers)))
     return workers, cpus
