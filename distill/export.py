@@ -1,0 +1,277 @@
+"""Export the student's embedding path: ``distill export RUN/student --out RUN/export [--tflite]``.
+
+Owns the deployable model. From the latest (or a given) checkpoint it rebuilds the trained
+graph, keeps the embedding path only (no classifier) and writes a SavedModel whose
+``serving_default`` takes ``images``: uint8 RGB [N, H, W, 3] and returns ``embeddings``:
+float32 [N, D], L2-normalised, with the ``(x - 127.5) / 128`` scaling inside the graph.
+Optionally TFLite files: float16 weights, and dynamic-range int8.
+
+Export checks itself before publishing: on real shard images the reloaded SavedModel must
+match the trained model's normalised embeddings within ``--tolerance`` (max abs diff), and
+each TFLite file must agree by cosine >= ``--tflite-min-cosine`` on every image. The whole
+output directory is staged beside ``--out`` and renamed into place, so a half-done export
+is never what a reader finds. Hands on: ``OUT/saved_model``, ``OUT/*.tflite`` and
+``OUT/export.json`` (config, figures, dim, input size) to ``evaluate`` and to deployment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
+TFLITE_KINDS = ("float16", "int8")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    student: str  # the training output directory (RUN/student)
+    out: str
+    tflite: bool = False
+    checkpoint: str | None = None  # default: the latest in STUDENT/checkpoints
+    shards: str | None = None  # images for the check; default: the shards the student trained on
+    check_rows: int = 64
+    tolerance: float = 1e-4
+    tflite_min_cosine: float = 0.99
+
+    def __post_init__(self) -> None:
+        if self.check_rows <= 0:
+            raise ValueError(f"--check-rows must be positive, got {self.check_rows}")
+        if os.path.abspath(self.out) == os.path.abspath(self.student):
+            raise ValueError("--out must differ from the student directory (export replaces --out as a whole)")
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    out: str
+    saved_model: str
+    checkpoint: str
+    step: int
+    embedding_dim: int
+    input_size: tuple[int, int]
+    check_rows: int
+    max_abs_diff: float
+    tolerance: float
+    tflite: dict[str, str] = field(default_factory=dict)
+    tflite_cosine: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def cosine_agreement(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Row-wise cosine between two embedding batches: min and mean. Pure."""
+    cos = np.sum(l2_normalise(a) * l2_normalise(b), axis=1)
+    return {"min": float(cos.min()), "mean": float(cos.mean())}
+
+
+def check_images(location: str, n: int, size: tuple[int, int]) -> np.ndarray:
+    """Up to ``n`` real training images, uint8 [n, H, W, 3], from the first shards."""
+    import pyarrow.parquet as pq
+    import tensorflow as tf
+
+    from distill.stream import open_shards
+    from shards.storage import open_storage
+
+    shards = open_shards(location)
+    storage = open_storage(location, create=False)
+    out: list[np.ndarray] = []
+    for name in shards.names:
+        with storage.open_input(name) as f:
+            pf = pq.ParquetFile(f)
+            for g in range(pf.num_row_groups):
+                for data in pf.read_row_group(g, columns=["image"]).column("image").to_pylist():
+                    out.append(tf.io.decode_image(data, channels=3, expand_animations=False).numpy())
+                    if len(out) == n:
+                        break
+                if len(out) == n:
+                    break
+        if len(out) == n:
+            break
+    images = np.stack(out)
+    if images.shape[1:3] != tuple(size):
+        raise ValueError(f"the shards in {location} hold {images.shape[1]}x{images.shape[2]} images, the student "
+                         f"takes {size[0]}x{size[1]}; pass the shards it was trained on with --shards")
+    return images
+
+
+def write_saved_model(embedding_model, size: tuple[int, int], path: str) -> None:
+    """The serving SavedModel, through Keras' ExportArchive.
+
+    A plain ``tf.Module`` around a Keras 3 model saves fine for TensorFlow, but the TFLite
+    converter then reads its captured variables as garbage; ExportArchive tracks them so both
+    work.
+    """
+    import keras
+    import tensorflow as tf
+
+    from distill.stream import PIXEL_MEAN, PIXEL_SCALE
+
+    h, w = size
+
+    def serve(images):
+        x = (tf.cast(images, tf.float32) - PIXEL_MEAN) / PIXEL_SCALE
+        e = tf.cast(embedding_model(x, training=False), tf.float32)
+        return {OUTPUT_NAME: tf.math.l2_normalize(e, axis=1)}
+
+    archive = keras.export.ExportArchive()
+    archive.track(embedding_model)
+    archive.add_endpoint(
+        name="serving_default", fn=serve, input_signature=[tf.TensorSpec([None, h, w, 3], tf.uint8, name=INPUT_NAME)]
+    )
+    archive.write_out(path, verbose=False)
+
+
+def _tflite(saved_model: str, kind: str) -> bytes:
+    import tensorflow as tf
+
+    conv = tf.lite.TFLiteConverter.from_saved_model(saved_model, signature_keys=["serving_default"])
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]  # alone: dynamic-range int8 weights
+    if kind == "float16":
+        conv.target_spec.supported_types = [tf.float16]
+    return conv.convert()
+
+
+def run_tflite(path: str, images: np.ndarray) -> np.ndarray:
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:  # LiteRT not installed: TF's interpreter runs the same flatbuffer
+        import warnings
+
+        import tensorflow as tf
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # its deprecation notice, on every call
+            interpreter = tf.lite.Interpreter(model_path=path)
+    else:
+        interpreter = Interpreter(model_path=path)
+    runner = interpreter.get_signature_runner("serving_default")
+    return runner(**{INPUT_NAME: images})[OUTPUT_NAME]
+
+
+def run_export(cfg: ExportConfig) -> ExportReport:
+    import tensorflow as tf
+
+    from distill.student import StudentSpec, build_student, embedding_model
+    from distill.train import latest_checkpoint, read_checkpoint, restore
+
+    t0 = time.perf_counter()
+    ckpt = cfg.checkpoint or latest_checkpoint(cfg.student)
+    if ckpt is None:
+        raise FileNotFoundError(
+            f"no checkpoint in {os.path.join(cfg.student, 'checkpoints')}: run `distill train SHARDS --out {cfg.student}` first"
+        )
+    config, cursor = read_checkpoint(ckpt)
+    spec = StudentSpec.from_json(config["student"])
+    model = build_student(spec)
+    restore(model, None, ckpt)
+    emb_model = embedding_model(model)
+    try:
+        images = check_images(cfg.shards or config["train"]["shards"], cfg.check_rows, spec.input_size)
+    except FileNotFoundError as e:
+        if cfg.shards:
+            raise
+        raise FileNotFoundError(f"{e}. The self-check reads real images from the shards the student trained on; "
+                                "if they moved, pass --shards DIR") from None
+    from distill.stream import PIXEL_MEAN, PIXEL_SCALE
+
+    want = l2_normalise(emb_model((images.astype(np.float32) - PIXEL_MEAN) / PIXEL_SCALE, training=False).numpy())
+
+    out = os.path.abspath(cfg.out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    os.chmod(stage, 0o755)  # mkdtemp makes it private; the export is for others to read
+    try:
+        sm_dir = os.path.join(stage, "saved_model")
+        write_saved_model(emb_model, spec.input_size, sm_dir)
+        loaded = tf.saved_model.load(sm_dir)
+        got = loaded.signatures["serving_default"](**{INPUT_NAME: tf.constant(images)})[OUTPUT_NAME].numpy()
+        diff = float(np.max(np.abs(got - want)))
+        if not diff <= cfg.tolerance:
+            raise ValueError(f"the exported SavedModel differs from the trained model by {diff:.3g} (max abs, "
+                             f"normalised embeddings) > --tolerance {cfg.tolerance}; nothing was published")
+        tflite, cosines = {}, {}
+        if cfg.tflite:
+            for kind in TFLITE_KINDS:
+                path = os.path.join(stage, f"student_{kind}.tflite")
+                with open(path, "wb") as f:
+                    f.write(_tflite(sm_dir, kind))
+                agree = cosine_agreement(run_tflite(path, images), want)
+                if not agree["min"] >= cfg.tflite_min_cosine:  # NaN fails too
+                    raise ValueError(f"TFLite {kind} agrees with the trained model only to cosine {agree['min']:.4f} "
+                                     f"(min over {len(images)} images) < --tflite-min-cosine {cfg.tflite_min_cosine}")
+                tflite[kind] = os.path.join(out, os.path.basename(path))
+                cosines[kind] = agree
+        report = ExportReport(
+            out=out, saved_model=os.path.join(out, "saved_model"), checkpoint=ckpt, step=cursor.step,
+            embedding_dim=spec.embedding_dim, input_size=spec.input_size, check_rows=len(images),
+            max_abs_diff=diff, tolerance=cfg.tolerance, tflite=tflite, tflite_cosine=cosines,
+            seconds=time.perf_counter() - t0,
+        )
+        doc = {
+            "config": asdict(cfg), "report": asdict(report), "student": config["student"],
+            "signature": {"name": "serving_default", "input": {"name": INPUT_NAME, "dtype": "uint8",
+                          "shape": [None, *spec.input_size, 3], "channels": "RGB"},
+                          "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [None, spec.embedding_dim],
+                                     "l2_normalised": True},
+                          "preprocessing": "(x - 127.5) / 128, inside the graph"},
+        }
+        with open(os.path.join(stage, "export.json"), "w") as f:
+            json.dump(doc, f, indent=1)
+        _publish(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return report
+
+
+def _publish(stage: str, out: str) -> None:
+    """Swap the staged directory in; a previous export is moved aside first, then removed."""
+    old = None
+    if os.path.exists(out):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
+        os.rename(out, os.path.join(old, "x"))
+    os.rename(stage, out)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="export the student's embedding path as a SavedModel (+ TFLite)",
+        description="SavedModel with serving_default: images uint8 [N,H,W,3] RGB -> embeddings float32 [N,D], "
+                    "L2-normalised. Checked against the trained model on real shard images before publishing.",
+    )
+    p.add_argument("student", help="training output directory (RUN/student)")
+    p.add_argument("--out", required=True, help="export directory (RUN/export); replaced as a whole")
+    p.add_argument("--tflite", action="store_true", help="also write float16 and dynamic-range int8 TFLite files")
+    p.add_argument("--checkpoint", help="a checkpoint directory (default: the latest in STUDENT/checkpoints)")
+    p.add_argument("--shards", help="shard directory for the check images (default: the one trained on)")
+    p.add_argument("--check-rows", type=int, default=64, help="images the self-check compares on")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs diff allowed, SavedModel vs trained")
+    p.add_argument("--tflite-min-cosine", type=float, default=0.99, help="min cosine allowed, TFLite vs trained")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    cfg = ExportConfig(**{f: getattr(args, f) for f in ExportConfig.__dataclass_fields__})
+    r = run_export(cfg)
+    h, w = r.input_size
+    print(f"exported step {r.step} from {r.checkpoint}")
+    print(f"  saved_model  {r.saved_model}")
+    print(f"               images uint8 [N,{h},{w},3] -> embeddings float32 [N,{r.embedding_dim}], L2-normalised")
+    print(f"  check        max abs diff {r.max_abs_diff:.2e} on {r.check_rows} shard images (tolerance {r.tolerance:g})")
+    for kind, path in r.tflite.items():
+        c = r.tflite_cosine[kind]
+        print(f"  tflite {kind:<7} {path}  cosine min {c['min']:.5f} mean {c['mean']:.5f}")
+    print(f"  report       {os.path.join(r.out, 'export.json')}")
+    return 0

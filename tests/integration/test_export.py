@@ -1,0 +1,67 @@
+"""`distill export`: the SavedModel reloads with plain TensorFlow, takes uint8 images, returns
+L2-normalised embeddings that match the trained model; the TFLite files run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def exported(embedded_run, tmp_path_factory):
+    from distill.export import ExportConfig, run_export
+    from distill.train import TrainConfig, run_train
+
+    root = tmp_path_factory.mktemp("export")
+    train = run_train(TrainConfig(shards=str(embedded_run), out=str(root / "student"), batch_size=8, width=0.35,
+                                  max_steps=40, progress=False))  # enough steps for BN statistics to settle
+    report = run_export(ExportConfig(student=str(root / "student"), out=str(root / "export"), tflite=True,
+                                     check_rows=16))
+    return embedded_run, train, report
+
+
+def test_saved_model_serves_normalised_embeddings_that_match_the_trained_model(exported):
+    import tensorflow as tf
+
+    from distill.export import check_images, l2_normalise
+    from distill.student import StudentSpec, build_student, embedding_model
+    from distill.train import read_checkpoint, restore
+
+    shards, train, report = exported
+    assert report.max_abs_diff <= 1e-4 and report.step == 40 and report.checkpoint == train.checkpoint
+    loaded = tf.saved_model.load(report.saved_model)
+    fn = loaded.signatures["serving_default"]
+    (spec,) = fn.structured_input_signature[1].values()
+    assert list(fn.structured_input_signature[1]) == ["images"]
+    assert spec.dtype == tf.uint8 and spec.shape.as_list() == [None, 112, 112, 3]
+    images = check_images(str(shards), 24, (112, 112))[8:]  # also rows the export's own check did not see
+    got = fn(images=tf.constant(images))["embeddings"].numpy()
+    assert got.shape == (16, 32) and got.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    assert np.ptp(got, axis=0).max() > 1e-3  # different faces, different embeddings
+    config, _ = read_checkpoint(train.checkpoint)
+    model = build_student(StudentSpec.from_json(config["student"]))
+    restore(model, None, train.checkpoint)
+    want = l2_normalise(embedding_model(model)((images.astype(np.float32) - 127.5) / 128, training=False).numpy())
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_tflite_files_run_and_agree(exported):
+    from distill.export import check_images, cosine_agreement, run_tflite
+
+    shards, _, report = exported
+    assert set(report.tflite) == {"float16", "int8"}
+    images = check_images(str(shards), 4, (112, 112))
+    ref = run_tflite(report.tflite["float16"], images)
+    assert ref.shape == (4, 32)
+    np.testing.assert_allclose(np.linalg.norm(ref, axis=1), 1.0, atol=1e-3)
+    assert cosine_agreement(run_tflite(report.tflite["int8"], images), ref)["min"] > 0.98
+    with open(f"{report.out}/export.json") as f:
+        doc = json.load(f)
+    assert doc["report"]["embedding_dim"] == 32 and doc["report"]["input_size"] == [112, 112]
+    assert doc["signature"]["input"]["name"] == "images" and doc["report"]["max_abs_diff"] <= 1e-4
+    assert all(c["min"] >= 0.99 for c in doc["report"]["tflite_cosine"].values())

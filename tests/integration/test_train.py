@@ -1,0 +1,156 @@
+"""`distill train` as a real process: SIGKILL mid-epoch and resume at the exact sample;
+refusal of an incompatible rerun; two Ray Train workers that learn a toy task."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from distill.stream import open_shards, plan_epoch
+from toy_shards import write_toy_shards
+
+pytestmark = pytest.mark.integration
+
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+BATCH, BUFFER, SEED = 32, 128, 3
+
+
+def distill(*args, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distill", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=ENV)
+
+
+def jsonl(path: Path, partial_ok: bool = False) -> list[dict]:
+    """Records of a JSON-lines file; ``partial_ok`` skips a line still being (or never fully) written."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if not partial_ok:
+                raise
+    return out
+
+
+def ckpt_steps(out: Path) -> list[int]:
+    d = out / "checkpoints"
+    return sorted(int(n.split("-")[1]) for n in os.listdir(d) if n.startswith("ckpt-")) if d.is_dir() else []
+
+
+def listing_index(shard_dir: Path) -> np.ndarray:
+    """Listing index of every sample id (shards laid end to end in manifest order)."""
+    import pyarrow.parquet as pq
+
+    shards = open_shards(str(shard_dir))
+    return np.concatenate([pq.read_table(shard_dir / n, columns=["index"]).column("index").to_numpy() for n in shards.names])
+
+
+def train_args(shards: Path, out: Path, *extra) -> list:
+    return ["train", shards, "--out", out, "--epochs", 2, "--batch-size", BATCH, "--width", 0.35,
+            "--checkpoint-every", 3, "--log-every", 1, "--trace-samples", "--shuffle-buffer", BUFFER,
+            "--seed", SEED, "--no-progress", *extra]
+
+
+@pytest.fixture(scope="module")
+def killed_and_resumed(embedded_run, tmp_path_factory):
+    """Train on the real embed run, SIGKILL after a checkpoint mid-epoch, rerun to the end."""
+    out = tmp_path_factory.mktemp("student") / "student"
+    steps_per_epoch = sum(open_shards(str(embedded_run)).rows) // BATCH
+    log = open(out.parent / "first.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "distill", *map(str, train_args(embedded_run, out))],
+                            stdout=log, stderr=subprocess.STDOUT, env=ENV)
+    trace = out / "trace.jsonl"
+    deadline = time.monotonic() + 600  # a guard against a hung trainer, not a speed check
+    killed_at = None
+    while proc.poll() is None and time.monotonic() < deadline:
+        done = ckpt_steps(out)
+        steps = [r["step"] for r in jsonl(trace, partial_ok=True)] if trace.exists() else []
+        if done and steps and steps[-1] > done[-1] and steps[-1] % steps_per_epoch:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            killed_at = (done[-1], steps[-1])
+            break
+        time.sleep(0.05)
+    log.close()
+    if killed_at is None:
+        proc.kill()
+        pytest.fail("the trainer finished (or hung) before it could be killed mid-epoch:\n"
+                    + (out.parent / "first.log").read_text()[-3000:])
+    first_trace = jsonl(trace, partial_ok=True)
+    second = distill(*train_args(embedded_run, out))
+    assert second.returncode == 0, second.stderr[-3000:]
+    return embedded_run, out, killed_at, first_trace, second, steps_per_epoch
+
+
+def test_resume_after_sigkill_covers_every_sample_once_in_order(killed_and_resumed):
+    shards, out, (ckpt_step, killed_step), first_trace, second, spe = killed_and_resumed
+    assert f"resumed from {out}/checkpoints/ckpt-{ckpt_step:09d}" in second.stderr
+    total = 2 * spe
+    trace = {}
+    for r in jsonl(out / "trace.jsonl"):
+        trace[r["step"]] = r  # last occurrence of each step wins
+    assert sorted(trace) == list(range(1, total + 1))
+    # The steps the killed run did past its checkpoint were redone on the same samples.
+    redone = [r for r in first_trace if r["step"] > ckpt_step]
+    assert redone and all(trace[r["step"]]["index"] == r["index"] for r in redone)
+    index_of = listing_index(shards)
+    rows = open_shards(str(shards)).rows
+    for epoch in range(2):
+        got = [i for s in range(epoch * spe + 1, (epoch + 1) * spe + 1) for i in trace[s]["index"]]
+        assert all(trace[s]["epoch"] == epoch for s in range(epoch * spe + 1, (epoch + 1) * spe + 1))
+        assert len(got) == len(set(got)) == spe * BATCH  # none twice, none skipped
+        plan = plan_epoch(rows, seed=SEED, epoch=epoch, world_size=1, rank=0, buffer=BUFFER, global_batch=BATCH)
+        assert got == index_of[plan.order].tolist()  # and exactly the planned order
+    metrics = jsonl(out / "metrics.jsonl")
+    steps = [m for m in metrics if m["kind"] == "step"]
+    assert [m["step"] for m in steps] == list(range(1, total + 1))  # each step once, counters continue
+    assert all(m["samples"] == ((m["step"] - 1) % spe + 1) * BATCH and m["epoch"] == (m["step"] - 1) // spe for m in steps)
+    assert all({"loss", "ce", "mse", "images_per_sec"} <= set(m) for m in steps)
+    assert [(m["epoch"], m["step"]) for m in metrics if m["kind"] == "epoch"] == [(0, spe), (1, total)]
+    cursor = json.loads((out / "checkpoints" / f"ckpt-{total:09d}" / "cursor.json").read_text())
+    assert (cursor["epoch"], cursor["samples"], cursor["step"], cursor["global_batch"]) == (2, 0, total, BATCH)
+    assert (out / "checkpoints" / f"ckpt-{total:09d}" / "config.json").exists()
+    assert any(n.startswith("events") for n in os.listdir(out / "tb"))
+
+
+def test_incompatible_rerun_is_refused_before_training(killed_and_resumed):
+    shards, out, *_ = killed_and_resumed
+    before = sorted(os.listdir(out / "checkpoints"))
+    other = distill(*train_args(shards, out)[:-1], "--batch-size", 16, "--no-progress")
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert "--batch-size: checkpoint has 32, now 16" in other.stderr and "new --out" in other.stderr
+    assert sorted(os.listdir(out / "checkpoints")) == before
+
+
+def test_refuses_shards_without_images(tmp_path):
+    shards = write_toy_shards(tmp_path / "shards", rows=32, images=False)
+    r = distill("train", shards, "--out", tmp_path / "student")
+    assert r.returncode == 2 and "no images" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_two_ray_train_workers_learn_a_toy_task(ray_address, tmp_path):
+    shards = write_toy_shards(tmp_path / "shards", rows=128, shard_size=32, classes=4, size=32, dim=8)
+    out = tmp_path / "student"
+    r = distill("train", shards, "--out", out, "--workers", 2, "--address", ray_address, "--epochs", 4,
+                "--batch-size", 16, "--width", 0.35, "--lr", 3e-3, "--lr-schedule", "constant", "--log-every", 1,
+                "--checkpoint-every", 100, "--shuffle-buffer", 64, "--trace-samples", "--no-progress")
+    assert r.returncode == 0, r.stderr[-4000:]
+    metrics = jsonl(out / "metrics.jsonl")
+    epochs = [m for m in metrics if m["kind"] == "epoch"]
+    assert [m["epoch"] for m in epochs] == [0, 1, 2, 3]
+    assert epochs[-1]["loss"] < 0.8 * epochs[0]["loss"], [m["loss"] for m in epochs]
+    # Both workers' halves of every global batch were trained on: 8 steps x 16 distinct rows per epoch.
+    for epoch in range(4):
+        got = [i for t in jsonl(out / "trace.jsonl") if t["epoch"] == epoch for i in t["index"]]
+        assert len(got) == len(set(got)) == 128
+    cursor = json.loads((out / "checkpoints" / "ckpt-000000032" / "cursor.json").read_text())
+    assert (cursor["world_size"], cursor["step"], cursor["epoch"]) == (2, 32, 4)
+    assert any((out / "ray" / "train").glob("checkpoint_*"))  # Ray Train's copy, for a rerun to resume from

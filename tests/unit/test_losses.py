@@ -1,0 +1,63 @@
+"""The objective: named parts, teacher and student not swapped, ArcFace margin, global averaging."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+from distill.losses import LossSpec, arcface_logits, loss_parts  # noqa: E402
+
+
+def _batch(seed=0, n=4, d=6, c=3):
+    rng = np.random.default_rng(seed)
+    f = lambda *s: tf.constant(rng.normal(size=s).astype(np.float32))  # noqa: E731
+    return f(n, d), f(n, c), f(n, d), tf.constant(rng.integers(0, c, n), tf.int64)
+
+
+def test_gradient_reaches_the_student_only_and_pulls_it_towards_the_teacher():
+    student, logits, teacher, labels = _batch()
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([student, teacher])
+        parts = loss_parts(student, logits, teacher, labels, LossSpec(ce_weight=0.0, mse_weight=1.0))
+    assert tape.gradient(parts["loss"], teacher) is None  # the teacher is a constant target
+    g = tape.gradient(parts["loss"], student).numpy()
+    np.testing.assert_allclose(g, 2 * (student - teacher).numpy() / student.numpy().size, rtol=1e-5)
+
+
+def test_parts_are_named_and_weighted():
+    student, logits, teacher, labels = _batch(1)
+    p = loss_parts(student, logits, teacher, labels, LossSpec(ce_weight=0.3, mse_weight=2.0))
+    assert set(p) == {"loss", "ce", "mse"}
+    np.testing.assert_allclose(float(p["mse"]), np.mean((student.numpy() - teacher.numpy()) ** 2), rtol=1e-6)
+    ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+    np.testing.assert_allclose(float(p["ce"]), float(ce), rtol=1e-6)
+    np.testing.assert_allclose(float(p["loss"]), 0.3 * float(p["ce"]) + 2.0 * float(p["mse"]), rtol=1e-6)
+
+
+def test_cosine_distill_ignores_scale_and_global_batch_averages():
+    student, logits, teacher, labels = _batch(2)
+    spec = LossSpec(distill="cosine")
+    assert float(loss_parts(3.0 * teacher, logits, teacher, labels, spec)["mse"]) == pytest.approx(0.0, abs=1e-6)
+    local = loss_parts(student, logits, teacher, labels, spec)
+    half = loss_parts(student, logits, teacher, labels, spec, global_batch_size=8)  # this replica holds half of 8
+    np.testing.assert_allclose(float(half["loss"]), float(local["loss"]) / 2, rtol=1e-6)
+
+
+def test_arcface_adds_the_angle_margin_on_the_true_class_only():
+    cos = tf.constant([[0.5, 0.2, -0.1]], tf.float32)
+    out = arcface_logits(cos, tf.constant([0], tf.int64), scale=64.0, margin=0.5).numpy()[0]
+    assert out[0] == pytest.approx(64 * math.cos(math.acos(0.5) + 0.5), rel=1e-5)
+    np.testing.assert_allclose(out[1:], 64 * cos.numpy()[0, 1:], rtol=1e-6)
+    far = arcface_logits(tf.constant([[-0.99]]), tf.constant([0], tf.int64), 64.0, 0.5).numpy()[0, 0]
+    assert far == pytest.approx(64 * (-0.99 - 0.5 * math.sin(0.5)), rel=1e-5)  # past pi - m: linear stand-in
+
+
+def test_bad_loss_options_say_which():
+    with pytest.raises(ValueError, match="--distill-loss"):
+        LossSpec(distill="kl")
+    with pytest.raises(ValueError, match="not both 0"):
+        LossSpec(ce_weight=0, mse_weight=0)

@@ -1,0 +1,173 @@
+"""The student's input stream: epoch order, resume cursor, bounded reading, flip targets."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import numpy as np
+import pytest
+
+from distill.stream import (
+    ReadStats,
+    buffer_shuffle,
+    choose_target,
+    epoch_order,
+    flip_mask,
+    iter_samples,
+    open_shards,
+    plan_epoch,
+    rank_rows,
+    resolve_flip,
+    shard_set,
+    steps_per_epoch,
+)
+from toy_shards import write_toy_shards
+
+ROW_SETS = ([5], [3, 7, 2], [256, 256, 256, 10], [1] * 9, [40, 0, 40], [600, 257])
+
+
+@pytest.mark.parametrize("rows", ROW_SETS)
+def test_every_row_once_per_epoch(rows):
+    total = sum(rows)
+    for world, buffer, epoch in itertools.product((1, 2, 3, 5), (1, 2, 7, 4096), (0, 3)):
+        got = np.concatenate([epoch_order(rows, 11, epoch, world, r, buffer) for r in range(world)])
+        assert np.array_equal(np.sort(got), np.arange(total)), (world, buffer, epoch)
+
+
+@pytest.mark.parametrize("rows", ROW_SETS)
+def test_ranks_run_equal_steps_and_drop_only_the_remainder(rows):
+    for world, rank_batch in itertools.product((1, 2, 3), (1, 4, 16)):
+        steps = steps_per_epoch(rows, 5, 1, world, rank_batch)
+        assert steps == min(n // rank_batch for n in rank_rows(rows, 5, 1, world))
+        plans = [plan_epoch(rows, seed=5, epoch=1, world_size=world, rank=r, buffer=8, global_batch=rank_batch * world)
+                 for r in range(world)]
+        assert all(p.steps == steps and p.remaining == steps * rank_batch for p in plans)
+        got = np.concatenate([p.order for p in plans])
+        assert len(np.unique(got)) == len(got)
+        for r, p in enumerate(plans):  # the kept rows are the head of each rank's full order
+            assert np.array_equal(p.order, epoch_order(rows, 5, 1, world, r, 8)[: len(p.order)])
+
+
+def test_order_is_a_pure_function_of_seed_and_epoch():
+    rows = [64, 64, 64, 30]
+    a = epoch_order(rows, 7, 2, 2, 1, 32)
+    assert np.array_equal(a, epoch_order(rows, 7, 2, 2, 1, 32))
+    assert not np.array_equal(a, epoch_order(rows, 8, 2, 2, 1, 32))
+    assert not np.array_equal(a, epoch_order(rows, 7, 3, 2, 1, 32))
+
+
+def test_buffer_bounds_how_far_ahead_the_order_reaches():
+    rng = np.random.default_rng(0)
+    for n, buffer in ((1000, 16), (50, 64), (300, 1)):
+        order = buffer_shuffle(n, buffer, rng)
+        assert np.array_equal(np.sort(order), np.arange(n))
+        # Emission i only ever needs stream items read so far: fewer than buffer + i + 1.
+        assert np.all(np.maximum.accumulate(order) < np.arange(n) + max(buffer, 1))
+
+
+@pytest.mark.parametrize("world", (1, 2, 3))
+def test_resumed_cursor_yields_exactly_the_rest(world):
+    rows, batch = [50, 31, 77, 12], 6 * world
+    for rank in range(world):
+        full = plan_epoch(rows, seed=3, epoch=4, world_size=world, rank=rank, buffer=20, global_batch=batch)
+        for step in range(full.steps + 1):
+            rest = plan_epoch(rows, seed=3, epoch=4, world_size=world, rank=rank, buffer=20, global_batch=batch,
+                              samples=step * batch)
+            assert rest.start_step == step
+            assert np.array_equal(rest.order, full.order[step * batch // world:])
+
+
+def test_cursor_off_the_batch_grid_is_refused():
+    with pytest.raises(ValueError, match="does not fall on a batch"):
+        plan_epoch([40], seed=0, epoch=0, world_size=1, rank=0, buffer=4, global_batch=8, samples=12)
+    with pytest.raises(ValueError, match="multiple of the worker count"):
+        plan_epoch([40], seed=0, epoch=0, world_size=3, rank=0, buffer=4, global_batch=8)
+
+
+def test_reader_yields_the_plan_in_order_and_holds_at_most_buffer_plus_a_row_group(tmp_path):
+    shards = open_shards(str(write_toy_shards(tmp_path / "s", rows=700, shard_size=300, size=32)))
+    plan = plan_epoch(shards.rows, seed=1, epoch=0, world_size=1, rank=0, buffer=64, global_batch=10)
+    stats = ReadStats()
+    chunks = list(iter_samples(shards, plan, seed=1, flip=True, chunk=50, stats=stats))
+    index = np.concatenate([c["index"] for c in chunks])
+    assert np.array_equal(index, plan.order)  # toy listing index == sample id
+    assert stats.peak_held <= 64 + 256
+    assert all(len(c["image"]) <= 50 for c in chunks)
+
+
+def test_resume_skips_row_groups_it_no_longer_needs(tmp_path):
+    shards = open_shards(str(write_toy_shards(tmp_path / "s", rows=700, shard_size=300, size=32)))
+    kw = dict(seed=2, epoch=1, world_size=1, rank=0, buffer=16, global_batch=10)
+    full = plan_epoch(shards.rows, **kw)
+    late = plan_epoch(shards.rows, **kw, samples=600)
+    stats = ReadStats()
+    index = np.concatenate([c["index"] for c in iter_samples(shards, late, seed=2, flip=False, stats=stats)])
+    assert np.array_equal(index, full.order[600:])
+    # 5 row groups in 3 shards (256+44, 256+44, 100): the last 100 samples need only a few.
+    assert stats.shards_skipped + stats.row_groups_skipped > 0 and stats.row_groups_read < 5
+
+
+def test_flip_target_is_embedding_flip_iff_flipped(tmp_path):
+    shards = open_shards(str(write_toy_shards(tmp_path / "s", rows=64, shard_size=32)))
+    plan = plan_epoch(shards.rows, seed=4, epoch=0, world_size=1, rank=0, buffer=8, global_batch=8)
+    (c,) = list(iter_samples(shards, plan, seed=4, flip=True, chunk=64))
+    plain = list(iter_samples(shards, plan, seed=4, flip=False, chunk=64))[0]
+    assert 0 < c["flipped"].sum() < len(c["flipped"])
+    assert np.array_equal(c["flipped"], flip_mask(4, 0, c["index"]))
+    assert not plain["flipped"].any()
+    from toy_shards import toy_images, toy_teacher
+
+    imgs, _ = toy_images(64, 4, 32)
+    emb, emb_flip = toy_teacher(imgs, 8), toy_teacher(imgs[:, :, ::-1], 8)
+    want = np.where(c["flipped"][:, None], emb_flip[c["index"]], emb[c["index"]])
+    np.testing.assert_array_equal(c["target"], want)
+    np.testing.assert_array_equal(plain["target"], emb[plain["index"]])
+
+
+def test_choose_target_and_flip_mask_are_pure():
+    e, f = np.zeros((3, 2), np.float32), np.ones((3, 2), np.float32)
+    assert choose_target(e, f, np.array([True, False, True]))[:, 0].tolist() == [1, 0, 1]
+    idx = np.arange(10_000)
+    m = flip_mask(0, 0, idx)
+    assert np.array_equal(m, flip_mask(0, 0, idx)) and 0.45 < m.mean() < 0.55
+    assert (m != flip_mask(0, 1, idx)).mean() > 0.4 and (m != flip_mask(1, 0, idx)).mean() > 0.4
+
+
+def test_shards_without_flip_disable_it_with_a_warning(tmp_path, caplog):
+    shards = open_shards(str(write_toy_shards(tmp_path / "s", rows=32, flip=False)))
+    with caplog.at_level(logging.WARNING):
+        assert resolve_flip(shards, True) is False
+    assert "embedding_flip" in caplog.text
+    assert resolve_flip(shards, False) is False
+
+
+def test_unusable_shard_dirs_are_refused_with_the_fix(tmp_path):
+    from shards.manifest import load_manifest
+
+    loc = str(write_toy_shards(tmp_path / "a", rows=96, shard_size=32, drop_shards=2))
+    with pytest.raises(ValueError, match=r"2 of 3 shards are missing.*distill embed"):
+        shard_set(loc, load_manifest(loc))
+    loc = str(write_toy_shards(tmp_path / "b", rows=32, images=False))
+    with pytest.raises(ValueError, match="no images"):
+        open_shards(loc)
+    with pytest.raises(FileNotFoundError, match="distill embed"):
+        open_shards(str(tmp_path / "nothing"))
+
+
+def test_dataset_decodes_mirrors_and_scales(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    from distill.stream import make_dataset
+    from toy_shards import toy_images
+
+    shards = open_shards(str(write_toy_shards(tmp_path / "s", rows=32, shard_size=16)))
+    plan = plan_epoch(shards.rows, seed=9, epoch=0, world_size=1, rank=0, buffer=8, global_batch=8)
+    imgs, _ = toy_images(32, 4, 32)
+    batches = list(make_dataset(shards, plan, seed=9, flip=True, replica_batch=8))
+    assert len(batches) == 4
+    for b in batches:
+        assert b["image"].shape == (8, 32, 32, 3) and b["image"].dtype == tf.float32
+        for x, i, f in zip(b["image"].numpy(), b["index"].numpy(), b["flipped"].numpy()):
+            want = imgs[i][:, ::-1] if f else imgs[i]
+            np.testing.assert_allclose(x, (want.astype(np.float32) - 127.5) / 128)
+    assert np.array_equal(np.concatenate([b["index"].numpy() for b in batches]), plan.order)

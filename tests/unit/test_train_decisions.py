@@ -1,0 +1,98 @@
+"""The trainer's pure decisions and its checkpoint files (no TensorFlow, no Ray)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from distill.stream import open_shards
+from distill.train import (
+    Cursor,
+    LocalCheckpoints,
+    TrainConfig,
+    _trim_jsonl,
+    check_resume,
+    read_checkpoint,
+    resolve,
+    schedule_steps,
+)
+from toy_shards import write_toy_shards
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return open_shards(str(write_toy_shards(tmp_path_factory.mktemp("s") / "shards", rows=64, shard_size=32)))
+
+
+def _cursor(**kw) -> Cursor:
+    base = dict(epoch=1, samples=32, step=6, seed=0, world_size=1, global_batch=16, shuffle_buffer=64, shards_run_id="r")
+    return Cursor(**{**base, **kw})
+
+
+def test_resume_with_the_same_command_is_accepted_and_options_that_do_not_touch_the_order_may_change(shards):
+    cfg = TrainConfig(shards=shards.location, out="o", batch_size=16)
+    saved = json.loads(json.dumps(resolve(cfg, shards)))
+    check_resume(saved, _cursor(shards_run_id=shards.run_id), resolve(cfg, shards), 1, "ckpt")
+    check_resume(saved, _cursor(), resolve(replace(cfg, epochs=5, lr=0.1, mse_weight=3.0), shards), 1, "ckpt")
+
+
+def test_incompatible_resume_names_every_difference(shards):
+    cfg = TrainConfig(shards=shards.location, out="o", batch_size=16)
+    saved = json.loads(json.dumps(resolve(cfg, shards)))
+    other = resolve(replace(cfg, batch_size=32, seed=4, width=0.75), shards)
+    with pytest.raises(ValueError) as e:
+        check_resume(saved, _cursor(), other, 1, "ckpt")
+    msg = str(e.value)
+    assert "--batch-size: checkpoint has 16, now 32" in msg and "--seed" in msg and "width" in msg
+    assert "new --out" in msg
+    saved_other_shards = {**saved, "shards_run_id": "elsewhere"}
+    with pytest.raises(ValueError, match="shards: checkpoint trained on run elsewhere"):
+        check_resume(saved_other_shards, _cursor(), resolve(cfg, shards), 1, "ckpt")
+
+
+def test_world_size_may_change_only_at_an_epoch_boundary(shards):
+    cfg = TrainConfig(shards=shards.location, out="o", batch_size=16)
+    saved = json.loads(json.dumps(resolve(cfg, shards)))
+    check_resume(saved, _cursor(samples=0, world_size=2), resolve(cfg, shards), 1, "ckpt")
+    with pytest.raises(ValueError, match="mid-epoch .* with 2 workers, now 1"):
+        check_resume(saved, _cursor(samples=32, world_size=2), resolve(cfg, shards), 1, "ckpt")
+
+
+def test_config_refuses_bad_options_with_the_flag_name():
+    with pytest.raises(ValueError, match="--batch-size 30 must be a multiple of --workers 4"):
+        TrainConfig(shards="s", out="o", batch_size=30, workers=4)
+    with pytest.raises(ValueError, match="--mixed-precision needs --use-gpu"):
+        TrainConfig(shards="s", out="o", mixed_precision=True)
+    with pytest.raises(ValueError, match="--checkpoint-every"):
+        TrainConfig(shards="s", out="o", checkpoint_every=0)
+
+
+def test_schedule_spans_the_planned_run():
+    cfg = TrainConfig(shards="s", out="o", epochs=3, batch_size=10)
+    assert schedule_steps(cfg, 105) == 30
+    assert schedule_steps(replace(cfg, max_steps=7), 105) == 7
+
+
+def test_checkpoints_are_renamed_into_place_and_only_the_last_few_kept(tmp_path):
+    store = LocalCheckpoints(str(tmp_path), keep=2)
+    stale = tmp_path / "checkpoints" / ".ckpt-dead.tmp"  # a save killed before its rename
+    stale.mkdir(parents=True)
+    assert store.latest() is None
+    for step in (3, 6, 9, 9):
+        store.save({"model.00000": np.full(2, step)}, {"k": step}, _cursor(step=step), {})
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["ckpt-000000006", "ckpt-000000009"]
+    config, cursor = read_checkpoint(store.latest())
+    assert cursor.step == 9 and config == {"k": 9}
+    with np.load(os.path.join(store.latest(), "state.npz")) as z:
+        assert z["model.00000"].tolist() == [9, 9]
+
+
+def test_trim_drops_records_past_the_checkpoint_and_a_torn_last_line(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    p.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 8)) + '{"step": 8, "lo')
+    _trim_jsonl(str(p), 5)
+    assert [json.loads(x)["step"] for x in p.read_text().splitlines()] == [1, 2, 3, 4, 5]

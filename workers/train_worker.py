@@ -1,0 +1,141 @@
+"""Ray Train side of ``distill train --workers N``: the driver call and the per-worker loop.
+
+``run_ray`` starts a ``TensorflowTrainer`` (one process per worker, ``TF_CONFIG`` set by Ray)
+under ``RunConfig(name, storage_path=OUT/ray)``: rerunning the same command finds the run's
+latest checkpoint there and resumes from it. Each worker builds a
+MultiWorkerMirroredStrategy and runs the same ``distill.train.train_loop`` as a
+single-process run; only where checkpoints go differs (``RayCheckpoints``: rank 0 hands
+each one to ``ray.train.report``, every rank reports so the barrier lines up).
+
+Hands on: the run's last checkpoint copied into ``OUT/checkpoints`` (where ``export`` looks)
+and the summary the loop returned.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from distill.train import Cursor, TrainConfig
+
+
+class RayCheckpoints:
+    """Checkpoints through Ray Train: persisted under the run's storage path, last few kept."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self._restored: str | None = None
+        self._source = ""
+
+    def latest(self) -> str | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        self._source = ckpt.path
+        self._restored = ckpt.to_directory()  # a local copy, wherever the storage is
+        return self._restored
+
+    def describe(self, path: str) -> str:
+        return f"Ray Train checkpoint {self._source}" if path == self._restored else path
+
+    def cleanup(self) -> None:
+        if self._restored:
+            shutil.rmtree(self._restored, ignore_errors=True)
+
+    def save(self, state, config: dict, cursor: "Cursor", metrics: dict) -> str | None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        from distill.train import write_checkpoint_files
+
+        if self.rank != 0:
+            ray.train.report(metrics)  # every rank reports the same number of times
+            return None
+        tmp = tempfile.mkdtemp(prefix="distill-ckpt-")
+        try:
+            write_checkpoint_files(tmp, state, config, cursor)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return None
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import tensorflow as tf
+
+    # First TF call of the process: the strategy must exist before any other op runs.
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    import ray.train
+
+    from distill.train import TrainConfig, train_loop
+
+    if loop_config["train"]["use_gpu"]:
+        for g in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(g, True)
+    ctx = ray.train.get_context()
+    cfg = TrainConfig(**loop_config["train"])
+    store = RayCheckpoints(ctx.get_world_rank())
+    # The loop's last checkpoint carries its summary; Ray hands that to the driver.
+    try:
+        train_loop(cfg, strategy, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), store=store)
+    finally:
+        store.cleanup()
+
+
+def run_ray(cfg: "TrainConfig") -> dict[str, Any]:
+    """Train with ``cfg.workers`` Ray Train workers; returns the loop's summary (rank 0)."""
+    import ray
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    from distill.train import LocalCheckpoints
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.address, log_to_driver=True)
+    resources = ray.cluster_resources()
+    need = {"CPU": cfg.workers, **({"GPU": cfg.workers} if cfg.use_gpu else {})}
+    for kind, n in need.items():
+        if resources.get(kind, 0) < n:
+            # Ray would wait forever for workers it cannot place; say so now instead.
+            raise ValueError(
+                f"--workers {cfg.workers} needs {n} {kind}s but the Ray cluster has {resources.get(kind, 0):g}; "
+                "lower --workers, or add nodes" + ("" if kind == "CPU" else ", or drop --use-gpu")
+            )
+    trainer = TensorflowTrainer(
+        train_loop_per_worker=train_loop_per_worker,
+        train_loop_config={"train": asdict(cfg)},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=os.path.join(cfg.out, "ray"),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        user = _user_error(e)
+        if user is None:
+            raise
+        raise user from e
+    if result.checkpoint is None:
+        raise ValueError(f"Ray Train run {cfg.run_name} under {cfg.out}/ray finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        LocalCheckpoints(cfg.out, cfg.keep_checkpoints).adopt(d)
+    return result.metrics
+
+
+def _user_error(e: Exception) -> Exception | None:
+    """A worker's ValueError/FileNotFoundError (bad options, incompatible resume), for the CLI to print."""
+    for failure in getattr(e, "worker_failures", {}).values():
+        cause = getattr(failure, "cause", failure)  # in case Ray hands a RayTaskError wrapper
+        if isinstance(cause, (ValueError, FileNotFoundError)):
+            msg = cause.args[0] if cause.args and isinstance(cause.args[0], str) else str(cause)
+            return (FileNotFoundError if isinstance(cause, FileNotFoundError) else ValueError)(msg)
+    return None
