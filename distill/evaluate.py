@@ -1,0 +1,688 @@
+"""Evaluate: how well a model (student or teacher) verifies faces, and how close it is to the teacher.
+
+Owns ``distill evaluate``. It takes an exported student SavedModel (uint8 RGB in,
+L2-normalised embeddings out, preprocessing inside) or a teacher SavedModel (float32 in,
+preprocessed by ``distill.teacher.Preprocessing``); the signature's input dtype tells them
+apart. Two kinds of data:
+
+- an identity folder tree (one folder per person): verification ROC-AUC and best accuracy
+  over all same/different pairs (a seeded, balanced sample of pairs for big folders), and
+  the mean teacher-student cosine when ``--teacher`` is given;
+- an insightface verification ``.bin`` (a pickle, read by a restricted unpickler): the
+  standard protocol with flip, squared-L2 distance, 10 contiguous folds.
+
+It hands on a results dict (printed as a table, saved as JSON with ``--out``); the demo
+puts it in its summary. Everything that decides a number (pairs, AUC, accuracy, folds) is
+a pure numpy function below, tested without TensorFlow.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import pickle
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from distill.teacher import CHANNEL_ORDERS, Preprocessing
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+# All pairs of 2,000 images is ~2M scores: still one matrix product. Above that, sample.
+ALL_PAIRS_MAX_IMAGES = 2000
+DEFAULT_SAMPLED_PAIRS = 20000
+# insightface's verification.py: np.arange(0, 4, 0.01) over squared L2 of unit vectors.
+BIN_THRESHOLDS = np.arange(0, 4, 0.01)
+BIN_FOLDS = 10
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    model: str
+    folders: str | None = None
+    bin: str | None = None
+    teacher: str | None = None
+    pairs: int | None = None  # None: all pairs up to ALL_PAIRS_MAX_IMAGES images, else a sample of this many
+    seed: int = 0
+    out: str | None = None
+    batch_size: int = 64
+    flip: bool = False  # folder mode: add the flipped image's embedding (always on for .bin)
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    signature: str = "serving_default"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.folders is None) == (self.bin is None):
+            raise ValueError("pass exactly one of --folders DIR (identity folder tree) or --bin FILE (insightface .bin)")
+        if self.pairs is not None and self.pairs < 2:
+            raise ValueError(f"--pairs must be at least 2 (half same, half different), got {self.pairs}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
+
+
+# ---------------------------------------------------------------------------------------
+# Pure parts: pairs, ROC-AUC, best accuracy, k-fold thresholds.
+
+
+def all_pairs(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every unordered pair i < j, and whether it is the same identity."""
+    labels = np.asarray(labels)
+    i, j = np.triu_indices(len(labels), k=1)
+    return i, j, labels[i] == labels[j]
+
+
+def sample_pairs(labels: np.ndarray, n_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A seeded sample of ``n_pairs`` pairs, half same-identity and half different.
+
+    Same pairs: a random image from a class with at least two images and another image of
+    its class; different pairs: two random images with different labels. Pairs are drawn
+    with replacement (big folders make repeats rare); the result depends only on the inputs.
+    """
+    labels = np.asarray(labels)
+    if n_pairs < 2:
+        raise ValueError(f"need at least 2 pairs, got {n_pairs}")
+    rng = np.random.default_rng(seed)
+    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    if len(classes) < 2:
+        raise ValueError("verification needs at least two identities (folders)")
+    if counts.max() < 2:
+        raise ValueError("verification needs an identity with at least two images")
+    members = np.argsort(inverse, kind="stable")  # images grouped by class
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    n_same = n_pairs // 2
+    n_diff = n_pairs - n_same
+
+    eligible = np.flatnonzero(counts[inverse] >= 2)
+    si = eligible[rng.integers(0, len(eligible), n_same)]
+    c = inverse[si]
+    # Pick another member of the same class: a random offset 1..count-1 from si's position.
+    pos = np.empty(len(labels), np.int64)
+    pos[members] = np.arange(len(labels)) - starts[inverse[members]]
+    offset = rng.integers(1, counts[c])  # high is exclusive: 1..count-1
+    sj = members[starts[c] + (pos[si] + offset) % counts[c]]
+
+    # Different pairs by rejection: redraw the partners that share a label. With at least
+    # two classes each round keeps a fixed fraction, so this ends in a few rounds.
+    di = rng.integers(0, len(labels), n_diff)
+    dj = rng.integers(0, len(labels), n_diff)
+    for _ in range(10_000):
+        clash = np.flatnonzero(labels[di] == labels[dj])
+        if len(clash) == 0:
+            break
+        dj[clash] = rng.integers(0, len(labels), len(clash))
+    else:
+        raise ValueError("could not sample different-identity pairs: nearly all images share one identity")
+    i = np.concatenate([si, di])
+    j = np.concatenate([sj, dj])
+    return i, j, labels[i] == labels[j]
+
+
+def roc_auc(scores: np.ndarray, same: np.ndarray) -> float:
+    """Exact ROC-AUC (higher score = more likely same), ties counted half (Mann-Whitney U)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    same = np.asarray(same, dtype=bool)
+    n_pos = int(same.sum())
+    n_neg = len(same) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("ROC-AUC needs both same and different pairs")
+    order = np.argsort(scores, kind="mergesort")
+    s = scores[order]
+    # Average 1-based rank over each run of tied scores.
+    distinct = np.concatenate([[True], s[1:] != s[:-1]])
+    run_id = np.cumsum(distinct) - 1
+    run_start = np.flatnonzero(distinct)
+    run_end = np.concatenate([run_start[1:], [len(s)]])
+    avg_rank = (run_start + run_end + 1) / 2.0
+    ranks = np.empty(len(s))
+    ranks[order] = avg_rank[run_id]
+    u = ranks[same].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+def best_accuracy(scores: np.ndarray, same: np.ndarray) -> tuple[float, float]:
+    """Best accuracy of ``score >= threshold`` over every threshold, and that threshold.
+
+    Only cuts between distinct scores count, so tied scores always fall on the same side.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    same = np.asarray(same, dtype=bool)
+    if len(scores) == 0:
+        raise ValueError("no pairs to score")
+    order = np.argsort(-scores, kind="mergesort")
+    s = scores[order]
+    y = same[order]
+    n_neg = len(y) - int(y.sum())
+    tp = np.cumsum(y)
+    fp = np.cumsum(~y)
+    cut = np.concatenate([s[1:] != s[:-1], [True]])  # a cut after position i is allowed
+    acc = (tp + (n_neg - fp)) / len(y)
+    acc = np.where(cut, acc, -1.0)
+    k = int(np.argmax(acc))
+    none_same = n_neg / len(y)  # threshold above every score
+    if none_same > acc[k]:
+        return float(none_same), float(np.nextafter(s[0], np.inf))
+    return float(acc[k]), float(s[k])
+
+
+def fold_bounds(n: int, folds: int) -> list[tuple[int, int]]:
+    """Contiguous folds as sklearn's ``KFold(shuffle=False)`` makes them (insightface uses it):
+    the first ``n % folds`` folds get one extra item."""
+    if n < folds:
+        raise ValueError(f"{n} pairs cannot make {folds} folds")
+    sizes = [n // folds + (1 if k < n % folds else 0) for k in range(folds)]
+    ends = np.cumsum(sizes)
+    return [(int(e - s), int(e)) for s, e in zip(sizes, ends)]
+
+
+def kfold_accuracy(
+    distances: np.ndarray, same: np.ndarray, thresholds: np.ndarray = BIN_THRESHOLDS, folds: int = BIN_FOLDS
+) -> tuple[np.ndarray, np.ndarray]:
+    """insightface's protocol: per fold, the threshold with the best accuracy of
+    ``distance < t`` on the other folds (first best on ties) is scored on this fold.
+
+    Returns (accuracy per fold, chosen threshold per fold).
+    """
+    distances = np.asarray(distances, dtype=np.float64)
+    same = np.asarray(same, dtype=bool)
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    bounds = fold_bounds(len(distances), folds)
+    correct = (distances[None, :] < thresholds[:, None]) == same[None, :]  # [T, n]
+    per_fold = np.stack([correct[:, a:b].sum(axis=1) for a, b in bounds], axis=1)  # [T, folds]
+    total = per_fold.sum(axis=1)
+    accs = np.empty(folds)
+    chosen = np.empty(folds)
+    for k, (a, b) in enumerate(bounds):
+        train_acc = (total - per_fold[:, k]) / (len(distances) - (b - a))
+        best = int(np.argmax(train_acc))
+        chosen[k] = thresholds[best]
+        accs[k] = per_fold[best, k] / (b - a)
+    return accs, chosen
+
+
+def best_distance_threshold(distances: np.ndarray, same: np.ndarray, thresholds: np.ndarray = BIN_THRESHOLDS) -> float:
+    """The threshold of the grid that is best over all pairs (reported beside the folds)."""
+    correct = (np.asarray(distances)[None, :] < np.asarray(thresholds)[:, None]) == np.asarray(same, bool)[None, :]
+    return float(thresholds[int(np.argmax(correct.mean(axis=1)))])
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean row-wise cosine of two embedding matrices (each row L2-normalised first)."""
+    return float(np.mean(np.sum(l2_normalise(a) * l2_normalise(b), axis=1)))
+
+
+# ---------------------------------------------------------------------------------------
+# The .bin file: a pickle, which can run code. Only the containers real files hold load.
+
+
+class UnsafePickle(ValueError):
+    """The .bin asks to build something a verification set never holds."""
+
+
+def _codecs_encode(text: str, encoding: str = "latin1") -> bytes:
+    # Python 3 pickles bytes at protocol < 3 as _codecs.encode(str, 'latin1'); allow only that.
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickle(f"_codecs.encode called with {type(text).__name__}, {encoding!r}; a .bin only uses latin1 bytes")
+    return text.encode("latin1")
+
+
+def _safe_dtype(spec: Any, align: bool = False, copy: bool = True) -> np.dtype:
+    # Booleans (issame), bytes (images) and integers (uint8 image buffers); object arrays are
+    # allowed because their elements are unpickled by this same restricted unpickler.
+    dt = np.dtype(spec)
+    if dt.kind not in "buiSO":
+        raise UnsafePickle(f"numpy dtype {dt} is not used by verification .bin files")
+    return dt
+
+
+def _allowed() -> dict[tuple[str, str], Callable]:
+    reconstruct = np.array([True]).__reduce__()[0]  # numpy's own _reconstruct, whatever its module
+    scalar = np.bool_(True).__reduce__()[0]
+    table: dict[tuple[str, str], Callable] = {
+        ("_codecs", "encode"): _codecs_encode,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): _safe_dtype,
+    }
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy 1 and numpy 2 names
+        table[(mod, "_reconstruct")] = reconstruct
+        table[(mod, "scalar")] = scalar
+    return table
+
+
+class BinUnpickler(pickle.Unpickler):
+    """Loads ``(bins, issame_list)`` and nothing else.
+
+    What real insightface .bin files need: lists, tuples, bytes (Python 2 ``str`` read with
+    ``encoding="bytes"``) and booleans need no globals at all. Files re-saved from Python 3
+    at protocol 2 add ``_codecs.encode``; files saved with numpy arrays (issame as a bool
+    array, images as uint8/bytes/object arrays) add numpy's array reconstruction and dtype.
+    Those are the only globals allowed, each restricted further; any other (``os.system``,
+    ``builtins.eval``, ``subprocess.Popen``, ...) is refused before it can be called.
+    """
+
+    _table = None
+
+    def find_class(self, module: str, name: str):
+        if BinUnpickler._table is None:
+            BinUnpickler._table = _allowed()
+        fn = BinUnpickler._table.get((module, name))
+        if fn is None:
+            raise UnsafePickle(
+                f"refusing to load {module}.{name} from the .bin: a verification set holds only image bytes "
+                "and booleans, so this file is not one (or was tampered with). Nothing from it was run."
+            )
+        return fn
+
+
+def loads_bin(data: bytes) -> tuple[list[bytes], np.ndarray]:
+    """Parse a verification .bin into (encoded images, issame per pair), checking its shape."""
+    try:
+        obj = BinUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except UnsafePickle:
+        raise
+    except Exception as e:  # a truncated or non-pickle file raises many types
+        raise ValueError(f"not a verification .bin (pickle of (bins, issame_list)): {e}") from e
+    if not isinstance(obj, (tuple, list)) or len(obj) != 2:
+        raise ValueError(f"a verification .bin holds (bins, issame_list); this one holds a {type(obj).__name__}")
+    bins, issame = obj
+    images = [_as_bytes(b, k) for k, b in enumerate(bins)]
+    try:
+        same = np.asarray([bool(x) for x in issame], dtype=bool) if not isinstance(issame, np.ndarray) else issame
+        same = same.astype(bool).reshape(-1)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"issame_list of the .bin is not a list of booleans: {e}") from e
+    if len(images) != 2 * len(same):
+        raise ValueError(f"the .bin has {len(images)} images for {len(same)} pairs; expected 2 images per pair")
+    return images, same
+
+
+def _as_bytes(b: Any, k: int) -> bytes:
+    if isinstance(b, (bytes, bytearray)):
+        return bytes(b)
+    if isinstance(b, np.ndarray) and b.dtype == np.uint8:
+        return b.tobytes()
+    if isinstance(b, np.bytes_):
+        return bytes(b)
+    raise ValueError(f"image {k} of the .bin is a {type(b).__name__}, not encoded image bytes")
+
+
+def load_bin(path: str) -> tuple[list[bytes], np.ndarray]:
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return loads_bin(data)
+    except ValueError as e:
+        raise type(e)(f"{path}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Models: exported students (uint8 in) and teachers (float32 in), one call shape.
+
+
+def resolve_model_dir(path: str) -> str:
+    """A SavedModel directory, or an export directory holding one in ``saved_model/``."""
+    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+        return path
+    inner = os.path.join(path, "saved_model")
+    if os.path.isfile(os.path.join(inner, "saved_model.pb")):
+        return inner
+    raise FileNotFoundError(
+        f"{path} is not a TensorFlow SavedModel (no saved_model.pb, nor saved_model/saved_model.pb); "
+        "pass a `distill export` output directory or a teacher SavedModel"
+    )
+
+
+class Embedder:
+    """uint8 RGB [N, H, W, 3] -> raw embeddings [N, D], for either kind of SavedModel."""
+
+    def __init__(self, path: str, pre: Preprocessing, signature: str = "serving_default"):
+        from distill.teacher import Teacher, TeacherError, inspect_teacher
+
+        path = resolve_model_dir(path)
+        self.path = path
+        dtype = _signature_input_dtype(path, signature)
+        if dtype == "float32":
+            self.kind = "teacher"
+            spec = inspect_teacher(path, signature)
+            self._teacher = Teacher(spec, pre)
+            self.height, self.width = spec.height, spec.width
+            self.dim = spec.embedding_dim
+            return
+        if dtype != "uint8":
+            raise TeacherError(
+                f"{path}: signature {signature!r} takes {dtype}; evaluate reads exported students (uint8 images) "
+                "and teachers (float32)"
+            )
+        import tensorflow as tf
+
+        self.kind = "student"
+        self._teacher = None
+        self._model = tf.saved_model.load(path)  # keep a reference: the signature needs it alive
+        self._fn = self._model.signatures[signature]
+        (self._input, spec), = self._fn.structured_input_signature[1].items()
+        outputs = self._fn.structured_outputs
+        self._output = "embeddings" if "embeddings" in outputs else next(iter(outputs))
+        _, h, w, _ = spec.shape.as_list()
+        if h is None or w is None:
+            raise TeacherError(f"{path}: input {self._input!r} has no fixed height/width ({spec.shape}); re-export it")
+        self.height, self.width = h, w
+        self.dim = int(outputs[self._output].shape[-1])
+
+    def __call__(self, rgb_uint8: np.ndarray) -> np.ndarray:
+        if self._teacher is not None:
+            return self._teacher(rgb_uint8)
+        import tensorflow as tf
+
+        out = self._fn(**{self._input: tf.constant(rgb_uint8, dtype=tf.uint8)})[self._output]
+        return out.numpy().astype(np.float32, copy=False)
+
+
+def _signature_input_dtype(path: str, signature: str) -> str:
+    """Read the signature's input dtype from saved_model.pb without loading the variables."""
+    from tensorflow.core.protobuf import saved_model_pb2
+    from tensorflow.python.framework import dtypes
+
+    pb = os.path.join(path, "saved_model.pb")
+    sm = saved_model_pb2.SavedModel()
+    with open(pb, "rb") as f:
+        sm.ParseFromString(f.read())
+    for mg in sm.meta_graphs:
+        if signature in mg.signature_def:
+            inputs = mg.signature_def[signature].inputs
+            if len(inputs) != 1:
+                raise ValueError(f"{path}: signature {signature!r} takes {len(inputs)} inputs; evaluate feeds one image batch")
+            return dtypes.as_dtype(next(iter(inputs.values())).dtype).name
+    raise ValueError(f"{path} has no signature {signature!r}; pass a SavedModel exported by `distill export` or a teacher")
+
+
+def embed_all(
+    models: dict[str, "Embedder"],
+    n: int,
+    blob_at: Callable[[int], bytes],
+    name_of: Callable[[int], str],
+    batch_size: int,
+    flip: bool,
+    progress: bool = True,
+) -> tuple[dict[str, np.ndarray], dict[str, float], list[int]]:
+    """Raw embeddings of images ``0..n-1`` by every model, in one streaming pass.
+
+    Each batch is read and decoded once (any format, grey to RGB), resized to each model's
+    input, and embedded; memory holds one batch of pixels, not the set. With ``flip`` the
+    mirrored image's embedding is added (insightface's flip test), before any norm.
+    Returns (embeddings per model: one row per readable image, in order; seconds inside each
+    model; the indices that could not be read, which have no row).
+    """
+    from tqdm import tqdm
+
+    from distill.images import UnreadableImage, decode_rgb, fit
+
+    out: dict[str, list[np.ndarray]] = {role: [] for role in models}
+    seconds = {role: 0.0 for role in models}
+    bad: list[int] = []
+    with tqdm(total=n, desc="embed " + "+".join(models), unit="img", leave=False, disable=not progress) as bar:
+        for a in range(0, n, batch_size):
+            images = []
+            for k in range(a, min(a + batch_size, n)):
+                try:
+                    images.append(decode_rgb(blob_at(k)))
+                except UnreadableImage as e:
+                    log.warning("skipping %s: %s", name_of(k), e.reason)
+                    bad.append(k)
+            for role, m in models.items():
+                if not images:
+                    break
+                batch = np.stack([fit(img, m.height, m.width) for img in images])
+                t0 = time.perf_counter()
+                e = m(batch)
+                if flip:
+                    e = e + m(np.ascontiguousarray(batch[:, :, ::-1]))
+                seconds[role] += time.perf_counter() - t0
+                out[role].append(e)
+            bar.update(min(a + batch_size, n) - a)
+    embeddings = {
+        role: np.concatenate(rows) if rows else np.zeros((0, models[role].dim), np.float32) for role, rows in out.items()
+    }
+    return embeddings, seconds, bad
+
+
+def remap_pairs(
+    i: np.ndarray, j: np.ndarray, same: np.ndarray, embedded: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs over image numbers -> pairs over embedding rows (row r is image ``embedded[r]``);
+    pairs with an image that has no row (unreadable) are dropped."""
+    row = np.full(n, -1, np.int64)
+    row[embedded] = np.arange(len(embedded))
+    ri, rj = row[i], row[j]
+    ok = (ri >= 0) & (rj >= 0)
+    return ri[ok], rj[ok], same[ok]
+
+
+# ---------------------------------------------------------------------------------------
+# The stage.
+
+
+def scan_folders(root: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """(image paths, labels, identity names) of a folder tree; labels follow sorted names."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--folders {root} is not a directory; pass a folder with one sub-folder per identity")
+    names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    paths, labels = [], []
+    for label, name in enumerate(names):
+        files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMAGE_EXTENSIONS))
+        paths += [os.path.join(root, name, f) for f in files]
+        labels += [label] * len(files)
+    if len(names) < 2 or not paths:
+        raise ValueError(f"--folders {root} needs at least two identity sub-folders with images ({len(names)} found)")
+    return paths, np.asarray(labels, np.int64), names
+
+
+def _verification(emb: np.ndarray, i: np.ndarray, j: np.ndarray, same: np.ndarray) -> dict[str, float]:
+    e = l2_normalise(emb)
+    scores = np.sum(e[i] * e[j], axis=1)
+    acc, thr = best_accuracy(scores, same)
+    return {"auc": roc_auc(scores, same), "best_accuracy": acc, "threshold": thr}
+
+
+def _evaluate_folders(cfg: EvaluateConfig, models: dict[str, Embedder]) -> dict[str, Any]:
+    from distill.images import read_file
+
+    paths, labels, _ = scan_folders(cfg.folders)
+    if cfg.pairs is None and len(paths) <= ALL_PAIRS_MAX_IMAGES:
+        i, j, same = all_pairs(labels)
+        sampled = False
+    else:
+        i, j, same = sample_pairs(labels, cfg.pairs or DEFAULT_SAMPLED_PAIRS, cfg.seed)
+        sampled = True
+    needed = np.unique(np.concatenate([i, j]))  # a sample touches only some images: read only those
+    embeddings, seconds, bad = embed_all(
+        models, len(needed), lambda k: read_file(paths[needed[k]]), lambda k: paths[needed[k]],
+        cfg.batch_size, cfg.flip, cfg.progress,
+    )
+    embedded = np.delete(needed, bad)
+    i, j, same = remap_pairs(i, j, same, embedded, len(paths))
+    if same.all() or not same.any():
+        raise ValueError(f"--folders {cfg.folders}: need both same-identity and different-identity pairs")
+    results: dict[str, Any] = {"models": {}}
+    for role, emb in embeddings.items():
+        r = _verification(emb, i, j, same)
+        r["images_per_second"] = len(embedded) * (2 if cfg.flip else 1) / max(seconds[role], 1e-9)
+        results["models"][role] = r
+    results["dataset"] = {
+        "kind": "folders",
+        "path": cfg.folders,
+        "images": int(len(embedded)),
+        "skipped": int(len(bad)),
+        "identities": int(len(np.unique(labels[embedded]))),
+        "pairs": int(len(same)),
+        "same_pairs": int(same.sum()),
+        # All pairs are mostly "different": best accuracy is read against this majority rate.
+        "chance_accuracy": float(max(same.mean(), 1 - same.mean())),
+        "sampled": sampled,
+        "seed": cfg.seed if sampled else None,
+        "flip": cfg.flip,
+    }
+    results["mean_cosine"] = _cosine(embeddings)
+    return results
+
+
+def _evaluate_bin(cfg: EvaluateConfig, models: dict[str, Embedder], blobs: list[bytes], same: np.ndarray) -> dict[str, Any]:
+    raw, seconds, bad = embed_all(
+        models, len(blobs), blobs.__getitem__, lambda k: f"{cfg.bin} image {k}", cfg.batch_size, True, cfg.progress
+    )
+    if bad:
+        raise ValueError(f"{cfg.bin}: {len(bad)} images cannot be decoded (first: #{bad[0]}); the protocol needs every pair")
+    results: dict[str, Any] = {"models": {}}
+    embeddings = {}
+    for role, e in raw.items():
+        emb = l2_normalise(e)
+        embeddings[role] = emb
+        dist = np.sum((emb[0::2] - emb[1::2]) ** 2, axis=1)
+        accs, thresholds = kfold_accuracy(dist, same)
+        results["models"][role] = {
+            "accuracy_mean": float(accs.mean()),
+            "accuracy_std": float(accs.std()),
+            "fold_accuracies": [float(a) for a in accs],
+            "fold_thresholds": [float(t) for t in thresholds],
+            "best_threshold": best_distance_threshold(dist, same),
+            "auc": roc_auc(-dist, same),
+            "images_per_second": 2 * len(blobs) / max(seconds[role], 1e-9),
+        }
+    results["dataset"] = {"kind": "bin", "path": cfg.bin, "pairs": int(len(same)), "same_pairs": int(same.sum())}
+    results["mean_cosine"] = _cosine(embeddings)
+    return results
+
+
+def _cosine(embeddings: dict[str, np.ndarray]) -> float | None:
+    if "teacher" not in embeddings:
+        return None
+    a, b = embeddings["model"], embeddings["teacher"]
+    if a.shape[1] != b.shape[1]:
+        log.warning("model dim %d != teacher dim %d: no teacher-student cosine", a.shape[1], b.shape[1])
+        return None
+    return mean_cosine(a, b)
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Plain-text table of a results dict (either kind of dataset)."""
+    ds = results["dataset"]
+    lines = []
+    if ds["kind"] == "folders":
+        how = "sampled" if ds["sampled"] else "all"
+        lines.append(
+            f"{ds['path']}: {ds['images']} images, {ds['identities']} identities, "
+            f"{ds['pairs']} pairs ({how}, {ds['same_pairs']} same; always-different scores {ds['chance_accuracy']:.4f})"
+        )
+        lines.append(f"{'model':<10} {'kind':<8} {'ROC-AUC':>8} {'best acc':>9} {'threshold':>10} {'img/s':>8}")
+        for role, r in results["models"].items():
+            kind = results["kinds"][role]
+            lines.append(
+                f"{role:<10} {kind:<8} {r['auc']:>8.4f} {r['best_accuracy']:>9.4f} {r['threshold']:>10.4f} "
+                f"{r['images_per_second']:>8.1f}"
+            )
+    else:
+        lines.append(f"{ds['path']}: {ds['pairs']} pairs ({ds['same_pairs']} same), 10-fold, flip")
+        lines.append(f"{'model':<10} {'kind':<8} {'accuracy':>17} {'threshold':>10} {'ROC-AUC':>8} {'img/s':>8}")
+        for role, r in results["models"].items():
+            kind = results["kinds"][role]
+            acc = f"{r['accuracy_mean']:.4f} +- {r['accuracy_std']:.4f}"
+            lines.append(
+                f"{role:<10} {kind:<8} {acc:>17} {r['best_threshold']:>10.2f} {r['auc']:>8.4f} {r['images_per_second']:>8.1f}"
+            )
+    if results.get("mean_cosine") is not None:
+        lines.append(f"mean teacher-student cosine: {results['mean_cosine']:.4f}")
+    return "\n".join(lines)
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Embed, score, print nothing; returns the results dict (and writes ``cfg.out``)."""
+    # A bad or hostile .bin is refused before any model is loaded.
+    verification_set = load_bin(cfg.bin) if cfg.bin else None
+    models = {"model": Embedder(cfg.model, cfg.preprocessing, cfg.signature)}
+    if cfg.teacher:
+        models["teacher"] = Embedder(cfg.teacher, cfg.preprocessing, "serving_default")
+    t0 = time.perf_counter()
+    if verification_set is None:
+        results = _evaluate_folders(cfg, models)
+    else:
+        results = _evaluate_bin(cfg, models, *verification_set)
+    results["seconds"] = time.perf_counter() - t0
+    results["paths"] = {role: m.path for role, m in models.items()}
+    results["kinds"] = {role: m.kind for role, m in models.items()}
+    results["preprocessing"] = cfg.preprocessing.to_json()
+    if cfg.out:
+        _write_json(cfg.out, results)
+    return results
+
+
+def _write_json(path: str, obj: Any) -> None:
+    # Temp + rename: a reader never sees half a results file.
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def add_cli(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="verification ROC-AUC / accuracy of a student or teacher, and teacher-student cosine",
+        description="Evaluate an exported student (or a teacher) SavedModel on an identity folder tree "
+        "or an insightface verification .bin.",
+    )
+    p.add_argument("model", help="`distill export` output (RUN/export; uint8 input) or a teacher SavedModel (float32)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--folders", metavar="DIR", help="identity folder tree: one sub-folder of images per person")
+    src.add_argument("--bin", metavar="FILE", help="insightface verification set (lfw.bin, cfp_fp.bin, agedb_30.bin)")
+    p.add_argument("--teacher", metavar="DIR", help="teacher SavedModel: also evaluate it and the teacher-student cosine")
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=None,
+        help=f"sample this many pairs (half same); default: all pairs up to {ALL_PAIRS_MAX_IMAGES} images, "
+        f"else {DEFAULT_SAMPLED_PAIRS}",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the pair sample")
+    p.add_argument("--out", metavar="FILE", help="write the results as JSON here")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--flip", action="store_true", help="folder mode: add the mirrored image's embedding (.bin always does)")
+    p.add_argument("--pixel-mean", type=float, default=127.5, help="float32 (teacher) models: x' = (x - mean) / scale")
+    p.add_argument("--pixel-scale", type=float, default=128.0)
+    p.add_argument("--channel-order", choices=CHANNEL_ORDERS, default="RGB")
+    p.add_argument("--signature", default="serving_default", help="signature of MODEL")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    cfg = EvaluateConfig(
+        model=args.model,
+        folders=args.folders,
+        bin=args.bin,
+        teacher=args.teacher,
+        pairs=args.pairs,
+        seed=args.seed,
+        out=args.out,
+        batch_size=args.batch_size,
+        flip=args.flip,
+        preprocessing=Preprocessing(args.pixel_mean, args.pixel_scale, args.channel_order),
+        signature=args.signature,
+        progress=args.progress,
+    )
+    results = run_evaluate(cfg)
+    print(format_table(results))
+    if cfg.out:
+        print(f"results: {cfg.out}")
+    return 0

@@ -1,0 +1,135 @@
+"""`distill evaluate` end to end on real faces with the real mobilefacenet teacher.
+
+The "student" here is the teacher wrapped the way `distill export` ships students (uint8
+RGB in, preprocessing inside, L2-normalised out), so both model kinds run and the
+teacher-student cosine has a known answer: 1.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import MOBILEFACENET, ORL
+from distill.evaluate import EvaluateConfig, run_evaluate
+
+pytestmark = pytest.mark.integration
+
+TEACHER = str(MOBILEFACENET)
+
+
+def _orl_folders(dst, people=6, per_person=5):
+    for p in range(1, people + 1):
+        os.makedirs(dst / f"s{p}")
+        for k in range(1, per_person + 1):
+            shutil.copy(os.path.join(ORL, f"s{p}", f"{k}.pgm"), dst / f"s{p}" / f"{k}.pgm")
+    return dst
+
+
+@pytest.fixture(scope="module")
+def wrapped_student(tmp_path_factory):
+    import tensorflow as tf
+
+    out = str(tmp_path_factory.mktemp("student") / "export")
+    teacher = tf.saved_model.load(TEACHER)
+    fn = teacher.signatures["serving_default"]
+
+    class _Student(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.teacher = teacher
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 112, 112, 3], tf.uint8, name="images")])
+        def serve(self, images):
+            x = (tf.cast(images, tf.float32) - 127.5) / 128.0
+            return {"embeddings": tf.math.l2_normalize(fn(input=x)["embeddings"], axis=1)}
+
+    m = _Student()
+    tf.saved_model.save(m, out, signatures={"serving_default": m.serve.get_concrete_function()})
+    return out
+
+
+def test_folders_student_and_teacher(tmp_path, wrapped_student):
+    folders = _orl_folders(tmp_path / "faces")
+    out = tmp_path / "r.json"
+    r = run_evaluate(EvaluateConfig(model=wrapped_student, folders=str(folders), teacher=TEACHER, out=str(out)))
+    assert r["kinds"] == {"model": "student", "teacher": "teacher"}
+    assert r["dataset"]["images"] == 30 and r["dataset"]["pairs"] == 30 * 29 // 2
+    assert r["dataset"]["same_pairs"] == 6 * 10 and not r["dataset"]["sampled"]
+    assert r["mean_cosine"] == pytest.approx(1.0, abs=1e-4)
+    for role in ("model", "teacher"):
+        assert r["models"][role]["auc"] > 0.9  # a real face model on real (grey, resized) faces
+    assert r["models"]["model"]["auc"] == pytest.approx(r["models"]["teacher"]["auc"], abs=1e-3)
+    assert json.loads(out.read_text())["models"]["model"]["auc"] == r["models"]["model"]["auc"]
+
+    # A broken file is skipped and named, its pairs dropped; a sample reads only what it pairs.
+    (folders / "s1" / "9.pgm").write_bytes(b"P5 not really an image")
+    sampled = run_evaluate(EvaluateConfig(model=wrapped_student, folders=str(folders), pairs=200, seed=3))
+    assert sampled["dataset"]["sampled"] and sampled["dataset"]["skipped"] <= 1
+    assert sampled["dataset"]["pairs"] <= 200 and sampled["dataset"]["pairs"] >= 150
+    assert sampled["models"]["model"]["auc"] > 0.9
+    full = run_evaluate(EvaluateConfig(model=wrapped_student, folders=str(folders), progress=False))
+    assert full["dataset"]["skipped"] == 1 and full["dataset"]["images"] == 30
+    assert full["dataset"]["pairs"] == 30 * 29 // 2
+
+
+def test_bin_protocol_via_cli(tmp_path, wrapped_student):
+    from PIL import Image
+
+    def jpeg(p, k):
+        buf = io.BytesIO()
+        Image.open(os.path.join(ORL, f"s{p}", f"{k}.pgm")).convert("RGB").save(buf, format="JPEG", quality=95)
+        return buf.getvalue()
+
+    bins, issame = [], []
+    for n in range(20):  # 20 pairs: alternating same person / two different people
+        p = n % 10 + 1
+        if n % 2 == 0:
+            bins += [jpeg(p, 1 + n % 5), jpeg(p, 6 + n % 5)]
+            issame.append(True)
+        else:
+            bins += [jpeg(p, 1), jpeg(p % 10 + 11, 2)]
+            issame.append(False)
+    path = tmp_path / "tiny.bin"
+    path.write_bytes(pickle.dumps((bins, issame), protocol=2))
+    out = tmp_path / "bin.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "distill", "evaluate", wrapped_student, "--bin", str(path), "--teacher", TEACHER,
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "10-fold" in proc.stdout and "mean teacher-student cosine" in proc.stdout
+    r = json.loads(out.read_text())
+    m = r["models"]["model"]
+    assert len(m["fold_accuracies"]) == 10 and len(m["fold_thresholds"]) == 10
+    assert m["accuracy_mean"] == pytest.approx(np.mean(m["fold_accuracies"]))
+    assert m["accuracy_mean"] >= 0.8 and m["auc"] > 0.9
+    assert 0.0 <= m["best_threshold"] < 4.0
+    assert r["mean_cosine"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_malicious_bin_via_cli_is_refused_cleanly(tmp_path, wrapped_student):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.bin"
+    path.write_bytes(pickle.dumps(([b"a", b"b"], [Evil()])))
+    proc = subprocess.run(
+        [sys.executable, "-m", "distill", "evaluate", wrapped_student, "--bin", str(path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 2
+    assert "refusing to load posix.system" in proc.stderr and "Traceback" not in proc.stderr
+    assert not marker.exists()
