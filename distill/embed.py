@@ -28,7 +28,7 @@ from shards.storage import Storage, is_temp_name, open_storage, redact
 
 log = logging.getLogger(__name__)
 
-PER_ACTOR_QUEUE = 2  # one shard running, one queued: no idle gap between shards
+PER_ACTOR_QUEUE = 2  # one shard on the teacher, one writing its file or waiting its turn
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class EmbedConfig:
     ledger: str = "file"
     lease_seconds: float = 60.0
     max_attempts: int = 3
-    decode_threads: int = 4
+    decode_threads: int | None = None  # None: the actor's CPUs, at least 4
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -64,6 +64,8 @@ class EmbedConfig:
             raise ValueError(f"--lease-seconds must be >= 3 (heartbeats renew at a third of it), got {self.lease_seconds}")
         if self.shard_size < 1 or self.batch_size < 1:
             raise ValueError("--shard-size and --batch-size must be positive")
+        if self.decode_threads is not None and self.decode_threads < 1:
+            raise ValueError(f"--decode-threads must be >= 1, got {self.decode_threads}")
 
 
 @dataclass(frozen=True)
@@ -274,11 +276,13 @@ def _drive(cfg: EmbedConfig, run: Run, ledger: Ledger, owner: str) -> tuple[int,
     task = EmbedTask(
         teacher=run.spec, pre=cfg.preprocessing, out=cfg.out, run_id=run.run_id, batch_size=cfg.batch_size,
         flip=cfg.flip, dtype=cfg.dtype, images=cfg.images, paths=run.paths, rec=run.rec,
-        threads=max(1, int(cpus)), decode_threads=cfg.decode_threads,
+        threads=max(1, int(cpus)), decode_threads=cfg.decode_threads or max(4, int(cpus)),
     )
     actor_cls = ray.remote(EmbedWorker).options(
         num_cpus=cpus, num_gpus=cfg.gpus_per_worker, resources=dict(cfg.worker_resources) or None,
         max_restarts=0, max_task_retries=0,
+        # Threaded: a shard's Parquet encode + write overlaps the next shard's teacher batches.
+        max_concurrency=PER_ACTOR_QUEUE,
     )
 
     def new_slot() -> _Slot:
@@ -504,7 +508,8 @@ def add_cli(sub) -> None:
     g.add_argument("--worker-resource", type=_resource, action="append", default=[], metavar="NAME=AMOUNT",
                    help="custom Ray resource each actor needs (repeatable), e.g. to pin actors to node types")
     g.add_argument("--address", default=None, help="existing Ray cluster (e.g. auto, ray://head:10001); default: start a local one")
-    g.add_argument("--decode-threads", type=int, default=4, help="image decode threads per actor (default: %(default)s)")
+    g.add_argument("--decode-threads", type=int, default=None,
+                   help="threads per actor that read, decode and preprocess images (default: the actor's CPUs, at least 4)")
     g = p.add_argument_group("teacher input conventions (insightface defaults)")
     g.add_argument("--pixel-mean", type=float, default=127.5, help="subtracted from 0..255 pixels (default: %(default)s)")
     g.add_argument("--pixel-scale", type=float, default=128.0, help="then divided by this (default: %(default)s)")

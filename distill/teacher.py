@@ -125,6 +125,8 @@ def _spec_from_loaded(model, path: str, signature: str, output: str | None) -> T
 
 def teacher_fingerprint(path: str) -> str:
     """sha256 over the SavedModel's files (relative names and bytes), streamed."""
+    if not os.path.isdir(path):
+        raise TeacherError(f"teacher directory {path} does not exist; pass --teacher DIR (a SavedModel directory)")
     h = hashlib.sha256()
     files = []
     for root, _, names in os.walk(path):
@@ -157,10 +159,14 @@ class Teacher:
         self._fn = self._model.signatures[spec.signature]
 
     def __call__(self, rgb_uint8: np.ndarray) -> np.ndarray:
+        return self.embed(self.pre.apply(rgb_uint8))
+
+    def embed(self, x: np.ndarray) -> np.ndarray:
+        """Embeddings of an already preprocessed float32 batch (``pre.apply`` done elsewhere)."""
         import tensorflow as tf
 
-        x = tf.constant(self.pre.apply(rgb_uint8))
-        return self._fn(**{self.spec.input_name: x})[self.spec.output_name].numpy().astype(np.float32, copy=False)
+        out = self._fn(**{self.spec.input_name: tf.constant(x)})[self.spec.output_name]
+        return out.numpy().astype(np.float32, copy=False)
 
 
 def export_keras_teacher(model, out_dir: str, input_name: str = "input", output_name: str = "embeddings") -> str:

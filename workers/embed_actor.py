@@ -5,12 +5,18 @@
 yields the number of rows finished after each teacher batch (the driver's progress bar),
 then the shard's done record once the file is durable under its final name.
 
+The work overlaps in two places: decode threads read, decode and preprocess the next batch
+(and its mirror) while the teacher runs this one, and the actor runs two
+shards at once so one shard's Parquet encode and write overlaps the next shard's teacher
+batches (a lock keeps one shard on the teacher at a time, so batches and floats do not change).
+
 Exactly-once lives in the write, not in Ray: the shard is computed in full, written to a temp
 name, fsynced and renamed. A restarted actor or a retried task rewrites the same bytes.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -60,6 +66,7 @@ class EmbedWorker:
             self._rec = RecordIOReader(task.rec)
         self._decode = ThreadPoolExecutor(task.decode_threads, thread_name_prefix="decode")
         self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
+        self._compute = threading.Lock()  # one shard on the teacher at a time
 
     def ready(self) -> bool:
         return True
@@ -79,37 +86,57 @@ class EmbedWorker:
         return read_file(path)
 
     def _load_one(self, i: int, rows: ListingRows):
+        """Row i as teacher input: read, decode, resize, preprocess (and mirror). A decode thread."""
         try:
             pixels, stored = prepare(self._raw(rows.path[i], int(rows.offset[i])), self.task.teacher.height, self.task.teacher.width)
-            return i, pixels, stored, None
         except UnreadableImage as e:
             where = rows.path[i] if rows.path[i] is not None else f"{self.task.rec}@{int(rows.offset[i])}"
-            return i, None, None, RowError(int(rows.index[i]), where, e.reason)
+            return i, None, None, None, RowError(int(rows.index[i]), where, e.reason)
+        x = self.teacher.pre.apply(pixels)
+        # Preprocessing is elementwise, so mirroring it equals preprocessing the mirror.
+        return i, x, x[:, ::-1] if self.task.flip else None, stored, None
 
-    def _load_batch(self, rows: ListingRows, lo: int, hi: int):
-        return list(self._decode.map(lambda i: self._load_one(i, rows), range(lo, hi)))
+    def _load_batch(self, rows: ListingRows, lo: int, hi: int) -> _Batch:
+        """Rows [lo, hi) as one teacher batch (and its mirror), decoded and preprocessed.
+
+        Runs on the prefetch thread, the per-image work on the decode threads, beside the
+        teacher's call on the previous batch: the thread that feeds the teacher only feeds it
+        (PIL, NumPy and TF release the GIL).
+        """
+        loaded = list(self._decode.map(lambda i: self._load_one(i, rows), range(lo, hi)))
+        good = [row for row in loaded if row[4] is None]
+        errors = [row[4] for row in loaded if row[4] is not None]
+        if not good:
+            return _Batch(hi - lo, [], [], None, None, errors)
+        x = np.stack([row[1] for row in good])
+        x_flip = np.stack([row[2] for row in good]) if self.task.flip else None
+        return _Batch(hi - lo, [row[0] for row in good], [row[3] for row in good], x, x_flip, errors)
 
     # -- one shard
     def embed_shard(self, shard: Shard, rows: ListingRows) -> Iterator[int | dict]:
+        """Yield rows finished after each batch, then the shard's record once it is durable.
+
+        The actor runs two of these at once (``max_concurrency=2``): the compute lock lets one
+        shard use the teacher while the other encodes and writes its Parquet file.
+        """
         t0 = time.perf_counter()
         spans = [(s - shard.start, e - shard.start) for s, e in batches(shard, self.task.batch_size)]
         keep: list[int] = []
         emb, emb_flip, stored, errors = [], [], [], []
-        pending = self._prefetch.submit(self._load_batch, rows, *spans[0]) if spans else None
-        for b in range(len(spans)):
-            loaded = pending.result()
-            # Decode the next batch while the teacher runs this one.
-            pending = self._prefetch.submit(self._load_batch, rows, *spans[b + 1]) if b + 1 < len(spans) else None
-            good = [(i, px, by) for i, px, by, err in loaded if err is None]
-            errors.extend(err for *_, err in loaded if err is not None)
-            if good:
-                x = np.stack([px for _, px, _ in good])
-                emb.append(self.teacher(x))
-                if self.task.flip:
-                    emb_flip.append(self.teacher(np.ascontiguousarray(x[:, :, ::-1])))
-                keep.extend(i for i, _, _ in good)
-                stored.extend(by for _, _, by in good)
-            yield spans[b][1] - spans[b][0]
+        with self._compute:
+            pending = self._prefetch.submit(self._load_batch, rows, *spans[0]) if spans else None
+            for b in range(len(spans)):
+                batch = pending.result()
+                # Decode and preprocess the next batch while the teacher runs this one.
+                pending = self._prefetch.submit(self._load_batch, rows, *spans[b + 1]) if b + 1 < len(spans) else None
+                errors.extend(batch.errors)
+                if batch.keep:
+                    emb.append(self.teacher.embed(batch.x))
+                    if self.task.flip:
+                        emb_flip.append(self.teacher.embed(batch.x_flip))
+                    keep.extend(batch.keep)
+                    stored.extend(batch.stored)
+                yield batch.rows
         dim = self.task.teacher.embedding_dim
         keep_idx = np.asarray(keep, dtype=np.int64)
         data = encode_shard(
@@ -131,6 +158,18 @@ class EmbedWorker:
             k=shard.k, rows=len(keep), bytes=len(data), sha256=sha256(data), errors=tuple(errors),
             seconds=time.perf_counter() - t0, finished_at=time.time(),
         ).to_json()
+
+
+@dataclass
+class _Batch:
+    """One decoded, preprocessed teacher batch: listing positions kept, their stored bytes."""
+
+    rows: int  # positions covered, kept or not
+    keep: list[int]
+    stored: list[bytes]
+    x: np.ndarray | None
+    x_flip: np.ndarray | None
+    errors: list[RowError]
 
 
 def _configure_tensorflow(threads: int | None) -> None:
