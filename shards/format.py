@@ -119,12 +119,14 @@ def encode_shard(
     }
     table = pa.table(cols, schema=schema.with_metadata(meta))
     buf = io.BytesIO()
-    # Images and floats do not compress; the small columns do. No statistics on the big ones.
+    # Images and floats do not compress, nor repeat: no compression, no dictionary (trying a
+    # dictionary on them made encoding 6x slower and the file 20% bigger), no statistics.
     pq.write_table(
         table,
         buf,
         row_group_size=ROW_GROUP_ROWS,
         compression={c: ("zstd" if c in ("index", "label", "path") else "none") for c in schema.names},
+        use_dictionary=["label", "path"],
         write_statistics=["index", "label"],
     )
     return buf.getvalue()

@@ -85,32 +85,39 @@ class EmbedWorker:
             return image
         return read_file(path)
 
-    def _load_one(self, i: int, rows: ListingRows):
-        """Row i as teacher input: read, decode, resize, preprocess (and mirror). A decode thread."""
+    def _load_one(self, i: int, rows: ListingRows, x: np.ndarray, x_flip: np.ndarray | None, j: int):
+        """Row i into slot j of the batch (and its mirror): read, decode, resize, preprocess.
+
+        Runs on a decode thread and writes straight into the batch arrays, so nothing is
+        left for the thread that feeds the teacher. Returns (stored bytes, error).
+        """
         try:
             pixels, stored = prepare(self._raw(rows.path[i], int(rows.offset[i])), self.task.teacher.height, self.task.teacher.width)
         except UnreadableImage as e:
             where = rows.path[i] if rows.path[i] is not None else f"{self.task.rec}@{int(rows.offset[i])}"
-            return i, None, None, None, RowError(int(rows.index[i]), where, e.reason)
-        x = self.teacher.pre.apply(pixels)
-        # Preprocessing is elementwise, so mirroring it equals preprocessing the mirror.
-        return i, x, x[:, ::-1] if self.task.flip else None, stored, None
+            return None, RowError(int(rows.index[i]), where, e.reason)
+        x[j] = self.teacher.pre.apply(pixels)
+        if x_flip is not None:
+            # Preprocessing is elementwise, so mirroring it equals preprocessing the mirror.
+            x_flip[j] = x[j, :, ::-1]
+        return stored, None
 
     def _load_batch(self, rows: ListingRows, lo: int, hi: int) -> _Batch:
         """Rows [lo, hi) as one teacher batch (and its mirror), decoded and preprocessed.
 
         Runs on the prefetch thread, the per-image work on the decode threads, beside the
-        teacher's call on the previous batch: the thread that feeds the teacher only feeds it
-        (PIL, NumPy and TF release the GIL).
+        teacher's call on the previous batch (PIL, NumPy and TF release the GIL).
         """
-        loaded = list(self._decode.map(lambda i: self._load_one(i, rows), range(lo, hi)))
-        good = [row for row in loaded if row[4] is None]
-        errors = [row[4] for row in loaded if row[4] is not None]
-        if not good:
-            return _Batch(hi - lo, [], [], None, None, errors)
-        x = np.stack([row[1] for row in good])
-        x_flip = np.stack([row[2] for row in good]) if self.task.flip else None
-        return _Batch(hi - lo, [row[0] for row in good], [row[3] for row in good], x, x_flip, errors)
+        spec = self.task.teacher
+        x = np.empty((hi - lo, spec.height, spec.width, 3), np.float32)
+        x_flip = np.empty_like(x) if self.task.flip else None
+        loaded = list(self._decode.map(lambda j: self._load_one(lo + j, rows, x, x_flip, j), range(hi - lo)))
+        keep = [j for j, (_, err) in enumerate(loaded) if err is None]
+        errors = [err for _, err in loaded if err is not None]
+        if len(keep) < len(loaded):  # rare: unreadable rows leave holes to close
+            x = x[keep]
+            x_flip = x_flip[keep] if x_flip is not None else None
+        return _Batch(hi - lo, [lo + j for j in keep], [loaded[j][0] for j in keep], x, x_flip, errors)
 
     # -- one shard
     def embed_shard(self, shard: Shard, rows: ListingRows) -> Iterator[int | dict]:
