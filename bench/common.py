@@ -1,0 +1,438 @@
+"""What every benchmark shares: the machine description, markdown tables, timed child
+processes (wall time and peak RSS), the bench images and the synthetic ResNet teacher.
+
+Benchmarks are scripts, not tests: each ``bench/NAME.py`` prints markdown tables that go
+into ``docs/BENCHMARKS.md`` as they are. Heavy imports (TensorFlow, Ray) stay inside the
+functions that need them, and measured work runs in child processes so every variant pays
+the same start-up and no variant inherits another's threads or caches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+ORL = SHARED / "data" / "orl"
+MOBILEFACENET = SHARED / "teachers" / "mobilefacenet"
+
+# Child processes: quiet TF, no usage stats, no token auth on our loopback-only clusters
+# (the same settings the test suite uses), and RAY_ADDRESS=local so a CLI run without
+# --address starts its own cluster instead of joining another session's on this machine.
+CHILD_ENV = {
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+# ---------------------------------------------------------------------------- the machine
+
+def loadavg() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
+
+
+def _version(*dists: str) -> str:
+    for d in dists:
+        try:
+            return metadata.version(d)
+        except metadata.PackageNotFoundError:
+            continue
+    return "not installed"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def mem_total_gib() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+def machine() -> dict[str, str]:
+    return {
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu_model(),
+        "memory": f"{mem_total_gib():.1f} GiB",
+        "gpu": "none",
+        "load average (1/5/15 min)": loadavg(),
+        "python": platform.python_version(),
+        "tensorflow": _version("tensorflow-cpu", "tensorflow"),
+        "keras": _version("keras"),
+        "ray": _version("ray"),
+        "pyarrow": _version("pyarrow"),
+        "numpy": _version("numpy"),
+        "redis-server": _redis_version(),
+    }
+
+
+def _redis_version() -> str:
+    exe = shutil.which("redis-server")
+    if not exe:
+        return "not installed"
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout
+    return next((w.split("=", 1)[1] for w in out.split() if w.startswith("v=")), out.strip())
+
+
+def print_header(title: str, argv: Sequence[str] | None = None) -> None:
+    """The bench's title, the exact command and the machine, as markdown."""
+    cmd = " ".join(["python", *(argv if argv is not None else sys.argv)])
+    print(f"## {title}\n")
+    print(f"Command: `{cmd}`\n")
+    print(table(["machine", ""], list(machine().items())))
+    print()
+
+
+# ---------------------------------------------------------------------------- output
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:,.3g}" if abs(v) < 100 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def fmt_ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b > 0 else "n/a"
+
+
+# ---------------------------------------------------------------------------- child processes
+
+@dataclass(frozen=True)
+class ChildResult:
+    returncode: int
+    seconds: float
+    peak_rss_mib: float
+    stdout: str
+    stderr: str
+    cpu_series: tuple[tuple[float, float], ...] = ()  # (time.time(), CPU seconds of the process tree)
+
+    def json(self) -> dict:
+        """The last stdout line that is a JSON object (how bench children report)."""
+        for line in reversed(self.stdout.splitlines()):
+            line = line.strip()
+            if line.startswith("{"):
+                return json.loads(line)
+        raise RuntimeError(f"child printed no JSON result; stderr tail:\n{self.stderr[-3000:]}")
+
+
+def run_child(cmd: Sequence[str], env: dict | None = None, timeout: float = 1800, check: bool = True,
+              sample_cpu: float | None = None) -> ChildResult:
+    """Run a process; wall time and its own peak RSS (not the whole tree's).
+
+    Peak RSS is the child's ``VmHWM`` polled while it runs: ``ru_maxrss`` would also count
+    the pages of this process that the child shared between fork and exec.
+
+    With ``sample_cpu`` (seconds), the CPU time of the whole process tree (the child, Ray's
+    processes it starts, their workers) is sampled that often: on a shared machine CPU
+    seconds per image are a steadier measure of work than wall-clock rates.
+    """
+    series: list[tuple[float, float]] = []
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(list(map(str, cmd)), stdout=out, stderr=err, env={**os.environ, **CHILD_ENV, **(env or {})})
+        deadline = t0 + timeout
+        next_sample = 0.0
+        tree = TreeCpu(proc.pid)
+        hwm = 0
+        while True:
+            hwm = max(hwm, _vm_hwm_kib(proc.pid))
+            now = time.perf_counter()
+            if sample_cpu and now >= next_sample:
+                series.append((time.time(), tree.sample()))
+                next_sample = now + sample_cpu
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if now > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.01)
+        seconds = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        res = ChildResult(proc.returncode, seconds, hwm / 1024, out.read().decode(errors="replace"),
+                          err.read().decode(errors="replace"), tuple(series))
+    if check and res.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} exited {res.returncode}\n--- stdout\n{res.stdout[-3000:]}\n"
+                           f"--- stderr\n{res.stderr[-5000:]}")
+    return res
+
+
+def _vm_hwm_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+class TreeCpu:
+    """CPU seconds (user + system) used so far by a process and all its descendants.
+
+    Every process ever seen in the tree keeps its last reading, so the total never drops when
+    Ray kills its workers at the end of a run (nobody reaps them into a parent's ``cutime``);
+    what a process used after its last sample is missed (at most one sampling interval).
+    """
+
+    def __init__(self, root: int):
+        self.root = root
+        self.seen: dict[tuple[int, int], float] = {}  # (pid, start time) -> CPU seconds
+
+    def sample(self) -> float:
+        parent: dict[int, int] = {}
+        stat: dict[int, tuple[int, float]] = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            pid = int(entry)
+            parent[pid] = int(fields[1])
+            stat[pid] = (int(fields[19]), (int(fields[11]) + int(fields[12])) / _TICK)  # starttime; utime + stime
+        children: dict[int, list[int]] = {}
+        for pid, pp in parent.items():
+            children.setdefault(pp, []).append(pid)
+        stack = [self.root]
+        while stack:
+            pid = stack.pop()
+            if pid in stat:
+                start, cpu = stat[pid]
+                self.seen[(pid, start)] = cpu
+            stack.extend(children.get(pid, ()))
+        return sum(self.seen.values())
+
+
+def distill_cmd(*args: object) -> list[str]:
+    return [sys.executable, "-m", "distill", *map(str, args)]
+
+
+def this_script_cmd(script: str, *args: object) -> list[str]:
+    return [sys.executable, str(ROOT / "bench" / script), *map(str, args)]
+
+
+# ---------------------------------------------------------------------------- a private Ray head
+
+class RayHead:
+    """``ray start --head`` with its own temp dir and port; stopped by killing only its
+    processes (``ray stop`` would kill other sessions' clusters on this shared machine)."""
+
+    def __init__(self, num_cpus: int | None = None):
+        self.num_cpus = num_cpus or os.cpu_count() or 1
+        self.temp = tempfile.mkdtemp(prefix="rb", dir="/tmp")  # Ray's socket paths must stay short
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "RayHead":
+        cmd = ["ray", "start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
+               f"--num-cpus={self.num_cpus}", "--include-dashboard=false", "--disable-usage-stats",
+               f"--temp-dir={self.temp}"]
+        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=180, env={**os.environ, **CHILD_ENV})
+        return self
+
+    def __exit__(self, *exc) -> None:
+        kill_tree_by_marker(self.temp)
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_tree_by_marker(marker: str) -> None:
+    """SIGTERM, then SIGKILL, the processes whose command line names ``marker``."""
+
+    def pids() -> list[int]:
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) != os.getpid():
+                try:
+                    with open(f"/proc/{entry}/cmdline", "rb") as f:
+                        if marker.encode() in f.read():
+                            found.append(int(entry))
+                except OSError:
+                    continue
+        return found
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while pids() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+# ---------------------------------------------------------------------------- bench inputs
+
+def make_face_jpegs(out: Path, n: int, size: int = 112, quality: int = 92) -> Path:
+    """``n`` distinct ``size``x``size`` RGB JPEGs in identity folders, made from the ORL faces.
+
+    emore's images are 112x112 RGB JPEGs; ORL's are grey 92x112 PGMs, so each is resized,
+    given a per-copy colour tint and a small shift (copies beyond the 400 originals differ in
+    pixels, so no decoder or cache sees the same bytes twice). Deterministic.
+    """
+    import numpy as np
+    from PIL import Image
+
+    marker = out / f".made-{n}-{size}-{quality}"
+    if marker.exists():
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    sources = sorted(ORL.glob("s*/*.pgm"), key=lambda p: (int(p.parent.name[1:]), int(p.stem)))
+    if not sources:
+        raise FileNotFoundError(f"no ORL faces under {ORL}: the bench images are made from them")
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        src = sources[i % len(sources)]
+        copy = i // len(sources)
+        grey = np.asarray(Image.open(src).convert("L").resize((size, size), Image.BILINEAR), dtype=np.float32)
+        tint = rng.uniform(0.8, 1.2, 3) if copy else np.ones(3)
+        rgb = np.clip(grey[..., None] * tint, 0, 255).astype(np.uint8)
+        if copy:
+            rgb = np.roll(rgb, (int(rng.integers(-3, 4)), int(rng.integers(-3, 4))), axis=(0, 1))
+        folder = out / src.parent.name
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb, "RGB").save(folder / f"{copy:03d}_{src.stem}.jpg", quality=quality)
+    marker.touch()
+    return out
+
+
+def build_resnet18_teacher(out: Path, dim: int = 512, size: int = 112, seed: int = 0) -> Path:
+    """A ResNet-18 (basic blocks [2, 2, 2, 2], widths 64..512, 7x7/2 stem + max-pool) at
+    ``size``x``size`` with random weights and a ``dim``-d BN embedding, exported like a real
+    face teacher (input ``input`` [N, size, size, 3] float32, output ``embeddings``)."""
+    if (out / "saved_model.pb").exists():
+        return out
+    import keras
+    from keras import layers
+
+    from distill.teacher import export_keras_teacher
+
+    keras.utils.set_random_seed(seed)
+
+    def block(x, filters, stride):
+        shortcut = x
+        y = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False)(x)
+        y = layers.ReLU()(layers.BatchNormalization()(y))
+        y = layers.Conv2D(filters, 3, padding="same", use_bias=False)(y)
+        y = layers.BatchNormalization()(y)
+        if stride != 1 or shortcut.shape[-1] != filters:
+            shortcut = layers.BatchNormalization()(layers.Conv2D(filters, 1, strides=stride, use_bias=False)(x))
+        return layers.ReLU()(layers.Add()([y, shortcut]))
+
+    inp = keras.Input((size, size, 3), name="input")
+    x = layers.Conv2D(64, 7, strides=2, padding="same", use_bias=False)(inp)
+    x = layers.ReLU()(layers.BatchNormalization()(x))
+    x = layers.MaxPooling2D(3, strides=2, padding="same")(x)
+    for i, w in enumerate((64, 128, 256, 512)):
+        x = block(x, w, 1 if i == 0 else 2)
+        x = block(x, w, 1)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.BatchNormalization()(layers.Dense(dim, use_bias=False)(x))
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    export_keras_teacher(keras.Model(inp, x, name="resnet18_teacher"), str(tmp))
+    os.replace(tmp, out)
+    return out
+
+
+def build_tiny_teacher(out: Path, dim: int = 512, size: int = 112, seed: int = 0) -> Path:
+    """A two-conv random teacher with a ``dim``-d output: real shards in seconds, when what is
+    measured is the data around the teacher (the training input), not the teacher."""
+    if (out / "saved_model.pb").exists():
+        return out
+    import keras
+
+    from distill.teacher import export_keras_teacher
+
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(8, 5, strides=4, activation="relu")(inp)
+    x = keras.layers.Conv2D(16, 3, strides=2, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    export_keras_teacher(keras.Model(inp, keras.layers.Dense(dim)(x)), str(tmp))
+    os.replace(tmp, out)
+    return out
+
+
+def model_flops(model) -> float:
+    """Forward FLOPs per image (2 x multiply-adds) of a Keras model's conv and dense layers.
+
+    Counts Conv2D, DepthwiseConv2D and Dense, which hold all but a few percent of the work
+    in CNNs; batch norm, activations and pooling are left out (stated where it is used).
+    """
+    import numpy as np
+    from keras import layers
+
+    total = 0.0
+    for layer in _all_layers(model):
+        if isinstance(layer, layers.DepthwiseConv2D):
+            _, h, w, c = layer.output.shape
+            kh, kw = layer.kernel_size
+            total += 2.0 * h * w * c * kh * kw
+        elif isinstance(layer, layers.Conv2D):
+            _, h, w, cout = layer.output.shape
+            kh, kw = layer.kernel_size
+            cin = layer.input.shape[-1]
+            total += 2.0 * h * w * cout * kh * kw * cin / layer.groups
+        elif isinstance(layer, layers.Dense):
+            total += 2.0 * layer.input.shape[-1] * layer.units
+        elif hasattr(layer, "centres"):  # the student's cosine classifier: a [D, C] matmul
+            total += 2.0 * float(np.prod(layer.centres.shape))
+    return total
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        if hasattr(layer, "layers") and layer.layers:
+            yield from _all_layers(layer)
+        else:
+            yield layer

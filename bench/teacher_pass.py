@@ -1,0 +1,349 @@
+"""Teacher pass throughput, four ways, same teacher, same images, same batch size, one run.
+
+(a) ``distill embed`` (the real CLI, its own local Ray, file ledger);
+(b) the per-image loop of the original notes: decode one image, call the teacher on a batch
+    of one, append, save;
+(c) Ray Data: read_binary_files -> map_batches(decode) -> map_batches(teacher actor pool)
+    -> write_parquet, plain (no CheckpointConfig: its filter actors stall on 2 CPUs);
+(d) the teacher alone on in-memory preprocessed batches: the compute ceiling.
+Plus two diagnostics: (a0) ``EmbedWorker.embed_shard`` driven in-process without Ray, and
+(d0) the ceiling with TensorFlow's default threading instead of the actors' settings.
+
+Every variant runs in its own child process (same start-up, no shared threads or caches),
+with ``--no-flip`` (one teacher call per image). Steady-state rate = rows finished between
+the first and the last completion event / the time between them (start-up and warm-up left
+out); wall = the whole child process, start-up included.
+
+    python bench/teacher_pass.py                      # both teachers, 1024 images, (a) (b) (c) (d), ~5 min
+    python bench/teacher_pass.py --rounds 3 --variants d,a,b,c,a0           # what docs/BENCHMARKS.md shows
+    python bench/teacher_pass.py --rounds 3 --variants d,a,a15,d0           # niceness and TF threading checks
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/NAME.py` from anywhere
+
+from bench.common import (  # noqa: E402
+    MOBILEFACENET, distill_cmd, loadavg, make_face_jpegs, print_header, run_child, table,
+    this_script_cmd,
+)
+from bench.projection import median, steady_cpu_per_row, steady_rate  # noqa: E402
+
+WARMUP_CALLS = 3  # teacher calls before the clock starts in (b) and (d); (a) leaves out its first shard
+VARIANTS = ("d", "a", "b", "c", "a0", "a15", "d0")
+RATIOS = (("a", "d"), ("a", "b"), ("a", "c"), ("a0", "d"), ("a", "a0"), ("a15", "a"), ("d", "d0"))
+CPU_SAMPLE_S = 0.25
+LABELS = {
+    "a": "(a) distill embed (CLI, local Ray, file ledger)",
+    "a15": "(a15) as (a), Ray's default worker niceness 15",
+    "a0": "(a0) EmbedWorker.embed_shard, no Ray",
+    "b": "(b) per-image loop, batch of 1",
+    "c": "(c) Ray Data map_batches + actor pool -> Parquet",
+    "d": "(d) teacher alone, preprocessed in memory",
+    "d0": "(d0) teacher alone, TF default threading",
+}
+
+
+# ---------------------------------------------------------------------------- children
+
+def _paths(listing: str) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(listing, columns=["path"]).column("path").to_pylist()
+
+
+def _setup_tf(threads: int | None) -> None:
+    # The embed actor's own TF settings (determinism, intra-op threads, one inter-op thread),
+    # so (b), (c), (d) differ from (a) only in the pipeline around the teacher.
+    from workers.embed_actor import _configure_tensorflow
+
+    _configure_tensorflow(threads)
+
+
+def _spec(teacher: str):
+    from distill.teacher import inspect_teacher
+
+    return inspect_teacher(os.path.abspath(teacher))
+
+
+def child_ceiling(a) -> dict:
+    """(d): the signature called on float32 batches that are already preprocessed tensors."""
+    import numpy as np
+    import tensorflow as tf
+
+    from distill.images import prepare
+    from distill.teacher import Preprocessing
+
+    if a.variant == "d":
+        _setup_tf(a.threads)
+    spec = _spec(a.teacher)
+    pre = Preprocessing()
+    paths = _paths(a.listing)
+    pixels = np.stack([prepare(open(p, "rb").read(), spec.height, spec.width)[0] for p in paths])
+    batches = [tf.constant(pre.apply(pixels[i:i + a.batch_size])) for i in range(0, len(paths), a.batch_size)]
+    model = tf.saved_model.load(spec.path)
+    fn = model.signatures[spec.signature]
+    for x in batches[:WARMUP_CALLS]:  # warm-up: tracing, oneDNN primitives, allocator
+        fn(**{spec.input_name: x})[spec.output_name].numpy()
+    events = [(time.time(), 0)]
+    for x in batches:
+        fn(**{spec.input_name: x})[spec.output_name].numpy()
+        events.append((time.time(), int(x.shape[0])))
+    return {"rows": len(paths), "events": events}
+
+
+def child_per_image(a) -> dict:
+    """(b): the loop of the original notes."""
+    import numpy as np
+    from PIL import Image
+
+    from distill.teacher import Preprocessing, Teacher
+
+    _setup_tf(a.threads)
+    spec = _spec(a.teacher)
+    teacher = Teacher(spec, Preprocessing())
+    for _ in range(WARMUP_CALLS):
+        teacher(np.zeros((1, spec.height, spec.width, 3), np.uint8))
+    embs, events = [], []
+    for p in _paths(a.listing):
+        img = np.asarray(Image.open(p).convert("RGB").resize((spec.width, spec.height)))
+        embs.append(teacher(img[None])[0])
+        events.append((time.time(), 1))
+    np.save(os.path.join(a.out, "embeddings.npy"), np.stack(embs))
+    return {"rows": len(embs), "events": events}
+
+
+def child_worker(a) -> dict:
+    """(a0): the embed actor's class driven in this process, shard by shard, no Ray."""
+    from distill.listing import ListingReader, listing_fingerprint
+    from distill.teacher import Preprocessing
+    from shards.plan import plan_shards
+    from workers.embed_actor import EmbedTask, EmbedWorker
+
+    _setup_tf(a.threads)  # before anything starts TF: thread settings are fixed at its first use
+    spec = _spec(a.teacher)
+    task = EmbedTask(teacher=spec, pre=Preprocessing(), out=a.out, run_id=listing_fingerprint(a.listing)[:16],
+                     batch_size=a.batch_size, flip=False, threads=a.threads, decode_threads=4)
+    worker = EmbedWorker(task)
+    reader = ListingReader(a.listing)
+    events = []
+    for shard in plan_shards(reader.num_rows, a.shard_size):
+        for item in worker.embed_shard(shard, reader.rows(shard.start, shard.stop)):
+            if isinstance(item, int):
+                events.append((time.time(), item))
+    return {"rows": reader.num_rows, "events": events}
+
+
+def child_ray_data(a) -> dict:
+    """(c): the Ray Data batch-inference pipeline a user would write first."""
+    import logging
+
+    import numpy as np
+    import ray
+
+    from distill.images import prepare
+    from distill.teacher import Preprocessing, Teacher
+
+    spec = _spec(a.teacher)
+    paths = _paths(a.listing)
+    ev_dir = tempfile.mkdtemp(prefix="raydata-events-")
+    threads, batch_size = a.threads, a.batch_size
+    t_init = time.time()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+
+    def decode(batch):
+        px, stored = zip(*(prepare(bytes(b), spec.height, spec.width) for b in batch["bytes"]))
+        return {"path": batch["path"], "pixels": np.stack(px), "image": np.array(stored, dtype=object)}
+
+    class Embed:
+        def __init__(self):
+            from workers.embed_actor import _configure_tensorflow
+
+            _configure_tensorflow(threads)
+            self.teacher = Teacher(spec, Preprocessing())
+            self.log = open(os.path.join(ev_dir, f"{os.getpid()}.events"), "a")
+
+        def __call__(self, batch):
+            emb = self.teacher(batch["pixels"])
+            self.log.write(f"{time.time()} {len(emb)}\n")
+            self.log.flush()
+            return {"path": batch["path"], "embedding": emb, "image": batch["image"]}
+
+    t0 = time.time()
+    (
+        ray.data.read_binary_files(paths, include_paths=True)
+        .map_batches(decode, batch_size=batch_size)
+        .map_batches(Embed, batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=a.ray_data_actors),
+                     num_cpus=a.ray_data_actor_cpus)
+        .write_parquet(os.path.join(a.out, "parquet"))
+    )
+    t1 = time.time()
+    ray.shutdown()
+    events = []
+    for f in glob.glob(os.path.join(ev_dir, "*.events")):
+        with open(f) as fh:
+            events += [(float(t), int(n)) for t, n in (line.split() for line in fh)]
+    shutil.rmtree(ev_dir, ignore_errors=True)
+    rows = sum(n for _, n in events)
+    if rows != len(paths):
+        raise RuntimeError(f"Ray Data embedded {rows} rows, expected {len(paths)}")
+    return {"rows": rows, "events": events, "pipeline_s": t1 - t0, "ray_init_s": t0 - t_init}
+
+
+def child_build_resnet(a) -> dict:
+    from bench.common import build_resnet18_teacher
+
+    build_resnet18_teacher(Path(a.out))
+    return {"teacher": a.out}
+
+
+CHILDREN = {"d": child_ceiling, "d0": child_ceiling, "b": child_per_image, "a0": child_worker, "c": child_ray_data,
+            "build-resnet": child_build_resnet}
+
+
+# ---------------------------------------------------------------------------- the run
+
+def run_cli_embed(listing: str, teacher: str, out: Path, a, env: dict) -> dict:
+    """(a): the real CLI in its own process; steady state from the ledger's done records."""
+    shutil.rmtree(out, ignore_errors=True)
+    res = run_child(distill_cmd("embed", listing, "--teacher", teacher, "--out", out, "--batch-size", a.batch_size,
+                                "--shard-size", a.shard_size, "--no-flip", "--no-progress"),
+                    env=env, sample_cpu=CPU_SAMPLE_S)
+    events = []
+    for f in glob.glob(str(out / "_ledger" / "*.done")):
+        with open(f) as fh:
+            rec = json.load(fh)
+        events.append((rec["finished_at"], rec["rows"]))
+    m = re.search(r"this run: (\d+) rows in ([\d.]+)s", res.stdout)
+    return {"rows": int(m.group(1)), "events": events, "wall_s": res.seconds, "rss_mib": res.peak_rss_mib,
+            "cli_s": float(m.group(2)), "cpu": res.cpu_series}
+
+
+def run_variant(v: str, listing: str, teacher: str, work: Path, a) -> dict:
+    out = work / f"out-{v}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    load = loadavg()
+    # Ray starts its workers at niceness 15; on a machine shared with other work that starves
+    # them. Equal footing for the comparison: niceness 0 like every other variant, except in
+    # (a15), which shows Ray's default.
+    env = {"RAY_ADDRESS": "local", "RAY_worker_niceness": "15" if v == "a15" else "0"}
+    if v in ("a", "a15"):
+        r = run_cli_embed(listing, teacher, out, a, env)
+    else:
+        res = run_child(this_script_cmd("teacher_pass.py", "--child", v, "--teacher", teacher, "--listing", listing,
+                                        "--out", out, "--batch-size", a.batch_size, "--shard-size", a.shard_size,
+                                        "--threads", a.threads, "--ray-data-actors", a.ray_data_actors,
+                                        "--ray-data-actor-cpus", a.ray_data_actor_cpus),
+                        env=env, sample_cpu=CPU_SAMPLE_S)
+        r = {**res.json(), "wall_s": res.seconds, "rss_mib": res.peak_rss_mib, "cpu": res.cpu_series}
+    # (a)'s events are shards (its first shard is the warm-up); the others' are batches or images.
+    skip = 0 if v in ("a", "a15", "d", "d0", "b") else WARMUP_CALLS - 1
+    r["steady"] = steady_rate(r["events"], skip=skip)
+    r["cpu_ms"] = 1000 * steady_cpu_per_row(r["events"], r["cpu"], skip=skip)
+    r["load"] = load
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"  {v:>3}: {r['steady']:7.1f} img/s steady, {r['cpu_ms']:6.1f} CPU ms/img, {r['rows']} rows, "
+          f"wall {r['wall_s']:.1f} s, load {load}", file=sys.stderr, flush=True)
+    return r
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--shard-size", type=int, default=256)
+    p.add_argument("--teachers", default="mobilefacenet,resnet18", help="comma list of mobilefacenet, resnet18")
+    p.add_argument("--variants", default="d,a,b,c",
+                   help=f"any of {','.join(VARIANTS)} (a0, a15, d0 are diagnostics), run in this order each round")
+    p.add_argument("--rounds", type=int, default=1, help="repeat every variant (interleaved); medians are reported")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="TF intra-op threads (the CLI's default: all CPUs)")
+    p.add_argument("--ray-data-actors", type=int, default=1)
+    p.add_argument("--ray-data-actor-cpus", type=float, default=1.0,
+                   help="CPUs reserved per Ray Data actor (1 leaves a CPU for its read/decode tasks)")
+    p.add_argument("--work", default=None, help="scratch dir (default: a temp dir, removed)")
+    # child mode
+    p.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    p.add_argument("--teacher", help=argparse.SUPPRESS)
+    p.add_argument("--listing", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.child:
+        a.variant = a.child
+        print(json.dumps(CHILDREN[a.child](a)))
+        return 0
+
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="bench-teacher-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print_header("Teacher pass throughput")
+    images = make_face_jpegs(work / "images", a.images)
+    listing = str(work / "listing.parquet")
+    run_child(distill_cmd("listing", images, "--out", listing))
+    teachers = {}
+    for name in a.teachers.split(","):
+        if name == "mobilefacenet":
+            teachers[name] = str(MOBILEFACENET)
+        elif name == "resnet18":
+            path = work / "resnet18"
+            run_child(this_script_cmd("teacher_pass.py", "--child", "build-resnet", "--out", path))
+            teachers[name] = str(path)
+        else:
+            raise ValueError(f"unknown teacher {name!r}: use mobilefacenet, resnet18")
+    variants = a.variants.split(",")
+    print(f"{a.images} JPEGs 112x112 RGB (ORL faces resized, tinted copies), batch {a.batch_size}, "
+          f"shard {a.shard_size}, --no-flip everywhere, TF intra-op threads {a.threads}, "
+          f"Ray Data: {a.ray_data_actors} actor(s) x {a.ray_data_actor_cpus:g} CPU, rounds {a.rounds}\n")
+
+    for tname, tpath in teachers.items():
+        print(f"teacher {tname}", file=sys.stderr, flush=True)
+        runs: dict[str, list[dict]] = {v: [] for v in variants}
+        for _ in range(a.rounds):
+            for v in variants:
+                runs[v].append(run_variant(v, listing, tpath, work, a))
+        rows = []
+        for v in variants:
+            rs = runs[v]
+            wall = median([x["wall_s"] for x in rs])
+            extra = ""
+            if v == "c":
+                extra = f"pipeline {median([x['pipeline_s'] for x in rs]):.1f} s + ray.init {median([x['ray_init_s'] for x in rs]):.1f} s"
+            if v in ("a", "a15"):
+                extra = f"CLI's own figure {median([x['rows'] / x['cli_s'] for x in rs]):.1f} img/s"
+            rows.append([LABELS[v], f"{median([x['steady'] for x in rs]):.1f}", f"{median([x['cpu_ms'] for x in rs]):.1f}",
+                         f"{rs[0]['rows'] / wall:.1f}", f"{wall:.1f}", f"{median([x['rss_mib'] for x in rs]):.0f}",
+                         "; ".join(x["load"] for x in rs), extra])
+        print(f"### {tname}\n")
+        print(table(["variant", "steady img/s", "CPU ms/img (process tree)", "img/s incl. start-up", "wall s",
+                     "peak RSS MiB (child)", "load avg at start", "note"], rows))
+        print()
+        ratios = []
+        for num, den in RATIOS:
+            if num in runs and den in runs:
+                per_round = [x["steady"] / y["steady"] for x, y in zip(runs[num], runs[den])]
+                cpu = [y["cpu_ms"] / x["cpu_ms"] for x, y in zip(runs[num], runs[den])]
+                spread = f" ({min(per_round):.2f}-{max(per_round):.2f})" if len(per_round) > 1 else ""
+                ratios.append([f"{num}/{den}", f"{median(per_round):.2f}{spread}", f"{median(cpu):.2f}"])
+        print(table(["ratio", "steady img/s, median of rounds (range)", "CPU efficiency (den CPU/img / num CPU/img)"],
+                    ratios))
+        print()
+    print(f"load average at the end: {loadavg()}")
+    if not a.work:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
