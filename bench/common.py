@@ -252,60 +252,93 @@ def this_script_cmd(script: str, *args: object) -> list[str]:
     return [sys.executable, str(ROOT / "bench" / script), *map(str, args)]
 
 
-# ---------------------------------------------------------------------------- a private Ray head
+# ---------------------------------------------------------------------------- processes and a private Ray head
+# Shared with the test suite (tests/conftest.py, tests/integration/test_cluster.py): on this
+# shared machine nothing may `ray stop` or kill by name; everything is found by a marker
+# unique to one cluster or node (its mkdtemp'd --temp-dir) on the process command line.
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def processes() -> dict[int, tuple[int, str]]:
+    """{pid: (ppid, command line)} of every process we can read."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        out[int(entry)] = (ppid, cmd)
+    return out
+
+
+def process_tree(marker: str) -> set[int]:
+    """The processes whose command line names ``marker``, and all their descendants (one Ray
+    node: `ray start`, raylet, GCS, agents, log monitor and workers). Never this process."""
+    procs = processes()
+    pids = {p for p, (_, cmd) in procs.items() if marker in cmd and p != os.getpid()}
+    while kids := {p for p, (pp, _) in procs.items() if pp in pids} - pids - {os.getpid()}:
+        pids |= kids
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill_tree(marker: str, *, grace: float = 10.0) -> int:
+    """Stop :func:`process_tree` (``marker``): SIGTERM, up to ``grace`` s to exit, then SIGKILL;
+    ``grace=0`` is SIGKILL at once (a machine dying). Returns how many processes there were.
+    The tree is taken before the first signal: children orphaned by it still get the second."""
+    pids = process_tree(marker)
+    for sig in ((signal.SIGTERM, signal.SIGKILL) if grace > 0 else (signal.SIGKILL,)):
+        for pid in pids | process_tree(marker):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while any(map(_alive, pids)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    return len(pids)
+
 
 class RayHead:
-    """``ray start --head`` with its own temp dir and port; stopped by killing only its
-    processes (``ray stop`` would kill other sessions' clusters on this shared machine)."""
+    """``ray start --head`` with its own temp dir and port; stopped by :func:`kill_tree` of
+    its temp dir (``ray stop`` would kill other sessions' clusters on this shared machine)."""
 
     def __init__(self, num_cpus: int | None = None):
         self.num_cpus = num_cpus or os.cpu_count() or 1
         self.temp = tempfile.mkdtemp(prefix="rb", dir="/tmp")  # Ray's socket paths must stay short
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
 
     def __enter__(self) -> "RayHead":
         cmd = ["ray", "start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
                f"--num-cpus={self.num_cpus}", "--include-dashboard=false", "--disable-usage-stats",
                f"--temp-dir={self.temp}"]
-        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=180, env={**os.environ, **CHILD_ENV})
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=180, env={**os.environ, **CHILD_ENV})
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        kill_tree_by_marker(self.temp)
+        kill_tree(self.temp)
         shutil.rmtree(self.temp, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def kill_tree_by_marker(marker: str) -> None:
-    """SIGTERM, then SIGKILL, the processes whose command line names ``marker``."""
-
-    def pids() -> list[int]:
-        found = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit() and int(entry) != os.getpid():
-                try:
-                    with open(f"/proc/{entry}/cmdline", "rb") as f:
-                        if marker.encode() in f.read():
-                            found.append(int(entry))
-                except OSError:
-                    continue
-        return found
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids():
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 10
-        while pids() and time.monotonic() < deadline:
-            time.sleep(0.2)
 
 
 # ---------------------------------------------------------------------------- bench inputs

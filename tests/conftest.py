@@ -9,31 +9,22 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-ORL = SHARED / "data" / "orl"
-MOBILEFACENET = SHARED / "teachers" / "mobilefacenet"
+sys.path.insert(0, str(ROOT))  # bench.common: the process helpers and bench inputs both tiers share
+
+from bench.common import MOBILEFACENET, ORL, RayHead, build_tiny_teacher  # noqa: E402,F401  (tests import the paths from here)
 
 # Ray turns token auth on once ~/.ray/auth_token exists; the test clusters are loopback-only
 # and short-lived, so every process of the session says explicitly that auth is off.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_cli(*args: str, check: bool = True, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -49,71 +40,14 @@ def run_cli(*args: str, check: bool = True, timeout: float = 600, env: dict | No
 
 @pytest.fixture(scope="session")
 def ray_address():
-    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
-    port = free_port()
-    cmd = ["ray", "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=4",
-           "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"]
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
-    address = f"127.0.0.1:{port}"
-    try:
-        yield address
-    finally:
-        stop_ray_cluster(temp)
-
-
-def stop_ray_cluster(temp_dir: str) -> None:
-    """Stop only the Ray cluster started with this --temp-dir.
-
-    `ray stop` kills every Ray process on the machine, including clusters of other test
-    sessions; the cluster's own processes name their temp dir on their command line, and its
-    workers exit with their raylet.
-    """
-    import signal
-    import time
-
-    def pids() -> list[int]:
-        out = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit() and int(entry) != os.getpid():
-                try:
-                    with open(f"/proc/{entry}/cmdline", "rb") as f:
-                        if temp_dir.encode() in f.read():
-                            out.append(int(entry))
-                except OSError:
-                    continue
-        return out
-
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids():
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 10
-        while pids() and time.monotonic() < deadline:
-            time.sleep(0.2)
-    shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def build_tiny_teacher(out: Path, dim: int = 32, size: int = 112, seed: int = 0) -> Path:
-    """A deterministic random-weight conv net exported like a real face teacher."""
-    import keras
-
-    from distill.teacher import export_keras_teacher
-
-    keras.utils.set_random_seed(seed)
-    inp = keras.Input((size, size, 3))
-    x = keras.layers.Conv2D(8, 5, strides=4, activation="relu")(inp)
-    x = keras.layers.Conv2D(16, 3, strides=2, activation="relu")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    out_ = keras.layers.Dense(dim)(x)
-    export_keras_teacher(keras.Model(inp, out_), str(out))
-    return out
+    with RayHead(num_cpus=4) as head:
+        yield head.address
 
 
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> Path:
-    return build_tiny_teacher(tmp_path_factory.mktemp("teacher") / "tiny")
+    """A deterministic random-weight conv net (112x112 -> 32-d) exported like a real face teacher."""
+    return build_tiny_teacher(tmp_path_factory.mktemp("teacher") / "tiny", dim=32)
 
 
 @pytest.fixture(scope="session")

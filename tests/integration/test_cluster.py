@@ -28,7 +28,8 @@ from shards.manifest import load_manifest
 from shards.plan import parse_shard_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from redis_server import RedisServer, free_port  # noqa: E402
+from bench.common import free_port, kill_tree, process_tree, processes  # noqa: E402
+from redis_server import RedisServer  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -37,50 +38,10 @@ ROWS, SHARD_SIZE = 400, 8  # the ORL faces: 50 shards
 
 # ---------------------------------------------------------------- processes, by /proc
 
-def processes() -> dict[int, tuple[int, str]]:
-    """{pid: (ppid, cmdline)} of every process we can read."""
-    out = {}
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{d}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        out[int(d)] = (ppid, cmd)
-    return out
-
-
-def tree(marker: str) -> set[int]:
-    """Processes whose command line names ``marker`` (a node's temp dir, unique: mkdtemp), and
-    their children: one Ray node's `ray start`, raylet, agents, log monitor and workers."""
-    procs = processes()
-    pids = {p for p, (_, cmd) in procs.items() if marker in cmd and p != os.getpid()}
-    grew = True
-    while grew:
-        kids = {p for p, (pp, _) in procs.items() if pp in pids} - pids
-        pids |= kids
-        grew = bool(kids)
-    return pids
-
-
-def kill_tree(marker: str) -> int:
-    pids = tree(marker)
-    for p in pids:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return len(pids)
-
-
 def busy_on(marker: str, method: str) -> int:
     """Worker processes of one node running ``method`` now (Ray titles them ray::Class.method)."""
     procs = processes()
-    return sum(1 for p in tree(marker) if procs.get(p, (0, ""))[1].startswith(f"ray::{method}"))
+    return sum(1 for p in process_tree(marker) if procs.get(p, (0, ""))[1].startswith(f"ray::{method}"))
 
 
 # ---------------------------------------------------------------- the cluster
@@ -115,7 +76,7 @@ class LocalCluster:
             p, log = self._start(*args, head=head)
             if p.wait(timeout=300) == 0:
                 return self.dirs[-1]
-            kill_tree(self.dirs[-1])  # whatever half-started
+            kill_tree(self.dirs[-1], grace=0)  # whatever half-started
         raise AssertionError(f"ray start {' '.join(args)} exited {p.returncode}:\n{log.read_text()[-3000:]}")
 
     def start(self, worker_resources: list[str]) -> list[str]:
@@ -126,7 +87,7 @@ class LocalCluster:
 
     def stop(self) -> None:
         for d in reversed(self.dirs):
-            kill_tree(d)
+            kill_tree(d, grace=0)
         for d in self.dirs:
             shutil.rmtree(d, ignore_errors=True)
 
@@ -166,7 +127,7 @@ def test_embed_survives_a_worker_node_dying(tmp_path, tiny_teacher, orl_listing)
                 assert driver.poll() is None, f"embed ended before the kill:\n{(tmp_path / 'embed.log').read_text()[-3000:]}"
                 assert time.monotonic() < deadline, "the actors never started on both worker nodes"
                 time.sleep(0.05)
-            assert kill_tree(node_b) > 0  # node B's raylet, agents and teacher worker
+            assert kill_tree(node_b, grace=0) > 0  # node B's raylet, agents and teacher worker
             done_at_kill = redis.hlen(keys[0])
 
             driver.wait(timeout=180)

@@ -3,20 +3,15 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from bench.emore_listing import TINY_IMAGE, class_sizes, image_records, write_list, write_pack  # noqa: E402
-from bench.projection import (  # noqa: E402
+from bench.emore_listing import TINY_IMAGE, class_sizes, image_records, write_list, write_pack
+from bench.projection import (
     Cluster, Costs, interpolate, median, project_student_epoch, project_teacher_pass, rewritten,
     steady_cpu_per_row, steady_rate,
 )
-from distill.recordio import InsightfacePack, write_insightface_rec  # noqa: E402
+from distill.recordio import InsightfacePack, write_insightface_rec
 
 COSTS = Costs(decode_cpu_s=4e-4, preprocess_cpu_s=1e-4, train_decode_cpu_s=3e-4, encode_cpu_s_per_row=2e-5, shard_write_s=0.05,
               shard_bytes_per_row=10_000, ledger_ops_per_s=5_000)

@@ -84,7 +84,6 @@ def test_real_teacher_signature_is_read_from_the_model():
 
 
 def test_unusable_teachers_fail_before_work(tmp_path):
-    import keras
     import tensorflow as tf
 
     with pytest.raises(TeacherError, match="not a TensorFlow SavedModel"):

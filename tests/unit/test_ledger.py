@@ -1,13 +1,12 @@
 """The file ledger and the pure lease decisions (no Ray, no sleeping)."""
 
 import multiprocessing as mp
-import os
 import random
 
 import pytest
 
 from shards.format import RowError, ShardRecord
-from shards.ledger import FileLedger, Lease, LedgerState, dead_local_owners, new_owner, pick_shards
+from shards.ledger import FileLedger, Lease, dead_local_owners, new_owner, pick_shards
 
 
 def rec(k, rows=10):
