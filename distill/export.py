@@ -161,7 +161,7 @@ def run_export(cfg: ExportConfig) -> ExportReport:
     import tensorflow as tf
 
     from distill.student import StudentSpec, build_student, embedding_model
-    from distill.train import latest_checkpoint, read_checkpoint, restore
+    from distill.checkpoints import latest_checkpoint, read_checkpoint, restore
 
     t0 = time.perf_counter()
     ckpt = cfg.checkpoint or latest_checkpoint(cfg.student)

@@ -1,17 +1,15 @@
 """Train the student on the shards: ``distill train RUN/shards --out RUN/student``.
 
-Owns the training loop, its checkpoints and its logs. One loop (``train_loop``: a custom
+Owns the training loop and its logs. One loop (``train_loop``: a custom
 ``tf.GradientTape`` + ``strategy.run`` step, because Keras 3 ``model.fit`` fails under
 MultiWorkerMirroredStrategy) runs in all three modes: the default strategy on CPU,
 MirroredStrategy over the GPUs of one node, and one process per Ray Train worker under
 MultiWorkerMirroredStrategy (``--workers N``, see ``workers/train_worker.py``).
 
-A checkpoint (every ``--checkpoint-every`` steps and at each epoch end) is a directory
-written under a temp name and renamed: the weights and optimizer state (``state.npz``), the
-data cursor (``cursor.json``: epoch, samples consumed in it, global step, and what fixes
-the order: seed, world size, global batch, shards, buffer) and the resolved config
-(``config.json``). Rerunning the same command resumes at the exact sample; a rerun that
-would change the order or the architecture is refused and told why.
+A checkpoint (``distill/checkpoints.py``: weights, optimizer state and the data cursor) is
+saved every ``--checkpoint-every`` steps and at each epoch end. Rerunning the same command
+resumes at the exact sample; a rerun that would change the order or the architecture is
+refused and told why.
 
 Hands on: ``RUN/student/checkpoints/ckpt-*`` (read by ``export``), ``metrics.jsonl`` (one
 object per logged step and per epoch), TensorBoard logs in ``tb/``, and with
@@ -23,20 +21,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 
+from distill.checkpoints import Cursor, LocalCheckpoints, latest_checkpoint, read_checkpoint, restore, snapshot
 from distill.losses import DISTILL_LOSSES, LossSpec
 from distill.student import HEADS, MARGINS, StudentSpec
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("cosine", "constant")
 
@@ -93,20 +89,6 @@ class TrainConfig:
                 "Drop --mixed-precision, or train on GPUs"
             )
         LossSpec(self.ce_weight, self.mse_weight, self.distill_loss, self.margin)  # validates early
-
-
-@dataclass(frozen=True)
-class Cursor:
-    """Where training is: a few integers from which the data order is recomputed."""
-
-    epoch: int
-    samples: int  # consumed in this epoch, over all workers (= steps in epoch * global batch)
-    step: int  # global optimizer steps so far
-    seed: int
-    world_size: int
-    global_batch: int
-    shuffle_buffer: int
-    shards_run_id: str
 
 
 @dataclass(frozen=True)
@@ -188,117 +170,6 @@ def schedule_steps(cfg: TrainConfig, total_rows: int) -> int:
 
 def should_checkpoint(step: int, every: int) -> bool:
     return step % every == 0
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def checkpoint_name(step: int) -> str:
-    return f"ckpt-{step:09d}"
-
-
-def list_checkpoints(ckpt_dir: str) -> list[str]:
-    """Complete checkpoints (renamed into place, so whole), oldest first."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    names = sorted(n for n in os.listdir(ckpt_dir) if n.startswith("ckpt-") and os.path.isfile(os.path.join(ckpt_dir, n, "cursor.json")))
-    return [os.path.join(ckpt_dir, n) for n in names]
-
-
-def latest_checkpoint(student_dir: str) -> str | None:
-    found = list_checkpoints(os.path.join(student_dir, CHECKPOINTS))
-    return found[-1] if found else None
-
-
-def read_checkpoint(path: str) -> tuple[dict[str, Any], Cursor]:
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    with open(os.path.join(path, "cursor.json")) as f:
-        cursor = Cursor(**json.load(f))
-    return config, cursor
-
-
-def write_checkpoint_files(path: str, state: dict[str, np.ndarray], config: dict, cursor: Cursor) -> None:
-    np.savez(os.path.join(path, "state.npz"), **state)
-    for name, obj in (("config.json", config), ("cursor.json", asdict(cursor))):
-        with open(os.path.join(path, name), "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-    for name in os.listdir(path):
-        with open(os.path.join(path, name), "rb") as f:
-            os.fsync(f.fileno())
-
-
-def snapshot(model, optimizer) -> dict[str, np.ndarray]:
-    """Weights and optimizer state as arrays, in variable order (same graph -> same order)."""
-    state = {f"model.{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(model.weights)}
-    state.update({f"optimizer.{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)})
-    return state
-
-
-def restore(model, optimizer, path: str) -> None:
-    with np.load(os.path.join(path, "state.npz")) as z:
-        for prefix, variables in (("model", model.weights), ("optimizer", optimizer.variables if optimizer else None)):
-            if variables is None:
-                continue
-            keys = sorted(k for k in z.files if k.startswith(prefix + "."))
-            if len(keys) != len(variables):
-                raise ValueError(f"{path} holds {len(keys)} {prefix} variables, this graph has {len(variables)}: "
-                                 "it was written by another architecture; use a new --out directory")
-            for k, v in zip(keys, variables):
-                if tuple(z[k].shape) != tuple(v.shape):
-                    raise ValueError(f"{path}: {prefix} variable {v.path} is {tuple(v.shape)}, the checkpoint has "
-                                     f"{tuple(z[k].shape)}; use a new --out directory")
-                v.assign(z[k])
-
-
-class LocalCheckpoints:
-    """``OUT/checkpoints/ckpt-<step>``: temp dir + fsync + rename, the last few kept."""
-
-    def __init__(self, out: str, keep: int):
-        self.dir = os.path.join(out, CHECKPOINTS)
-        self.keep = keep
-
-    def latest(self) -> str | None:
-        found = list_checkpoints(self.dir)
-        return found[-1] if found else None
-
-    def describe(self, path: str) -> str:
-        return path
-
-    def save(self, state, config, cursor: Cursor, metrics: dict) -> str:
-        os.makedirs(self.dir, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".ckpt-", suffix=".tmp", dir=self.dir)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; checkpoints are for export and others
-        write_checkpoint_files(tmp, state, config, cursor)
-        return self._publish(tmp, cursor.step)
-
-    def adopt(self, src: str) -> str:
-        """Copy a finished checkpoint (Ray Train's) in, so export finds every run's here."""
-        _, cursor = read_checkpoint(src)
-        os.makedirs(self.dir, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".ckpt-", suffix=".tmp", dir=self.dir)
-        os.chmod(tmp, 0o755)
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
-        return self._publish(tmp, cursor.step)
-
-    def _publish(self, tmp: str, step: int) -> str:
-        from shards.storage import fsync_dir
-
-        final = os.path.join(self.dir, checkpoint_name(step))
-        trash = None
-        if os.path.exists(final):
-            # The same step again (epoch end after a periodic save, or a rerun of a finished
-            # run): move the old one aside first so a kill never leaves neither.
-            trash = tempfile.mkdtemp(prefix=".ckpt-", suffix=".tmp", dir=self.dir)
-            os.rename(final, os.path.join(trash, "old"))
-        os.rename(tmp, final)
-        fsync_dir(self.dir)
-        for old in list_checkpoints(self.dir)[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        for name in os.listdir(self.dir):  # leftovers, including saves killed before their rename
-            if name.startswith(".ckpt-") and name.endswith(".tmp"):
-                shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
-        return final
 
 
 # ---------------------------------------------------------------- logs (rank 0)

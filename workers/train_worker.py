@@ -20,7 +20,8 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from distill.train import Cursor, TrainConfig
+    from distill.checkpoints import Cursor
+    from distill.train import TrainConfig
 
 
 class RayCheckpoints:
@@ -52,7 +53,7 @@ class RayCheckpoints:
         import ray.train
         from ray.train import Checkpoint
 
-        from distill.train import write_checkpoint_files
+        from distill.checkpoints import write_checkpoint_files
 
         if self.rank != 0:
             ray.train.report(metrics)  # every rank reports the same number of times
@@ -94,7 +95,7 @@ def run_ray(cfg: "TrainConfig") -> dict[str, Any]:
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
-    from distill.train import LocalCheckpoints
+    from distill.checkpoints import LocalCheckpoints
 
     if not ray.is_initialized():
         ray.init(address=cfg.address, log_to_driver=True)

@@ -10,16 +10,8 @@ import numpy as np
 import pytest
 
 from distill.stream import open_shards
-from distill.train import (
-    Cursor,
-    LocalCheckpoints,
-    TrainConfig,
-    _trim_jsonl,
-    check_resume,
-    read_checkpoint,
-    resolve,
-    schedule_steps,
-)
+from distill.checkpoints import Cursor, LocalCheckpoints, read_checkpoint
+from distill.train import TrainConfig, _trim_jsonl, check_resume, resolve, schedule_steps
 from toy_shards import write_toy_shards
 
 
