@@ -12,7 +12,9 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
+import tempfile
 
 # Order is the order `distill --help` lists them in: the pipeline's order.
 STAGES = (
@@ -26,6 +28,38 @@ STAGES = (
     "distill.evaluate",
     "distill.demo",
 )
+
+# Stages that load TensorFlow in the CLI process.
+TF_STAGES = frozenset({"embed", "train", "export", "evaluate", "demo"})
+
+# What TensorFlow prints from C++ while it is imported, which TF_CPP_MIN_LOG_LEVEL no longer
+# reaches (tensorflow/tensorflow#100442): absl's preamble and the oneDNN notice.
+_TF_IMPORT_CHATTER = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|[IW]\d{4} [\d:. ]+\d+ \S+\.cc:\d+\] .*)$"
+)
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its C++ start-up notices filtered out of stderr, so they do not
+    drown the progress bars; every other line it writes (errors included) is passed on.
+    With TF_CPP_MIN_LOG_LEVEL=0 nothing is filtered."""
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") == "0":
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not _TF_IMPORT_CHATTER.match(line.rstrip("\n")):
+                    sys.stderr.write(line)
+            sys.stderr.flush()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +84,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # TensorFlow's own INFO lines ("Assets written to ...") are not ours to show
+        for name in ("tensorflow", "absl"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
+        if args.command in TF_STAGES:
+            import_tensorflow_quietly()
         rc = args.func(args)
     except (ValueError, FileNotFoundError, PermissionError) as e:
         # User-facing errors carry their fix in the message; no traceback needed.

@@ -400,9 +400,6 @@ def add_cli(sub) -> None:
 
 
 def _main(args) -> int:
-    # Quiet TensorFlow's C++ start-up banner before anything imports it (Ray actors get the
-    # same through embed's runtime_env).
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     names = [f.name for f in fields(DemoConfig)]
     cfg = resolve_config({n: getattr(args, n, None) for n in names}, args.quick)
     summary = run_demo(cfg)
