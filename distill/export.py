@@ -160,8 +160,8 @@ def run_tflite(path: str, images: np.ndarray) -> np.ndarray:
 def run_export(cfg: ExportConfig) -> ExportReport:
     import tensorflow as tf
 
-    from distill.student import StudentSpec, build_student, embedding_model
     from distill.checkpoints import latest_checkpoint, read_checkpoint, restore
+    from distill.student import StudentSpec, build_student, embedding_model
 
     t0 = time.perf_counter()
     ckpt = cfg.checkpoint or latest_checkpoint(cfg.student)

@@ -18,13 +18,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # bench.common: the process helpers and bench inputs both tiers share
 
-from bench.common import MOBILEFACENET, ORL, RayHead, build_tiny_teacher  # noqa: E402,F401  (tests import the paths from here)
+from bench.common import CHILD_ENV, MOBILEFACENET, ORL, RayHead, build_tiny_teacher  # noqa: E402,F401  (tests import the paths from here)
 
-# Ray turns token auth on once ~/.ray/auth_token exists; the test clusters are loopback-only
-# and short-lived, so every process of the session says explicitly that auth is off.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Every process of the session gets what the benchmarks' children get: quiet TF, no usage
+# stats, and token auth off (Ray turns it on once ~/.ray/auth_token exists; the test
+# clusters are loopback-only and short-lived).
+for _name, _value in CHILD_ENV.items():
+    os.environ.setdefault(_name, _value)
 
 
 def run_cli(*args: str, check: bool = True, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
