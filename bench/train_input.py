@@ -1,6 +1,6 @@
 """Training input: is the shard stream ever the bottleneck, and does memory grow with shards?
 
-1. Steps/s of the student (``distill.train``'s own model, optimizer and step function)
+1. Steps/s of the student (``distill.loop``'s own model, optimizer and step function)
    fed by the real stream (``distill.stream.make_dataset`` over real shards: Parquet read,
    shuffle buffer, JPEG decode, flip, scale) vs the same step on batches already decoded in
    memory. Phases alternate (stream, memory, stream, memory, ...) in one process so load
@@ -47,7 +47,8 @@ def child_ratio(a) -> dict:
     from distill.losses import LossSpec
     from distill.stream import make_dataset, open_shards, plan_epoch
     from distill.student import StudentSpec, build_student
-    from distill.train import TrainConfig, _make_step, _optimizer, resolve
+    from distill.loop import _make_step, _optimizer
+    from distill.train_config import TrainConfig, resolve
 
     cfg = TrainConfig(shards=a.shards, out=a.out, batch_size=a.batch_size, shuffle_buffer=a.shuffle_buffer,
                       width=a.width)

@@ -3,7 +3,7 @@
 ``run_ray`` starts a ``TensorflowTrainer`` (one process per worker, ``TF_CONFIG`` set by Ray)
 under ``RunConfig(name, storage_path=OUT/ray)``: rerunning the same command finds the run's
 latest checkpoint there and resumes from it. Each worker builds a
-MultiWorkerMirroredStrategy and runs the same ``distill.train.train_loop`` as a
+MultiWorkerMirroredStrategy and runs the same ``distill.loop.train_loop`` as a
 single-process run; only where checkpoints go differs (``RayCheckpoints``: rank 0 hands
 each one to ``ray.train.report``, every rank reports so the barrier lines up).
 
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from distill.checkpoints import Cursor
-    from distill.train import TrainConfig
+    from distill.train_config import TrainConfig
 
 
 class RayCheckpoints:
@@ -74,7 +74,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     import ray.train
 
-    from distill.train import TrainConfig, train_loop
+    from distill.loop import train_loop
+    from distill.train_config import TrainConfig
 
     if loop_config["train"]["use_gpu"]:
         for g in tf.config.list_physical_devices("GPU"):

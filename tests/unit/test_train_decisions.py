@@ -11,7 +11,8 @@ import pytest
 
 from distill.stream import open_shards
 from distill.checkpoints import Cursor, LocalCheckpoints, read_checkpoint
-from distill.train import TrainConfig, _trim_jsonl, check_resume, resolve, schedule_steps
+from distill.loop import _trim_jsonl
+from distill.train_config import TrainConfig, check_resume, resolve, schedule_steps
 from toy_shards import write_toy_shards
 
 
