@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distill.teacher import Preprocessing, TeacherSpec
+from distill.views import ViewSpec
 from shards.format import EMBEDDING_DTYPES, ShardRecord
 from shards.ledger import Ledger, new_owner, open_ledger
 from shards.manifest import build_manifest, check_compatible, read_manifest, run_id, write_manifest
@@ -45,6 +46,7 @@ class EmbedConfig:
     address: str | None = None
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
     flip: bool = True
+    views: ViewSpec = field(default_factory=ViewSpec)
     dtype: str = "float32"
     images: bool = True
     signature: str = "serving_default"
@@ -66,6 +68,9 @@ class EmbedConfig:
             raise ValueError("--shard-size and --batch-size must be positive")
         if self.decode_threads is not None and self.decode_threads < 1:
             raise ValueError(f"--decode-threads must be >= 1, got {self.decode_threads}")
+        if self.views.count and not self.images:
+            raise ValueError("--views needs the images in the shards (the student re-renders each view from them); "
+                             "drop --no-images")
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,7 @@ def resolve_run(cfg: EmbedConfig) -> Run:
         "embedding_dim": spec.embedding_dim,
         "dtype": cfg.dtype,
         "flip": cfg.flip,
+        "views": cfg.views.to_json() if cfg.views.count else None,
         "images": cfg.images,
         "shard_size": cfg.shard_size,
         "batch_size": cfg.batch_size,
@@ -275,7 +281,7 @@ def _drive(cfg: EmbedConfig, run: Run, ledger: Ledger, owner: str) -> tuple[int,
     workers, cpus = _resolve_resources(cfg)
     task = EmbedTask(
         teacher=run.spec, pre=cfg.preprocessing, out=cfg.out, run_id=run.run_id, batch_size=cfg.batch_size,
-        flip=cfg.flip, dtype=cfg.dtype, images=cfg.images, paths=run.paths, rec=run.rec,
+        flip=cfg.flip, views=cfg.views, dtype=cfg.dtype, images=cfg.images, paths=run.paths, rec=run.rec,
         threads=max(1, int(cpus)), decode_threads=cfg.decode_threads or max(4, int(cpus)),
     )
     actor_cls = ray.remote(EmbedWorker).options(
@@ -487,6 +493,23 @@ def _resource(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT, got {text!r}") from None
 
 
+def _pair(text: str) -> tuple[float, float]:
+    lo, sep, hi = text.partition(",")
+    try:
+        return (float(lo), float(hi)) if sep else (float(lo), float(lo))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO,HI (e.g. 0.8,1.0), got {text!r}") from None
+
+
+def view_spec_from_args(a) -> ViewSpec:
+    base = ViewSpec()
+    return ViewSpec(
+        count=a.views, seed=a.view_seed, scale=a.view_scale, grey=a.view_grey,
+        brightness=base.brightness * a.view_colour, contrast=base.contrast * a.view_colour,
+        saturation=base.saturation * a.view_colour,
+    )
+
+
 def add_cli(sub) -> None:
     p = sub.add_parser(
         "embed",
@@ -519,6 +542,17 @@ def add_cli(sub) -> None:
     g = p.add_argument_group("what the shards store")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="also store the teacher's embedding of the mirrored image (default: on)")
+    g.add_argument("--views", type=int, default=0, metavar="K",
+                   help="also store the teacher's embedding of K augmented views of every image (random crop, "
+                        "mirror, colour and grey jitter; see distill/views.py), which `distill train` re-renders "
+                        "bit-exactly and trains on (default: 0, none; costs K more teacher calls per image)")
+    g.add_argument("--view-seed", type=int, default=0, help="seed of the views' parameters (default: %(default)s)")
+    g.add_argument("--view-scale", type=_pair, default=ViewSpec.scale, metavar="LO,HI",
+                   help="crop side as a fraction of the image side (default: %s)" % ",".join(map(str, ViewSpec.scale)))
+    g.add_argument("--view-colour", type=float, default=1.0, metavar="F",
+                   help="scales the brightness, contrast and saturation jitter (0: none; default: 1)")
+    g.add_argument("--view-grey", type=float, default=ViewSpec.grey, metavar="P",
+                   help="probability of a grey view (default: %(default)s)")
     g.add_argument("--dtype", choices=EMBEDDING_DTYPES, default="float32", help="stored embedding type (default: %(default)s)")
     g.add_argument("--no-images", dest="images", action="store_false", help="store paths only, not image bytes")
     g = p.add_argument_group("ledger")
@@ -535,7 +569,8 @@ def config_from_args(a) -> EmbedConfig:
         workers=a.workers, gpus_per_worker=a.gpus_per_worker, cpus_per_worker=a.cpus_per_worker,
         worker_resources=tuple(a.worker_resource), address=a.address,
         preprocessing=Preprocessing(a.pixel_mean, a.pixel_scale, a.channel_order),
-        flip=a.flip, dtype=a.dtype, images=a.images, signature=a.signature, teacher_output=a.teacher_output,
+        flip=a.flip, views=view_spec_from_args(a), dtype=a.dtype, images=a.images, signature=a.signature,
+        teacher_output=a.teacher_output,
         ledger=a.ledger, lease_seconds=a.lease_seconds, max_attempts=a.max_attempts,
         decode_threads=a.decode_threads, progress=a.progress,
     )

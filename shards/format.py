@@ -2,12 +2,15 @@
 
 Columns: ``index`` int64, ``label`` int64, ``path`` string (when the source has paths),
 ``embedding`` fixed_size_list<float32|float16>[D] (raw teacher output), ``embedding_flip``
-(the teacher on the mirrored image, when flip is on), ``image`` binary (encoded bytes that
-``tf.io.decode_image`` reads at the teacher's input size, unless images are off).
+(the teacher on the mirrored image, when flip is on), ``embedding_views``
+fixed_size_list<fixed_size_list<float32|float16>[D]>[K] (the teacher on the K augmented
+views of ``distill.views``, when views are on), ``image`` binary (encoded JPEG or PNG bytes
+at the teacher's input size, unless images are off).
 
 The footer's key-value metadata makes each file self-describing, which is what lets a lost
 ledger be rebuilt from the files alone: ``distill.run`` (the run identity), ``distill.shard``
-(k, start, stop) and ``distill.errors`` (rows that could not be embedded, with the reason).
+(k, start, stop), ``distill.errors`` (rows that could not be embedded, with the reason) and
+``distill.stats`` (the teacher embeddings' norm: count, sum, sum of squares, min, max).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from shards.storage import Storage
 META_RUN = b"distill.run"
 META_SHARD = b"distill.shard"
 META_ERRORS = b"distill.errors"
+META_STATS = b"distill.stats"
 ROW_GROUP_ROWS = 256
 EMBEDDING_DTYPES = ("float32", "float16")
 
@@ -49,6 +53,7 @@ class ShardRecord:
     errors: tuple[RowError, ...] = ()
     seconds: float = 0.0
     finished_at: float = 0.0
+    norm: "NormStats | None" = None  # None: written before norms were recorded
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -59,10 +64,42 @@ class ShardRecord:
     def from_json(cls, d: dict[str, Any]) -> "ShardRecord":
         d = dict(d)
         d["errors"] = tuple(RowError(**e) for e in d.get("errors", ()))
+        d["norm"] = NormStats(**d["norm"]) if d.get("norm") else None
         return cls(**d)
 
 
-def shard_schema(dim: int, dtype: str = "float32", flip: bool = True, images: bool = True, paths: bool = True):
+@dataclass(frozen=True)
+class NormStats:
+    """The L2 norms of a shard's teacher embeddings, in a form that adds up over shards."""
+
+    count: int
+    sum: float
+    sumsq: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, embedding: np.ndarray) -> "NormStats":
+        n = np.linalg.norm(np.asarray(embedding, np.float64).reshape(len(embedding), -1), axis=1)
+        if len(n) == 0:
+            return cls(0, 0.0, 0.0, 0.0, 0.0)
+        return cls(len(n), float(n.sum()), float(np.square(n).sum()), float(n.min()), float(n.max()))
+
+
+def summarise_norms(stats: Sequence[NormStats]) -> dict[str, float] | None:
+    """Mean, std, min and max of the norms over all shards (in the order given). Pure."""
+    stats = [s for s in stats if s.count]
+    if not stats:
+        return None
+    count = sum(s.count for s in stats)
+    mean = sum(s.sum for s in stats) / count
+    var = max(sum(s.sumsq for s in stats) / count - mean * mean, 0.0)
+    return {"rows": count, "mean": round(mean, 4), "std": round(float(np.sqrt(var)), 4),
+            "min": round(min(s.min for s in stats), 4), "max": round(max(s.max for s in stats), 4)}
+
+
+def shard_schema(dim: int, dtype: str = "float32", flip: bool = True, images: bool = True, paths: bool = True,
+                 views: int = 0):
     import pyarrow as pa
 
     if dtype not in EMBEDDING_DTYPES:
@@ -74,6 +111,8 @@ def shard_schema(dim: int, dtype: str = "float32", flip: bool = True, images: bo
     fields.append(pa.field("embedding", pa.list_(value, dim), nullable=False))
     if flip:
         fields.append(pa.field("embedding_flip", pa.list_(value, dim), nullable=False))
+    if views:
+        fields.append(pa.field("embedding_views", pa.list_(pa.list_(value, dim), views), nullable=False))
     if images:
         fields.append(pa.field("image", pa.binary(), nullable=False))
     return pa.schema(fields)
@@ -86,6 +125,7 @@ def encode_shard(
     label: np.ndarray,
     embedding: np.ndarray,
     embedding_flip: np.ndarray | None = None,
+    embedding_views: np.ndarray | None = None,
     path: Sequence[str] | None = None,
     image: Sequence[bytes] | None = None,
     run_id: str,
@@ -110,12 +150,20 @@ def encode_shard(
         if embedding_flip is None:
             raise ValueError("this shard schema has embedding_flip; pass the flipped embeddings")
         cols["embedding_flip"] = _fixed_list(embedding_flip, schema.field("embedding_flip").type)
+    if "embedding_views" in schema.names:
+        typ = schema.field("embedding_views").type
+        if embedding_views is None or np.shape(embedding_views)[1:] != (typ.list_size, typ.value_type.list_size):
+            raise ValueError(f"this shard schema has embedding_views [n, {typ.list_size}, {typ.value_type.list_size}]; "
+                             f"got {None if embedding_views is None else np.shape(embedding_views)}")
+        inner = _fixed_list(np.asarray(embedding_views).reshape(-1, typ.value_type.list_size), typ.value_type)
+        cols["embedding_views"] = pa.FixedSizeListArray.from_arrays(inner, typ.list_size)
     if "image" in schema.names:
         cols["image"] = pa.array(list(image) if image is not None else [], pa.binary())
     meta = {
         META_RUN: run_id.encode(),
         META_SHARD: json.dumps({"k": k, "start": start, "stop": stop}).encode(),
         META_ERRORS: json.dumps([asdict(e) for e in errors]).encode(),
+        META_STATS: json.dumps({"norm": asdict(NormStats.of(embedding))}).encode(),
     }
     table = pa.table(cols, schema=schema.with_metadata(meta))
     buf = io.BytesIO()
@@ -181,4 +229,6 @@ def verify_shard(storage: Storage, name: str, run_id: str, k: int) -> ShardRecor
     if meta["k"] != k:
         raise ValueError(f"{storage.uri(name)} holds shard {meta['k']}, not {k}")
     errors = tuple(RowError(**e) for e in json.loads(kv.get(META_ERRORS, b"[]")))
-    return ShardRecord(k=k, rows=pf.metadata.num_rows, bytes=len(data), sha256=sha256(data), errors=errors)
+    norm = json.loads(kv[META_STATS])["norm"] if META_STATS in kv else None
+    return ShardRecord(k=k, rows=pf.metadata.num_rows, bytes=len(data), sha256=sha256(data), errors=errors,
+                       norm=NormStats(**norm) if norm else None)

@@ -12,7 +12,7 @@ import hashlib
 import json
 from typing import Any, Iterable, Mapping
 
-from shards.format import ShardRecord
+from shards.format import ShardRecord, summarise_norms
 from shards.plan import shard_at, shard_name
 from shards.storage import Storage
 
@@ -33,7 +33,10 @@ IDENTITY_FIELDS = (
     "images",
     "shard_size",
     "batch_size",
+    "views",
 )
+# Identity fields added after the first format: absent (None) they leave a run's id as it was.
+OPTIONAL_FIELDS = frozenset({"views"})
 
 
 class IncompatibleRun(ValueError):
@@ -41,7 +44,9 @@ class IncompatibleRun(ValueError):
 
 
 def run_id(identity: Mapping[str, Any]) -> str:
-    canon = json.dumps({k: identity[k] for k in IDENTITY_FIELDS}, sort_keys=True, separators=(",", ":"))
+    fields = {k: identity.get(k) for k in IDENTITY_FIELDS}
+    fields = {k: v for k, v in fields.items() if not (k in OPTIONAL_FIELDS and v is None)}
+    canon = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
@@ -80,6 +85,8 @@ def build_manifest(identity: Mapping[str, Any], records: Iterable[ShardRecord], 
         "complete": len(recs) == num_shards,
         "rows_done": sum(r.rows for r in recs),
         "error_count": len(errors),
+        # What the targets look like (raw teacher norms), when every shard recorded them.
+        "teacher_norm": summarise_norms([r.norm for r in recs]) if all(r.norm for r in recs) else None,
         "shards": shards,
         "errors": errors,
     }

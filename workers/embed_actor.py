@@ -6,7 +6,7 @@ yields the number of rows finished after each teacher batch (the driver's progre
 then the shard's done record once the file is durable under its final name.
 
 The work overlaps in two places: decode threads read, decode and preprocess the next batch
-(and its mirror) while the teacher runs this one, and the actor runs two
+(its mirror, and with ``--views K`` its K augmented views) while the teacher runs this one, and the actor runs two
 shards at once so one shard's Parquet encode and write overlaps the next shard's teacher
 batches (a lock keeps one shard on the teacher at a time, so batches and floats do not change).
 
@@ -26,7 +26,8 @@ import numpy as np
 
 from distill.images import UnreadableImage, prepare, read_file
 from distill.teacher import Preprocessing, Teacher, TeacherSpec
-from shards.format import RowError, ShardRecord, encode_shard, sha256, shard_schema
+from distill.views import ViewParams, ViewSpec, render, view_params
+from shards.format import NormStats, RowError, ShardRecord, encode_shard, sha256, shard_schema
 from shards.plan import Shard, batches
 from shards.storage import open_storage
 
@@ -44,6 +45,7 @@ class EmbedTask:
     run_id: str
     batch_size: int
     flip: bool = True
+    views: ViewSpec = ViewSpec()
     dtype: str = "float32"
     images: bool = True
     paths: bool = True
@@ -58,7 +60,8 @@ class EmbedWorker:
         self.task = task
         self.teacher = Teacher(task.teacher, task.pre)
         self.storage = open_storage(task.out)
-        self.schema = shard_schema(task.teacher.embedding_dim, task.dtype, task.flip, task.images, task.paths)
+        self.schema = shard_schema(task.teacher.embedding_dim, task.dtype, task.flip, task.images, task.paths,
+                                   views=task.views.count)
         self._rec = None
         if task.rec:
             from distill.recordio import RecordIOReader
@@ -85,8 +88,10 @@ class EmbedWorker:
             return image
         return read_file(path)
 
-    def _load_one(self, i: int, rows: ListingRows, x: np.ndarray, x_flip: np.ndarray | None, j: int):
-        """Row i into slot j of the batch (and its mirror): read, decode, resize, preprocess.
+    def _load_one(self, i: int, rows: ListingRows, x: np.ndarray, x_flip: np.ndarray | None,
+                  x_views: np.ndarray | None, views: ViewParams | None, j: int):
+        """Row i into slot j of the batch (and its mirror and views): read, decode, resize,
+        render the views, preprocess.
 
         Runs on a decode thread and writes straight into the batch arrays, so nothing is
         left for the thread that feeds the teacher. Returns (stored bytes, error).
@@ -100,6 +105,10 @@ class EmbedWorker:
         if x_flip is not None:
             # Preprocessing is elementwise, so mirroring it equals preprocessing the mirror.
             x_flip[j] = x[j, :, ::-1]
+        if x_views is not None:
+            # The views of the stored pixels (what the student decodes), as distill.views renders them.
+            k = x_views.shape[0]
+            x_views[:, j] = self.teacher.pre.apply(render(np.broadcast_to(pixels, (k, *pixels.shape)), views.take(slice(j * k, (j + 1) * k))))
         return stored, None
 
     def _load_batch(self, rows: ListingRows, lo: int, hi: int) -> _Batch:
@@ -111,13 +120,21 @@ class EmbedWorker:
         spec = self.task.teacher
         x = np.empty((hi - lo, spec.height, spec.width, 3), np.float32)
         x_flip = np.empty_like(x) if self.task.flip else None
-        loaded = list(self._decode.map(lambda j: self._load_one(lo + j, rows, x, x_flip, j), range(hi - lo)))
+        k = self.task.views.count
+        x_views = views = None
+        if k:
+            x_views = np.empty((k, *x.shape), np.float32)
+            # Row-major (row, view): the views of row j are params j*k .. j*k+k-1.
+            index = np.repeat(np.asarray(rows.index[lo:hi], np.int64), k)
+            views = view_params(self.task.views, index, np.tile(np.arange(k), hi - lo), (spec.height, spec.width))
+        loaded = list(self._decode.map(lambda j: self._load_one(lo + j, rows, x, x_flip, x_views, views, j), range(hi - lo)))
         keep = [j for j, (_, err) in enumerate(loaded) if err is None]
         errors = [err for _, err in loaded if err is not None]
         if len(keep) < len(loaded):  # rare: unreadable rows leave holes to close
             x = x[keep]
             x_flip = x_flip[keep] if x_flip is not None else None
-        return _Batch(hi - lo, [lo + j for j in keep], [loaded[j][0] for j in keep], x, x_flip, errors)
+            x_views = x_views[:, keep] if x_views is not None else None
+        return _Batch(hi - lo, [lo + j for j in keep], [loaded[j][0] for j in keep], x, x_flip, x_views, errors)
 
     # -- one shard
     def embed_shard(self, shard: Shard, rows: ListingRows) -> Iterator[int | dict]:
@@ -129,7 +146,7 @@ class EmbedWorker:
         t0 = time.perf_counter()
         spans = [(s - shard.start, e - shard.start) for s, e in batches(shard, self.task.batch_size)]
         keep: list[int] = []
-        emb, emb_flip, stored, errors = [], [], [], []
+        emb, emb_flip, emb_views, stored, errors = [], [], [], [], []
         with self._compute:
             pending = self._prefetch.submit(self._load_batch, rows, *spans[0]) if spans else None
             for b in range(len(spans)):
@@ -141,18 +158,23 @@ class EmbedWorker:
                     emb.append(self.teacher.embed(batch.x))
                     if self.task.flip:
                         emb_flip.append(self.teacher.embed(batch.x_flip))
+                    if batch.x_views is not None:
+                        emb_views.append(np.stack([self.teacher.embed(v) for v in batch.x_views], axis=1))
                     keep.extend(batch.keep)
                     stored.extend(batch.stored)
                 yield batch.rows
         dim = self.task.teacher.embedding_dim
         keep_idx = np.asarray(keep, dtype=np.int64)
+        embedding = np.concatenate(emb) if emb else np.zeros((0, dim), np.float32)
+        views = self.task.views.count
         data = encode_shard(
             self.schema,
             index=rows.index[keep_idx],
             label=rows.label[keep_idx],
             path=[rows.path[i] for i in keep] if self.task.paths else None,
-            embedding=np.concatenate(emb) if emb else np.zeros((0, dim), np.float32),
+            embedding=embedding,
             embedding_flip=(np.concatenate(emb_flip) if emb_flip else np.zeros((0, dim), np.float32)) if self.task.flip else None,
+            embedding_views=(np.concatenate(emb_views) if emb_views else np.zeros((0, views, dim), np.float32)) if views else None,
             image=stored if self.task.images else None,
             run_id=self.task.run_id,
             k=shard.k,
@@ -163,7 +185,7 @@ class EmbedWorker:
         self.storage.write_atomic(shard.name, data)
         yield ShardRecord(
             k=shard.k, rows=len(keep), bytes=len(data), sha256=sha256(data), errors=tuple(errors),
-            seconds=time.perf_counter() - t0, finished_at=time.time(),
+            seconds=time.perf_counter() - t0, finished_at=time.time(), norm=NormStats.of(embedding),
         ).to_json()
 
 
@@ -176,6 +198,7 @@ class _Batch:
     stored: list[bytes]
     x: np.ndarray | None
     x_flip: np.ndarray | None
+    x_views: np.ndarray | None  # [K, n, H, W, 3]
     errors: list[RowError]
 
 

@@ -96,3 +96,49 @@ def test_redact_hides_passwords_only():
     assert redact("redis://user:s3cret@h:1/2") == "redis://user:***@h:1/2"
     assert redact("redis://h:6379/0") == "redis://h:6379/0"
     assert "s3cret" not in redact("rediss://:s3cret@h")
+
+
+def test_views_column_round_trips_as_plain_parquet():
+    rng = np.random.default_rng(5)
+    views = rng.normal(size=(3, 2, 4)).astype(np.float32)
+    data = encode_shard(shard_schema(4, views=2), index=np.arange(3), label=np.zeros(3), path=["a", "b", "c"],
+                        embedding=rng.normal(size=(3, 4)), embedding_flip=rng.normal(size=(3, 4)),
+                        embedding_views=views, image=[b"x"] * 3, run_id="r", k=0, start=0, stop=3)
+    t = pq.read_table(io.BytesIO(data))
+    assert np.array_equal(np.array(t.column("embedding_views").to_pylist(), np.float32), views)
+    assert t.to_pandas()["embedding_views"].shape == (3,)
+    with pytest.raises(ValueError, match="embedding_views"):
+        encode_shard(shard_schema(4, views=2), index=np.arange(3), label=np.zeros(3), path=None,
+                     embedding=views[:, 0], embedding_flip=views[:, 0], embedding_views=views[:, :1],
+                     image=[b"x"] * 3, run_id="r", k=0, start=0, stop=3)
+
+
+def test_teacher_norms_are_recorded_per_shard_and_summed_in_the_manifest(tmp_path):
+    from shards.format import NormStats, summarise_norms
+
+    storage = open_storage(str(tmp_path))
+    storage.write_atomic("part-00000.parquet", make_shard(0))
+    rec = verify_shard(storage, "part-00000.parquet", "r1", 0)
+    emb = np.random.default_rng(0).normal(size=(3, 4))
+    norms = np.linalg.norm(emb, axis=1)
+    assert rec.norm.count == 3 and rec.norm.max == pytest.approx(norms.max()) and rec.norm.sum == pytest.approx(norms.sum())
+    assert ShardRecord.from_json(json.loads(json.dumps(rec.to_json()))) == rec  # through a ledger and back
+    both = summarise_norms([NormStats.of(emb[:2]), NormStats.of(emb[2:])])
+    assert both["rows"] == 3 and both["mean"] == pytest.approx(norms.mean(), abs=1e-4)
+    assert both["std"] == pytest.approx(norms.std(), abs=1e-4) and both["min"] == pytest.approx(norms.min(), abs=1e-4)
+    m = build_manifest(IDENTITY, [rec], 3)
+    assert m["teacher_norm"]["rows"] == 3
+    assert build_manifest(IDENTITY, [ShardRecord(0, 3, 1, "x")], 3)["teacher_norm"] is None  # an old record
+
+
+def test_runs_without_views_keep_their_id():
+    # The id before views existed, computed the way it was: adding the field must not orphan old shard dirs.
+    import hashlib
+
+    old_fields = [f for f in ("listing_fingerprint", "rows", "num_classes", "teacher_fingerprint", "input_size",
+                              "preprocessing", "embedding_dim", "dtype", "flip", "images", "shard_size", "batch_size")]
+    canon = json.dumps({k: IDENTITY[k] for k in old_fields}, sort_keys=True, separators=(",", ":"))
+    assert run_id({**IDENTITY, "views": None}) == hashlib.sha256(canon.encode()).hexdigest()[:16]
+    assert run_id({**IDENTITY, "views": {"count": 2}}) != run_id(IDENTITY)
+    with pytest.raises(IncompatibleRun, match="views"):
+        check_compatible(IDENTITY, {**IDENTITY, "views": {"count": 2}}, "d")
