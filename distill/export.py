@@ -35,6 +35,7 @@ class ExportConfig:
     out: str
     tflite: bool = False
     checkpoint: str | None = None  # default: the latest in STUDENT/checkpoints
+    best: bool = False  # STUDENT/best: the epoch that scored best on validation
     shards: str | None = None  # images for the check; default: the shards the student trained on
     check_rows: int = 64
     tolerance: float = 1e-4
@@ -45,6 +46,8 @@ class ExportConfig:
             raise ValueError(f"--check-rows must be positive, got {self.check_rows}")
         if os.path.abspath(self.out) == os.path.abspath(self.student):
             raise ValueError("--out must differ from the student directory (export replaces --out as a whole)")
+        if self.best and self.checkpoint:
+            raise ValueError("pass --best or --checkpoint DIR, not both")
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ def check_images(location: str, n: int, size: tuple[int, int]) -> np.ndarray:
     import pyarrow.parquet as pq
     import tensorflow as tf
 
-    from distill.stream import open_shards
+    from distill.stream import decode_stored, open_shards
     from shards.storage import open_storage
 
     shards = open_shards(location)
@@ -89,7 +92,7 @@ def check_images(location: str, n: int, size: tuple[int, int]) -> np.ndarray:
             pf = pq.ParquetFile(f)
             for g in range(pf.num_row_groups):
                 for data in pf.read_row_group(g, columns=["image"]).column("image").to_pylist():
-                    out.append(tf.io.decode_image(data, channels=3, expand_animations=False).numpy())
+                    out.append(decode_stored(tf.constant(data)).numpy())
                     if len(out) == n:
                         break
                 if len(out) == n:
@@ -160,11 +163,17 @@ def run_tflite(path: str, images: np.ndarray) -> np.ndarray:
 def run_export(cfg: ExportConfig) -> ExportReport:
     import tensorflow as tf
 
-    from distill.checkpoints import latest_checkpoint, read_checkpoint, restore
+    from distill.checkpoints import BEST, latest_checkpoint, read_checkpoint, restore
     from distill.student import StudentSpec, build_student, embedding_model
 
     t0 = time.perf_counter()
-    ckpt = cfg.checkpoint or latest_checkpoint(cfg.student)
+    if cfg.best:
+        ckpt = os.path.join(cfg.student, BEST)
+        if not os.path.isfile(os.path.join(ckpt, "cursor.json")):
+            raise FileNotFoundError(f"no {ckpt}: it is written by `distill train` with --val-split or --val-folders; "
+                                    "train with one, or export the latest checkpoint (drop --best)")
+    else:
+        ckpt = cfg.checkpoint or latest_checkpoint(cfg.student)
     if ckpt is None:
         raise FileNotFoundError(
             f"no checkpoint in {os.path.join(cfg.student, 'checkpoints')}: run `distill train SHARDS --out {cfg.student}` first"
@@ -225,8 +234,13 @@ def run_export(cfg: ExportConfig) -> ExportReport:
                                      "l2_normalised": True},
                           "preprocessing": "(x - 127.5) / 128, inside the graph"},
         }
+        if os.path.isfile(os.path.join(ckpt, "val.json")):
+            with open(os.path.join(ckpt, "val.json")) as f:
+                doc["validation"] = json.load(f)
         with open(os.path.join(stage, "export.json"), "w") as f:
             json.dump(doc, f, indent=1)
+        # The weights exported, as a checkpoint: `distill train --init EXPORT` starts from them.
+        shutil.copytree(ckpt, os.path.join(stage, "checkpoint"))
         _publish(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -255,6 +269,9 @@ def add_cli(subparsers) -> None:
     p.add_argument("--out", required=True, help="export directory (RUN/export); replaced as a whole")
     p.add_argument("--tflite", action="store_true", help="also write float16 and dynamic-range int8 TFLite files")
     p.add_argument("--checkpoint", help="a checkpoint directory (default: the latest in STUDENT/checkpoints)")
+    p.add_argument("--best", action="store_true",
+                   help="export STUDENT/best, the epoch that scored best on the held-out people (train with --val-split "
+                        "or --val-folders)")
     p.add_argument("--shards", help="shard directory for the check images (default: the one trained on)")
     p.add_argument("--check-rows", type=int, default=64, help="images the self-check compares on")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max abs diff allowed, SavedModel vs trained")

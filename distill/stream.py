@@ -29,6 +29,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from distill.views import ViewSpec
+
 log = logging.getLogger(__name__)
 
 # Tags keep the random streams of different decisions independent for one (seed, epoch).
@@ -50,10 +52,18 @@ class ShardSet:
     input_size: tuple[int, int]
     flip: bool
     dtype: str
+    views: ViewSpec | None = None  # the stored views' parameters (None: no views stored)
+    teacher: dict | None = None  # path, signature, output and preprocessing the embed run used
+    teacher_norm: dict | None = None  # raw teacher norms: rows, mean, std, min, max
 
     @property
     def total_rows(self) -> int:
         return sum(self.rows)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Sample id of each shard's first row (shards laid end to end), and the total."""
+        return np.concatenate([[0], np.cumsum(np.asarray(self.rows, np.int64))])
 
 
 def shard_set(location: str, manifest: dict) -> ShardSet:
@@ -73,6 +83,7 @@ def shard_set(location: str, manifest: dict) -> ShardSet:
     if not shards or sum(s["rows"] for s in shards) == 0:
         raise ValueError(f"the shards in {location} hold no rows; check the listing given to `distill embed`")
     h, w = manifest["input_size"]
+    views = manifest.get("views")
     return ShardSet(
         location=location,
         run_id=manifest["run_id"],
@@ -83,6 +94,10 @@ def shard_set(location: str, manifest: dict) -> ShardSet:
         input_size=(int(h), int(w)),
         flip=bool(manifest.get("flip", False)),
         dtype=manifest.get("dtype", "float32"),
+        views=ViewSpec.from_json(views) if views else None,
+        teacher={"path": manifest.get("teacher"), "signature": manifest.get("teacher_signature"),
+                 "preprocessing": manifest.get("preprocessing")},
+        teacher_norm=manifest.get("teacher_norm"),
     )
 
 
@@ -179,22 +194,41 @@ class EpochPlan:
         return len(self.order)
 
 
+def kept_rows(rows: Sequence[int], exclude: np.ndarray | None) -> list[int]:
+    """Rows per shard left once the ``exclude`` mask (per sample id) is applied."""
+    r = np.asarray(rows, np.int64)
+    if exclude is None:
+        return r.tolist()
+    offsets = np.concatenate([[0], np.cumsum(r)])
+    if len(exclude) != offsets[-1]:
+        raise ValueError(f"exclusion mask covers {len(exclude)} samples, the shards hold {offsets[-1]}")
+    excluded = np.concatenate([[0], np.cumsum(np.asarray(exclude, np.int64))])
+    return (r - (excluded[offsets[1:]] - excluded[offsets[:-1]])).tolist()
+
+
 def plan_epoch(
     rows: Sequence[int], *, seed: int, epoch: int, world_size: int, rank: int, buffer: int,
-    global_batch: int, samples: int = 0,
+    global_batch: int, samples: int = 0, exclude: np.ndarray | None = None,
 ) -> EpochPlan:
-    """The rest of an epoch for one rank, given the cursor ``samples`` (global, consumed). Pure."""
+    """The rest of an epoch for one rank, given the cursor ``samples`` (global, consumed). Pure.
+
+    ``exclude`` (bool per sample id) takes rows out of training, e.g. the held-out
+    validation identities: they are dropped from the order, never read.
+    """
     if global_batch % world_size:
         raise ValueError(f"--batch-size {global_batch} must be a multiple of the worker count {world_size}")
     rank_batch = global_batch // world_size
-    steps = steps_per_epoch(rows, seed, epoch, world_size, rank_batch)
+    steps = steps_per_epoch(kept_rows(rows, exclude), seed, epoch, world_size, rank_batch)
     if samples % global_batch or not 0 <= samples <= steps * global_batch:
         raise ValueError(
             f"cursor at sample {samples} of epoch {epoch} does not fall on a batch of {global_batch} within "
             f"{steps} steps; the checkpoint belongs to another configuration: use a new --out directory"
         )
     start = samples // global_batch
-    order = epoch_order(rows, seed, epoch, world_size, rank, buffer)[start * rank_batch: steps * rank_batch]
+    order = epoch_order(rows, seed, epoch, world_size, rank, buffer)
+    if exclude is not None:
+        order = order[~np.asarray(exclude, bool)[order]]
+    order = order[start * rank_batch: steps * rank_batch]
     return EpochPlan(epoch, steps, start, tuple(int(k) for k in rank_shards(len(rows), seed, epoch, world_size, rank)), order)
 
 
@@ -227,14 +261,17 @@ class ReadStats:
 
 
 def iter_samples(
-    shards: ShardSet, plan: EpochPlan, *, seed: int, flip: bool, chunk: int = 256,
+    shards: ShardSet, plan: EpochPlan, *, seed: int, flip: bool, view_prob: float = 0.0, chunk: int = 256,
     stats: ReadStats | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """The plan's samples in order, as chunks of numpy arrays (no TensorFlow here).
 
     Reads this rank's shards front to back, row group by row group, keeping only rows still
-    to come, and emits each as soon as its turn arrives. ``target`` is ``embedding_flip`` for
-    mirrored samples and ``embedding`` otherwise; ``flipped`` says which.
+    to come, and emits each as soon as its turn arrives. Each sample trains on one stored
+    view (``distill.views.choose_views``, with probability ``view_prob`` when the shards
+    hold views) or on the plain image, mirrored by ``flip_mask`` when ``flip``; ``target`` is
+    the teacher's embedding of exactly that image (``embedding_views[v]``, ``embedding_flip``
+    or ``embedding``), and the chunk carries the view's render parameters.
     """
     import pyarrow.parquet as pq
 
@@ -242,10 +279,12 @@ def iter_samples(
 
     stats = stats if stats is not None else ReadStats()
     storage = open_storage(shards.location, create=False)
-    offsets = np.concatenate([[0], np.cumsum(np.asarray(shards.rows, np.int64))])
+    offsets = shards.offsets
     needed = np.zeros(int(offsets[-1]), bool)
     needed[plan.order] = True
-    columns = ["index", "label", "embedding", "image"] + (["embedding_flip"] if flip else [])
+    views = shards.views.count if (shards.views is not None and view_prob > 0) else 0
+    columns = ["index", "label", "embedding", "image"] + (["embedding_flip"] if flip else []) + (
+        ["embedding_views"] if views else [])
     held: dict[int, tuple] = {}
 
     def row_groups() -> Iterator[None]:
@@ -270,57 +309,85 @@ def iter_samples(
                         stats.row_groups_skipped += 1
                     else:
                         stats.row_groups_read += 1
-                        _hold(held, pf.read_row_group(g, columns=columns), start, want, shards.embedding_dim, flip)
+                        _hold(held, pf.read_row_group(g, columns=columns), start, want, shards.embedding_dim, flip, views)
                         stats.peak_held = max(stats.peak_held, len(held))
                         yield None
                     start += n
 
     reader = row_groups()
     out: list[tuple] = []
+    emit = _Emitter(shards, seed, plan.epoch, flip, view_prob if views else 0.0)
     for sid in plan.order.tolist():
         while sid not in held:
             if next(reader, StopIteration) is StopIteration:
                 raise ValueError(f"sample {sid} of the plan is not in the shards of {shards.location}; the shards changed")
         out.append(held.pop(sid))
         if len(out) == chunk:
-            yield _chunk(out, seed, plan.epoch, flip)
+            yield emit(out)
             out = []
     if out:
-        yield _chunk(out, seed, plan.epoch, flip)
+        yield emit(out)
 
 
-def _hold(held: dict, table, start: int, want: np.ndarray, dim: int, flip: bool) -> None:
+def _hold(held: dict, table, start: int, want: np.ndarray, dim: int, flip: bool, views: int) -> None:
     t = table.take(want)  # only the rows still to come are copied out of Arrow
     index = t.column("index").to_numpy()
     label = t.column("label").to_numpy()
     image = t.column("image").to_pylist()
     emb = _embeddings(t.column("embedding"), dim)
     emb_flip = _embeddings(t.column("embedding_flip"), dim) if flip else emb
+    emb_views = _embeddings(t.column("embedding_views"), dim, views) if views else [None] * len(want)
     for j, i in enumerate(want.tolist()):
-        held[start + i] = (index[j], label[j], image[j], emb[j], emb_flip[j])
+        held[start + i] = (index[j], label[j], image[j], emb[j], emb_flip[j], emb_views[j])
 
 
-def _embeddings(column, dim: int) -> np.ndarray:
+def _embeddings(column, dim: int, views: int = 0) -> np.ndarray:
     arr = column.combine_chunks()
-    return arr.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+    values = arr.values.values if views else arr.values
+    shape = (-1, views, dim) if views else (-1, dim)
+    return values.to_numpy(zero_copy_only=False).reshape(shape).astype(np.float32, copy=False)
 
 
-def _chunk(rows: list[tuple], seed: int, epoch: int, flip: bool) -> dict[str, np.ndarray]:
-    index = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-    flipped = flip_mask(seed, epoch, index) if flip else np.zeros(len(rows), bool)
-    emb = np.stack([r[3] for r in rows])
-    emb_flip = np.stack([r[4] for r in rows])
-    return {
-        "image": np.array([r[2] for r in rows], dtype=object),
-        "target": choose_target(emb, emb_flip, flipped),
-        "label": np.fromiter((r[1] for r in rows), np.int64, len(rows)),
-        "index": index,
-        "flipped": flipped,
-    }
+class _Emitter:
+    """Held rows -> one chunk: what each sample trains on this epoch, and its target."""
+
+    def __init__(self, shards: ShardSet, seed: int, epoch: int, flip: bool, view_prob: float):
+        self.size = shards.input_size
+        self.spec = shards.views
+        self.seed, self.epoch, self.flip, self.view_prob = seed, epoch, flip, view_prob
+
+    def __call__(self, rows: list[tuple]) -> dict[str, np.ndarray]:
+        from distill.views import choose_views, plain_params, view_params
+
+        n = len(rows)
+        index = np.fromiter((r[0] for r in rows), np.int64, n)
+        flipped = flip_mask(self.seed, self.epoch, index) if self.flip else np.zeros(n, bool)
+        target = choose_target(np.stack([r[3] for r in rows]), np.stack([r[4] for r in rows]), flipped)
+        view = choose_views(self.seed, self.epoch, index, self.spec.count if self.spec else 0, self.view_prob)
+        params = plain_params(flipped, self.size)
+        on = np.flatnonzero(view >= 0)
+        if len(on):
+            vp = view_params(self.spec, index[on], view[on], self.size)
+            for f in ("box", "mirror", "brightness", "contrast", "saturation", "grey"):
+                getattr(params, f)[on] = getattr(vp, f)
+            target[on] = np.stack([rows[j][5][view[j]] for j in on.tolist()])
+        return {
+            "image": np.array([r[2] for r in rows], dtype=object),
+            "target": target,
+            "label": np.fromiter((r[1] for r in rows), np.int64, n),
+            "index": index,
+            "flipped": params.mirror,
+            "view": view,
+            "box": params.box,
+            "brightness": params.brightness,
+            "contrast": params.contrast,
+            "saturation": params.saturation,
+            "grey": params.grey,
+        }
 
 
 def choose_target(embedding: np.ndarray, embedding_flip: np.ndarray, flipped: np.ndarray) -> np.ndarray:
-    """The teacher's embedding of the pixels the student actually sees."""
+    """The teacher's embedding of the pixels the student actually sees (plain or mirrored)."""
     return np.where(np.asarray(flipped, bool)[:, None], embedding_flip, embedding).astype(np.float32)
 
 
@@ -339,8 +406,39 @@ def resolve_flip(shards: ShardSet, want: bool) -> bool:
 # ---------------------------------------------------------------- TensorFlow
 
 
-def make_dataset(shards: ShardSet, plan: EpochPlan, *, seed: int, flip: bool, replica_batch: int, chunk: int = 256):
-    """The plan as batches of ``replica_batch`` decoded, mirrored-or-not, scaled images."""
+def decode_stored(data):
+    """A shard's stored image bytes -> uint8 [H, W, 3], the pixels the teacher saw.
+
+    The teacher side decodes with PIL (libjpeg's accurate integer DCT); TensorFlow's default
+    JPEG decode uses the fast DCT and differs by up to ~20 levels, so JPEGs are decoded with
+    ``INTEGER_ACCURATE``, which matches PIL bit for bit. Shards store only JPEG (the original
+    bytes) or PNG (converted, lossless).
+    """
+    import tensorflow as tf
+
+    return tf.cond(
+        tf.io.is_jpeg(data),
+        lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_png(data, channels=3),
+    )
+
+
+def _render_batch(images, box, mirror, brightness, contrast, saturation, grey):
+    from distill.views import ViewParams, render
+
+    return render(images, ViewParams(box, mirror, brightness, contrast, saturation, grey))
+
+
+def make_dataset(
+    shards: ShardSet, plan: EpochPlan, *, seed: int, flip: bool, replica_batch: int, view_prob: float = 0.0,
+    chunk: int = 256, scale: bool = True,
+):
+    """The plan as batches of ``replica_batch`` decoded, viewed (or mirrored), scaled images.
+
+    With views, each batch is rendered by ``distill.views.render`` (NumPy, the function the
+    embed actor used), so the student sees the teacher's exact pixels. ``scale=False`` keeps
+    uint8 pixels (the tests compare them with the teacher's).
+    """
     import tensorflow as tf
 
     h, w = shards.input_size
@@ -351,17 +449,38 @@ def make_dataset(shards: ShardSet, plan: EpochPlan, *, seed: int, flip: bool, re
         "label": tf.TensorSpec([None], tf.int64),
         "index": tf.TensorSpec([None], tf.int64),
         "flipped": tf.TensorSpec([None], tf.bool),
+        "view": tf.TensorSpec([None], tf.int64),
+        "box": tf.TensorSpec([None, 4], tf.float64),
+        "brightness": tf.TensorSpec([None], tf.float32),
+        "contrast": tf.TensorSpec([None], tf.float32),
+        "saturation": tf.TensorSpec([None], tf.float32),
+        "grey": tf.TensorSpec([None], tf.bool),
     }
+    views = shards.views is not None and view_prob > 0
 
     def chunks():
-        yield from iter_samples(shards, plan, seed=seed, flip=flip, chunk=chunk)
+        yield from iter_samples(shards, plan, seed=seed, flip=flip, view_prob=view_prob if views else 0.0, chunk=chunk)
 
     def decode(s):
-        x = tf.io.decode_image(s["image"], channels=3, expand_animations=False)
-        x = tf.ensure_shape(x, [h, w, 3])  # the manifest's input_size: anything else is a broken shard
-        x = tf.cond(s["flipped"], lambda: tf.image.flip_left_right(x), lambda: x)
-        return {**s, "image": (tf.cast(x, tf.float32) - PIXEL_MEAN) / PIXEL_SCALE}
+        x = tf.ensure_shape(decode_stored(s["image"]), [h, w, 3])  # the manifest's input_size: anything else is a broken shard
+        if not views:
+            x = tf.cond(s["flipped"], lambda: tf.image.flip_left_right(x), lambda: x)
+        return {**s, "image": x}
+
+    def render(b):
+        x = tf.numpy_function(_render_batch, [b["image"], b["box"], b["flipped"], b["brightness"], b["contrast"],
+                                              b["saturation"], b["grey"]], tf.uint8, stateful=False)
+        return {**b, "image": tf.ensure_shape(x, [replica_batch, h, w, 3])}
+
+    def finish(b):
+        b = {k: v for k, v in b.items() if k not in ("box", "brightness", "contrast", "saturation", "grey")}
+        if scale:
+            b["image"] = (tf.cast(b["image"], tf.float32) - PIXEL_MEAN) / PIXEL_SCALE
+        return b
 
     ds = tf.data.Dataset.from_generator(chunks, output_signature=signature).unbatch()
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(replica_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(replica_batch, drop_remainder=True)
+    if views:
+        ds = ds.map(render, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)

@@ -14,6 +14,7 @@ from distill.stream import (
     choose_target,
     epoch_order,
     flip_mask,
+    kept_rows,
     iter_samples,
     open_shards,
     plan_epoch,
@@ -171,3 +172,24 @@ def test_dataset_decodes_mirrors_and_scales(tmp_path):
             want = imgs[i][:, ::-1] if f else imgs[i]
             np.testing.assert_allclose(x, (want.astype(np.float32) - 127.5) / 128)
     assert np.array_equal(np.concatenate([b["index"].numpy() for b in batches]), plan.order)
+
+
+def test_excluded_rows_never_train_and_the_rest_train_once():
+    rows = [40, 33, 27]
+    exclude = np.zeros(100, bool)
+    exclude[[0, 5, 41, 42, 99]] = True
+    exclude[60:70] = True
+    for world in (1, 2):
+        plans = [plan_epoch(rows, seed=2, epoch=1, world_size=world, rank=r, buffer=16, global_batch=4 * world,
+                            exclude=exclude) for r in range(world)]
+        got = np.concatenate([p.order for p in plans])
+        assert not exclude[got].any() and len(np.unique(got)) == len(got)
+        kept = np.asarray(kept_rows(rows, exclude))
+        assert kept.tolist() == [38, 21, 26]  # 0,5 | 41,42,60..69 | 99
+        if world == 1:  # one rank drops only the remainder of a batch
+            assert len(got) == (exclude.size - exclude.sum()) // 4 * 4
+        # Resuming mid-epoch yields exactly the rest of the same order.
+        full = plans[0]
+        later = plan_epoch(rows, seed=2, epoch=1, world_size=world, rank=0, buffer=16, global_batch=4 * world,
+                           samples=3 * 4 * world, exclude=exclude)
+        assert np.array_equal(later.order, full.order[3 * 4:])
