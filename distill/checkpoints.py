@@ -5,7 +5,9 @@ name that exists is whole: the weights and optimizer state (``state.npz``, varia
 graph order), the data cursor (``cursor.json``: epoch, samples consumed in it, global step,
 and what fixes the order: seed, world size, global batch, shards, buffer) and the resolved
 config (``config.json``). ``train`` writes and resumes from them, ``export`` reads the
-latest, and a Ray Train run's checkpoints are adopted here so both find every run's.
+latest (or, with ``--best``, ``RUN/student/best``: the checkpoint of the epoch that scored
+best on the held-out people, with its scores in ``val.json``), and a Ray Train run's
+checkpoints are adopted here so both find every run's.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 import numpy as np
 
 CHECKPOINTS = "checkpoints"
+BEST = "best"
+VAL = "val.json"
 
 
 @dataclass(frozen=True)
@@ -72,11 +76,21 @@ def write_checkpoint_files(path: str, state: dict[str, np.ndarray], config: dict
             os.fsync(f.fileno())
 
 
-def snapshot(model, optimizer) -> dict[str, np.ndarray]:
+def snapshot(model, optimizer=None) -> dict[str, np.ndarray]:
     """Weights and optimizer state as arrays, in variable order (same graph -> same order)."""
     state = {f"model.{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(model.weights)}
-    state.update({f"optimizer.{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)})
+    if optimizer is not None:
+        state.update({f"optimizer.{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)})
     return state
+
+
+def assign_model(model, state: dict[str, np.ndarray]) -> None:
+    """Load a snapshot's model weights into another model built from the same spec."""
+    keys = sorted(k for k in state if k.startswith("model."))
+    if len(keys) != len(model.weights):
+        raise ValueError(f"the snapshot holds {len(keys)} model variables, this graph has {len(model.weights)}")
+    for k, v in zip(keys, model.weights):
+        v.assign(state[k])
 
 
 def restore(model, optimizer, path: str) -> None:
@@ -143,3 +157,52 @@ class LocalCheckpoints:
             if name.startswith(".ckpt-") and name.endswith(".tmp"):
                 shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
         return final
+
+
+# ---------------------------------------------------------------- the best epoch, and --init
+
+
+def write_best(out: str, state: dict[str, np.ndarray], config: dict, cursor: Cursor, val: dict) -> str:
+    """``OUT/best``: the checkpoint that scored best on validation, replaced whole (temp + rename)."""
+    from shards.storage import fsync_dir
+
+    tmp = tempfile.mkdtemp(prefix=".best-", suffix=".tmp", dir=out)
+    os.chmod(tmp, 0o755)
+    write_checkpoint_files(tmp, {k: v for k, v in state.items() if k.startswith("model.")}, config, cursor)
+    with open(os.path.join(tmp, VAL), "w") as f:
+        json.dump(val, f, indent=1, sort_keys=True)
+    final = os.path.join(out, BEST)
+    trash = None
+    if os.path.exists(final):
+        trash = tempfile.mkdtemp(prefix=".best-", suffix=".tmp", dir=out)
+        os.rename(final, os.path.join(trash, "old"))
+    os.rename(tmp, final)
+    fsync_dir(out)
+    if trash:
+        shutil.rmtree(trash, ignore_errors=True)
+    return final
+
+
+def read_best_val(out: str) -> dict | None:
+    try:
+        with open(os.path.join(out, BEST, VAL)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def find_checkpoint(path: str) -> str:
+    """A checkpoint directory from what a user would point at: a checkpoint (``ckpt-*``,
+    ``best``), a student directory (its latest), or an export (the checkpoint it copied)."""
+    if os.path.isfile(os.path.join(path, "cursor.json")):
+        return path
+    for inner in (os.path.join(path, "checkpoint"),):  # an export directory
+        if os.path.isfile(os.path.join(inner, "cursor.json")):
+            return inner
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        return latest
+    raise FileNotFoundError(
+        f"{path} holds no student checkpoint: pass a `distill train` output directory, one of its "
+        "checkpoints/ckpt-* or best/ directories, a `distill export` directory, or a Keras .h5 weights file"
+    )

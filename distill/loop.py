@@ -15,15 +15,16 @@ import json
 import logging
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from distill.checkpoints import Cursor, read_checkpoint, restore, snapshot
+from distill.checkpoints import Cursor, read_best_val, read_checkpoint, restore, snapshot, write_best
 from distill.losses import LossSpec
 from distill.student import StudentSpec
 from distill.train_config import TrainConfig, check_resume, resolve, schedule_steps, should_checkpoint
+from distill.validate import is_better
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +60,13 @@ class RunLog:
         # plugin's metadata is what it writes, and TensorBoard reads it the same.
         meta = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
         with self.tb.as_default(step=rec["step"]):
-            prefix = "epoch" if rec["kind"] == "epoch" else "train"
-            for k in ("loss", "ce", "mse", "images_per_sec", "lr"):
+            prefix = "train" if rec["kind"] == "step" else "epoch"
+            for k in ("loss", "ce", "mse", "cos", "images_per_sec", "lr"):
                 if k in rec:
                     tf.summary.write(f"{prefix}/{k}", tf.constant(rec[k], tf.float32), metadata=meta)
+            for k in ("val_auc", "val_cos", "val_accuracy"):
+                if k in rec:
+                    tf.summary.write(f"val/{k[4:]}", tf.constant(rec[k], tf.float32), metadata=meta)
         self.tb.flush()
 
     def trace_step(self, step: int, epoch: int, index: np.ndarray) -> None:
@@ -96,41 +100,341 @@ def _trim_jsonl(path: str, max_step: int) -> None:
     os.replace(tmp, path)
 
 
-# ---------------------------------------------------------------- the loop
+# ---------------------------------------------------------------- before the first step
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What one pass over the shards decides before training: which rows train, the teacher's
+    class centres, which classes the softmax leaves out, and (rank 0) the validator."""
+
+    train_rows: int
+    exclude: np.ndarray | None = None  # bool per sample id: held-out rows
+    heldout: np.ndarray | None = None  # held-out class ids
+    centres: np.ndarray | None = None  # [C, D] teacher class centres (teacher margin)
+    class_bias: np.ndarray | None = None  # [C] 0, or -1e4 for classes out of the softmax
+    validator: Any = None
+
+
+def prepare(cfg: TrainConfig, shards, rank: int) -> Prepared:
+    from distill.centres import scan_shards
+    from distill.validate import Validator, from_folders, from_shards, heldout_classes, pick_samples
+
+    teacher_head = cfg.margin == "teacher"
+    prep, val = Prepared(train_rows=shards.total_rows), None
+    if cfg.val_split or teacher_head:
+        scan = scan_shards(shards, centres=teacher_head, cache_dir=cfg.out)
+        heldout = heldout_classes(scan.counts, cfg.val_split, cfg.val_seed)
+        exclude = np.isin(scan.labels, heldout) if len(heldout) else None
+        out_of_softmax = np.isin(np.arange(shards.num_classes), heldout) | (scan.counts == 0)
+        prep = Prepared(
+            train_rows=int(shards.total_rows - (exclude.sum() if exclude is not None else 0)),
+            exclude=exclude, heldout=heldout,
+            centres=scan.centres(heldout) if teacher_head else None,
+            class_bias=np.where(out_of_softmax, -1e4, 0.0).astype(np.float32) if out_of_softmax.any() else None,
+        )
+        if exclude is not None:
+            log.info("validation: holding out %d of %d identities (%d rows)", len(heldout),
+                     int((scan.counts > 0).sum()), int(exclude.sum()))
+            if rank == 0:
+                val = from_shards(shards, pick_samples(scan.labels, heldout, cfg.val_images, cfg.val_seed), cfg.val_seed)
+    if rank == 0 and cfg.val_folders:
+        val = from_folders(cfg.val_folders, shards, cfg.val_images, cfg.val_seed)
+    if val is None:
+        return prep
+    log.info("validating at every epoch end on %s", val.source)
+    return replace(prep, validator=Validator(val, StudentSpec.from_json(resolve(cfg, shards)["student"])))
+
+
+# ---------------------------------------------------------------- what the step needs
 
 
 def _optimizer(cfg: TrainConfig, total_steps: int):
     import keras
 
-    lr = cfg.lr
-    if cfg.lr_schedule == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(cfg.lr, decay_steps=total_steps, alpha=0.01)
-    opt = keras.optimizers.Adam(lr) if cfg.optimizer == "adam" else keras.optimizers.SGD(lr, momentum=0.9, nesterov=True)
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    # Cosine (or, with alpha=1, constant) after a linear warm-up from 1% of the peak.
+    lr = keras.optimizers.schedules.CosineDecay(
+        cfg.lr * (0.01 if warmup else 1.0), decay_steps=max(total_steps - warmup, 1),
+        alpha=0.01 if cfg.lr_schedule == "cosine" else 1.0,
+        warmup_target=cfg.lr if warmup else None, warmup_steps=warmup,
+    )
+    wd = cfg.weight_decay or None
+    if cfg.optimizer == "adam":
+        opt = keras.optimizers.Adam(lr, weight_decay=wd)
+    else:
+        opt = keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=wd)
+    if wd:
+        # Decay shrinks weights towards 0; scales, shifts, biases and class centres are not weights of that kind.
+        opt.exclude_from_weight_decay(var_names=["gamma", "beta", "bias", "centres"])
     return keras.optimizers.LossScaleOptimizer(opt) if cfg.mixed_precision else opt
 
 
-def _make_step(model, optimizer, strategy, loss_spec: LossSpec, global_batch: int, trace: bool):
+def _make_step(model, optimizer, strategy, loss_spec: LossSpec, global_batch: int, trace: bool,
+               class_bias: np.ndarray | None = None, adaptive_centres=None):
+    """The compiled step: forward, named loss parts, gradients for the student, and (with
+    ``adaptive_centres``, the teacher head's centre variable) AdaDistill's centre update on the
+    whole global batch, identical on every replica."""
     import tensorflow as tf
 
+    from distill.centres import adaptive_update_tf
     from distill.losses import loss_parts
+
+    bias = tf.constant(class_bias, tf.float32) if class_bias is not None else None
+    gather = trace or adaptive_centres is not None
 
     def replica(b):
         with tf.GradientTape() as tape:
             out = model(b["image"], training=True)
-            parts = loss_parts(out["embedding"], out["logits"], b["target"], b["label"], loss_spec, global_batch)
+            parts = loss_parts(out["embedding"], out["logits"], b["target"], b["label"], loss_spec, global_batch, bias)
             scaled = optimizer.scale_loss(parts["loss"])  # identity unless mixed precision
         grads = tape.gradient(scaled, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        return parts, b["index"]
+        seen = (b["index"], tf.cast(out["embedding"], tf.float32), b["target"], b["label"])
+        return parts, seen
 
     @tf.function
     def step(batch):
-        parts, index = strategy.run(replica, args=(batch,))
+        parts, seen = strategy.run(replica, args=(batch,))
         parts = {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in parts.items()}
-        index = strategy.gather(index, axis=0) if trace else tf.zeros([0], tf.int64)
-        return parts, index
+        if not gather:
+            return parts, tf.zeros([0], tf.int64)
+        index, emb, target, label = (strategy.gather(v, axis=0) for v in seen)
+        if adaptive_centres is not None:
+            adaptive_centres.assign(adaptive_update_tf(adaptive_centres, emb, target, label))
+        return parts, index if trace else tf.zeros([0], tf.int64)
 
     return step
+
+
+def _load_init(model, spec: StudentSpec, cfg: TrainConfig) -> str:
+    """Fresh start from earlier weights (``--init``, ``--backbone-weights``); says what it loaded."""
+    import keras
+
+    from distill.checkpoints import find_checkpoint
+    from distill.student import build_student
+
+    h, w = spec.input_size
+    if cfg.backbone_weights == "imagenet" or (cfg.init and cfg.init.endswith((".h5", ".hdf5", ".keras"))):
+        source = "imagenet" if cfg.backbone_weights else cfg.init
+        try:
+            src = keras.applications.MobileNetV2(input_shape=(h, w, 3), alpha=spec.width, include_top=False, weights=source)
+        except Exception as e:  # a failed download, a file of another width: Keras raises many types
+            if source == "imagenet":
+                raise ValueError(
+                    f"--backbone-weights imagenet: Keras could not fetch the MobileNetV2 (alpha {spec.width}) ImageNet "
+                    f"weights ({type(e).__name__}: {str(e).splitlines()[0][:200]}). Without network access, download "
+                    f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{spec.width:g}_224_no_top.h5 from "
+                    "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/ elsewhere and pass "
+                    "--init FILE instead (Keras accepts only alpha 0.35, 0.5, 0.75, 1.0, 1.3, 1.4)"
+                ) from e
+            raise ValueError(f"--init {source}: not MobileNetV2 (alpha {spec.width}) backbone weights: {e}") from e
+        by_name = {layer.name: layer for layer in model.layers}
+        copied = 0
+        for layer in src.layers:
+            if layer.weights and layer.name in by_name:
+                by_name[layer.name].set_weights(layer.get_weights())
+                copied += 1
+        if copied == 0:
+            raise ValueError(f"--init {source}: no layer of it matches the student's MobileNetV2 backbone")
+        return f"backbone from {source} ({copied} layers)"
+    path = find_checkpoint(cfg.init)
+    src = build_student(StudentSpec.from_json(read_checkpoint(path)[0]["student"]))
+    restore(src, None, path)
+    mine = {v.path: v for v in model.weights}
+    copied, skipped = 0, []
+    for v in src.weights:
+        mv = mine.get(v.path)
+        if mv is not None and tuple(mv.shape) == tuple(v.shape):
+            mv.assign(v)
+            copied += 1
+        else:
+            skipped.append(v.path)
+    if copied == 0:
+        raise ValueError(f"--init {cfg.init}: none of its variables match this student (width, head, dims differ)")
+    return f"{copied} variables from {path}" + (f" ({len(skipped)} not matching, e.g. {skipped[0]})" if skipped else "")
+
+
+# ---------------------------------------------------------------- the loop
+
+
+class _Run:
+    """One invocation of the loop on one rank: setup, epochs of steps from the cursor, saves."""
+
+    def __init__(self, cfg: TrainConfig, strategy, rank: int, world_size: int, store):
+        from distill.stream import open_shards
+
+        self.cfg, self.strategy, self.rank, self.world_size, self.store = cfg, strategy, rank, world_size, store
+        self.shards = open_shards(cfg.shards)
+        self.config = resolve(cfg, self.shards)
+        replicas = strategy.num_replicas_in_sync
+        if cfg.batch_size % replicas:
+            raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {replicas} replicas in sync")
+        latest = store.latest()
+        self.cursor = Cursor(0, 0, 0, cfg.seed, world_size, cfg.batch_size, cfg.shuffle_buffer, self.shards.run_id)
+        if latest is not None:
+            saved, cursor = read_checkpoint(latest)
+            check_resume(saved, cursor, self.config, world_size, store.describe(latest))
+            self.cursor = replace(cursor, world_size=world_size)
+        self.resumed_from = self.cursor.step if latest is not None else None
+        self.prep = prepare(cfg, self.shards, rank)
+        self._build(latest)
+        self.runlog = RunLog(cfg.out, self.cursor.step, enabled=rank == 0, trace=cfg.trace_samples)
+        self.last_saved = self.cursor.step if latest is not None else -1
+        self.last: dict[str, float] = {}
+        self.trained, self.t_start = 0, time.perf_counter()
+        self.best = read_best_val(cfg.out) if rank == 0 else None
+
+    def _build(self, latest: str | None) -> None:
+        from distill.student import build_student
+
+        cfg = self.cfg
+        if cfg.mixed_precision:
+            import keras
+
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        self.spec = StudentSpec.from_json(self.config["student"])
+        with self.strategy.scope():
+            self.model = build_student(self.spec)
+            self.optimizer = _optimizer(cfg, schedule_steps(cfg, self.prep.train_rows))
+            self.optimizer.build(self.model.trainable_variables)
+        centres = self.model.get_layer("logits").centres if self.spec.margin == "teacher" else None
+        if latest is not None:
+            restore(self.model, self.optimizer, latest)
+            log.info("resumed from %s: epoch %d, sample %d, step %d", self.store.describe(latest),
+                     self.cursor.epoch, self.cursor.samples, self.cursor.step)
+        else:
+            if cfg.init or cfg.backbone_weights:
+                log.info("initialised: %s", _load_init(self.model, self.spec, cfg))
+            if centres is not None:
+                centres.assign(self.prep.centres.T)  # the teacher's class means
+        self.step_fn = _make_step(
+            self.model, self.optimizer, self.strategy, LossSpec(**self.config["loss"]), cfg.batch_size,
+            cfg.trace_samples, self.prep.class_bias, centres if cfg.centre_update == "adaptive" else None,
+        )
+
+    # -- bookkeeping
+    def summary(self) -> dict[str, Any]:
+        seconds = time.perf_counter() - self.t_start
+        return {"steps": self.cursor.step, "epochs_done": self.cursor.epoch, "samples_trained": self.trained,
+                "seconds": seconds, "images_per_sec": self.trained / max(seconds, 1e-9), "final": self.last,
+                "resumed_from_step": self.resumed_from}
+
+    def done(self) -> bool:
+        c = self.cursor
+        return c.epoch >= self.cfg.epochs or (self.cfg.max_steps is not None and c.step >= self.cfg.max_steps)
+
+    def save(self, state: dict | None = None, val: dict[str, float] | None = None) -> None:
+        if state is None:
+            state = snapshot(self.model, self.optimizer)  # on every rank: reading on-read-synced variables is a collective
+        self.last_saved = self.cursor.step
+        # The summary rides along: under Ray Train it is what the driver gets back.
+        self.store.save(state, self.config, self.cursor, {**self.summary(), **(val or {})})
+
+    def validate(self, state: dict, keep_best: bool = True) -> dict[str, float] | None:
+        """Score a snapshot on the held-out people (rank 0, a model of its own: no collectives)
+        and keep the best epoch's checkpoint in OUT/best."""
+        if self.prep.validator is None:
+            return None
+        t0 = time.perf_counter()
+        val = self.prep.validator(state)
+        val["val_seconds"] = round(time.perf_counter() - t0, 3)
+        if keep_best and is_better(val, self.best):
+            write_best(self.cfg.out, state, self.config, self.cursor, {**val, "epochs_done": self.cursor.epoch,
+                                                                       "step": self.cursor.step})
+            self.best = val
+            val["best"] = True
+        return val
+
+    # -- the loop
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        try:
+            if self.resumed_from is None and cfg.validates:
+                # Where the student starts: the first point of the curve (the snapshot is a collective).
+                val = self.validate(snapshot(self.model, None), keep_best=False)
+                if val:
+                    self.runlog.record({"kind": "val", "epoch": 0, "step": 0, "samples": 0, "seen": 0, **val})
+            while not self.done():
+                self._epoch()
+            if self.last_saved != self.cursor.step or self.trained == 0:
+                self.save()  # the end state, and (on a rerun with nothing left to do) this run's summary
+        finally:
+            self.runlog.close()
+        return self.summary()
+
+    def _epoch(self) -> None:
+        from tqdm import tqdm
+
+        from distill.stream import make_dataset, plan_epoch
+
+        cfg, shards, rank, world_size = self.cfg, self.shards, self.rank, self.world_size
+        plan = plan_epoch(
+            shards.rows, seed=cfg.seed, epoch=self.cursor.epoch, world_size=world_size, rank=rank,
+            buffer=cfg.shuffle_buffer, global_batch=cfg.batch_size, samples=self.cursor.samples,
+            exclude=self.prep.exclude,
+        )
+        if plan.steps == 0:
+            raise ValueError(
+                f"an epoch has no whole batch of {cfg.batch_size // world_size} per worker (training rows: "
+                f"{self.prep.train_rows} over {world_size} workers); lower --batch-size or --workers"
+            )
+
+        def dataset_fn(ctx):
+            if ctx.num_input_pipelines != world_size or ctx.input_pipeline_id != rank:
+                raise ValueError(f"input pipeline {ctx.input_pipeline_id}/{ctx.num_input_pipelines} is not rank {rank}/{world_size}")
+            return make_dataset(shards, plan, seed=cfg.seed, flip=self.config["flip"], view_prob=self.config["view_prob"],
+                                replica_batch=ctx.get_per_replica_batch_size(cfg.batch_size))
+
+        batches = iter(self.strategy.distribute_datasets_from_function(dataset_fn))
+        bar = tqdm(total=plan.steps, initial=plan.start_step, desc=f"epoch {self.cursor.epoch + 1}/{cfg.epochs}",
+                   unit="step", disable=rank != 0 or not cfg.progress, dynamic_ncols=True)
+        sums: dict[str, float] = {}
+        n_steps, t_epoch, t_log, since_log = 0, time.perf_counter(), time.perf_counter(), 0
+        epoch_samples = plan.steps * cfg.batch_size
+        for _ in range(plan.start_step, plan.steps):
+            if self.done():
+                break
+            parts, index = self.step_fn(next(batches))
+            parts = {k: float(v) for k, v in parts.items()}
+            self.cursor = replace(self.cursor, samples=self.cursor.samples + cfg.batch_size, step=self.cursor.step + 1)
+            self.trained += cfg.batch_size
+            n_steps += 1
+            since_log += 1
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            self.last = parts
+            now = time.perf_counter()
+            ips = since_log * cfg.batch_size / max(now - t_log, 1e-9)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items()} | {"img/s": f"{ips:.0f}"}, refresh=False)
+            if cfg.trace_samples:
+                self.runlog.trace_step(self.cursor.step, self.cursor.epoch, index.numpy())
+            if self.cursor.step % cfg.log_every == 0:
+                self.runlog.record({"kind": "step", "epoch": self.cursor.epoch, "step": self.cursor.step,
+                                    "samples": self.cursor.samples, **parts, "lr": _lr(self.optimizer), "images_per_sec": ips})
+                t_log, since_log = now, 0
+            if should_checkpoint(self.cursor.step, cfg.checkpoint_every) and self.cursor.samples < epoch_samples:
+                self.save()  # (at the epoch's last step the epoch-end checkpoint below covers it)
+        bar.close()
+        if self.cursor.samples != epoch_samples:
+            return  # stopped by --max-steps inside the epoch
+        seconds = time.perf_counter() - t_epoch
+        rec = {"kind": "epoch", "epoch": self.cursor.epoch, "step": self.cursor.step, "samples": self.cursor.samples,
+               "seen": self.cursor.step * cfg.batch_size, **{k: v / max(n_steps, 1) for k, v in sums.items()},
+               "steps_averaged": n_steps, "images_per_sec": n_steps * cfg.batch_size / max(seconds, 1e-9),
+               "seconds": seconds}
+        self.cursor = replace(self.cursor, epoch=self.cursor.epoch + 1, samples=0)
+        state = snapshot(self.model, self.optimizer)
+        val = self.validate(state)
+        if val:
+            rec.update(val)
+            line = (f"epoch {self.cursor.epoch}/{cfg.epochs}: cos {rec.get('cos', float('nan')):.3f} | held-out auc "
+                    f"{val['val_auc']:.4f}" + (f" cos {val['val_cos']:.3f}" if "val_cos" in val else "")
+                    + (" (best)" if val.get("best") else ""))
+            tqdm.write(line) if cfg.progress else log.info(line)
+        self.runlog.record(rec)
+        self.save(state, val)
 
 
 def train_loop(cfg: TrainConfig, strategy, *, rank: int, world_size: int, store) -> dict[str, Any]:
@@ -139,120 +443,7 @@ def train_loop(cfg: TrainConfig, strategy, *, rank: int, world_size: int, store)
     ``world_size``/``rank`` count input pipelines (one per worker process); the global batch
     splits evenly over all replicas. ``store`` saves and finds checkpoints (local or Ray).
     """
-    from tqdm import tqdm
-
-    from distill.stream import make_dataset, open_shards, plan_epoch
-    from distill.student import build_student
-
-    shards = open_shards(cfg.shards)
-    config = resolve(cfg, shards)
-    replicas = strategy.num_replicas_in_sync
-    if cfg.batch_size % replicas:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {replicas} replicas in sync")
-    latest = store.latest()
-    cursor = Cursor(0, 0, 0, cfg.seed, world_size, cfg.batch_size, cfg.shuffle_buffer, shards.run_id)
-    if latest is not None:
-        saved, cursor = read_checkpoint(latest)
-        check_resume(saved, cursor, config, world_size, store.describe(latest))
-        cursor = replace(cursor, world_size=world_size)
-    resumed_from = cursor.step if latest is not None else None
-    if cfg.mixed_precision:
-        import keras
-
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    student = StudentSpec.from_json(config["student"])
-    loss_spec = LossSpec(**config["loss"])
-    with strategy.scope():
-        model = build_student(student)
-        optimizer = _optimizer(cfg, schedule_steps(cfg, shards.total_rows))
-        optimizer.build(model.trainable_variables)
-    if latest is not None:
-        restore(model, optimizer, latest)
-        log.info("resumed from %s: epoch %d, sample %d, step %d", store.describe(latest), cursor.epoch, cursor.samples, cursor.step)
-    step_fn = _make_step(model, optimizer, strategy, loss_spec, cfg.batch_size, cfg.trace_samples)
-    runlog = RunLog(cfg.out, cursor.step, enabled=rank == 0, trace=cfg.trace_samples)
-    last_saved = cursor.step if latest is not None else -1
-    last: dict[str, float] = {}
-    trained, t_start = 0, time.perf_counter()
-
-    def summary() -> dict[str, Any]:
-        seconds = time.perf_counter() - t_start
-        return {"steps": cursor.step, "epochs_done": cursor.epoch, "samples_trained": trained, "seconds": seconds,
-                "images_per_sec": trained / max(seconds, 1e-9), "final": last, "resumed_from_step": resumed_from}
-
-    def save() -> None:
-        nonlocal last_saved
-        state = snapshot(model, optimizer)  # on every rank: reading on-read-synced variables is a collective
-        last_saved = cursor.step
-        # The summary rides along: under Ray Train it is what the driver gets back.
-        store.save(state, config, cursor, summary())
-
-    def done() -> bool:
-        return cursor.epoch >= cfg.epochs or (cfg.max_steps is not None and cursor.step >= cfg.max_steps)
-
-    rank_batch = cfg.batch_size // world_size
-    try:
-        while not done():
-            plan = plan_epoch(
-                shards.rows, seed=cfg.seed, epoch=cursor.epoch, world_size=world_size, rank=rank,
-                buffer=cfg.shuffle_buffer, global_batch=cfg.batch_size, samples=cursor.samples,
-            )
-            if plan.steps == 0:
-                raise ValueError(
-                    f"an epoch has no whole batch of {rank_batch} per worker (rows per worker: {shards.total_rows} "
-                    f"over {world_size}); lower --batch-size or --workers"
-                )
-
-            def dataset_fn(ctx, plan=plan):
-                if ctx.num_input_pipelines != world_size or ctx.input_pipeline_id != rank:
-                    raise ValueError(f"input pipeline {ctx.input_pipeline_id}/{ctx.num_input_pipelines} is not rank {rank}/{world_size}")
-                return make_dataset(shards, plan, seed=cfg.seed, flip=config["flip"],
-                                    replica_batch=ctx.get_per_replica_batch_size(cfg.batch_size))
-
-            batches = iter(strategy.distribute_datasets_from_function(dataset_fn))
-            bar = tqdm(total=plan.steps, initial=plan.start_step, desc=f"epoch {cursor.epoch + 1}/{cfg.epochs}",
-                       unit="step", disable=rank != 0 or not cfg.progress, dynamic_ncols=True)
-            sums = {"loss": 0.0, "ce": 0.0, "mse": 0.0}
-            n_steps, t_epoch, t_log, since_log = 0, time.perf_counter(), time.perf_counter(), 0
-            for _ in range(plan.start_step, plan.steps):
-                if done():
-                    break
-                parts, index = step_fn(next(batches))
-                parts = {k: float(v) for k, v in parts.items()}
-                cursor = replace(cursor, samples=cursor.samples + cfg.batch_size, step=cursor.step + 1)
-                trained += cfg.batch_size
-                n_steps += 1
-                since_log += 1
-                for k in sums:
-                    sums[k] += parts[k]
-                last = parts
-                now = time.perf_counter()
-                ips = since_log * cfg.batch_size / max(now - t_log, 1e-9)
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items()} | {"img/s": f"{ips:.0f}"}, refresh=False)
-                if cfg.trace_samples:
-                    runlog.trace_step(cursor.step, cursor.epoch, index.numpy())
-                if cursor.step % cfg.log_every == 0:
-                    runlog.record({"kind": "step", "epoch": cursor.epoch, "step": cursor.step, "samples": cursor.samples,
-                                   **parts, "lr": _lr(optimizer), "images_per_sec": ips})
-                    t_log, since_log = now, 0
-                if should_checkpoint(cursor.step, cfg.checkpoint_every) and cursor.samples < plan.steps * cfg.batch_size:
-                    # (at the epoch's last step the epoch-end checkpoint below covers it)
-                    save()
-            bar.close()
-            if cursor.samples == plan.steps * cfg.batch_size:
-                seconds = time.perf_counter() - t_epoch
-                epoch_rec = {"kind": "epoch", "epoch": cursor.epoch, "step": cursor.step, "samples": cursor.samples,
-                             **{k: v / max(n_steps, 1) for k, v in sums.items()}, "steps_averaged": n_steps,
-                             "images_per_sec": n_steps * cfg.batch_size / max(seconds, 1e-9), "seconds": seconds}
-                runlog.record(epoch_rec)
-                cursor = replace(cursor, epoch=cursor.epoch + 1, samples=0)
-                save()
-        if last_saved != cursor.step or trained == 0:
-            save()  # the end state, and (on a rerun with nothing left to do) this run's summary
-    finally:
-        runlog.close()
-    return summary()
+    return _Run(cfg, strategy, rank, world_size, store).run()
 
 
 def _lr(optimizer) -> float:

@@ -1,10 +1,18 @@
-"""The training objective, as named parts: ``ce``, ``mse`` and ``loss``.
+"""The training objective, as named parts: ``ce``, ``mse``, ``loss`` (and ``cos``, logged).
 
-``loss = ce_weight * ce + mse_weight * mse``. ``ce`` is softmax cross-entropy of the
-classifier head (with the ArcFace additive angular margin when asked); ``mse`` is the
-distillation term between the student's raw embedding and the teacher's raw embedding
-(mean squared error per dimension, or ``1 - cosine``). The teacher side is a constant:
-gradients reach the student only.
+``loss = ce_weight * ce + mse_weight * mse``.
+
+- ``ce`` is softmax cross-entropy of the classifier head. With ``margin`` ``arcface`` or
+  ``teacher`` the logits are cosines and get the ArcFace additive angular margin and scale
+  here; ``teacher`` means the class centres are the teacher's (``distill.centres``).
+- ``mse`` is the distillation term, by ``distill``:
+  ``mse``    mean squared error per dimension of the raw embeddings (dominated by the teacher's
+             norm: mobilefacenet's raw norm is ~70, so this term is ~24 at the start);
+  ``nmse``   squared distance of the L2-normalised embeddings, ``2 - 2 cos``: MSE on the
+             direction, the only thing verification uses, and independent of either norm;
+  ``cosine`` ``1 - cos``, the same direction term at half the scale.
+  The teacher side is a constant: gradients reach the student only.
+- ``cos`` is the batch's mean teacher-student cosine, whatever the loss: the number to watch.
 
 Parts are averaged over the *global* batch (``tf.nn.compute_average_loss``): summed across
 replicas they are the plain batch mean, so the learning rate means the same thing whatever
@@ -16,7 +24,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-DISTILL_LOSSES = ("mse", "cosine")
+DISTILL_LOSSES = ("mse", "nmse", "cosine")
+COSINE_MARGINS = ("arcface", "teacher")  # heads whose logits are cosines
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,8 @@ class LossSpec:
             raise ValueError(
                 f"--ce-weight {self.ce_weight} and --mse-weight {self.mse_weight} must be >= 0 and not both 0"
             )
+        if self.arc_scale <= 0 or not 0 <= self.arc_margin < math.pi / 2:
+            raise ValueError(f"--arc-scale must be > 0 and --arc-margin in [0, pi/2), got {self.arc_scale}, {self.arc_margin}")
 
 
 def arcface_logits(cosine, labels, scale: float, margin: float):
@@ -53,20 +64,31 @@ def arcface_logits(cosine, labels, scale: float, margin: float):
     return scale * (onehot * with_margin + (1.0 - onehot) * cos)
 
 
-def loss_parts(embedding, logits, teacher, labels, spec: LossSpec, global_batch_size: int | None = None) -> dict:
-    """Named loss parts of one (replica's) batch, each averaged over the global batch."""
+def loss_parts(embedding, logits, teacher, labels, spec: LossSpec, global_batch_size: int | None = None,
+               class_bias=None) -> dict:
+    """Named loss parts of one (replica's) batch, each averaged over the global batch.
+
+    ``class_bias`` ([C], 0 or a large negative number) takes classes out of the softmax: the
+    held-out validation identities, which must not act even as negatives.
+    """
     import tensorflow as tf
 
     teacher = tf.stop_gradient(tf.cast(teacher, tf.float32))  # the target, never trained
     embedding = tf.cast(embedding, tf.float32)
     logits = tf.cast(logits, tf.float32)
-    if spec.margin == "arcface":
+    if spec.margin in COSINE_MARGINS:
         logits = arcface_logits(logits, labels, spec.arc_scale, spec.arc_margin)
+    if class_bias is not None:
+        logits = logits + class_bias
     ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+    cos = tf.reduce_sum(tf.math.l2_normalize(embedding, -1) * tf.math.l2_normalize(teacher, -1), -1)
     if spec.distill == "mse":
         dist = tf.reduce_mean(tf.square(embedding - teacher), axis=-1)
+    elif spec.distill == "nmse":
+        dist = 2.0 - 2.0 * cos
     else:
-        dist = 1.0 - tf.reduce_sum(tf.math.l2_normalize(embedding, -1) * tf.math.l2_normalize(teacher, -1), -1)
+        dist = 1.0 - cos
     ce = tf.nn.compute_average_loss(ce, global_batch_size=global_batch_size)
     mse = tf.nn.compute_average_loss(dist, global_batch_size=global_batch_size)
-    return {"loss": spec.ce_weight * ce + spec.mse_weight * mse, "ce": ce, "mse": mse}
+    cos = tf.nn.compute_average_loss(cos, global_batch_size=global_batch_size)
+    return {"loss": spec.ce_weight * ce + spec.mse_weight * mse, "ce": ce, "mse": mse, "cos": cos}

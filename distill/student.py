@@ -4,7 +4,9 @@ Owns the architecture, built from a small frozen ``StudentSpec`` that is saved b
 checkpoint, so export rebuilds exactly the trained graph. The model maps preprocessed float32
 images [N, H, W, 3] to ``{"embedding": [N, D] raw, "logits": [N, C]}``. With the ArcFace
 margin the logits are cosines between the normalised embedding and normalised class
-weights; the margin and scale need the labels, so ``losses`` applies them.
+weights; the margin and scale need the labels, so ``losses`` applies them. With the
+``teacher`` margin those class weights are the teacher's class centres: not trained by
+gradients, set and (optionally) updated by ``distill.centres``.
 Hands on: the model to ``train``, and ``embedding_model`` (no classifier) to ``export``.
 """
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 HEADS = ("gdc", "gap")
-MARGINS = ("softmax", "arcface")
+MARGINS = ("softmax", "arcface", "teacher")
 
 
 @dataclass(frozen=True)
@@ -54,13 +56,17 @@ def _cosine_classifier():
     class CosineClassifier(keras.layers.Layer):
         """cos(embedding, class centre) for every class: the ArcFace head before its margin."""
 
-        def __init__(self, num_classes: int, **kwargs):
+        def __init__(self, num_classes: int, learned: bool = True, **kwargs):
             super().__init__(**kwargs)
             self.num_classes = num_classes
+            self.learned = learned
 
         def build(self, input_shape):
+            # Teacher centres are assigned from outside (under a distribution strategy every
+            # replica computes the same update, so the first replica's value is kept).
             self.centres = self.add_weight(
-                name="centres", shape=(input_shape[-1], self.num_classes), initializer="glorot_normal"
+                name="centres", shape=(input_shape[-1], self.num_classes), initializer="glorot_normal",
+                trainable=self.learned, aggregation="mean" if self.learned else "only_first_replica",
             )
 
         def call(self, x):
@@ -72,7 +78,7 @@ def _cosine_classifier():
             return ops.matmul(x, c)
 
         def get_config(self):
-            return {**super().get_config(), "num_classes": self.num_classes}
+            return {**super().get_config(), "num_classes": self.num_classes, "learned": self.learned}
 
     return CosineClassifier
 
@@ -106,8 +112,8 @@ def build_student(spec: StudentSpec):
         x = layers.Dense(spec.embedding_dim, use_bias=False, name="gap_proj")(x)
     # float32 outputs: under mixed precision the losses and the export stay in full precision.
     emb = layers.BatchNormalization(momentum=spec.bn_momentum, name="embedding", dtype="float32")(x)
-    if spec.margin == "arcface":
-        logits = _cosine_classifier()(spec.num_classes, name="logits", dtype="float32")(emb)
+    if spec.margin in ("arcface", "teacher"):
+        logits = _cosine_classifier()(spec.num_classes, learned=spec.margin == "arcface", name="logits", dtype="float32")(emb)
     else:
         logits = layers.Dense(spec.num_classes, name="logits", dtype="float32")(emb)
     return keras.Model(inp, {"embedding": emb, "logits": logits}, name="student")

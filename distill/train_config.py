@@ -11,50 +11,86 @@ loop) and ``workers.train_worker`` (Ray Train) all read it.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from distill.centres import CENTRE_UPDATES
 from distill.checkpoints import Cursor
-from distill.losses import LossSpec
-from distill.student import StudentSpec
+from distill.losses import DISTILL_LOSSES, LossSpec
+from distill.options import option
+from distill.student import HEADS, MARGINS, StudentSpec
+
+log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("cosine", "constant")
+BACKBONE_WEIGHTS = ("imagenet",)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    shards: str
-    out: str
-    epochs: int = 1
-    batch_size: int = 64  # global: the sum over all workers and replicas
-    lr: float = 1e-3  # for the global batch, whatever the worker count
-    optimizer: str = "adam"
-    lr_schedule: str = "cosine"
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 3
-    ce_weight: float = 1.0
-    mse_weight: float = 1.0
-    distill_loss: str = "mse"
-    seed: int = 0
-    workers: int = 1
-    use_gpu: bool = False
-    address: str | None = None
-    width: float = 0.5
-    head: str = "gdc"
-    margin: str = "softmax"
-    embedding_dim: int | None = None  # None: the teacher's
-    shuffle_buffer: int = 4096
-    flip: bool = True
-    mixed_precision: bool = False
-    max_steps: int | None = None
-    log_every: int = 10
-    trace_samples: bool = False
-    run_name: str = "train"
-    progress: bool = True
+    """Every option of ``distill train``; the CLI is derived from these fields (``distill.options``)."""
+
+    shards: str = option(help="shard directory written by `distill embed` (RUN/shards)", positional=True)
+    out: str = option(help="student directory (RUN/student): checkpoints, metrics.jsonl, tb/", required=True)
+    # -- schedule
+    epochs: int = option(20, "passes over the training rows")
+    batch_size: int = option(64, "global batch, over all workers and replicas; each epoch drops the rows that do not fill one")
+    lr: float = option(2e-3, "peak learning rate, for the global batch whatever the worker count")
+    optimizer: str = option("adam", "adam (AdamW when --weight-decay is set) or sgd (momentum 0.9, Nesterov)", choices=OPTIMIZERS)
+    lr_schedule: str = option("cosine", "cosine decay to 1%% of --lr over the run, or constant", choices=SCHEDULES)
+    warmup_steps: int = option(100, "linear warm-up from 1%% of --lr over this many steps (0: none)")
+    weight_decay: float = option(0.0, "decoupled weight decay (BatchNorm, biases and class centres exempt)")
+    max_steps: int | None = option(None, "stop after this many global steps (smoke runs, tests)")
+    # -- objective
+    distill_loss: str = option("nmse", "distillation term: nmse (||s/|s| - t/|t|||^2 = 2 - 2 cos, the MSE of the "
+                               "directions), cosine (1 - cos) or mse (raw values: dominated by the teacher's norm)",
+                               choices=DISTILL_LOSSES)
+    mse_weight: float = option(1.0, "weight of the distillation term")
+    ce_weight: float = option(0.0, "weight of the identity classifier's cross-entropy")
+    margin: str = option("softmax", "classifier: softmax, arcface (learned centres) or teacher (ArcFace whose "
+                         "class centres are the teacher's, AdaDistill-style)", choices=MARGINS)
+    arc_scale: float = option(32.0, "ArcFace scale s (arcface and teacher margins)")
+    arc_margin: float = option(0.3, "ArcFace additive angular margin m, radians")
+    centre_update: str = option("adaptive", "teacher margin: centres fixed at the teacher's class means, or moved "
+                                "each step by AdaDistill's rule", choices=CENTRE_UPDATES)
+    flip: bool = option(True, "random horizontal flip (towards the teacher's embedding_flip)")
+    view_prob: float = option(0.75, "when the shards hold views (`distill embed --views K`): chance that a sample "
+                              "trains on one of its views instead of the plain image")
+    # -- student
+    width: float = option(0.5, "MobileNetV2 width multiplier (alpha)")
+    head: str = option("gdc", "embedding head: global depthwise conv, or GAP+BN+Dropout+Dense", choices=HEADS)
+    embedding_dim: int | None = option(None, "student embedding dim (default: the teacher's)")
+    init: str | None = option(None, "start from these weights: a student dir, checkpoint or best/ dir (matching "
+                              "variables by name), or a Keras MobileNetV2 weights file (.h5) for the backbone", metavar="PATH")
+    backbone_weights: str | None = option(None, "start the backbone from Keras' ImageNet weights (downloads them)",
+                                          choices=BACKBONE_WEIGHTS)
+    # -- validation
+    val_split: float = option(0.0, "hold out this fraction of the identities (seeded) and score the student on "
+                              "them at every epoch end; the best epoch is kept in OUT/best")
+    val_folders: str | None = option(None, "or score on this identity folder tree of other people", metavar="DIR")
+    val_images: int = option(500, "images to validate on, at most")
+    val_seed: int = option(0, "seed of the held-out identities and of the validation images")
+    # -- data and checkpoints
+    seed: int = option(0, "fixes the data order, flips, views and initial weights")
+    shuffle_buffer: int = option(4096, "rows in the shuffle buffer (bounds memory)")
+    checkpoint_every: int = option(200, "steps between checkpoints (also at each epoch end)")
+    keep_checkpoints: int = option(3, "checkpoints kept (plus the best, with validation)")
+    # -- where it runs
+    workers: int = option(1, "Ray Train workers (1: train in this process)")
+    use_gpu: bool = option(False, "train on GPUs (all local ones, or one per Ray worker)")
+    address: str | None = option(None, "Ray cluster address for --workers > 1 (default: start a local one)")
+    mixed_precision: bool = option(False, "float16 compute with loss scaling (GPUs only)")
+    run_name: str = option("train", "Ray Train run name (a rerun with the same name resumes)")
+    # -- logs
+    log_every: int = option(10, "steps between metrics.jsonl records")
+    trace_samples: bool = option(False, "debugging aid: append each step's listing indices to OUT/trace.jsonl")
+    progress: bool = option(True, "progress bars")
 
     def __post_init__(self) -> None:
-        positive = ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints", "workers", "log_every", "shuffle_buffer")
+        positive = ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints", "workers", "log_every",
+                    "shuffle_buffer", "val_images")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -62,10 +98,24 @@ class TrainConfig:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise ValueError(f"--max-steps must be positive, got {self.max_steps}")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ValueError(f"--warmup-steps and --weight-decay must be >= 0, got {self.warmup_steps}, {self.weight_decay}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.centre_update not in CENTRE_UPDATES:
+            raise ValueError(f"--centre-update must be one of {', '.join(CENTRE_UPDATES)}, got {self.centre_update!r}")
+        if self.backbone_weights not in (None, *BACKBONE_WEIGHTS):
+            raise ValueError(f"--backbone-weights must be imagenet, got {self.backbone_weights!r}")
+        if self.init and self.backbone_weights:
+            raise ValueError("pass --init PATH or --backbone-weights imagenet, not both")
+        if not 0 <= self.view_prob <= 1:
+            raise ValueError(f"--view-prob is a probability in [0, 1], got {self.view_prob}")
+        if not 0 <= self.val_split < 1:
+            raise ValueError(f"--val-split is a fraction of the identities in [0, 1), got {self.val_split}")
+        if self.val_split and self.val_folders:
+            raise ValueError("pass --val-split F (hold out identities of the shards) or --val-folders DIR, not both")
         if self.batch_size % self.workers:
             raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --workers {self.workers}")
         if self.mixed_precision and not self.use_gpu:
@@ -73,7 +123,14 @@ class TrainConfig:
                 "--mixed-precision needs --use-gpu: float16 on a CPU is slower than float32, not faster. "
                 "Drop --mixed-precision, or train on GPUs"
             )
-        LossSpec(self.ce_weight, self.mse_weight, self.distill_loss, self.margin)  # validates early
+        self.loss_spec()  # validates early
+
+    def loss_spec(self) -> LossSpec:
+        return LossSpec(self.ce_weight, self.mse_weight, self.distill_loss, self.margin, self.arc_scale, self.arc_margin)
+
+    @property
+    def validates(self) -> bool:
+        return bool(self.val_split or self.val_folders)
 
 
 @dataclass(frozen=True)
@@ -102,22 +159,29 @@ def resolve(cfg: TrainConfig, shards) -> dict[str, Any]:
         num_classes=shards.num_classes,
         width=cfg.width, head=cfg.head, margin=cfg.margin,
     )
-    if student.embedding_dim != shards.embedding_dim and cfg.distill_loss == "mse" and cfg.mse_weight > 0:
+    if student.embedding_dim != shards.embedding_dim and (cfg.mse_weight > 0 or cfg.margin == "teacher"):
+        why = "the teacher's class centres live" if cfg.margin == "teacher" else "the distillation term compares them"
         raise ValueError(
-            f"--embedding-dim {student.embedding_dim} differs from the teacher's {shards.embedding_dim}; the "
-            "MSE to the teacher needs equal dims. Drop --embedding-dim"
+            f"--embedding-dim {student.embedding_dim} differs from the teacher's {shards.embedding_dim}; {why} in "
+            "the teacher's space, so the dims must be equal. Drop --embedding-dim"
         )
+    if cfg.margin == "teacher" and cfg.ce_weight == 0:
+        raise ValueError("--margin teacher is a classifier loss: give it a --ce-weight above 0")
+    if shards.views is None and cfg.view_prob > 0:
+        log.debug("the shards in %s hold no views; training on the plain images", shards.location)
     return {
         "train": asdict(cfg),
         "student": asdict(student),
-        "loss": asdict(LossSpec(cfg.ce_weight, cfg.mse_weight, cfg.distill_loss, cfg.margin)),
+        "loss": asdict(cfg.loss_spec()),
         "flip": resolve_flip(shards, cfg.flip),
+        "view_prob": cfg.view_prob if shards.views is not None else 0.0,
         "shards_run_id": shards.run_id,
+        "teacher_norm": shards.teacher_norm,
     }
 
 
-# Changing these mid-run would silently change the data order or the graph.
-_FIXED_TRAIN = ("batch_size", "seed", "shuffle_buffer", "optimizer")
+# Changing these mid-run would silently change the data order, the training rows or the graph.
+_FIXED_TRAIN = ("batch_size", "seed", "shuffle_buffer", "optimizer", "val_split", "val_seed")
 
 
 def check_resume(saved: dict[str, Any], cursor: Cursor, wanted: dict[str, Any], world_size: int, where: str) -> None:
@@ -127,10 +191,11 @@ def check_resume(saved: dict[str, Any], cursor: Cursor, wanted: dict[str, Any], 
     if saved["shards_run_id"] != wanted["shards_run_id"]:
         diffs.append(f"  shards: checkpoint trained on run {saved['shards_run_id']}, now {wanted['shards_run_id']}")
     for k in _FIXED_TRAIN:
-        if saved["train"][k] != wanted["train"][k]:
+        if saved["train"].get(k, 0.0) != wanted["train"][k]:
             diffs.append(f"  --{k.replace('_', '-')}: checkpoint has {saved['train'][k]!r}, now {wanted['train'][k]!r}")
-    if saved["flip"] != wanted["flip"]:
-        diffs.append(f"  flip: checkpoint has {saved['flip']}, now {wanted['flip']}")
+    for k in ("flip", "view_prob"):
+        if saved.get(k, 0.0 if k == "view_prob" else None) != wanted[k]:
+            diffs.append(f"  {k.replace('_', '-')}: checkpoint has {saved.get(k)}, now {wanted[k]}")
     for k, v in saved["student"].items():
         if v != wanted["student"].get(k):
             diffs.append(f"  student {k}: checkpoint has {v!r}, now {wanted['student'][k]!r}")
@@ -147,9 +212,9 @@ def check_resume(saved: dict[str, Any], cursor: Cursor, wanted: dict[str, Any], 
         )
 
 
-def schedule_steps(cfg: TrainConfig, total_rows: int) -> int:
+def schedule_steps(cfg: TrainConfig, train_rows: int) -> int:
     """Steps the learning-rate schedule spans: the planned run (dropped remainders included)."""
-    planned = max(1, cfg.epochs * (total_rows // cfg.batch_size))
+    planned = max(1, cfg.epochs * (train_rows // cfg.batch_size))
     return min(planned, cfg.max_steps) if cfg.max_steps else planned
 
 

@@ -31,7 +31,7 @@ def test_gradient_reaches_the_student_only_and_pulls_it_towards_the_teacher():
 def test_parts_are_named_and_weighted():
     student, logits, teacher, labels = _batch(1)
     p = loss_parts(student, logits, teacher, labels, LossSpec(ce_weight=0.3, mse_weight=2.0))
-    assert set(p) == {"loss", "ce", "mse"}
+    assert set(p) == {"loss", "ce", "mse", "cos"}
     np.testing.assert_allclose(float(p["mse"]), np.mean((student.numpy() - teacher.numpy()) ** 2), rtol=1e-6)
     ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
     np.testing.assert_allclose(float(p["ce"]), float(ce), rtol=1e-6)
@@ -45,6 +45,31 @@ def test_cosine_distill_ignores_scale_and_global_batch_averages():
     local = loss_parts(student, logits, teacher, labels, spec)
     half = loss_parts(student, logits, teacher, labels, spec, global_batch_size=8)  # this replica holds half of 8
     np.testing.assert_allclose(float(half["loss"]), float(local["loss"]) / 2, rtol=1e-6)
+
+
+def test_normalised_mse_is_two_minus_two_cos_and_ignores_either_norm():
+    student, logits, teacher, labels = _batch(3)
+    spec = LossSpec(distill="nmse", ce_weight=0.0)
+    base = float(loss_parts(student, logits, teacher, labels, spec)["mse"])
+    assert float(loss_parts(5.0 * student, logits, 70.0 * teacher, labels, spec)["mse"]) == pytest.approx(base, rel=1e-5)
+    cos = float(loss_parts(student, logits, teacher, labels, LossSpec(distill="cosine"))["mse"])
+    assert base == pytest.approx(2 * cos, rel=1e-5)
+    u = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    want = np.mean(np.sum((u(student.numpy()) - u(teacher.numpy())) ** 2, axis=1))
+    assert base == pytest.approx(want, rel=1e-5)
+    with tf.GradientTape() as tape:
+        tape.watch(teacher)
+        parts = loss_parts(student, logits, teacher, labels, spec)
+    assert tape.gradient(parts["loss"], teacher) is None  # the teacher is never trained
+
+
+def test_class_bias_takes_classes_out_of_the_softmax():
+    student, logits, teacher, labels = _batch(4, c=3)
+    labels = tf.constant([0, 1, 0, 1], tf.int64)
+    spec = LossSpec(ce_weight=1.0, mse_weight=0.0)
+    masked = loss_parts(student, logits, teacher, labels, spec, class_bias=tf.constant([0.0, 0.0, -1e4]))
+    two = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits[:, :2]))
+    assert float(masked["ce"]) == pytest.approx(float(two), rel=1e-5)
 
 
 def test_arcface_adds_the_angle_margin_on_the_true_class_only():

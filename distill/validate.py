@@ -1,0 +1,202 @@
+"""Validation while training: how the student does on people it does not train on.
+
+Two sources, chosen by ``distill train``:
+
+- ``--val-split F``: a seeded fraction of the identities in the shards is held out
+  (``heldout_classes``). Their rows leave the training order (and the classifier: their
+  classes are masked out of the softmax, so they are not even negatives); up to
+  ``--val-images`` of them (``pick_samples``) are read once, with the teacher's embeddings
+  the shards already hold.
+- ``--val-folders DIR``: an identity folder tree of other people, embedded once at start by
+  the teacher the shards were made with (its path, signature and preprocessing come from the
+  manifest; if it is not on this machine only the verification figures are scored).
+
+At every epoch end ``score`` gives the mean teacher-student cosine and the verification
+ROC-AUC and best accuracy over same/different pairs of the held-out images (the
+``distill evaluate`` functions). Everything that decides is pure NumPy, tested without
+TensorFlow. Hands on: ``ValSet`` to the loop, ``score``'s dict to metrics.jsonl and the
+progress bar; the best epoch's checkpoint is kept in ``OUT/best``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ALL_PAIRS_MAX = 2000  # above this many images, a seeded sample of pairs
+SAMPLED_PAIRS = 20000
+
+
+@dataclass(frozen=True)
+class ValSet:
+    source: str  # what it is, for logs
+    images: np.ndarray  # uint8 [n, H, W, 3]: the pixels the student is scored on
+    labels: np.ndarray  # int64 [n]
+    teacher: np.ndarray | None  # raw teacher embeddings [n, D], when known
+    pairs: tuple[np.ndarray, np.ndarray, np.ndarray]  # (i, j, same)
+
+
+# ---------------------------------------------------------------------------------------
+# Pure decisions.
+
+
+def heldout_classes(counts: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted class ids to hold out: a seeded ``fraction`` of the classes that have at least
+    two rows (verification needs same-identity pairs), at least two classes, and never all."""
+    present = np.flatnonzero(np.asarray(counts) >= 2)
+    if fraction <= 0:
+        return np.zeros(0, np.int64)
+    n = max(2, int(round(fraction * len(present))))
+    if n >= len(np.flatnonzero(np.asarray(counts) > 0)):
+        raise ValueError(
+            f"--val-split {fraction} would hold out {n} of the {len(present)} identities with 2+ images and leave "
+            "nothing to train on; lower --val-split, or validate on other people with --val-folders DIR"
+        )
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 0x7A1])))
+    return np.sort(rng.choice(present, size=n, replace=False)).astype(np.int64)
+
+
+def pick_samples(sample_labels: np.ndarray, heldout: np.ndarray, max_images: int, seed: int) -> np.ndarray:
+    """Sorted sample ids to validate on: all held-out rows, or a seeded subset of
+    ``max_images`` of them taken evenly across the held-out classes (so each has pairs)."""
+    rows = np.flatnonzero(np.isin(sample_labels, heldout))
+    if len(rows) <= max_images:
+        return rows
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, 0x7A2])))
+    by_class = [rng.permutation(rows[sample_labels[rows] == c]) for c in heldout]
+    # Round-robin over the classes, so small identities are not crowded out by big ones.
+    order = [b[k] for k in range(max(len(b) for b in by_class)) for b in by_class if k < len(b)]
+    return np.sort(np.asarray(order[:max_images], np.int64))
+
+
+def pairs_for(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from distill.evaluate import all_pairs, sample_pairs
+
+    if len(labels) <= ALL_PAIRS_MAX:
+        i, j, same = all_pairs(labels)
+    else:
+        i, j, same = sample_pairs(labels, SAMPLED_PAIRS, seed)
+    if same.all() or not same.any():
+        raise ValueError("the validation images need at least two identities and one identity with two images")
+    return i, j, same
+
+
+def score(student: np.ndarray, val: ValSet) -> dict[str, float]:
+    """Verification ROC-AUC and best accuracy of the student's embeddings over the pairs, and
+    the mean teacher-student cosine when the teacher's embeddings are known. Pure."""
+    from distill.evaluate import best_accuracy, l2_normalise, mean_cosine, roc_auc
+
+    e = l2_normalise(student)
+    i, j, same = val.pairs
+    scores = np.sum(e[i] * e[j], axis=1)
+    acc, _ = best_accuracy(scores, same)
+    out = {"val_auc": roc_auc(scores, same), "val_accuracy": acc}
+    if val.teacher is not None and val.teacher.shape[1] == student.shape[1]:
+        out["val_cos"] = mean_cosine(student, val.teacher)
+    return out
+
+
+def is_better(new: dict[str, float], best: dict[str, float] | None) -> bool:
+    """The best epoch is the one with the highest ROC-AUC on the held-out people (cosine breaks ties)."""
+    if best is None:
+        return True
+    return (new["val_auc"], new.get("val_cos", 0.0)) > (best["val_auc"], best.get("val_cos", 0.0))
+
+
+# ---------------------------------------------------------------------------------------
+# Loading.
+
+
+def from_shards(shards, sample_ids: np.ndarray, seed: int) -> ValSet:
+    """The held-out rows' stored pixels (decoded as the teacher saw them) and plain embeddings."""
+    import pyarrow.parquet as pq
+
+    from distill.images import decode_rgb
+    from shards.storage import open_storage
+
+    storage = open_storage(shards.location, create=False)
+    offsets = shards.offsets
+    images, labels, teacher = [], [], []
+    for k in np.unique(np.searchsorted(offsets, sample_ids, side="right") - 1):
+        want = sample_ids[(sample_ids >= offsets[k]) & (sample_ids < offsets[k + 1])] - offsets[k]
+        with storage.open_input(shards.names[k]) as f:
+            t = pq.read_table(f, columns=["label", "embedding", "image"]).take(want)
+        labels.append(t.column("label").to_numpy())
+        emb = t.column("embedding").combine_chunks().values.to_numpy(zero_copy_only=False)
+        teacher.append(emb.reshape(len(want), shards.embedding_dim).astype(np.float32))
+        images.extend(decode_rgb(b) for b in t.column("image").to_pylist())
+    lab = np.concatenate(labels)
+    return ValSet(f"{len(lab)} held-out images of {len(np.unique(lab))} identities", np.stack(images), lab,
+                  np.concatenate(teacher), pairs_for(lab, seed))
+
+
+def from_folders(root: str, shards, max_images: int, seed: int) -> ValSet:
+    """An identity folder tree, resized to the student's input; teacher embeddings from the
+    shards' own teacher when it is on this machine."""
+    from distill.evaluate import scan_folders
+    from distill.images import UnreadableImage, decode_rgb, fit, read_file
+
+    paths, labels, names = scan_folders(root)
+    keep = pick_samples(labels, np.unique(labels), max_images, seed)
+    h, w = shards.input_size
+    images, kept = [], []
+    for k in keep.tolist():
+        try:
+            images.append(fit(decode_rgb(read_file(paths[k])), h, w))
+            kept.append(k)
+        except UnreadableImage as e:
+            log.warning("--val-folders: skipping %s: %s", paths[k], e.reason)
+    lab = labels[np.asarray(kept, np.int64)]
+    pixels = np.stack(images)
+    return ValSet(f"{len(lab)} images of {len(np.unique(lab))} identities in {root}", pixels, lab,
+                  _teacher_embeddings(shards, pixels), pairs_for(lab, seed))
+
+
+def _teacher_embeddings(shards, pixels: np.ndarray) -> np.ndarray | None:
+    from distill.teacher import Preprocessing, Teacher, TeacherError, inspect_teacher
+
+    rec = shards.teacher or {}
+    path, sig = rec.get("path"), rec.get("signature") or {}
+    if not path or not os.path.isdir(path):
+        log.warning("validation: the teacher %s the shards were made with is not on this machine; scoring "
+                    "verification only, no teacher-student cosine", path)
+        return None
+    try:
+        spec = inspect_teacher(path, sig.get("name", "serving_default"), sig.get("output"))
+    except TeacherError as e:
+        log.warning("validation: cannot load the teacher (%s); no teacher-student cosine", e)
+        return None
+    teacher = Teacher(spec, Preprocessing(**(rec.get("preprocessing") or {})))
+    return np.concatenate([teacher(pixels[a:a + 64]) for a in range(0, len(pixels), 64)])
+
+
+class Validator:
+    """Scores snapshots of the training model with a model of its own, built outside any
+    distribution strategy, so validating on rank 0 needs no other rank."""
+
+    def __init__(self, val: ValSet, spec, batch: int = 128):
+        self.val, self.spec, self.batch = val, spec, batch
+        self._full = self._model = None
+
+    def embed(self, state: dict) -> np.ndarray:
+        from distill.checkpoints import assign_model
+        from distill.stream import PIXEL_MEAN, PIXEL_SCALE
+        from distill.student import build_student, embedding_model
+
+        if self._model is None:
+            self._full = build_student(self.spec)
+            self._model = embedding_model(self._full)  # shares the full model's layers
+        assign_model(self._full, state)
+        x = self.val.images
+        return np.concatenate([
+            self._model((x[a:a + self.batch].astype(np.float32) - PIXEL_MEAN) / PIXEL_SCALE, training=False).numpy()
+            for a in range(0, len(x), self.batch)
+        ])
+
+    def __call__(self, state: dict) -> dict[str, float]:
+        return score(self.embed(state), self.val)

@@ -1,0 +1,83 @@
+"""Teacher class centres (streamed sums, AdaDistill's update rule) and the validation split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from distill.centres import ShardScan, accumulate, adaptive_update, unit
+from distill.validate import ValSet, heldout_classes, is_better, pairs_for, pick_samples, score
+
+
+def test_centres_are_the_mean_direction_of_each_class():
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(30, 4)) * rng.uniform(1, 90, (30, 1))  # raw norms vary a lot
+    labels = np.arange(30) % 3
+    sums, counts = np.zeros((4, 4)), np.zeros(4, np.int64)
+    for a in range(0, 30, 7):  # streamed in pieces, as over row groups
+        accumulate(sums, counts, labels[a:a + 7], emb[a:a + 7])
+    scan = ShardScan(labels, sums, counts)
+    c = scan.centres()
+    for k in range(3):
+        want = unit(unit(emb[labels == k]).mean(axis=0))
+        np.testing.assert_allclose(c[k], want, rtol=1e-5, atol=1e-6)
+    assert np.all(c[3] == 0) and counts.tolist() == [10, 10, 10, 0]  # a class with no rows: no centre
+    assert np.all(scan.centres(exclude_classes=np.array([1]))[1] == 0)  # held out: no centre either
+
+
+def test_adaptive_update_follows_the_teacher_while_the_student_disagrees():
+    centres = np.eye(3, 4)
+    teacher = np.array([[0, 0, 0, 1.0], [0, 0, 0, 2.0]])
+    labels = np.array([0, 0])
+    # Student orthogonal to the teacher: alpha is ~0, the centre becomes the teacher's direction.
+    out = adaptive_update(centres, np.array([[1.0, 0, 0, 0]] * 2), teacher, labels)
+    np.testing.assert_allclose(out[0], [0, 0, 0, 1], atol=1e-5)
+    np.testing.assert_array_equal(out[1:], centres[1:])  # classes not in the batch are untouched
+    # Student and centre agree with the teacher: alpha is 1, the centre stays.
+    agree = np.array([[0, 0, 0, 1.0]])
+    np.testing.assert_allclose(adaptive_update(np.array([[0, 0, 0, 3.0]]), agree, agree, np.array([0])), [[0, 0, 0, 3.0]])
+
+
+def test_adaptive_update_in_tensorflow_matches_the_numpy_rule():
+    tf = pytest.importorskip("tensorflow")
+    from distill.centres import adaptive_update_tf
+
+    rng = np.random.default_rng(1)
+    centres = rng.normal(size=(5, 8))
+    student, teacher = rng.normal(size=(12, 8)), rng.normal(size=(12, 8)) * 50
+    labels = rng.integers(0, 5, 12)
+    want = adaptive_update(centres, student, teacher, labels)
+    got = adaptive_update_tf(tf.constant(centres.T, tf.float32), tf.constant(student, tf.float32),
+                             tf.constant(teacher, tf.float32), tf.constant(labels, tf.int64)).numpy().T
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_heldout_classes_are_seeded_and_sized():
+    counts = np.array([50, 3, 0, 40, 1, 30, 20, 10, 9, 8])
+    a = heldout_classes(counts, 0.34, seed=0)
+    assert np.array_equal(a, heldout_classes(counts, 0.34, seed=0))
+    assert len(a) == round(0.34 * 8) and set(a) <= set(np.flatnonzero(counts >= 2))
+    assert len(heldout_classes(counts, 0.01, 0)) == 2  # verification needs two people at least
+    assert len(heldout_classes(counts, 0.0, 0)) == 0
+    with pytest.raises(ValueError, match="nothing to train on"):
+        heldout_classes(np.array([5, 5]), 0.5, 0)
+
+
+def test_pick_samples_caps_evenly_across_the_held_out_people():
+    labels = np.array([0] * 100 + [1] * 5 + [2] * 50 + [3] * 10)
+    got = pick_samples(labels, np.array([0, 1, 2]), 30, seed=0)
+    assert np.array_equal(got, pick_samples(labels, np.array([0, 1, 2]), 30, seed=0))
+    assert len(got) == 30 and np.all(np.diff(got) > 0) and set(labels[got]) == {0, 1, 2}
+    assert (labels[got] == 1).sum() == 5  # the small identity is not crowded out
+    assert len(pick_samples(labels, np.array([1, 3]), 100, 0)) == 15  # under the cap: all of them
+
+
+def test_score_reads_verification_and_teacher_agreement():
+    labels = np.repeat(np.arange(4), 5)
+    teacher = np.eye(4, 6)[labels] * 70 + np.random.default_rng(0).normal(0, 1, (20, 6))
+    val = ValSet("t", np.zeros((20, 8, 8, 3), np.uint8), labels, teacher, pairs_for(labels, 0))
+    good = score(teacher / 70, val)
+    assert good["val_auc"] > 0.99 and good["val_cos"] > 0.99 and good["val_accuracy"] > 0.95
+    bad = score(np.random.default_rng(2).normal(size=(20, 6)), val)
+    assert bad["val_auc"] < 0.8 and abs(bad["val_cos"]) < 0.5
+    assert is_better(good, bad) and not is_better(bad, good) and is_better(bad, None)
