@@ -47,6 +47,7 @@ class DemoConfig:
     batch_size: int = 32
     lr: float = 5e-3
     width: float = 0.5
+    views: int = 2  # teacher views per image (`distill embed --views`)
     shard_size: int = 256
     seed: int = 0
     address: str | None = None
@@ -210,12 +211,13 @@ def _embed(cfg: DemoConfig, p: dict[str, str]) -> dict[str, Any]:
     import ray
 
     from distill.embed import EmbedConfig, run_embed
+    from distill.views import ViewSpec
 
     try:
         report = run_embed(
             EmbedConfig(
                 listing=p["listing"], teacher=p["teacher"], out=p["shards"], shard_size=cfg.shard_size,
-                address=cfg.address, progress=cfg.progress,
+                views=ViewSpec(count=cfg.views), address=cfg.address, progress=cfg.progress,
             )
         )
     finally:
@@ -236,10 +238,13 @@ def _embed(cfg: DemoConfig, p: dict[str, str]) -> dict[str, Any]:
 def _train(cfg: DemoConfig, p: dict[str, str]) -> dict[str, Any]:
     from distill.train import TrainConfig, run_train
 
+    # The default recipe of `distill train`, scored on the held-out identities at every epoch end.
+    steps = cfg.epochs * (cfg.identities * cfg.per_identity // cfg.batch_size)
     report = run_train(
         TrainConfig(
             shards=p["shards"], out=p["student"], epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
-            width=cfg.width, seed=cfg.seed, progress=cfg.progress,
+            width=cfg.width, seed=cfg.seed, warmup_steps=max(1, steps // 20), val_folders=p["heldout_data"],
+            progress=cfg.progress,
         )
     )
     return {
