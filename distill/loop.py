@@ -277,6 +277,10 @@ class _Run:
             check_resume(saved, cursor, self.config, world_size, store.describe(latest))
             self.cursor = replace(cursor, world_size=world_size)
         self.resumed_from = self.cursor.step if latest is not None else None
+        norm = self.shards.teacher_norm
+        if norm and rank == 0:
+            log.info("targets: raw teacher norm %.2f +- %.2f over %d rows; the %s term compares %s", norm["mean"],
+                     norm["std"], norm["rows"], cfg.distill_loss, "raw values" if cfg.distill_loss == "mse" else "directions")
         self.prep = prepare(cfg, self.shards, rank)
         self._build(latest)
         self.runlog = RunLog(cfg.out, self.cursor.step, enabled=rank == 0, trace=cfg.trace_samples)

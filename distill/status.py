@@ -77,6 +77,14 @@ def format_status(s: Mapping[str, Any], manifest: Mapping[str, Any], error_rows:
         + ("  [complete]" if s["complete"] else ""),
         f"rows:   {s['rows_done']} embedded, {s['errors']} unreadable, of {s['rows_total']} ({pct:.1f}%)",
     ]
+    views = manifest.get("views")
+    if views:
+        lines.append(f"views:  {views['count']} augmented teacher views per image (seed {views['seed']})")
+    norm = manifest.get("teacher_norm")
+    if norm:
+        # What the targets look like: raw norms far from 1 are why the distillation compares directions.
+        lines.append(f"targets: raw teacher norm {norm['mean']:.2f} +- {norm['std']:.2f} (min {norm['min']:.2f}, "
+                     f"max {norm['max']:.2f}, {norm['rows']} rows)")
     rate = s["images_per_second_recent"] or s["images_per_second_overall"]
     if rate:
         eta = f", ETA {_hms(s['eta_seconds'])}" if s["eta_seconds"] else ""
