@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -218,7 +219,11 @@ def _load_init(model, spec: StudentSpec, cfg: TrainConfig) -> str:
     if cfg.backbone_weights == "imagenet" or (cfg.init and cfg.init.endswith((".h5", ".hdf5", ".keras"))):
         source = "imagenet" if cfg.backbone_weights else cfg.init
         try:
-            src = keras.applications.MobileNetV2(input_shape=(h, w, 3), alpha=spec.width, include_top=False, weights=source)
+            with warnings.catch_warnings():
+                # Keras 3 notes the functional graph's bookkeeping containers it skips; the layers load.
+                warnings.filterwarnings("ignore", message="Skipping nested container")
+                src = keras.applications.MobileNetV2(input_shape=(h, w, 3), alpha=spec.width, include_top=False,
+                                                     weights=source)
         except Exception as e:  # a failed download, a file of another width: Keras raises many types
             if source == "imagenet":
                 raise ValueError(

@@ -30,3 +30,23 @@ def test_spec_refuses_what_cannot_be_built():
     with pytest.raises(ValueError, match="at least 32x32"):
         StudentSpec((16, 16), 128, 10)
     assert StudentSpec.from_json({"input_size": [64, 64], "embedding_dim": 8, "num_classes": 2}).input_size == (64, 64)
+
+
+def test_init_copies_a_keras_backbone_file_by_layer_name_and_says_so(tmp_path):
+    import keras
+
+    from distill.loop import _load_init
+    from distill.train_config import TrainConfig
+
+    spec = StudentSpec(input_size=(64, 64), embedding_dim=8, num_classes=3, width=0.35)
+    keras.utils.set_random_seed(1)
+    src = keras.applications.MobileNetV2(input_shape=(64, 64, 3), alpha=0.35, include_top=False, weights=None)
+    path = tmp_path / "backbone.weights.h5"
+    src.save_weights(path)
+    model = build_student(spec)
+    said = _load_init(model, spec, TrainConfig("s", "o", init=str(path)))
+    assert "backbone from" in said
+    np.testing.assert_array_equal(model.get_layer("Conv1").get_weights()[0], src.get_layer("Conv1").get_weights()[0])
+    with pytest.raises(ValueError, match="--init"):
+        _load_init(build_student(StudentSpec((64, 64), 8, 3, width=0.5)), StudentSpec((64, 64), 8, 3, width=0.5),
+                   TrainConfig("s", "o", init=str(path)))  # a file of another width
