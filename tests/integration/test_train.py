@@ -139,8 +139,10 @@ def test_refuses_shards_without_images(tmp_path):
 def test_two_ray_train_workers_learn_a_toy_task(ray_address, tmp_path):
     shards = write_toy_shards(tmp_path / "shards", rows=128, shard_size=32, classes=4, size=32, dim=8)
     out = tmp_path / "student"
+    # The recipe is spelled out: this is about two workers, not about the default recipe.
     r = distill("train", shards, "--out", out, "--workers", 2, "--address", ray_address, "--epochs", 4,
-                "--batch-size", 16, "--width", 0.35, "--lr", 3e-3, "--lr-schedule", "constant", "--log-every", 1,
+                "--batch-size", 16, "--width", 0.35, "--lr", 3e-3, "--lr-schedule", "constant", "--warmup-steps", 0,
+                "--distill-loss", "mse", "--ce-weight", 1, "--log-every", 1,
                 "--checkpoint-every", 100, "--shuffle-buffer", 64, "--trace-samples", "--no-progress")
     assert r.returncode == 0, r.stderr[-4000:]
     metrics = jsonl(out / "metrics.jsonl")
