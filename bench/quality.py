@@ -1,0 +1,198 @@
+"""Student quality on real faces, judged on people the student never saw.
+
+Data: ``../shared/data/glint12`` (12 real people, 4,811 aligned 112x112 faces), split by
+identity with a fixed seed (``distill.validate.heldout_classes``, the split ``distill train
+--val-split`` makes): students train on 8 people and are judged on the other 4; plus ORL
+(40 other people, grey 92x112, resized) as a second unseen set. Teacher: the real
+mobilefacenet SavedModel.
+
+One ``distill embed --views K`` of all 12 people (the teacher pass is not part of any
+recipe's budget), then per recipe, side by side, the real CLI: ``distill train`` (with
+``--val-split``, so the held-out people are scored at every epoch end: the curve),
+``distill export`` and ``distill evaluate`` on the held-out people and on ORL with the
+teacher scored on the same pairs (the last checkpoint: choosing the epoch on the held-out
+people would flatter them). Every recipe gets the same training budget in samples
+seen; wall and CPU minutes are measured. Writes ``bench/results/quality.json``, the table
+(markdown, stdout) and ``docs/quality.png`` (held-out cosine against samples seen).
+
+    python bench/quality.py [--epochs 6] [--headline-minutes 10] [--views 4] [--only NAME,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import MOBILEFACENET, ORL, ROOT, SHARED, distill_cmd, loadavg, print_header, run_child, table  # noqa: E402
+
+GLINT12 = SHARED / "data" / "glint12"
+VAL_SPLIT, VAL_SEED, SEED = 0.34, 0, 0
+
+# name -> distill train options (beside the shared ones). Plain images unless the recipe says views.
+PLAIN = ["--view-prob", "0"]
+RECIPES = {
+    "softmax only (no teacher)": ["--mse-weight", "0", "--ce-weight", "1", *PLAIN],
+    "old defaults: raw MSE + softmax 1/1": ["--distill-loss", "mse", "--mse-weight", "1", "--ce-weight", "1", *PLAIN],
+    "nMSE (2-2cos)": ["--distill-loss", "nmse", "--ce-weight", "0", *PLAIN],
+    "nMSE + softmax 0.1": ["--distill-loss", "nmse", "--ce-weight", "0.1", *PLAIN],
+    "nMSE + teacher-centre ArcFace 0.1": ["--distill-loss", "nmse", "--margin", "teacher", "--ce-weight", "0.1", *PLAIN],
+    "nMSE + views": ["--distill-loss", "nmse", "--ce-weight", "0", "--view-prob", "0.75"],
+    "nMSE + views, width 0.35": ["--distill-loss", "nmse", "--ce-weight", "0", "--view-prob", "0.75", "--width", "0.35"],
+    "nMSE + views, width 1.0": ["--distill-loss", "nmse", "--ce-weight", "0", "--view-prob", "0.75", "--width", "1.0"],
+}
+HEADLINE = "defaults (nMSE + views), 10-minute budget"
+
+
+def heldout_people(shards: Path, manifest: dict) -> list[str]:
+    """The names of the people ``--val-split`` holds out, from the shards' label counts."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from distill.validate import heldout_classes
+
+    counts = np.zeros(manifest["num_classes"], np.int64)
+    for s in manifest["shards"]:
+        np.add.at(counts, pq.read_table(shards / s["name"], columns=["label"]).column("label").to_numpy(), 1)
+    return [manifest["label_names"][k] for k in heldout_classes(counts, VAL_SPLIT, VAL_SEED)]
+
+
+def folder_of(people: list[str], out: Path) -> Path:
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for p in people:
+        (out / p).symlink_to(GLINT12 / p)
+    return out
+
+
+def train_recipe(work: Path, name: str, opts: list[str], epochs: int, shards: Path, unseen: Path) -> dict:
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:40]
+    student, export = work / slug / "student", work / slug / "export"
+    if student.exists():
+        shutil.rmtree(student.parent)
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: training {epochs} epochs (load {loadavg()})", file=sys.stderr, flush=True)
+    load = loadavg()
+    train = run_child(distill_cmd("train", shards, "--out", student, "--epochs", epochs, "--seed", SEED,
+                                  "--val-split", VAL_SPLIT, "--val-seed", VAL_SEED, "--no-progress", *opts),
+                      timeout=3 * 3600, sample_cpu=5)
+    # The last checkpoint, not --best: picking the epoch on the held-out people would flatter them.
+    run_child(distill_cmd("export", student, "--out", export), timeout=1800)
+    scores = {}
+    for set_name, folder in (("unseen", unseen), ("orl", ORL)):
+        out = work / slug / f"eval-{set_name}.json"
+        run_child(distill_cmd("evaluate", export, "--folders", folder, "--teacher", MOBILEFACENET, "--out", out,
+                              "--no-progress"), timeout=1800)
+        scores[set_name] = json.loads(out.read_text())
+    records = [json.loads(line) for line in (student / "metrics.jsonl").read_text().splitlines()]
+    epochs_recs = [r for r in records if r["kind"] == "epoch"]
+    curve = [(r["seen"], r.get("val_cos"), r.get("val_auc")) for r in records if r["kind"] in ("val", "epoch")]
+    best = json.loads((student / "best" / "val.json").read_text())
+    seen = epochs_recs[-1]["seen"] if epochs_recs else 0
+    train_seconds = sum(r["seconds"] for r in epochs_recs)
+    return {
+        "name": name, "options": opts, "epochs": epochs, "samples_seen": seen, "load_at_start": load,
+        "wall_seconds": train.seconds, "train_seconds": train_seconds,
+        "cpu_seconds": train.cpu_series[-1][1] if train.cpu_series else None,
+        "images_per_sec": seen / max(train_seconds, 1e-9),
+        "best_epoch_val": best, "curve": curve,
+        "unseen": _summary(scores["unseen"]), "orl": _summary(scores["orl"]),
+    }
+
+
+def _summary(r: dict) -> dict:
+    m = r["models"]
+    return {"student_auc": m["model"]["auc"], "student_accuracy": m["model"]["best_accuracy"],
+            "teacher_auc": m["teacher"]["auc"], "teacher_accuracy": m["teacher"]["best_accuracy"],
+            "cosine": r["mean_cosine"], "images": r["dataset"]["images"], "identities": r["dataset"]["identities"],
+            "pairs": r["dataset"]["pairs"]}
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in results:
+        pts = [(s, c) for s, c, _ in r["curve"] if c is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=r["name"])
+    ax.set_xlabel("samples seen")
+    ax.set_ylabel("mean teacher-student cosine, held-out people")
+    ax.set_title("glint12: 8 people train, 4 never seen (validation images)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def report(doc: dict) -> None:
+    """The markdown table of a results document."""
+    results, people = doc["results"], doc["heldout_people"]
+    rows = []
+    for r in results:
+        u, o = r["unseen"], r["orl"]
+        rows.append([r["name"], f"{r['samples_seen']:,}", f"{r['train_seconds'] / 60:.1f}",
+                     f"{(r['cpu_seconds'] or 0) / 60:.1f}", f"{r['images_per_sec']:.0f}",
+                     f"{u['student_auc']:.3f}", f"{u['student_accuracy']:.3f}", f"{u['cosine']:.3f}",
+                     f"{u['teacher_auc']:.3f}", f"{o['student_auc']:.3f}", f"{o['cosine']:.3f}", f"{o['teacher_auc']:.3f}",
+                     f"{r['best_epoch_val'].get('epochs_done', '')} ({r['best_epoch_val']['val_auc']:.3f})"])
+    u0, o0 = results[0]["unseen"], results[0]["orl"]
+    print(f"Held-out people: {', '.join(people)} ({u0['images']} images, {u0['pairs']:,} pairs); ORL: {o0['images']} "
+          f"images, {o0['identities']} people. Teacher pass (embed, {doc['embed']['views']} views): "
+          f"{doc['embed']['seconds']:.0f} s.\n")
+    print(table(["recipe", "samples seen", "train min", "CPU min", "img/s", "unseen AUC", "unseen best acc",
+                 "unseen cos", "teacher AUC", "ORL AUC", "ORL cos", "ORL teacher AUC", "best epoch (val AUC)"], rows))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/distill-bench-quality"))
+    ap.add_argument("--epochs", type=int, default=6, help="training budget of the sweep, in epochs over the 8 people")
+    ap.add_argument("--headline-epochs", type=int, default=0, help="epochs of the headline run (0: skip it)")
+    ap.add_argument("--views", type=int, default=4, help="teacher views stored per image")
+    ap.add_argument("--only", default="", help="comma-separated recipe names (default: all)")
+    ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "quality.json")
+    ap.add_argument("--png", type=Path, default=ROOT / "docs" / "quality.png")
+    ap.add_argument("--report", action="store_true", help="only print the table of --json (and redraw --png)")
+    a = ap.parse_args()
+    if a.report:
+        doc = json.loads(a.json.read_text())
+        plot(doc["results"], a.png)
+        report(doc)
+        return 0
+    print_header("Student quality on people it never saw (glint12 split by identity, ORL)")
+    a.work.mkdir(parents=True, exist_ok=True)
+    listing, shards = a.work / "listing.parquet", a.work / "shards"
+    run_child(distill_cmd("listing", GLINT12, "--out", listing), timeout=600)
+    t0 = time.perf_counter()
+    emb = run_child(distill_cmd("embed", listing, "--teacher", MOBILEFACENET, "--out", shards, "--views", a.views,
+                                "--shard-size", 512, "--no-progress"), timeout=3 * 3600)
+    embed_seconds = time.perf_counter() - t0
+    manifest = json.loads((shards / "manifest.json").read_text())
+    people = heldout_people(shards, manifest)
+    unseen = folder_of(people, a.work / "unseen")
+    print(f"held-out people: {', '.join(people)}; embed took {embed_seconds:.0f}s", file=sys.stderr)
+    chosen = [n for n in RECIPES if not a.only or n in a.only.split(",")]
+    results = [train_recipe(a.work, n, RECIPES[n], a.epochs, shards, unseen) for n in chosen]
+    if a.headline_epochs:
+        results.append(train_recipe(a.work, HEADLINE, [], a.headline_epochs, shards, unseen))
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps({"heldout_people": people, "embed": {"seconds": embed_seconds, "views": a.views,
+                                  "stdout": emb.stdout[-400:]}, "teacher_norm": manifest.get("teacher_norm"),
+                                  "results": results}, indent=1))
+    plot(results, a.png)
+    report(json.loads(a.json.read_text()))
+    print(f"\nload average at the end: {loadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
