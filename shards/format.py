@@ -80,9 +80,9 @@ class NormStats:
 
     @classmethod
     def of(cls, embedding: np.ndarray) -> "NormStats":
-        n = np.linalg.norm(np.asarray(embedding, np.float64).reshape(len(embedding), -1), axis=1)
-        if len(n) == 0:
+        if len(embedding) == 0:  # a shard whose every row was unreadable
             return cls(0, 0.0, 0.0, 0.0, 0.0)
+        n = np.linalg.norm(np.asarray(embedding, np.float64).reshape(len(embedding), -1), axis=1)
         return cls(len(n), float(n.sum()), float(np.square(n).sum()), float(n.min()), float(n.max()))
 
 

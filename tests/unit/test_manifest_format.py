@@ -126,6 +126,7 @@ def test_teacher_norms_are_recorded_per_shard_and_summed_in_the_manifest(tmp_pat
     both = summarise_norms([NormStats.of(emb[:2]), NormStats.of(emb[2:])])
     assert both["rows"] == 3 and both["mean"] == pytest.approx(norms.mean(), abs=1e-4)
     assert both["std"] == pytest.approx(norms.std(), abs=1e-4) and both["min"] == pytest.approx(norms.min(), abs=1e-4)
+    assert NormStats.of(np.zeros((0, 4), np.float32)).count == 0  # a shard of unreadable rows only
     m = build_manifest(IDENTITY, [rec], 3)
     assert m["teacher_norm"]["rows"] == 3
     assert build_manifest(IDENTITY, [ShardRecord(0, 3, 1, "x")], 3)["teacher_norm"] is None  # an old record
