@@ -117,7 +117,7 @@ class Prepared:
     validator: Any = None
 
 
-def prepare(cfg: TrainConfig, shards, rank: int) -> Prepared:
+def prepare(cfg: TrainConfig, shards, rank: int, student: StudentSpec) -> Prepared:
     from distill.centres import scan_shards
     from distill.validate import Validator, from_folders, from_shards, heldout_classes, pick_samples
 
@@ -144,7 +144,7 @@ def prepare(cfg: TrainConfig, shards, rank: int) -> Prepared:
     if val is None:
         return prep
     log.info("validating at every epoch end on %s", val.source)
-    return replace(prep, validator=Validator(val, StudentSpec.from_json(resolve(cfg, shards)["student"])))
+    return replace(prep, validator=Validator(val, student))
 
 
 # ---------------------------------------------------------------- what the step needs
@@ -286,7 +286,7 @@ class _Run:
         if norm and rank == 0:
             log.info("targets: raw teacher norm %.2f +- %.2f over %d rows; the %s term compares %s", norm["mean"],
                      norm["std"], norm["rows"], cfg.distill_loss, "raw values" if cfg.distill_loss == "mse" else "directions")
-        self.prep = prepare(cfg, self.shards, rank)
+        self.prep = prepare(cfg, self.shards, rank, StudentSpec.from_json(self.config["student"]))
         self._build(latest)
         self.runlog = RunLog(cfg.out, self.cursor.step, enabled=rank == 0, trace=cfg.trace_samples)
         self.last_saved = self.cursor.step if latest is not None else -1
