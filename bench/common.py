@@ -13,8 +13,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,20 +23,22 @@ from pathlib import Path
 from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-ORL = SHARED / "data" / "orl"
-MOBILEFACENET = SHARED / "teachers" / "mobilefacenet"
-
-# Child processes: quiet TF, no usage stats, no token auth on our loopback-only clusters
-# (the same settings the test suite uses), and RAY_ADDRESS=local so a CLI run without
-# --address starts its own cluster instead of joining another session's on this machine.
-CHILD_ENV = {
-    "TF_CPP_MIN_LOG_LEVEL": "2",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "PYTHONUNBUFFERED": "1",
-}
-
+sys.path.insert(0, str(ROOT))
+# The paths, child environment and process helpers the test suite and the benchmarks share
+# live with the tests (tests never import bench/).
+from tests.support import (  # noqa: E402,F401  (re-exported for the benchmarks)
+    CHILD_ENV,
+    GLINT12,
+    MOBILEFACENET,
+    ORL,
+    SHARED,
+    RayHead,
+    build_tiny_teacher,
+    command_lines,
+    free_port,
+    kill_tree,
+    process_tree,
+)
 
 # ---------------------------------------------------------------------------- the machine
 
@@ -192,6 +192,7 @@ def run_child(cmd: Sequence[str], env: dict | None = None, timeout: float = 1800
 
 
 def _vm_hwm_kib(pid: int) -> int:
+    """The peak RSS Linux keeps for a process (``VmHWM``); psutil reports only the current RSS."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
@@ -202,11 +203,8 @@ def _vm_hwm_kib(pid: int) -> int:
     return 0
 
 
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
 class TreeCpu:
-    """CPU seconds (user + system) used so far by a process and all its descendants.
+    """CPU seconds (user + system) used so far by a process and all its descendants (psutil).
 
     Every process ever seen in the tree keeps its last reading, so the total never drops when
     Ray kills its workers at the end of a run (nobody reaps them into a parent's ``cutime``);
@@ -215,32 +213,22 @@ class TreeCpu:
 
     def __init__(self, root: int):
         self.root = root
-        self.seen: dict[tuple[int, int], float] = {}  # (pid, start time) -> CPU seconds
+        self.seen: dict[tuple[int, float], float] = {}  # (pid, create time) -> CPU seconds
 
     def sample(self) -> float:
-        parent: dict[int, int] = {}
-        stat: dict[int, tuple[int, float]] = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
+        import psutil
+
+        try:
+            root = psutil.Process(self.root)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            procs = []
+        for proc in procs:
             try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            pid = int(entry)
-            parent[pid] = int(fields[1])
-            stat[pid] = (int(fields[19]), (int(fields[11]) + int(fields[12])) / _TICK)  # starttime; utime + stime
-        children: dict[int, list[int]] = {}
-        for pid, pp in parent.items():
-            children.setdefault(pp, []).append(pid)
-        stack = [self.root]
-        while stack:
-            pid = stack.pop()
-            if pid in stat:
-                start, cpu = stat[pid]
-                self.seen[(pid, start)] = cpu
-            stack.extend(children.get(pid, ()))
+                t = proc.cpu_times()
+                self.seen[(proc.pid, proc.create_time())] = t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
         return sum(self.seen.values())
 
 
@@ -250,95 +238,6 @@ def distill_cmd(*args: object) -> list[str]:
 
 def this_script_cmd(script: str, *args: object) -> list[str]:
     return [sys.executable, str(ROOT / "bench" / script), *map(str, args)]
-
-
-# ---------------------------------------------------------------------------- processes and a private Ray head
-# Shared with the test suite (tests/conftest.py, tests/integration/test_cluster.py): on this
-# shared machine nothing may `ray stop` or kill by name; everything is found by a marker
-# unique to one cluster or node (its mkdtemp'd --temp-dir) on the process command line.
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def processes() -> dict[int, tuple[int, str]]:
-    """{pid: (ppid, command line)} of every process we can read."""
-    out = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        out[int(entry)] = (ppid, cmd)
-    return out
-
-
-def process_tree(marker: str) -> set[int]:
-    """The processes whose command line names ``marker``, and all their descendants (one Ray
-    node: `ray start`, raylet, GCS, agents, log monitor and workers). Never this process."""
-    procs = processes()
-    pids = {p for p, (_, cmd) in procs.items() if marker in cmd and p != os.getpid()}
-    while kids := {p for p, (pp, _) in procs.items() if pp in pids} - pids - {os.getpid()}:
-        pids |= kids
-    return pids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def kill_tree(marker: str, *, grace: float = 10.0) -> int:
-    """Stop :func:`process_tree` (``marker``): SIGTERM, up to ``grace`` s to exit, then SIGKILL;
-    ``grace=0`` is SIGKILL at once (a machine dying). Returns how many processes there were.
-    The tree is taken before the first signal: children orphaned by it still get the second."""
-    pids = process_tree(marker)
-    for sig in ((signal.SIGTERM, signal.SIGKILL) if grace > 0 else (signal.SIGKILL,)):
-        for pid in pids | process_tree(marker):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        while any(map(_alive, pids)) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    return len(pids)
-
-
-class RayHead:
-    """``ray start --head`` with its own temp dir and port; stopped by :func:`kill_tree` of
-    its temp dir (``ray stop`` would kill other sessions' clusters on this shared machine)."""
-
-    def __init__(self, num_cpus: int | None = None):
-        self.num_cpus = num_cpus or os.cpu_count() or 1
-        self.temp = tempfile.mkdtemp(prefix="rb", dir="/tmp")  # Ray's socket paths must stay short
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-
-    def __enter__(self) -> "RayHead":
-        cmd = ["ray", "start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
-               f"--num-cpus={self.num_cpus}", "--include-dashboard=false", "--disable-usage-stats",
-               f"--temp-dir={self.temp}"]
-        try:
-            subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=180, env={**os.environ, **CHILD_ENV})
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        kill_tree(self.temp)
-        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------- bench inputs
@@ -411,27 +310,6 @@ def build_resnet18_teacher(out: Path, dim: int = 512, size: int = 112, seed: int
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     export_keras_teacher(keras.Model(inp, x, name="resnet18_teacher"), str(tmp))
-    os.replace(tmp, out)
-    return out
-
-
-def build_tiny_teacher(out: Path, dim: int = 512, size: int = 112, seed: int = 0) -> Path:
-    """A two-conv random teacher with a ``dim``-d output: real shards in seconds, when what is
-    measured is the data around the teacher (the training input), not the teacher."""
-    if (out / "saved_model.pb").exists():
-        return out
-    import keras
-
-    from distill.teacher import export_keras_teacher
-
-    keras.utils.set_random_seed(seed)
-    inp = keras.Input((size, size, 3))
-    x = keras.layers.Conv2D(8, 5, strides=4, activation="relu")(inp)
-    x = keras.layers.Conv2D(16, 3, strides=2, activation="relu")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    export_keras_teacher(keras.Model(inp, keras.layers.Dense(dim)(x)), str(tmp))
     os.replace(tmp, out)
     return out
 

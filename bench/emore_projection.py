@@ -38,10 +38,24 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/NAME.py` from anywhere
 
 from bench.common import (  # noqa: E402
-    build_tiny_teacher, distill_cmd, loadavg, make_face_jpegs, print_header, run_child, table, this_script_cmd,
+    build_tiny_teacher,
+    distill_cmd,
+    loadavg,
+    make_face_jpegs,
+    print_header,
+    run_child,
+    table,
+    this_script_cmd,
 )
 from bench.projection import (  # noqa: E402
-    EMORE_CLASSES, EMORE_ROWS, H100_BF16_TFLOPS, IRESNET100_GFLOPS, MFU, Cluster, Costs, project_student_epoch,
+    EMORE_CLASSES,
+    EMORE_ROWS,
+    H100_BF16_TFLOPS,
+    IRESNET100_GFLOPS,
+    MFU,
+    Cluster,
+    Costs,
+    project_student_epoch,
     project_teacher_pass,
 )
 
@@ -55,12 +69,12 @@ def child_costs(a) -> dict:
     import tensorflow as tf
 
     from distill.listing import ListingReader
+    from distill.shards.format import encode_shard, shard_schema
+    from distill.shards.plan import plan_shards
+    from distill.shards.storage import open_storage
     from distill.stream import ShardSet, make_dataset, plan_epoch
     from distill.teacher import Preprocessing, inspect_teacher
-    from shards.format import encode_shard, shard_schema
-    from shards.plan import plan_shards
-    from shards.storage import open_storage
-    from workers.embed_actor import EmbedTask, EmbedWorker
+    from distill.workers.embed_actor import EmbedTask, EmbedWorker
 
     spec = inspect_teacher(a.teacher)
     out = Path(a.out)

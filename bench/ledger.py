@@ -34,23 +34,23 @@ TTL = 300.0
 
 def _open(backend: str, where: str, num_shards: int, run_id: str):
     if backend == "file":
-        from shards.ledger import FileLedger
+        from distill.shards.ledger import FileLedger
 
         return FileLedger(where, num_shards)
-    from shards.ledger_redis import RedisLedger
+    from distill.shards.ledger_redis import RedisLedger
 
     return RedisLedger.from_url(where, run_id=run_id, num_shards=num_shards)
 
 
 def _record(k: int):
-    from shards.format import ShardRecord
+    from distill.shards.format import ShardRecord
 
     return ShardRecord(k=k, rows=1024, bytes=10_500_000, sha256="0" * 64, seconds=1.0, finished_at=time.time())
 
 
 def worker(backend: str, where: str, num_shards: int, run_id: str, ready, go, stop_at: mp.Value, out) -> None:
     """One simulated driver: lease one shard, renew it, complete it; repeat until time or work runs out."""
-    from shards.ledger import new_owner
+    from distill.shards.ledger import new_owner
 
     ledger = _open(backend, where, num_shards, run_id)
     owner = new_owner("bench")

@@ -32,10 +32,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/NAME.py` from anywhere
 
 from bench.common import (  # noqa: E402
-    CHILD_ENV, MOBILEFACENET, RayHead, distill_cmd, loadavg, make_face_jpegs, print_header, run_child, table,
+    CHILD_ENV,
+    MOBILEFACENET,
+    RayHead,
+    distill_cmd,
+    loadavg,
+    make_face_jpegs,
+    print_header,
+    run_child,
+    table,
 )
 from bench.projection import rewritten  # noqa: E402
-from shards.plan import parse_shard_name, shard_at, shard_name  # noqa: E402
+from distill.shards.plan import parse_shard_name, shard_at, shard_name  # noqa: E402
 
 
 def file_ids(folder: Path) -> dict[str, tuple[int, int]]:

@@ -35,7 +35,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/NAME.py` from anywhere
 
 from bench.common import (  # noqa: E402
-    MOBILEFACENET, distill_cmd, loadavg, make_face_jpegs, print_header, run_child, table,
+    MOBILEFACENET,
+    distill_cmd,
+    loadavg,
+    make_face_jpegs,
+    print_header,
+    run_child,
+    table,
     this_script_cmd,
 )
 from bench.projection import median, steady_cpu_per_row, steady_rate  # noqa: E402
@@ -66,7 +72,7 @@ def _paths(listing: str) -> list[str]:
 def _setup_tf(threads: int | None) -> None:
     # The embed actor's own TF settings (determinism, intra-op threads, one inter-op thread),
     # so (b), (c), (d) differ from (a) only in the pipeline around the teacher.
-    from workers.embed_actor import _configure_tensorflow
+    from distill.workers.embed_actor import _configure_tensorflow
 
     _configure_tensorflow(threads)
 
@@ -127,9 +133,9 @@ def child_per_image(a) -> dict:
 def child_worker(a) -> dict:
     """(a0): the embed actor's class driven in this process, shard by shard, no Ray."""
     from distill.listing import ListingReader, listing_fingerprint
+    from distill.shards.plan import plan_shards
     from distill.teacher import Preprocessing
-    from shards.plan import plan_shards
-    from workers.embed_actor import EmbedTask, EmbedWorker
+    from distill.workers.embed_actor import EmbedTask, EmbedWorker
 
     _setup_tf(a.threads)  # before anything starts TF: thread settings are fixed at its first use
     spec = _spec(a.teacher)
@@ -170,7 +176,7 @@ def child_ray_data(a) -> dict:
 
     class Embed:
         def __init__(self):
-            from workers.embed_actor import _configure_tensorflow
+            from distill.workers.embed_actor import _configure_tensorflow
 
             _configure_tensorflow(threads)
             self.teacher = Teacher(spec, Preprocessing())

@@ -31,11 +31,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/NAME.py` from anywhere
 
 from bench.common import (  # noqa: E402
-    RayHead, build_tiny_teacher, distill_cmd, loadavg, make_face_jpegs, print_header, run_child, table,
+    RayHead,
+    build_tiny_teacher,
+    distill_cmd,
+    loadavg,
+    make_face_jpegs,
+    print_header,
+    run_child,
+    table,
     this_script_cmd,
 )
 from bench.projection import median  # noqa: E402
-
 
 # ---------------------------------------------------------------------------- child: steps/s
 
@@ -44,10 +50,10 @@ def child_ratio(a) -> dict:
     import numpy as np
     import tensorflow as tf
 
+    from distill.loop import _make_step, _optimizer
     from distill.losses import LossSpec
     from distill.stream import make_dataset, open_shards, plan_epoch
     from distill.student import StudentSpec, build_student
-    from distill.loop import _make_step, _optimizer
     from distill.train_config import TrainConfig, resolve
 
     cfg = TrainConfig(shards=a.shards, out=a.out, batch_size=a.batch_size, shuffle_buffer=a.shuffle_buffer,

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from distill.errors import BadInput
+
 log = logging.getLogger(__name__)
 
 CENTRE_UPDATES = ("fixed", "adaptive")
@@ -69,7 +71,7 @@ def scan_shards(shards, centres: bool, cache_dir: str | None = None) -> ShardSca
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
-    from shards.storage import open_storage
+    from distill.shards.storage import open_storage
 
     cache = os.path.join(cache_dir, SCAN_CACHE) if cache_dir else None
     if cache and os.path.exists(cache):
@@ -89,7 +91,7 @@ def scan_shards(shards, centres: bool, cache_dir: str | None = None) -> ShardSca
                 t = pf.read_row_group(g, columns=columns)
                 lab = t.column("label").to_numpy()
                 if len(lab) and (lab.min() < 0 or lab.max() >= shards.num_classes):
-                    raise ValueError(f"{storage.uri(name)} has labels outside 0..{shards.num_classes - 1}; "
+                    raise BadInput(f"{storage.uri(name)} has labels outside 0..{shards.num_classes - 1}; "
                                      "the shard directory does not match its manifest: rerun `distill embed`")
                 labels[at:at + len(lab)] = lab
                 at += len(lab)
@@ -99,7 +101,7 @@ def scan_shards(shards, centres: bool, cache_dir: str | None = None) -> ShardSca
                 else:
                     np.add.at(counts, lab, 1)
     if at != shards.total_rows:
-        raise ValueError(f"the shards in {shards.location} hold {at} rows, the manifest says {shards.total_rows}; "
+        raise BadInput(f"the shards in {shards.location} hold {at} rows, the manifest says {shards.total_rows}; "
                          "rerun `distill embed`")
     scan = ShardScan(labels, sums, counts)
     if cache:

@@ -1,8 +1,8 @@
 """Training checkpoints: ``RUN/student/checkpoints/ckpt-<step>``.
 
 A checkpoint is a directory written under a temp name, fsynced and renamed into place, so a
-name that exists is whole: the weights and optimizer state (``state.npz``, variables in
-graph order), the data cursor (``cursor.json``: epoch, samples consumed in it, global step,
+name that exists is whole: the weights and optimizer state (``state.npz``, variables by
+path), the data cursor (``cursor.json``: epoch, samples consumed in it, global step,
 and what fixes the order: seed, world size, global batch, shards, buffer) and the resolved
 config (``config.json``). ``train`` writes and resumes from them, ``export`` reads the
 latest (or, with ``--best``, ``RUN/student/best``: the checkpoint of the epoch that scored
@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
+from distill.errors import IncompatibleRun
 
 CHECKPOINTS = "checkpoints"
 BEST = "best"
@@ -77,36 +79,53 @@ def write_checkpoint_files(path: str, state: dict[str, np.ndarray], config: dict
 
 
 def snapshot(model, optimizer=None) -> dict[str, np.ndarray]:
-    """Weights and optimizer state as arrays, in variable order (same graph -> same order)."""
-    state = {f"model.{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(model.weights)}
+    """Weights and optimizer state as arrays keyed by variable path (``model/<layer>/<name>``,
+    ``optimizer/<path>``): restored by name, so no graph change can load a tensor into the
+    wrong variable because it happens to sit at the same position with the same shape."""
+    state = {f"model/{_name(v, 'model')}": np.asarray(v.numpy()) for v in model.weights}
     if optimizer is not None:
-        state.update({f"optimizer.{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)})
+        state.update({f"optimizer/{_name(v, 'optimizer')}": np.asarray(v.numpy()) for v in optimizer.variables})
     return state
 
 
-def assign_model(model, state: dict[str, np.ndarray]) -> None:
-    """Load a snapshot's model weights into another model built from the same spec."""
-    keys = sorted(k for k in state if k.startswith("model."))
-    if len(keys) != len(model.weights):
-        raise ValueError(f"the snapshot holds {len(keys)} model variables, this graph has {len(model.weights)}")
-    for k, v in zip(keys, model.weights):
-        v.assign(state[k])
+def _name(v, prefix: str) -> str:
+    """A variable's key: its path (``layer/name``); an optimizer's variables without the
+    optimizer's own name (``adam``, or ``adam_1`` for the second one in a process)."""
+    return v.path.split("/", 1)[-1] if prefix == "optimizer" else v.path
+
+
+def _assign(variables, state, prefix: str, where: str) -> None:
+    """Every variable from its own key; a key missing, left over or of another shape is an error."""
+    keys = {k[len(prefix) + 1:]: k for k in state if k.startswith(prefix + "/")}
+    if not keys and any(k.startswith(prefix + ".") for k in state):
+        raise IncompatibleRun(f"{where} was written by an older distill (variables by position, not by name); "
+                              "train into a new --out directory")
+    paths = [_name(v, prefix) for v in variables]
+    missing, extra = sorted(set(paths) - set(keys)), sorted(set(keys) - set(paths))
+    if missing or extra:
+        raise IncompatibleRun(
+            f"{where} does not match this {prefix}: {len(missing)} variable(s) missing from it (e.g. "
+            f"{', '.join(missing[:3]) or '-'}), {len(extra)} it has that this graph lacks (e.g. {', '.join(extra[:3]) or '-'}); "
+            "it was written by another architecture: use a new --out directory")
+    for v, path in zip(variables, paths):
+        value = state[keys[path]]
+        if tuple(value.shape) != tuple(v.shape):
+            raise IncompatibleRun(f"{where}: {prefix} variable {v.path} is {tuple(v.shape)}, the checkpoint has "
+                                  f"{tuple(value.shape)}; use a new --out directory")
+        v.assign(value)
+
+
+def assign_model(model, state: dict[str, np.ndarray], where: str = "the snapshot") -> None:
+    """Load a snapshot's model weights, by name, into a model built from the same spec."""
+    _assign(model.weights, state, "model", where)
 
 
 def restore(model, optimizer, path: str) -> None:
     with np.load(os.path.join(path, "state.npz")) as z:
-        for prefix, variables in (("model", model.weights), ("optimizer", optimizer.variables if optimizer else None)):
-            if variables is None:
-                continue
-            keys = sorted(k for k in z.files if k.startswith(prefix + "."))
-            if len(keys) != len(variables):
-                raise ValueError(f"{path} holds {len(keys)} {prefix} variables, this graph has {len(variables)}: "
-                                 "it was written by another architecture; use a new --out directory")
-            for k, v in zip(keys, variables):
-                if tuple(z[k].shape) != tuple(v.shape):
-                    raise ValueError(f"{path}: {prefix} variable {v.path} is {tuple(v.shape)}, the checkpoint has "
-                                     f"{tuple(z[k].shape)}; use a new --out directory")
-                v.assign(z[k])
+        state = {k: z[k] for k in z.files}
+    _assign(model.weights, state, "model", path)
+    if optimizer is not None:
+        _assign(optimizer.variables, state, "optimizer", path)
 
 
 class LocalCheckpoints:
@@ -140,7 +159,7 @@ class LocalCheckpoints:
         return self._publish(tmp, cursor.step)
 
     def _publish(self, tmp: str, step: int) -> str:
-        from shards.storage import fsync_dir
+        from distill.shards.storage import fsync_dir
 
         final = os.path.join(self.dir, checkpoint_name(step))
         trash = None
@@ -164,11 +183,11 @@ class LocalCheckpoints:
 
 def write_best(out: str, state: dict[str, np.ndarray], config: dict, cursor: Cursor, val: dict) -> str:
     """``OUT/best``: the checkpoint that scored best on validation, replaced whole (temp + rename)."""
-    from shards.storage import fsync_dir
+    from distill.shards.storage import fsync_dir
 
     tmp = tempfile.mkdtemp(prefix=".best-", suffix=".tmp", dir=out)
     os.chmod(tmp, 0o755)
-    write_checkpoint_files(tmp, {k: v for k, v in state.items() if k.startswith("model.")}, config, cursor)
+    write_checkpoint_files(tmp, {k: v for k, v in state.items() if k.startswith("model/")}, config, cursor)
     with open(os.path.join(tmp, VAL), "w") as f:
         json.dump(val, f, indent=1, sort_keys=True)
     final = os.path.join(out, BEST)

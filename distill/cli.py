@@ -16,6 +16,8 @@ import re
 import sys
 import tempfile
 
+from distill.errors import DistillError, Stopped
+
 # Order is the order `distill --help` lists them in: the pipeline's order.
 STAGES = (
     "distill.listing",
@@ -91,8 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in TF_STAGES:
             import_tensorflow_quietly()
         rc = args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-        # User-facing errors carry their fix in the message; no traceback needed.
+    except Stopped as e:  # saved and resumable: the signal's exit status, and how to go on
+        print(f"distill {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except (DistillError, FileNotFoundError, PermissionError) as e:
+        # User-facing errors carry their fix in the message (a missing or unwritable path names
+        # the path); no traceback needed. Anything else is a bug and keeps its traceback.
         print(f"distill {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

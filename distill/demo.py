@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 
+from distill.errors import BadOption, CheckFailed, IncompatibleRun
+
 log = logging.getLogger(__name__)
 
 STAGES = ("data", "teacher", "listing", "embed", "train", "export", "evaluate")
@@ -55,11 +57,11 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         if self.identities < 2 or self.heldout_identities < 2:
-            raise ValueError("--identities and --heldout-identities must be at least 2 (verification needs pairs)")
+            raise BadOption("--identities and --heldout-identities must be at least 2 (verification needs pairs)")
         if self.per_identity < 2 or self.heldout_per_identity < 2:
-            raise ValueError("--per-identity and --heldout-per-identity must be at least 2 (same-identity pairs)")
+            raise BadOption("--per-identity and --heldout-per-identity must be at least 2 (same-identity pairs)")
         if self.identities * self.per_identity < self.batch_size:
-            raise ValueError(
+            raise BadOption(
                 f"{self.identities} x {self.per_identity} training images make no batch of {self.batch_size}; "
                 "lower --batch-size or raise --identities/--per-identity"
             )
@@ -105,7 +107,7 @@ def check_same_run(state: dict[str, Any] | None, cfg: DemoConfig) -> None:
     if have != want:
         diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
         shown = ", ".join(f"{k}: {have.get(k)!r} -> {want.get(k)!r}" for k in diff)
-        raise ValueError(
+        raise IncompatibleRun(
             f"{cfg.out} holds a demo run made with other options ({shown}); rerun with the same options to "
             "resume it, or pass another --out (or delete the directory) to start a new one"
         )
@@ -223,7 +225,7 @@ def _embed(cfg: DemoConfig, p: dict[str, str]) -> dict[str, Any]:
     finally:
         ray.shutdown()  # frees the actors' CPUs and memory for training
     if not report.complete or report.errors:
-        raise ValueError(
+        raise CheckFailed(
             f"embed finished {report.rows_done}/{report.rows_total} rows with {report.errors} errors; "
             f"see `distill status {p['shards']}` and rerun `distill demo` to resume"
         )

@@ -14,62 +14,84 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from distill.teacher import Preprocessing, TeacherSpec
+from distill.errors import BadInput, BadOption, ShardsFailed, Stopped
+from distill.options import add_options, option
+from distill.options import config_from_args as options_config
+from distill.shards.format import EMBEDDING_DTYPES, ShardRecord
+from distill.shards.ledger import Ledger, new_owner, open_ledger
+from distill.shards.manifest import build_manifest, check_compatible, read_manifest, run_id, write_manifest
+from distill.shards.plan import num_shards, parse_shard_name, shard_at, shard_name
+from distill.shards.reconcile import adopt_file, plan_reconcile, shard_files
+from distill.shards.storage import Storage, is_temp_name, open_storage, redact
+from distill.stopping import StopRequest
+from distill.teacher import CHANNEL_ORDERS, Preprocessing, TeacherError, TeacherSpec
 from distill.views import ViewSpec
-from shards.format import EMBEDDING_DTYPES, ShardRecord
-from shards.ledger import Ledger, new_owner, open_ledger
-from shards.manifest import build_manifest, check_compatible, read_manifest, run_id, write_manifest
-from shards.plan import num_shards, shard_at
-from shards.reconcile import adopt_file, plan_reconcile, shard_files
-from shards.storage import Storage, is_temp_name, open_storage, redact
 
 log = logging.getLogger(__name__)
 
 PER_ACTOR_QUEUE = 2  # one shard on the teacher, one writing its file or waiting its turn
+TEACHER_GROUP = "teacher input conventions (insightface defaults)"
+STORED_GROUP = "what the shards store"
 
 
 @dataclass(frozen=True)
 class EmbedConfig:
-    listing: str
-    teacher: str
-    out: str
-    shard_size: int = 1024
-    batch_size: int = 64
-    workers: int | None = None  # None: one per GPU when --gpus-per-worker > 0, else 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float | None = None  # None: 1 with GPUs, else the cluster's CPUs / workers
+    """The options of ``distill embed``: each field with ``option`` metadata is its CLI option
+    (``add_cli``); the teacher's input conventions and the views are their own dataclasses."""
+
+    listing: str = option(help="listing Parquet made by `distill listing`", positional=True)
+    teacher: str = option(help="teacher TensorFlow SavedModel directory")
+    out: str = option(help="shard directory (local/NFS path or s3://, gs:// URI)")
+    shard_size: int = option(1024, "rows per shard", group="plan")
+    batch_size: int = option(64, "images per teacher call", group="plan")
+    workers: int | None = option(None, "teacher actors (default: one per GPU, or 1 on CPU)", group="Ray")
+    gpus_per_worker: float = option(0.0, "GPUs per actor (0: CPU)", group="Ray")
+    cpus_per_worker: float | None = option(
+        None, "CPUs per actor, and the teacher's threads (default: 1 with GPUs, else the cluster's CPUs / workers)",
+        group="Ray")
     worker_resources: tuple[tuple[str, float], ...] = ()
-    address: str | None = None
+    address: str | None = option(None, "existing Ray cluster (e.g. auto, ray://head:10001); default: start a local one",
+                                 group="Ray")
+    decode_threads: int | None = option(
+        None, "threads per actor that read, decode and preprocess images (default: the actor's CPUs, at least 4)",
+        group="Ray")
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
-    flip: bool = True
+    signature: str = option("serving_default", "SavedModel signature", group=TEACHER_GROUP)
+    teacher_output: str | None = option(None, "signature output holding the embedding (default: the only one)",
+                                        group=TEACHER_GROUP)
+    flip: bool = option(True, "also store the teacher's embedding of the mirrored image", group=STORED_GROUP)
     views: ViewSpec = field(default_factory=ViewSpec)
-    dtype: str = "float32"
-    images: bool = True
-    signature: str = "serving_default"
-    teacher_output: str | None = None
-    ledger: str = "file"
-    lease_seconds: float = 60.0
-    max_attempts: int = 3
-    decode_threads: int | None = None  # None: the actor's CPUs, at least 4
-    progress: bool = True
+    dtype: str = option("float32", "stored embedding type", choices=EMBEDDING_DTYPES, group=STORED_GROUP)
+    images: bool = option(True, "store the image bytes (--no-images: paths only; the student needs the images)",
+                          group=STORED_GROUP)
+    ledger: str = option("file", "'file' (next to the shards) or redis://[:PASSWORD@]HOST:PORT/DB", group="ledger")
+    lease_seconds: float = option(60.0, "lease lifetime; renewed every third", group="ledger")
+    max_attempts: int = option(3, "tries per shard before it is left pending", group="ledger")
+    verify: bool = option(False, "before anything else, read every done shard and check its sha256 against its "
+                          "record (sizes are always checked); a shard that does not match is removed and re-embedded",
+                          group="ledger")
+    stop_grace: float = option(30.0, "on SIGTERM / SIGINT: lease nothing new, give the shards in flight this many "
+                               "seconds, release the rest, write the manifest of what is done", group="ledger")
+    progress: bool = option(True, "progress bar")
 
     def __post_init__(self) -> None:
         if self.dtype not in EMBEDDING_DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {self.dtype!r}")
+            raise BadOption(f"--dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {self.dtype!r}")
         if self.workers is not None and self.workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+            raise BadOption(f"--workers must be >= 1, got {self.workers}")
         if self.lease_seconds < 3:
-            raise ValueError(f"--lease-seconds must be >= 3 (heartbeats renew at a third of it), got {self.lease_seconds}")
+            raise BadOption(f"--lease-seconds must be >= 3 (heartbeats renew at a third of it), got {self.lease_seconds}")
         if self.shard_size < 1 or self.batch_size < 1:
-            raise ValueError("--shard-size and --batch-size must be positive")
+            raise BadOption("--shard-size and --batch-size must be positive")
+        if self.stop_grace < 0:
+            raise BadOption(f"--stop-grace must be >= 0 seconds, got {self.stop_grace}")
         if self.decode_threads is not None and self.decode_threads < 1:
-            raise ValueError(f"--decode-threads must be >= 1, got {self.decode_threads}")
+            raise BadOption(f"--decode-threads must be >= 1, got {self.decode_threads}")
         if self.views.count and not self.images:
-            raise ValueError("--views needs the images in the shards (the student re-renders each view from them); "
+            raise BadOption("--views needs the images in the shards (the student re-renders each view from them); "
                              "drop --no-images")
 
 
@@ -86,10 +108,6 @@ class EmbedReport:
     seconds: float
     images_per_second: float
     complete: bool
-
-
-class ShardsFailed(RuntimeError):
-    """Some shards failed every attempt; the rest are done and kept."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +134,7 @@ def resolve_run(cfg: EmbedConfig) -> Run:
         raise FileNotFoundError(f"listing {cfg.listing} not found: make it with `distill listing SOURCE --out {cfg.listing}`")
     info = read_listing_info(cfg.listing)
     if info.rows == 0:
-        raise ValueError(f"listing {cfg.listing} has no rows; nothing to embed")
+        raise BadInput(f"listing {cfg.listing} has no rows; nothing to embed")
     teacher_fp = teacher_fingerprint(cfg.teacher)
     spec = _spec_from_manifest(cfg, teacher_fp) or inspect_teacher(os.path.abspath(cfg.teacher), cfg.signature, cfg.teacher_output)
     identity = {
@@ -146,7 +164,7 @@ def _spec_from_manifest(cfg: EmbedConfig, teacher_fp: str) -> TeacherSpec | None
     files are byte-identical: a resume then skips importing TensorFlow in the driver."""
     try:
         m = read_manifest(open_storage(cfg.out, create=False))
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, BadInput):  # no usable earlier manifest: inspect the teacher instead
         return None
     if not m or m.get("teacher_fingerprint") != teacher_fp:
         return None
@@ -168,14 +186,29 @@ def open_output(cfg: EmbedConfig, run: Run) -> Storage:
     return storage
 
 
-def reconcile(storage: Storage, ledger: Ledger, owner: str, run: Run, lease_seconds: float) -> None:
-    """Make the ledger agree with the shard files (the truth), and clear stale temp files."""
+def reconcile(storage: Storage, ledger: Ledger, owner: str, run: Run, lease_seconds: float,
+              verify: bool = False) -> None:
+    """Make the ledger agree with the shard files (the truth), and clear stale temp files.
+    With ``verify``, a done shard whose bytes no longer match its record's sha256 is removed
+    and redone."""
+    from distill.shards.verify import Expected, check
+
     state = ledger.snapshot()
     files = shard_files(storage, run.num_shards)
     forget, adopt = plan_reconcile({k: r.bytes for k, r in state.done.items()}, files, run.num_shards)
     if forget:
         log.warning("%d shard(s) marked done have no matching file; redoing them: %s", len(forget), forget[:10])
         ledger.forget(forget)
+    if verify:
+        kept = {k: r for k, r in state.done.items() if k not in set(forget)}
+        bad, _ = check(storage, [Expected(shard_name(k), r.bytes, r.sha256) for k, r in sorted(kept.items())],
+                       checksum=True)
+        for m in bad:
+            log.warning("%s does not match its record (%s): removing it; it will be re-embedded", storage.uri(m.name), m.why)
+            storage.remove(m.name)
+        if bad:
+            ledger.forget(sorted(parse_shard_name(m.name) for m in bad))
+        log.info("verified %d done shard(s): %d re-embedded", len(kept), len(bad))
     for k in adopt:
         rec = adopt_file(storage, run.run_id, k)
         if rec is not None:
@@ -205,16 +238,22 @@ def run_embed(cfg: EmbedConfig) -> EmbedReport:
     ledger = open_ledger(cfg.ledger, cfg.out, run.num_shards, run.run_id)
     owner = new_owner()
     rows_this_run = shards_this_run = 0
+    stopped_by = None
     try:
-        reconcile(storage, ledger, owner, run, cfg.lease_seconds)
+        reconcile(storage, ledger, owner, run, cfg.lease_seconds, verify=cfg.verify)
         state = ledger.snapshot()
         if len(state.done) < run.num_shards:
             log.info(
                 "embedding %d rows into %s: %d of %d shards done, ledger: %s",
                 run.identity["rows"], storage.root, len(state.done), run.num_shards, ledger.describe(),
             )
-            shards_this_run, rows_this_run = _drive(cfg, run, ledger, owner)
+            shards_this_run, rows_this_run, stopped_by = _drive(cfg, run, ledger, owner)
         manifest = finalize(storage, ledger, run)
+        if stopped_by is not None:
+            raise Stopped(
+                f"stopped: {manifest['rows_done']}/{run.identity['rows']} rows in {len(manifest['shards'])}/"
+                f"{run.num_shards} shards are done and kept, leases released; rerun the same command to resume",
+                stopped_by)
     finally:
         ledger.close()
     seconds = time.perf_counter() - t0
@@ -234,19 +273,30 @@ def run_embed(cfg: EmbedConfig) -> EmbedReport:
 
 
 class _Heartbeat(threading.Thread):
-    """Renews this driver's leases every third of their lifetime while shards are in flight."""
+    """Renews this driver's leases every third of their lifetime while shards are in flight,
+    and reports the ones another driver took (``take_lost``)."""
 
     def __init__(self, ledger: Ledger, owner: str, ttl: float):
         super().__init__(daemon=True, name="lease-heartbeat")
         self.ledger, self.owner, self.ttl = ledger, owner, ttl
-        self.held: set[int] = set()
+        self._held: frozenset[int] = frozenset()
+        self._lost: set[int] = set()
         self.lock = threading.Lock()
         self.stop = threading.Event()
+
+    def track(self, held) -> None:
+        with self.lock:
+            self._held = frozenset(held)
+
+    def take_lost(self) -> set[int]:
+        with self.lock:
+            lost, self._lost = self._lost, set()
+        return lost
 
     def run(self) -> None:
         while not self.stop.wait(self.ttl / 3):
             with self.lock:
-                ks = sorted(self.held)
+                ks = sorted(self._held)
             if not ks:
                 continue
             try:
@@ -255,27 +305,24 @@ class _Heartbeat(threading.Thread):
                 log.warning("lease renewal failed (%s); will retry", e)
                 continue
             with self.lock:  # shards completed since the read are not lost, just done
-                lost = (set(ks) - set(kept)) & self.held
+                lost = (set(ks) - set(kept)) & self._held
+                self._lost |= lost
             if lost:
                 # Someone else took them after we stalled; both write identical bytes, so go on.
                 log.warning("lost leases on shards %s to another driver", sorted(lost))
 
 
-@dataclass
-class _Slot:
-    actor: Any
-    ready_ref: Any
-    ready: bool = False
-    inflight: list = field(default_factory=list)  # shard numbers
-
-
-def _drive(cfg: EmbedConfig, run: Run, ledger: Ledger, owner: str) -> tuple[int, int]:
-    """Lease, dispatch, collect. Returns (shards, rows) finished by this driver."""
+def _drive(cfg: EmbedConfig, run: Run, ledger: Ledger, owner: str) -> tuple[int, int, int | None]:
+    """Lease, dispatch, collect: the Ray shell around ``shards.dispatch.Dispatcher``, which
+    makes every decision. Returns (shards, rows) finished by this driver and the signal that
+    stopped it early (SIGTERM / SIGINT: nothing new is leased or submitted, the shards in
+    flight get ``--stop-grace`` seconds), or None."""
     import ray
     from tqdm import tqdm
 
     from distill.listing import ListingReader
-    from workers.embed_actor import EmbedTask, EmbedWorker
+    from distill.shards.dispatch import Dispatcher, Forget, MarkDone, Release, Replace, Submit
+    from distill.workers.embed_actor import EmbedTask, EmbedWorker
 
     _init_ray(cfg)
     workers, cpus = _resolve_resources(cfg)
@@ -290,155 +337,137 @@ def _drive(cfg: EmbedConfig, run: Run, ledger: Ledger, owner: str) -> tuple[int,
         # Threaded: a shard's Parquet encode + write overlaps the next shard's teacher batches.
         max_concurrency=PER_ACTOR_QUEUE,
     )
-
-    def new_slot() -> _Slot:
-        actor = actor_cls.remote(task)
-        return _Slot(actor, actor.ready.remote())
-
-    slots = [new_slot() for _ in range(workers)]
+    d = Dispatcher(workers, PER_ACTOR_QUEUE, cfg.max_attempts)
+    actors = [actor_cls.remote(task) for _ in range(workers)]
+    starting = {a.ready.remote(): i for i, a in enumerate(actors)}  # ready ref -> slot
+    streams: dict[Any, int] = {}  # generator -> shard
+    stream_of: dict[int, Any] = {}
+    records: dict[int, ShardRecord] = {}
     reader = ListingReader(cfg.listing)
     total = run.identity["rows"]
     beat = _Heartbeat(ledger, owner, cfg.lease_seconds)
     beat.start()
-    queue: deque[int] = deque()  # leased here, not yet dispatched
-    running: dict[Any, tuple[int, _Slot]] = {}  # generator -> (k, slot)
-    progress: dict[int, int] = {}  # rows yielded by the current attempt of k
-    attempts: dict[int, int] = {}
-    failed: dict[int, str] = {}
-    done_here = rows_here = start_failures = 0
+    rows_here = 0
     last_manifest = time.monotonic()
     storage = open_storage(cfg.out)
-
-    def hold(ks):
-        with beat.lock:
-            beat.held.update(ks)
-
-    def unhold(k):
-        with beat.lock:
-            beat.held.discard(k)
 
     def rows_done_overall(state) -> int:
         return sum(shard_at(k, total, cfg.shard_size).rows for k in state.done)
 
+    def apply(actions) -> None:
+        nonlocal rows_here, last_manifest
+        for act in actions:
+            if isinstance(act, Submit):
+                shard = shard_at(act.k, total, cfg.shard_size)
+                gen = actors[act.slot].embed_shard.options(num_returns="streaming").remote(
+                    shard, reader.rows(shard.start, shard.stop))
+                streams[gen], stream_of[act.k] = act.k, gen
+            elif isinstance(act, Forget):
+                streams.pop(stream_of.pop(act.k, None), None)
+                bar.update(-act.rows)
+            elif isinstance(act, Replace):
+                ray.kill(actors[act.slot], no_restart=True)
+                actors[act.slot] = actor_cls.remote(task)
+                starting[actors[act.slot].ready.remote()] = act.slot
+            elif isinstance(act, MarkDone):
+                record = records.pop(act.k)
+                ledger.complete(owner, record)
+                rows_here += record.rows + len(record.errors)
+                if time.monotonic() - last_manifest > 60:
+                    finalize(storage, ledger, run)
+                    last_manifest = time.monotonic()
+            elif isinstance(act, Release):
+                ledger.release(owner, list(act.ks))
+        beat.track(d.held)
+
     state = ledger.snapshot()
     bar = tqdm(total=total, initial=rows_done_overall(state), unit="img", desc="embed", disable=not cfg.progress,
                dynamic_ncols=True, smoothing=0.05)
+    stop, grace_ends = StopRequest("the teacher pass").install(), None  # (over Ray's abort-on-SIGTERM handler)
     try:
         while True:
-            # 1. Fill every ready actor's queue, leasing more shards when ours run out.
-            for slot in slots:
-                while slot.ready and len(slot.inflight) < PER_ACTOR_QUEUE:
-                    if not queue:
-                        want = sum(PER_ACTOR_QUEUE - len(s.inflight) for s in slots if s.ready)
-                        got = ledger.acquire(owner, max(1, want), cfg.lease_seconds, time.time())
-                        got = [k for k in got if k not in failed]
-                        hold(got)
-                        queue.extend(got)
-                        if not queue:
-                            break
-                    k = queue.popleft()
-                    shard = shard_at(k, total, cfg.shard_size)
-                    gen = slot.actor.embed_shard.options(num_returns="streaming").remote(shard, reader.rows(shard.start, shard.stop))
-                    running[gen] = (k, slot)
-                    slot.inflight.append(k)
-                    progress[k] = 0
-
-            waiting_on = list(running) + [s.ready_ref for s in slots if not s.ready]
-            if not running:
+            apply(d.lease_lost(beat.take_lost()))
+            if stop.requested:
+                if grace_ends is None:
+                    grace_ends = time.monotonic() + cfg.stop_grace
+                    d.drain()
+                    log.warning("stopping: no new shards; %d in flight get up to %.0f s to finish",
+                                len(d.running), cfg.stop_grace)
+                if not d.busy():
+                    break
+                if time.monotonic() > grace_ends:
+                    log.warning("stop grace over: releasing the %d shard(s) still in flight", len(d.running))
+                    break
+            elif want := d.wants():
+                apply(d.leased(ledger.acquire(owner, want, cfg.lease_seconds, time.time())))
+            if not d.busy():
                 # Nothing in flight: finished even if a replacement actor can never be placed
                 # (its node died and no other node has the resources).
                 state = ledger.snapshot()
-                if len(state.done) + len(failed) >= run.num_shards:
+                if len(state.done) + len(d.failed) >= run.num_shards:
                     break
+            waiting_on = list(streams) + list(starting)
             if not waiting_on:
                 # The rest is leased by other drivers: wait for them, or for their leases to expire.
                 bar.n = rows_done_overall(state)
                 bar.set_postfix_str(f"waiting on {run.num_shards - len(state.done)} shards leased elsewhere")
                 time.sleep(min(2.0, cfg.lease_seconds / 3))
                 continue
-
             ready, _ = ray.wait(waiting_on, num_returns=1, timeout=1.0)
             for item in ready:
-                slot = next((s for s in slots if not s.ready and s.ready_ref == item), None)
-                if slot is not None:
+                if item in starting:
+                    slot = starting.pop(item)
                     try:
                         ray.get(item)
-                    except ray.exceptions.RayActorError as e:
-                        # Its node died while it loaded the teacher: start another one.
-                        start_failures += 1
-                        if start_failures > workers * cfg.max_attempts:
-                            raise ValueError(f"teacher actors keep dying while starting: {_first_line(e)}") from e
+                    except ray.exceptions.RayActorError as e:  # its node died while it loaded the teacher
                         log.warning("a teacher actor died while starting (%s); replacing it", _first_line(e))
-                        slots[slots.index(slot)] = new_slot()
+                        apply(d.start_failed(slot, _first_line(e)))
                         continue
                     except ray.exceptions.RayError as e:  # the constructor raised: same for every actor
-                        raise ValueError(f"a teacher actor failed to start: {_first_line(e)}") from e
-                    slot.ready = True
+                        raise TeacherError(f"a teacher actor failed to start: {_first_line(e)}") from e
+                    apply(d.ready(slot))
                     continue
-                k, slot = running[item]
+                if item not in streams:  # a stream forgotten with its dead actor
+                    continue
+                k = streams[item]
                 try:
                     value = ray.get(next(item))
                 except StopIteration:
-                    del running[item]
+                    streams.pop(item, None)
                     continue
                 except (ray.exceptions.RayError, OSError, ValueError) as e:
-                    del running[item]
-                    slot.inflight.remove(k)
-                    bar.update(-progress.pop(k, 0))
-                    attempts[k] = attempts.get(k, 0) + 1
                     dead = isinstance(e, ray.exceptions.RayActorError)
-                    log.warning("shard %d attempt %d failed (%s): %s", k, attempts[k], "actor died" if dead else "error", _first_line(e))
-                    if dead:
-                        # Replace the actor; shards queued behind this one go back, no attempt spent.
-                        for g, (kk, s) in list(running.items()):
-                            if s is slot:
-                                del running[g]
-                                bar.update(-progress.pop(kk, 0))
-                                queue.appendleft(kk)
-                        slot.inflight.clear()
-                        slots[slots.index(slot)] = new_slot()
-                    if attempts[k] < cfg.max_attempts:
-                        queue.appendleft(k)
-                    else:
-                        failed[k] = _first_line(e)
-                        ledger.release(owner, [k])
-                        unhold(k)
+                    log.warning("shard %d attempt %d failed (%s): %s", k, d.attempts.get(k, 0) + 1,
+                                "actor died" if dead else "error", _first_line(e))
+                    apply(d.failed_attempt(k, _first_line(e), actor_died=dead))
                     continue
                 if isinstance(value, int):
-                    progress[k] += value
+                    d.progress(k, value)
                     bar.update(value)
                     continue
-                record = ShardRecord.from_json(value)
-                ledger.complete(owner, record)
-                unhold(k)
-                slot.inflight.remove(k)
-                progress.pop(k, None)
-                done_here += 1
-                rows_here += record.rows + len(record.errors)
-                if time.monotonic() - last_manifest > 60:
-                    finalize(storage, ledger, run)
-                    last_manifest = time.monotonic()
-    except BaseException:
-        # Interrupted (Ctrl-C) or crashed: hand leases back so a rerun starts at once.
-        with beat.lock:
-            held = sorted(beat.held)
-        try:
-            ledger.release(owner, held)
-        except Exception:
-            pass
-        raise
+                records[k] = ShardRecord.from_json(value)
+                streams.pop(item, None)
+                stream_of.pop(k, None)
+                apply(d.finished(k))
     finally:
+        stop.restore()
+        # Done, stopped, interrupted or crashed: hand back every lease still held (given-up
+        # shards; in-flight ones after a stop or a crash) so a rerun or another driver starts at once.
+        try:
+            apply(d.stop())
+        except Exception as e:  # an error in flight matters more; the leases expire anyway
+            log.warning("could not release leases (%s); they expire in %.0f s", _first_line(e), cfg.lease_seconds)
         beat.stop.set()
         bar.close()
-        for slot in slots:
-            ray.kill(slot.actor, no_restart=True)
-    if failed:
-        details = "; ".join(f"shard {k}: {why}" for k, why in sorted(failed.items())[:5])
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+    if d.failed:
+        details = "; ".join(f"shard {k}: {why}" for k, why in sorted(d.failed.items())[:5])
         raise ShardsFailed(
-            f"{len(failed)} shard(s) failed {cfg.max_attempts} times and were left pending ({details}). "
+            f"{len(d.failed)} shard(s) failed {cfg.max_attempts} times and were left pending ({details}). "
             "Fix the cause and rerun the same command: finished shards are kept."
         )
-    return done_here, rows_here
+    return d.done, rows_here, stop.signum
 
 
 def _first_line(e: BaseException) -> str:
@@ -468,7 +497,7 @@ def _resolve_resources(cfg: EmbedConfig) -> tuple[int, float]:
         gpus = res.get("GPU", 0)
         if cfg.workers is None:
             if gpus < cfg.gpus_per_worker:
-                raise ValueError(
+                raise BadOption(
                     f"--gpus-per-worker {cfg.gpus_per_worker:g} but the Ray cluster has {gpus:g} GPUs now; pass "
                     "--workers N to wait for an autoscaler to add them, or drop --gpus-per-worker to run on CPU"
                 )
@@ -517,63 +546,33 @@ def add_cli(sub) -> None:
         description="Run the teacher over every listing row on Ray actors, writing one Parquet shard per "
         "planned shard plus manifest.json. Rerun the same command after any interruption to resume.",
     )
-    p.add_argument("listing", help="listing Parquet made by `distill listing`")
-    p.add_argument("--teacher", required=True, help="teacher TensorFlow SavedModel directory")
-    p.add_argument("--out", required=True, help="shard directory (local/NFS path or s3://, gs:// URI)")
-    g = p.add_argument_group("plan")
-    g.add_argument("--shard-size", type=int, default=1024, help="rows per shard (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=64, help="images per teacher call (default: %(default)s)")
-    g = p.add_argument_group("Ray")
-    g.add_argument("--workers", type=int, default=None, help="teacher actors (default: one per GPU, or 1 on CPU)")
-    g.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (default: 0, CPU)")
-    g.add_argument("--cpus-per-worker", type=float, default=None,
-                   help="CPUs per actor (default: 1 with GPUs, else the cluster's CPUs / workers)")
-    g.add_argument("--worker-resource", type=_resource, action="append", default=[], metavar="NAME=AMOUNT",
-                   help="custom Ray resource each actor needs (repeatable), e.g. to pin actors to node types")
-    g.add_argument("--address", default=None, help="existing Ray cluster (e.g. auto, ray://head:10001); default: start a local one")
-    g.add_argument("--decode-threads", type=int, default=None,
-                   help="threads per actor that read, decode and preprocess images (default: the actor's CPUs, at least 4)")
-    g = p.add_argument_group("teacher input conventions (insightface defaults)")
-    g.add_argument("--pixel-mean", type=float, default=127.5, help="subtracted from 0..255 pixels (default: %(default)s)")
-    g.add_argument("--pixel-scale", type=float, default=128.0, help="then divided by this (default: %(default)s)")
-    g.add_argument("--channel-order", choices=("RGB", "BGR"), default="RGB", help="default: %(default)s")
-    g.add_argument("--signature", default="serving_default", help="SavedModel signature (default: %(default)s)")
-    g.add_argument("--teacher-output", default=None, help="signature output holding the embedding (default: the only one)")
-    g = p.add_argument_group("what the shards store")
-    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
-                   help="also store the teacher's embedding of the mirrored image (default: on)")
-    g.add_argument("--views", type=int, default=0, metavar="K",
+    groups = add_options(p, EmbedConfig)
+    groups["Ray"].add_argument(
+        "--worker-resource", type=_resource, action="append", default=[], metavar="NAME=AMOUNT",
+        help="custom Ray resource each actor needs (repeatable), e.g. to pin actors to node types")
+    pre, g = Preprocessing(), groups[TEACHER_GROUP]
+    g.add_argument("--pixel-mean", type=float, default=pre.pixel_mean, help=f"subtracted from 0..255 pixels (default: {pre.pixel_mean})")
+    g.add_argument("--pixel-scale", type=float, default=pre.pixel_scale, help=f"then divided by this (default: {pre.pixel_scale})")
+    g.add_argument("--channel-order", choices=CHANNEL_ORDERS, default=pre.channel_order, help=f"default: {pre.channel_order}")
+    views, g = ViewSpec(), groups[STORED_GROUP]
+    g.add_argument("--views", type=int, default=views.count, metavar="K",
                    help="also store the teacher's embedding of K augmented views of every image (random crop, "
                         "mirror, colour and grey jitter; see distill/views.py), which `distill train` re-renders "
-                        "bit-exactly and trains on (default: 0, none; costs K more teacher calls per image)")
-    g.add_argument("--view-seed", type=int, default=0, help="seed of the views' parameters (default: %(default)s)")
-    g.add_argument("--view-scale", type=_pair, default=ViewSpec.scale, metavar="LO,HI",
-                   help="crop side as a fraction of the image side (default: %s)" % ",".join(map(str, ViewSpec.scale)))
+                        f"bit-exactly and trains on (default: {views.count}; costs K more teacher calls per image)")
+    g.add_argument("--view-seed", type=int, default=views.seed, help=f"seed of the views' parameters (default: {views.seed})")
+    g.add_argument("--view-scale", type=_pair, default=views.scale, metavar="LO,HI",
+                   help="crop side as a fraction of the image side (default: %s)" % ",".join(map(str, views.scale)))
     g.add_argument("--view-colour", type=float, default=1.0, metavar="F",
                    help="scales the brightness, contrast and saturation jitter (0: none; default: 1)")
-    g.add_argument("--view-grey", type=float, default=ViewSpec.grey, metavar="P",
-                   help="probability of a grey view (default: %(default)s)")
-    g.add_argument("--dtype", choices=EMBEDDING_DTYPES, default="float32", help="stored embedding type (default: %(default)s)")
-    g.add_argument("--no-images", dest="images", action="store_false", help="store paths only, not image bytes")
-    g = p.add_argument_group("ledger")
-    g.add_argument("--ledger", default="file", help="'file' (next to the shards, default) or redis://[:PASSWORD@]HOST:PORT/DB")
-    g.add_argument("--lease-seconds", type=float, default=60.0, help="lease lifetime; renewed every third (default: %(default)s)")
-    g.add_argument("--max-attempts", type=int, default=3, help="tries per shard before it is left pending (default: %(default)s)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--view-grey", type=float, default=views.grey, metavar="P",
+                   help=f"probability of a grey view (default: {views.grey})")
     p.set_defaults(func=_main)
 
 
 def config_from_args(a) -> EmbedConfig:
-    return EmbedConfig(
-        listing=a.listing, teacher=a.teacher, out=a.out, shard_size=a.shard_size, batch_size=a.batch_size,
-        workers=a.workers, gpus_per_worker=a.gpus_per_worker, cpus_per_worker=a.cpus_per_worker,
-        worker_resources=tuple(a.worker_resource), address=a.address,
-        preprocessing=Preprocessing(a.pixel_mean, a.pixel_scale, a.channel_order),
-        flip=a.flip, views=view_spec_from_args(a), dtype=a.dtype, images=a.images, signature=a.signature,
-        teacher_output=a.teacher_output,
-        ledger=a.ledger, lease_seconds=a.lease_seconds, max_attempts=a.max_attempts,
-        decode_threads=a.decode_threads, progress=a.progress,
-    )
+    return options_config(EmbedConfig, a, worker_resources=tuple(a.worker_resource),
+                          preprocessing=Preprocessing(a.pixel_mean, a.pixel_scale, a.channel_order),
+                          views=view_spec_from_args(a))
 
 
 def _main(a) -> int:

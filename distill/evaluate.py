@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from distill.errors import BadInput, BadOption, DistillError, IncompatibleRun
 from distill.teacher import CHANNEL_ORDERS, Preprocessing
 
 log = logging.getLogger(__name__)
@@ -53,21 +54,34 @@ class EvaluateConfig:
     out: str | None = None
     batch_size: int = 64
     flip: bool = False  # folder mode: add the flipped image's embedding (always on for .bin)
-    preprocessing: Preprocessing = field(default_factory=Preprocessing)
+    # How float32 (teacher) models are fed. None: as the shard manifest recorded it (``shards``,
+    # or the shards an exported MODEL was trained on, when they were embedded by ``teacher``),
+    # else Preprocessing's defaults. Given and different from the record: an error.
+    pixel_mean: float | None = None
+    pixel_scale: float | None = None
+    channel_order: str | None = None
     signature: str = "serving_default"
+    shards: str | None = None  # the teacher's run: preprocessing, signature and output as it recorded them
     progress: bool = True
 
     def __post_init__(self) -> None:
         if (self.folders is None) == (self.bin is None):
-            raise ValueError("pass exactly one of --folders DIR (identity folder tree) or --bin FILE (insightface .bin)")
+            raise BadOption("pass exactly one of --folders DIR (identity folder tree) or --bin FILE (insightface .bin)")
         if self.pairs is not None and self.pairs < 2:
-            raise ValueError(f"--pairs must be at least 2 (half same, half different), got {self.pairs}")
+            raise BadOption(f"--pairs must be at least 2 (half same, half different), got {self.pairs}")
         if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
+            raise BadOption(f"--batch-size must be positive, got {self.batch_size}")
 
 
 # ---------------------------------------------------------------------------------------
 # Pure parts: pairs, ROC-AUC, best accuracy, k-fold thresholds.
+#
+# Written here rather than taken from scikit-learn (roc_auc_score, KFold), on purpose: it is
+# not otherwise a dependency (tens of MB, and its own SciPy pin, on every GPU node) for ~60
+# lines; the ROC-AUC must be exact over up to ~2M pairs with ties counted half (one sort, no
+# threshold grid), and the folds must reproduce insightface's verification.py, which uses
+# KFold(shuffle=False): tests/unit/test_evaluate.py checks both against brute force and
+# against sklearn's documented fold layout.
 
 
 def all_pairs(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -90,9 +104,9 @@ def sample_pairs(labels: np.ndarray, n_pairs: int, seed: int) -> tuple[np.ndarra
     rng = np.random.default_rng(seed)
     classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
     if len(classes) < 2:
-        raise ValueError("verification needs at least two identities (folders)")
+        raise BadInput("verification needs at least two identities (folders)")
     if counts.max() < 2:
-        raise ValueError("verification needs an identity with at least two images")
+        raise BadInput("verification needs an identity with at least two images")
     members = np.argsort(inverse, kind="stable")  # images grouped by class
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     n_same = n_pairs // 2
@@ -117,7 +131,7 @@ def sample_pairs(labels: np.ndarray, n_pairs: int, seed: int) -> tuple[np.ndarra
             break
         dj[clash] = rng.integers(0, len(labels), len(clash))
     else:
-        raise ValueError("could not sample different-identity pairs: nearly all images share one identity")
+        raise BadInput("could not sample different-identity pairs: nearly all images share one identity")
     i = np.concatenate([si, di])
     j = np.concatenate([sj, dj])
     return i, j, labels[i] == labels[j]
@@ -225,7 +239,7 @@ def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
 # The .bin file: a pickle, which can run code. Only the containers real files hold load.
 
 
-class UnsafePickle(ValueError):
+class UnsafePickle(BadInput):
     """The .bin asks to build something a verification set never holds."""
 
 
@@ -291,18 +305,18 @@ def loads_bin(data: bytes) -> tuple[list[bytes], np.ndarray]:
     except UnsafePickle:
         raise
     except Exception as e:  # a truncated or non-pickle file raises many types
-        raise ValueError(f"not a verification .bin (pickle of (bins, issame_list)): {e}") from e
+        raise BadInput(f"not a verification .bin (pickle of (bins, issame_list)): {e}") from e
     if not isinstance(obj, (tuple, list)) or len(obj) != 2:
-        raise ValueError(f"a verification .bin holds (bins, issame_list); this one holds a {type(obj).__name__}")
+        raise BadInput(f"a verification .bin holds (bins, issame_list); this one holds a {type(obj).__name__}")
     bins, issame = obj
     images = [_as_bytes(b, k) for k, b in enumerate(bins)]
     try:
         same = np.asarray([bool(x) for x in issame], dtype=bool) if not isinstance(issame, np.ndarray) else issame
         same = same.astype(bool).reshape(-1)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"issame_list of the .bin is not a list of booleans: {e}") from e
+        raise BadInput(f"issame_list of the .bin is not a list of booleans: {e}") from e
     if len(images) != 2 * len(same):
-        raise ValueError(f"the .bin has {len(images)} images for {len(same)} pairs; expected 2 images per pair")
+        raise BadInput(f"the .bin has {len(images)} images for {len(same)} pairs; expected 2 images per pair")
     return images, same
 
 
@@ -313,7 +327,7 @@ def _as_bytes(b: Any, k: int) -> bytes:
         return b.tobytes()
     if isinstance(b, np.bytes_):
         return bytes(b)
-    raise ValueError(f"image {k} of the .bin is a {type(b).__name__}, not encoded image bytes")
+    raise BadInput(f"image {k} of the .bin is a {type(b).__name__}, not encoded image bytes")
 
 
 def load_bin(path: str) -> tuple[list[bytes], np.ndarray]:
@@ -342,10 +356,88 @@ def resolve_model_dir(path: str) -> str:
     )
 
 
+PREPROCESSING_OPTIONS = ("pixel_mean", "pixel_scale", "channel_order")
+
+
+@dataclass(frozen=True)
+class TeacherRecord:
+    """How a shard run fed its teacher, from its ``manifest.json``."""
+
+    manifest: str
+    teacher: str
+    fingerprint: str
+    preprocessing: Preprocessing
+    signature: str
+    output: str
+
+    @classmethod
+    def read(cls, shards: str) -> "TeacherRecord":
+        from distill.shards.manifest import load_manifest
+
+        m = load_manifest(shards)
+        sig = m["teacher_signature"]
+        return cls(os.path.join(shards, "manifest.json"), m["teacher"], m["teacher_fingerprint"],
+                   Preprocessing(**m["preprocessing"]), sig["name"], sig["output"])
+
+
+def trained_on(model: str) -> str | None:
+    """The shard directory an exported student was trained on (its checkpoint's config), if known."""
+    path = os.path.join(resolve_model_dir(model), os.pardir, "checkpoint", "config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)["train"]["shards"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def teacher_record(cfg: EvaluateConfig) -> tuple[TeacherRecord | None, str | None]:
+    """(the record that fixes how the teacher is fed, the teacher to evaluate).
+
+    ``--shards``: that run's record; ``--teacher`` must be the teacher it embedded with (or
+    is taken from it). Otherwise, when MODEL is an export whose training shards are readable
+    and were embedded by ``--teacher`` (same fingerprint): their record. Else none."""
+    from distill.teacher import teacher_fingerprint
+
+    if cfg.shards:
+        record = TeacherRecord.read(cfg.shards)
+        teacher = cfg.teacher or record.teacher
+        if teacher_fingerprint(teacher) != record.fingerprint:
+            raise IncompatibleRun(
+                f"--teacher {teacher} is not the teacher that embedded {cfg.shards} ({record.teacher}, fingerprint "
+                f"{record.fingerprint[:12]}); pass that teacher, or drop --shards and give its preprocessing options")
+        return record, teacher
+    if not cfg.teacher:
+        return None, None
+    shards = trained_on(cfg.model)
+    if shards is None:
+        return None, cfg.teacher
+    try:
+        record = TeacherRecord.read(shards)
+    except (DistillError, OSError, KeyError) as e:
+        log.debug("no teacher record from %s (%s)", shards, e)
+        return None, cfg.teacher
+    return (record if teacher_fingerprint(cfg.teacher) == record.fingerprint else None), cfg.teacher
+
+
+def choose_preprocessing(record: TeacherRecord | None, given: dict[str, Any]) -> Preprocessing:
+    """The recorded preprocessing, refusing given options that differ from it; without a
+    record, the given options over the defaults. Pure."""
+    given = {k: v for k, v in given.items() if v is not None}
+    if record is None:
+        return Preprocessing(**given)
+    rec = record.preprocessing
+    diffs = [f"--{k.replace('_', '-')} {v} (recorded: {getattr(rec, k)})" for k, v in given.items() if v != getattr(rec, k)]
+    if diffs:
+        raise IncompatibleRun(
+            f"{record.manifest} recorded how the teacher was fed, and {', '.join(diffs)} differs: scores would not "
+            "be the teacher's. Drop the option(s), or evaluate without the record (no --shards).")
+    return rec
+
+
 class Embedder:
     """uint8 RGB [N, H, W, 3] -> raw embeddings [N, D], for either kind of SavedModel."""
 
-    def __init__(self, path: str, pre: Preprocessing, signature: str = "serving_default"):
+    def __init__(self, path: str, pre: Preprocessing, signature: str = "serving_default", output: str | None = None):
         from distill.teacher import Teacher, TeacherError, inspect_teacher
 
         path = resolve_model_dir(path)
@@ -353,7 +445,7 @@ class Embedder:
         dtype = _signature_input_dtype(path, signature)
         if dtype == "float32":
             self.kind = "teacher"
-            spec = inspect_teacher(path, signature)
+            spec = inspect_teacher(path, signature, output)
             self._teacher = Teacher(spec, pre)
             self.height, self.width = spec.height, spec.width
             self.dim = spec.embedding_dim
@@ -400,9 +492,9 @@ def _signature_input_dtype(path: str, signature: str) -> str:
         if signature in mg.signature_def:
             inputs = mg.signature_def[signature].inputs
             if len(inputs) != 1:
-                raise ValueError(f"{path}: signature {signature!r} takes {len(inputs)} inputs; evaluate feeds one image batch")
+                raise BadInput(f"{path}: signature {signature!r} takes {len(inputs)} inputs; evaluate feeds one image batch")
             return dtypes.as_dtype(next(iter(inputs.values())).dtype).name
-    raise ValueError(f"{path} has no signature {signature!r}; pass a SavedModel exported by `distill export` or a teacher")
+    raise BadInput(f"{path} has no signature {signature!r}; pass a SavedModel exported by `distill export` or a teacher")
 
 
 def embed_all(
@@ -482,7 +574,7 @@ def scan_folders(root: str) -> tuple[list[str], np.ndarray, list[str]]:
         paths += [os.path.join(root, name, f) for f in files]
         labels += [label] * len(files)
     if len(names) < 2 or not paths:
-        raise ValueError(f"--folders {root} needs at least two identity sub-folders with images ({len(names)} found)")
+        raise BadInput(f"--folders {root} needs at least two identity sub-folders with images ({len(names)} found)")
     return paths, np.asarray(labels, np.int64), names
 
 
@@ -511,7 +603,7 @@ def _evaluate_folders(cfg: EvaluateConfig, models: dict[str, Embedder]) -> dict[
     embedded = np.delete(needed, bad)
     i, j, same = remap_pairs(i, j, same, embedded, len(paths))
     if same.all() or not same.any():
-        raise ValueError(f"--folders {cfg.folders}: need both same-identity and different-identity pairs")
+        raise BadInput(f"--folders {cfg.folders}: need both same-identity and different-identity pairs")
     results: dict[str, Any] = {"models": {}}
     for role, emb in embeddings.items():
         r = _verification(emb, i, j, same)
@@ -540,7 +632,7 @@ def _evaluate_bin(cfg: EvaluateConfig, models: dict[str, Embedder], blobs: list[
         models, len(blobs), blobs.__getitem__, lambda k: f"{cfg.bin} image {k}", cfg.batch_size, True, cfg.progress
     )
     if bad:
-        raise ValueError(f"{cfg.bin}: {len(bad)} images cannot be decoded (first: #{bad[0]}); the protocol needs every pair")
+        raise BadInput(f"{cfg.bin}: {len(bad)} images cannot be decoded (first: #{bad[0]}); the protocol needs every pair")
     results: dict[str, Any] = {"models": {}}
     embeddings = {}
     for role, e in raw.items():
@@ -607,9 +699,15 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Embed, score, print nothing; returns the results dict (and writes ``cfg.out``)."""
     # A bad or hostile .bin is refused before any model is loaded.
     verification_set = load_bin(cfg.bin) if cfg.bin else None
-    models = {"model": Embedder(cfg.model, cfg.preprocessing, cfg.signature)}
-    if cfg.teacher:
-        models["teacher"] = Embedder(cfg.teacher, cfg.preprocessing, "serving_default")
+    record, teacher = teacher_record(cfg)
+    pre = choose_preprocessing(record, {k: getattr(cfg, k) for k in PREPROCESSING_OPTIONS})
+    if record is not None:
+        log.info("teacher preprocessing as %s recorded it: %s, signature %s -> %s", record.manifest,
+                 pre.to_json(), record.signature, record.output)
+    models = {"model": Embedder(cfg.model, pre, cfg.signature)}
+    if teacher:
+        models["teacher"] = Embedder(teacher, pre, record.signature if record else "serving_default",
+                                     record.output if record else None)
     t0 = time.perf_counter()
     if verification_set is None:
         results = _evaluate_folders(cfg, models)
@@ -618,7 +716,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     results["seconds"] = time.perf_counter() - t0
     results["paths"] = {role: m.path for role, m in models.items()}
     results["kinds"] = {role: m.kind for role, m in models.items()}
-    results["preprocessing"] = cfg.preprocessing.to_json()
+    results["preprocessing"] = pre.to_json()
+    results["preprocessing_from"] = record.manifest if record else None
     if cfg.out:
         _write_json(cfg.out, results)
     return results
@@ -658,9 +757,12 @@ def add_cli(sub) -> None:
     p.add_argument("--out", metavar="FILE", help="write the results as JSON here")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--flip", action="store_true", help="folder mode: add the mirrored image's embedding (.bin always does)")
-    p.add_argument("--pixel-mean", type=float, default=127.5, help="float32 (teacher) models: x' = (x - mean) / scale")
-    p.add_argument("--pixel-scale", type=float, default=128.0)
-    p.add_argument("--channel-order", choices=CHANNEL_ORDERS, default="RGB")
+    p.add_argument("--shards", metavar="DIR", help="the teacher's shard directory (RUN/shards): feed the teacher "
+                   "as its manifest recorded (preprocessing, signature, output); --teacher defaults to its teacher")
+    p.add_argument("--pixel-mean", type=float, help="float32 (teacher) models: x' = (x - mean) / scale; default: as "
+                   "the shards recorded (--shards, or those an exported MODEL was trained on), else 127.5")
+    p.add_argument("--pixel-scale", type=float, help="default: as recorded, else 128")
+    p.add_argument("--channel-order", choices=CHANNEL_ORDERS, help="default: as recorded, else RGB")
     p.add_argument("--signature", default="serving_default", help="signature of MODEL")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=_main)
@@ -677,8 +779,8 @@ def _main(args) -> int:
         out=args.out,
         batch_size=args.batch_size,
         flip=args.flip,
-        preprocessing=Preprocessing(args.pixel_mean, args.pixel_scale, args.channel_order),
-        signature=args.signature,
+        pixel_mean=args.pixel_mean, pixel_scale=args.pixel_scale, channel_order=args.channel_order,
+        signature=args.signature, shards=args.shards,
         progress=args.progress,
     )
     results = run_evaluate(cfg)

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from distill.errors import BadInput, BadOption, CheckFailed
+
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
 TFLITE_KINDS = ("float16", "int8")
 
@@ -43,11 +45,11 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         if self.check_rows <= 0:
-            raise ValueError(f"--check-rows must be positive, got {self.check_rows}")
+            raise BadOption(f"--check-rows must be positive, got {self.check_rows}")
         if os.path.abspath(self.out) == os.path.abspath(self.student):
-            raise ValueError("--out must differ from the student directory (export replaces --out as a whole)")
+            raise BadOption("--out must differ from the student directory (export replaces --out as a whole)")
         if self.best and self.checkpoint:
-            raise ValueError("pass --best or --checkpoint DIR, not both")
+            raise BadOption("pass --best or --checkpoint DIR, not both")
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,8 @@ def check_images(location: str, n: int, size: tuple[int, int]) -> np.ndarray:
     import pyarrow.parquet as pq
     import tensorflow as tf
 
+    from distill.shards.storage import open_storage
     from distill.stream import decode_stored, open_shards
-    from shards.storage import open_storage
 
     shards = open_shards(location)
     storage = open_storage(location, create=False)
@@ -101,7 +103,7 @@ def check_images(location: str, n: int, size: tuple[int, int]) -> np.ndarray:
             break
     images = np.stack(out)
     if images.shape[1:3] != tuple(size):
-        raise ValueError(f"the shards in {location} hold {images.shape[1]}x{images.shape[2]} images, the student "
+        raise BadInput(f"the shards in {location} hold {images.shape[1]}x{images.shape[2]} images, the student "
                          f"takes {size[0]}x{size[1]}; pass the shards it was trained on with --shards")
     return images
 
@@ -206,7 +208,7 @@ def run_export(cfg: ExportConfig) -> ExportReport:
         got = loaded.signatures["serving_default"](**{INPUT_NAME: tf.constant(images)})[OUTPUT_NAME].numpy()
         diff = float(np.max(np.abs(got - want)))
         if not diff <= cfg.tolerance:
-            raise ValueError(f"the exported SavedModel differs from the trained model by {diff:.3g} (max abs, "
+            raise CheckFailed(f"the exported SavedModel differs from the trained model by {diff:.3g} (max abs, "
                              f"normalised embeddings) > --tolerance {cfg.tolerance}; nothing was published")
         tflite, cosines = {}, {}
         if cfg.tflite:
@@ -216,7 +218,7 @@ def run_export(cfg: ExportConfig) -> ExportReport:
                     f.write(_tflite(sm_dir, kind))
                 agree = cosine_agreement(run_tflite(path, images), want)
                 if not agree["min"] >= cfg.tflite_min_cosine:  # NaN fails too
-                    raise ValueError(f"TFLite {kind} agrees with the trained model only to cosine {agree['min']:.4f} "
+                    raise CheckFailed(f"TFLite {kind} agrees with the trained model only to cosine {agree['min']:.4f} "
                                      f"(min over {len(images)} images) < --tflite-min-cosine {cfg.tflite_min_cosine}")
                 tflite[kind] = os.path.join(out, os.path.basename(path))
                 cosines[kind] = agree

@@ -22,8 +22,8 @@ def run_export_npy(cfg: ExportNpyConfig) -> int:
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
-    from shards.manifest import load_manifest
-    from shards.storage import open_storage
+    from distill.shards.manifest import load_manifest
+    from distill.shards.storage import open_storage
 
     manifest = load_manifest(cfg.shards)
     storage = open_storage(cfg.shards, create=False)

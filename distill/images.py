@@ -10,11 +10,13 @@ import io
 
 import numpy as np
 
+from distill.errors import BadInput
+
 # Stored as-is when already in one of these at the right size: tf.io.decode_image reads them.
 PASSTHROUGH_FORMATS = ("JPEG", "PNG")
 
 
-class UnreadableImage(ValueError):
+class UnreadableImage(BadInput):
     """A row whose image cannot be used; ``reason`` is what the error record says."""
 
     def __init__(self, reason: str):

@@ -14,8 +14,9 @@ import time
 from dataclasses import dataclass
 from typing import Iterable
 
-from shards.format import ShardRecord
-from shards.ledger import LedgerState
+from distill.errors import BadOption
+from distill.shards.format import ShardRecord
+from distill.shards.ledger import LedgerState
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def records_with_progress(storage, run_id: str, num_shards: int) -> list[ShardRe
     file whole (about 40 GB for emore), which takes minutes."""
     from tqdm import tqdm
 
-    from shards.reconcile import adopt_file, shard_files
+    from distill.shards.reconcile import adopt_file, shard_files
 
     records = []
     for k in tqdm(sorted(shard_files(storage, num_shards)), desc="verify shards", unit="shard"):
@@ -103,9 +104,9 @@ def records_with_progress(storage, run_id: str, num_shards: int) -> list[ShardRe
 
 
 def run(cfg: LedgerConfig) -> int:
-    from shards.ledger import open_ledger
-    from shards.manifest import load_manifest
-    from shards.storage import open_storage
+    from distill.shards.ledger import open_ledger
+    from distill.shards.manifest import load_manifest
+    from distill.shards.storage import open_storage
 
     m = load_manifest(cfg.shards)
     run_id, num_shards = m["run_id"], int(m["num_shards"])
@@ -116,7 +117,7 @@ def run(cfg: LedgerConfig) -> int:
             return 0
         owners = live_owners(ledger.snapshot(), time.time())
         if owners and not cfg.force:
-            raise ValueError(
+            raise BadOption(
                 f"{ledger.describe()} has live leases held by {', '.join(owners[:5])}; stop those drivers "
                 "first (their shards would be done twice), or pass --force"
             )

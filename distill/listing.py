@@ -45,6 +45,8 @@ from typing import Iterator
 
 import numpy as np
 
+from distill.errors import BadInput, BadOption
+
 log = logging.getLogger(__name__)
 
 FOOTER_KEY = "distill.listing"
@@ -63,9 +65,9 @@ class ListingConfig:
 
     def __post_init__(self) -> None:
         if self.row_group_rows < 1:
-            raise ValueError(f"row_group_rows must be >= 1, got {self.row_group_rows}")
+            raise BadOption(f"row_group_rows must be >= 1, got {self.row_group_rows}")
         if self.idx_block_bytes < 1024:
-            raise ValueError(f"idx_block_bytes must be >= 1024, got {self.idx_block_bytes}")
+            raise BadOption(f"idx_block_bytes must be >= 1024, got {self.idx_block_bytes}")
 
 
 @dataclass(frozen=True)
@@ -128,16 +130,16 @@ def parse_list_line(line: str, lineno: int, where: str) -> tuple[str, int | None
     path, _, label = text.rpartition("\t")
     path, label = path.strip(), label.strip()
     if not path:
-        raise ValueError(f"{where}:{lineno}: empty path before the tab; expected `path<TAB>label` or `path`")
+        raise BadInput(f"{where}:{lineno}: empty path before the tab; expected `path<TAB>label` or `path`")
     try:
         value = int(label)
     except ValueError:
-        raise ValueError(
+        raise BadInput(
             f"{where}:{lineno}: label {label!r} is not an integer; expected `path<TAB>label` with an int label, "
             "or a bare `path` (label = its folder name)"
         ) from None
     if value < 0:
-        raise ValueError(f"{where}:{lineno}: label {value} is negative; labels are class numbers 0..C-1")
+        raise BadInput(f"{where}:{lineno}: label {value} is negative; labels are class numbers 0..C-1")
     return path, value
 
 
@@ -195,10 +197,10 @@ def resolve_source(source: str) -> tuple[str, str, RecFiles | None]:
     if src.endswith(".rec"):
         return "rec", src, _rec_files(src)
     if src.endswith(".idx") and os.path.isfile(src[: -len(".idx")] + ".rec"):
-        raise ValueError(f"{src} is a RecordIO index; give the .rec beside it ({src[:-4]}.rec) or its folder")
+        raise BadInput(f"{src} is a RecordIO index; give the .rec beside it ({src[:-4]}.rec) or its folder")
     with open(src, "rb") as f:
         if looks_binary(f.read(8192)):
-            raise ValueError(
+            raise BadInput(
                 f"{src} is a binary file, not a list: give a folder of identity sub-folders, a text file "
                 "of `path<TAB>label` lines, or an insightface train.rec"
             )
@@ -235,7 +237,7 @@ class _ListingWriter:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from shards.storage import temp_name
+        from distill.shards.storage import temp_name
 
         self.out = out
         self.rows = 0
@@ -299,7 +301,7 @@ class _ListingWriter:
         self._buffered = len(labels) - done
 
     def commit(self, info: ListingInfo) -> None:
-        from shards.storage import fsync_dir
+        from distill.shards.storage import fsync_dir
 
         self._flush(final=True)
         self._writer.add_key_value_metadata({FOOTER_KEY: json.dumps(info.to_json(), separators=(",", ":"))})
@@ -336,7 +338,7 @@ def _list_folders(root: str, sink: _ListingWriter) -> tuple[int, tuple[str, ...]
         entries = [e for e in it if not is_hidden(e.name)]
     names = sorted(e.name for e in entries if e.is_dir())
     if not names:
-        raise ValueError(
+        raise BadInput(
             f"{root} has no sub-folders: a folder source needs one sub-folder per identity "
             "(ROOT/NAME/image files). For a flat folder, write a list file of `path<TAB>label` lines."
         )
@@ -368,7 +370,7 @@ def _list_lines(path: str) -> Iterator[tuple[int, str, int | None]]:
             if labelled is None:
                 labelled = label is not None
             elif labelled != (label is not None):
-                raise ValueError(
+                raise BadInput(
                     f"{path}:{lineno}: "
                     + ("has no label but earlier lines do" if labelled else "has a label but earlier lines do not")
                     + "; give every line a `<TAB>label`, or none"
@@ -441,7 +443,7 @@ def build_listing(cfg: ListingConfig) -> ListingInfo:
     kind, source, rec_files = resolve_source(cfg.source)
     out = os.path.abspath(cfg.out)
     if os.path.isdir(out):
-        raise ValueError(f"--out {out} is a directory; give a file path such as {os.path.join(out, 'listing.parquet')}")
+        raise BadOption(f"--out {out} is a directory; give a file path such as {os.path.join(out, 'listing.parquet')}")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     sink = _ListingWriter(out, cfg.row_group_rows, rec=kind == "rec")
     try:
@@ -454,7 +456,7 @@ def build_listing(cfg: ListingConfig) -> ListingInfo:
             num_classes = _list_rec(rec_files, sink, cfg.idx_block_bytes)
         total = sink.total
         if total == 0:
-            raise ValueError(f"listing of {source} is empty: no image files or records found there; "
+            raise BadInput(f"listing of {source} is empty: no image files or records found there; "
                              "check the path (folders need ROOT/NAME/files, lists need non-comment lines)")
         info = ListingInfo(kind, source, rec_files.rec if rec_files else None, total, num_classes, names)
         sink.commit(info)
@@ -474,14 +476,14 @@ def read_listing_info(path: str) -> ListingInfo:
     try:
         meta = pq.read_metadata(path).metadata or {}
     except Exception as e:  # pyarrow raises ArrowInvalid/OSError for a non-Parquet file
-        raise ValueError(f"{path} is not a Parquet file ({e}); make a listing with `distill listing`") from None
+        raise BadInput(f"{path} is not a Parquet file ({e}); make a listing with `distill listing`") from None
     raw = meta.get(FOOTER_KEY.encode())
     if raw is None:
-        raise ValueError(f"{path} has no `{FOOTER_KEY}` footer: it is not a distill listing; "
+        raise BadInput(f"{path} has no `{FOOTER_KEY}` footer: it is not a distill listing; "
                          "make one with `distill listing SOURCE --out PATH`")
     info = ListingInfo.from_json(json.loads(raw))
     if info.kind not in KINDS:
-        raise ValueError(f"{path} is a listing of unknown kind {info.kind!r} (this version knows {', '.join(KINDS)}); "
+        raise BadInput(f"{path} is a listing of unknown kind {info.kind!r} (this version knows {', '.join(KINDS)}); "
                          "rebuild it with this version's `distill listing`")
     return info
 

@@ -22,9 +22,11 @@ from typing import Any
 import numpy as np
 
 from distill.checkpoints import Cursor, read_best_val, read_checkpoint, restore, snapshot, write_best
+from distill.errors import BadInput, BadOption, Stopped
 from distill.losses import LossSpec
+from distill.stopping import StopRequest
 from distill.student import StudentSpec
-from distill.train_config import TrainConfig, check_resume, resolve, schedule_steps, should_checkpoint
+from distill.train_config import TrainConfig, check_resume, lr_schedule, resolve, should_checkpoint
 from distill.validate import is_better
 
 log = logging.getLogger(__name__)
@@ -150,15 +152,16 @@ def prepare(cfg: TrainConfig, shards, rank: int, student: StudentSpec) -> Prepar
 # ---------------------------------------------------------------- what the step needs
 
 
-def _optimizer(cfg: TrainConfig, total_steps: int):
+def _optimizer(cfg: TrainConfig, schedule: dict[str, Any]):
+    """The optimizer over the recorded ``schedule`` (``train_config.lr_schedule``)."""
     import keras
 
-    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    peak, warmup = schedule["lr"], schedule["warmup_steps"]
     # Cosine (or, with alpha=1, constant) after a linear warm-up from 1% of the peak.
     lr = keras.optimizers.schedules.CosineDecay(
-        cfg.lr * (0.01 if warmup else 1.0), decay_steps=max(total_steps - warmup, 1),
-        alpha=0.01 if cfg.lr_schedule == "cosine" else 1.0,
-        warmup_target=cfg.lr if warmup else None, warmup_steps=warmup,
+        peak * (0.01 if warmup else 1.0), decay_steps=schedule["decay_steps"] or 1,
+        alpha=0.01 if schedule["kind"] == "cosine" else 1.0,
+        warmup_target=peak if warmup else None, warmup_steps=warmup,
     )
     wd = cfg.weight_decay or None
     if cfg.optimizer == "adam":
@@ -226,14 +229,14 @@ def _load_init(model, spec: StudentSpec, cfg: TrainConfig) -> str:
                                                      weights=source)
         except Exception as e:  # a failed download, a file of another width: Keras raises many types
             if source == "imagenet":
-                raise ValueError(
+                raise BadOption(
                     f"--backbone-weights imagenet: Keras could not fetch the MobileNetV2 (alpha {spec.width}) ImageNet "
                     f"weights ({type(e).__name__}: {str(e).splitlines()[0][:200]}). Without network access, download "
                     f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{spec.width:g}_224_no_top.h5 from "
                     "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/ elsewhere and pass "
                     "--init FILE instead (Keras accepts only alpha 0.35, 0.5, 0.75, 1.0, 1.3, 1.4)"
                 ) from e
-            raise ValueError(f"--init {source}: not MobileNetV2 (alpha {spec.width}) backbone weights: {e}") from e
+            raise BadInput(f"--init {source}: not MobileNetV2 (alpha {spec.width}) backbone weights: {e}") from e
         by_name = {layer.name: layer for layer in model.layers}
         copied = 0
         for layer in src.layers:
@@ -241,7 +244,7 @@ def _load_init(model, spec: StudentSpec, cfg: TrainConfig) -> str:
                 by_name[layer.name].set_weights(layer.get_weights())
                 copied += 1
         if copied == 0:
-            raise ValueError(f"--init {source}: no layer of it matches the student's MobileNetV2 backbone")
+            raise BadInput(f"--init {source}: no layer of it matches the student's MobileNetV2 backbone")
         return f"backbone from {source} ({copied} layers)"
     path = find_checkpoint(cfg.init)
     src = build_student(StudentSpec.from_json(read_checkpoint(path)[0]["student"]))
@@ -256,7 +259,7 @@ def _load_init(model, spec: StudentSpec, cfg: TrainConfig) -> str:
         else:
             skipped.append(v.path)
     if copied == 0:
-        raise ValueError(f"--init {cfg.init}: none of its variables match this student (width, head, dims differ)")
+        raise BadInput(f"--init {cfg.init}: none of its variables match this student (width, head, dims differ)")
     return f"{copied} variables from {path}" + (f" ({len(skipped)} not matching, e.g. {skipped[0]})" if skipped else "")
 
 
@@ -274,7 +277,7 @@ class _Run:
         self.config = resolve(cfg, self.shards)
         replicas = strategy.num_replicas_in_sync
         if cfg.batch_size % replicas:
-            raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {replicas} replicas in sync")
+            raise BadOption(f"--batch-size {cfg.batch_size} must be a multiple of the {replicas} replicas in sync")
         latest = store.latest()
         self.cursor = Cursor(0, 0, 0, cfg.seed, world_size, cfg.batch_size, cfg.shuffle_buffer, self.shards.run_id)
         if latest is not None:
@@ -287,12 +290,14 @@ class _Run:
             log.info("targets: raw teacher norm %.2f +- %.2f over %d rows; the %s term compares %s", norm["mean"],
                      norm["std"], norm["rows"], cfg.distill_loss, "raw values" if cfg.distill_loss == "mse" else "directions")
         self.prep = prepare(cfg, self.shards, rank, StudentSpec.from_json(self.config["student"]))
+        self.config["schedule"] = lr_schedule(self.config["train"], self.prep.train_rows)
         self._build(latest)
         self.runlog = RunLog(cfg.out, self.cursor.step, enabled=rank == 0, trace=cfg.trace_samples)
         self.last_saved = self.cursor.step if latest is not None else -1
         self.last: dict[str, float] = {}
         self.trained, self.t_start = 0, time.perf_counter()
         self.best = read_best_val(cfg.out) if rank == 0 else None
+        self.stop = StopRequest("training")
 
     def _build(self, latest: str | None) -> None:
         from distill.student import build_student
@@ -305,7 +310,7 @@ class _Run:
         self.spec = StudentSpec.from_json(self.config["student"])
         with self.strategy.scope():
             self.model = build_student(self.spec)
-            self.optimizer = _optimizer(cfg, schedule_steps(cfg, self.prep.train_rows))
+            self.optimizer = _optimizer(cfg, self.config["schedule"])
             self.optimizer.build(self.model.trainable_variables)
         centres = self.model.get_layer("logits").centres if self.spec.margin == "teacher" else None
         if latest is not None:
@@ -357,6 +362,19 @@ class _Run:
 
     # -- the loop
     def run(self) -> dict[str, Any]:
+        with self.stop:  # SIGTERM / SIGINT: finish the step, checkpoint, raise Stopped
+            return self._run()
+
+    def _stop_if_asked(self) -> None:
+        if not self.stop.requested or self.done():  # (a stop at the last step is just the end)
+            return
+        if self.last_saved != self.cursor.step:
+            self.save()
+        c = self.cursor
+        raise Stopped(f"stopped at step {c.step} (epoch {c.epoch + 1}, sample {c.samples} of it) with a checkpoint; "
+                      "rerun the same command to resume from there", self.stop.signum)
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         try:
             if self.resumed_from is None and cfg.validates:
@@ -384,7 +402,7 @@ class _Run:
             exclude=self.prep.exclude,
         )
         if plan.steps == 0:
-            raise ValueError(
+            raise BadOption(
                 f"an epoch has no whole batch of {cfg.batch_size // world_size} per worker (training rows: "
                 f"{self.prep.train_rows} over {world_size} workers); lower --batch-size or --workers"
             )
@@ -425,6 +443,9 @@ class _Run:
                 t_log, since_log = now, 0
             if should_checkpoint(self.cursor.step, cfg.checkpoint_every) and self.cursor.samples < epoch_samples:
                 self.save()  # (at the epoch's last step the epoch-end checkpoint below covers it)
+            if self.stop.requested and self.cursor.samples < epoch_samples:
+                bar.close()
+                self._stop_if_asked()
         bar.close()
         if self.cursor.samples != epoch_samples:
             return  # stopped by --max-steps inside the epoch
@@ -444,6 +465,7 @@ class _Run:
             tqdm.write(line) if cfg.progress else log.info(line)
         self.runlog.record(rec)
         self.save(state, val)
+        self._stop_if_asked()
 
 
 def train_loop(cfg: TrainConfig, strategy, *, rank: int, world_size: int, store) -> dict[str, Any]:

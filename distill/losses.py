@@ -24,6 +24,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from distill.errors import BadOption
+
 DISTILL_LOSSES = ("mse", "nmse", "cosine")
 COSINE_MARGINS = ("arcface", "teacher")  # heads whose logits are cosines
 
@@ -39,13 +41,13 @@ class LossSpec:
 
     def __post_init__(self) -> None:
         if self.distill not in DISTILL_LOSSES:
-            raise ValueError(f"--distill-loss must be one of {', '.join(DISTILL_LOSSES)}, got {self.distill!r}")
+            raise BadOption(f"--distill-loss must be one of {', '.join(DISTILL_LOSSES)}, got {self.distill!r}")
         if self.ce_weight < 0 or self.mse_weight < 0 or self.ce_weight + self.mse_weight == 0:
-            raise ValueError(
+            raise BadOption(
                 f"--ce-weight {self.ce_weight} and --mse-weight {self.mse_weight} must be >= 0 and not both 0"
             )
         if self.arc_scale <= 0 or not 0 <= self.arc_margin < math.pi / 2:
-            raise ValueError(f"--arc-scale must be > 0 and --arc-margin in [0, pi/2), got {self.arc_scale}, {self.arc_margin}")
+            raise BadOption(f"--arc-scale must be > 0 and --arc-margin in [0, pi/2), got {self.arc_scale}, {self.arc_margin}")
 
 
 def arcface_logits(cosine, labels, scale: float, margin: float):

@@ -4,7 +4,9 @@ A config field declared with ``option(default, "help")`` becomes ``--field-name`
 default, that help (the default appended) and a type read off the annotation: ``int``,
 ``float``, ``str`` (optionally ``| None``) or ``bool`` (``--x`` / ``--no-x``). ``choices``,
 ``flag`` (another spelling), ``metavar`` and ``positional`` refine it; fields without
-``option`` metadata are not options. ``config_from_args`` builds the config back.
+``option`` metadata are not options (a stage adds those itself, with defaults read off the
+dataclasses they hold); ``group`` puts an option in a named help section.
+``config_from_args`` builds the config back.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ _META = "distill.option"
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices=None, flag: str | None = None,
-           metavar: str | None = None, positional: bool = False, required: bool = False):
+           metavar: str | None = None, positional: bool = False, required: bool = False, group: str | None = None):
     meta = {_META: {"help": help, "choices": choices, "flag": flag, "metavar": metavar,
-                    "positional": positional, "required": required}}
+                    "positional": positional, "required": required, "group": group}}
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -38,12 +40,17 @@ def _scalar_type(annotation) -> type:
     return args[0] if args else annotation
 
 
-def add_options(parser: argparse.ArgumentParser, cls) -> None:
-    """One argument per ``option`` field of the dataclass ``cls``, in field order."""
+def add_options(parser: argparse.ArgumentParser, cls) -> dict[str, Any]:
+    """One argument per ``option`` field of the dataclass ``cls``, in field order, in the
+    argument group its ``group`` names (created on first use). Returns the groups by name."""
+    groups: dict[str, Any] = {}
+    target = parser
     for f in dataclasses.fields(cls):
         meta = f.metadata.get(_META)
         if meta is None:
             continue
+        group = meta.get("group")
+        parser = groups.setdefault(group, target.add_argument_group(group)) if group else target
         kind = _scalar_type(f.type)
         has_default = f.default is not dataclasses.MISSING
         text = meta["help"]
@@ -64,6 +71,7 @@ def add_options(parser: argparse.ArgumentParser, cls) -> None:
             else:
                 kwargs["default"] = f.default
         parser.add_argument(*names, **kwargs)
+    return groups
 
 
 def config_from_args(cls, args: argparse.Namespace, **extra):

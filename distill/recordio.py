@@ -26,6 +26,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from distill.errors import BadInput
+
 log = logging.getLogger(__name__)
 
 MAGIC = 0xCED7230A
@@ -39,7 +41,7 @@ RECORD_HEAD = struct.Struct("<II")  # magic, lrec
 _FIRST_READ = 8 + 248
 
 
-class RecordIOError(ValueError):
+class RecordIOError(BadInput):
     """A record that cannot be read; the message names the file, the offset and why."""
 
 
@@ -344,16 +346,16 @@ def identity_labels(keys: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> n
     s, e = starts[order], ends[order]
     if np.any(e < s):
         bad = int(order[np.flatnonzero(e < s)[0]])
-        raise ValueError(f"identity {bad} has a key range [{int(starts[bad])}, {int(ends[bad])}) that ends before it starts")
+        raise BadInput(f"identity {bad} has a key range [{int(starts[bad])}, {int(ends[bad])}) that ends before it starts")
     if len(s) > 1 and np.any(s[1:] < e[:-1]):
         i = int(np.flatnonzero(s[1:] < e[:-1])[0])
-        raise ValueError(f"identities {int(order[i])} and {int(order[i + 1])} claim overlapping image keys")
+        raise BadInput(f"identities {int(order[i])} and {int(order[i + 1])} claim overlapping image keys")
     pos = np.searchsorted(s, keys, side="right") - 1
     ok = pos >= 0
     ok[ok] = keys[ok] < e[pos[ok]]
     if not np.all(ok):
         key = int(keys[np.flatnonzero(~ok)[0]])
-        raise ValueError(f"image key {key} is in no identity's [start, end) range")
+        raise BadInput(f"image key {key} is in no identity's [start, end) range")
     return order[pos].astype(np.int64)
 
 
@@ -361,7 +363,7 @@ def dense_labels(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Number distinct integral label values 0..C-1 in sorted order: (labels, distinct values)."""
     if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
         bad = values[~(np.isfinite(values) & (values == np.round(values)))][0]
-        raise ValueError(f"record label {bad!r} is not a whole number; class labels must be integers")
+        raise BadInput(f"record label {bad!r} is not a whole number; class labels must be integers")
     distinct = np.unique(values)
     return np.searchsorted(distinct, values).astype(np.int64), distinct
 
@@ -369,7 +371,7 @@ def dense_labels(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def check_increasing(keys: np.ndarray, previous: int, where: str) -> None:
     """Keys must rise strictly through train.idx: that is key order, and no key twice."""
     if len(keys) and (keys[0] <= previous or np.any(np.diff(keys) <= 0)):
-        raise ValueError(
+        raise BadInput(
             f"{where}: keys are not strictly increasing (a key repeats or goes back); "
             "rows follow key order, so rewrite the index sorted by key: sort -n -k1,1 -u"
         )
@@ -421,11 +423,11 @@ class InsightfacePack:
 
     def _read_identities(self, header0: IRHeader) -> None:
         if header0.flag < 2:
-            raise ValueError(f"{self.rec}: record 0 has {header0.flag} label(s); an insightface header record "
+            raise BadInput(f"{self.rec}: record 0 has {header0.flag} label(s); an insightface header record "
                              "has 2: [first_identity_key, end_identity_key]")
         first, end = int(header0.label[0]), int(header0.label[1])
         if not 1 <= first <= end:
-            raise ValueError(f"{self.rec}: header record 0 gives identity keys [{first}, {end}); "
+            raise BadInput(f"{self.rec}: header record 0 gives identity keys [{first}, {end}); "
                              "expected 1 <= first <= end")
         # The offsets of the identity records only: a few per cent of the index.
         found_keys, found_offsets = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
@@ -440,7 +442,7 @@ class InsightfacePack:
         if len(id_keys) != len(expected) or np.any(id_keys != expected):
             missing = np.setdiff1d(expected, id_keys)
             what = f"key {int(missing[0])} is missing" if len(missing) else "an identity key repeats"
-            raise ValueError(f"{self.idx}: header record 0 promises identity records {first}..{end - 1} but "
+            raise BadInput(f"{self.idx}: header record 0 promises identity records {first}..{end - 1} but "
                              f"{what}; the index does not belong to this train.rec, or is truncated")
         self._starts = np.empty(len(expected), np.int64)
         self._ends = np.empty(len(expected), np.int64)
@@ -448,7 +450,7 @@ class InsightfacePack:
             for i, off in enumerate(id_offsets.tolist()):
                 h = self._reader.read_header(off)
                 if h.flag < 2:
-                    raise ValueError(f"{self.rec} @ offset {off}: identity record {first + i} has {h.flag} "
+                    raise BadInput(f"{self.rec} @ offset {off}: identity record {first + i} has {h.flag} "
                                      "label(s); expected 2: its [start, end) image keys")
                 self._starts[i], self._ends[i] = int(h.label[0]), int(h.label[1])
                 if i % 4096 == 4095:  # per-record bar updates would cost more than the reads
@@ -495,7 +497,7 @@ class InsightfacePack:
                 try:
                     labels = identity_labels(keys, self._starts, self._ends)
                 except ValueError as e:
-                    raise ValueError(f"{self.rec}: {e}; its identity records do not cover its images") from None
+                    raise BadInput(f"{self.rec}: {e}; its identity records do not cover its images") from None
                 yield labels, offsets
 
     def close(self) -> None:

@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from shards.ledger import LedgerState
-from shards.plan import shard_at, shard_name
+from distill.shards.ledger import LedgerState
+from distill.shards.plan import shard_at, shard_name
 
 RECENT_SECONDS = 300.0
 
@@ -23,6 +23,7 @@ class StatusConfig:
     ledger: str = "file"
     errors: bool = False
     as_json: bool = False
+    verify: bool = False  # read every done shard and check its size and sha256 against its record
 
 
 def summarize(manifest: Mapping[str, Any], state: LedgerState, now: float) -> dict[str, Any]:
@@ -108,8 +109,8 @@ def _hms(seconds: float) -> str:
 
 
 def run_status(cfg: StatusConfig) -> dict[str, Any]:
-    from shards.ledger import open_ledger
-    from shards.manifest import load_manifest
+    from distill.shards.ledger import open_ledger
+    from distill.shards.manifest import load_manifest
 
     manifest = load_manifest(cfg.shards)
     ledger = open_ledger(cfg.ledger, cfg.shards, manifest["num_shards"], manifest["run_id"])
@@ -119,12 +120,36 @@ def run_status(cfg: StatusConfig) -> dict[str, Any]:
         ledger.close()
     s = summarize(manifest, state, time.time())
     s["out"] = cfg.shards
+    if cfg.verify:
+        s["verify"] = _verify(cfg.shards, state)
     if cfg.errors:
         s["error_rows"] = [
             {"shard": r.k, "index": e.index, "path": e.path, "reason": e.reason}
             for r in sorted(state.done.values(), key=lambda r: r.k) for e in r.errors
         ]
     return s
+
+
+def _verify(location: str, state: LedgerState) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from distill.shards.storage import open_storage
+    from distill.shards.verify import Expected, check
+
+    expected = [Expected(shard_name(k), r.bytes, r.sha256) for k, r in sorted(state.done.items())]
+    total = sum(e.bytes for e in expected)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verify", dynamic_ncols=True, leave=False) as bar:
+        bad, _ = check(open_storage(location, create=False), expected, checksum=True, progress=bar.update)
+    return {"shards": len(expected), "bytes": total, "mismatches": [{"name": m.name, "why": m.why} for m in bad]}
+
+
+def format_verify(v: Mapping[str, Any]) -> str:
+    if not v["mismatches"]:
+        return f"verify: {v['shards']} done shards ({v['bytes'] / 1e6:,.1f} MB) match their records (size, sha256)"
+    lines = [f"verify: {len(v['mismatches'])} of {v['shards']} done shards do not match their records:"]
+    lines += [f"  {m['name']}: {m['why']}" for m in v["mismatches"]]
+    lines.append("  rerun the same `distill embed` command with --verify: it removes and re-embeds them")
+    return "\n".join(lines)
 
 
 def add_cli(sub) -> None:
@@ -134,16 +159,20 @@ def add_cli(sub) -> None:
     p.add_argument("--ledger", default="file", help="the ledger embed used: 'file' (default) or redis://...")
     p.add_argument("--errors", action="store_true", help="list every unreadable row with its reason")
     p.add_argument("--json", dest="as_json", action="store_true", help="print JSON instead of text")
+    p.add_argument("--verify", action="store_true", help="read every done shard and check its size and sha256 "
+                   "against its record; exit 1 when one does not match")
     p.set_defaults(func=_main)
 
 
 def _main(a) -> int:
-    from shards.manifest import load_manifest
+    from distill.shards.manifest import load_manifest
 
-    cfg = StatusConfig(a.shards, a.ledger, a.errors, a.as_json)
+    cfg = StatusConfig(a.shards, a.ledger, a.errors, a.as_json, a.verify)
     s = run_status(cfg)
     if cfg.as_json:
         print(json.dumps(s, indent=1))
     else:
         print(format_status(s, load_manifest(cfg.shards), s.get("error_rows")))
-    return 0
+        if cfg.verify:
+            print(format_verify(s["verify"]))
+    return 1 if cfg.verify and s["verify"]["mismatches"] else 0

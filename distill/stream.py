@@ -29,6 +29,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from distill.errors import BadInput, BadOption, IncompatibleRun, NoManifest
 from distill.views import ViewSpec
 
 log = logging.getLogger(__name__)
@@ -69,19 +70,19 @@ class ShardSet:
 def shard_set(location: str, manifest: dict) -> ShardSet:
     """Check a manifest can be trained on, and keep what the trainer needs. Pure."""
     if not manifest.get("images", False):
-        raise ValueError(
+        raise BadInput(
             f"the shards in {location} hold no images (embedded with --no-images); the student trains on "
             "pixels, so rerun `distill embed` without --no-images into a new --out directory"
         )
     if not manifest.get("complete", False):
         missing = int(manifest.get("num_shards", 0)) - len(manifest.get("shards", ()))
-        raise ValueError(
+        raise BadInput(
             f"the shards in {location} are incomplete: {missing} of {manifest.get('num_shards')} shards are "
             "missing. Finish `distill embed` first (rerun the same embed command; it resumes)"
         )
     shards = sorted(manifest["shards"], key=lambda s: s["k"])
     if not shards or sum(s["rows"] for s in shards) == 0:
-        raise ValueError(f"the shards in {location} hold no rows; check the listing given to `distill embed`")
+        raise BadInput(f"the shards in {location} hold no rows; check the listing given to `distill embed`")
     h, w = manifest["input_size"]
     views = manifest.get("views")
     return ShardSet(
@@ -102,13 +103,13 @@ def shard_set(location: str, manifest: dict) -> ShardSet:
 
 
 def open_shards(location: str) -> ShardSet:
-    from shards.manifest import load_manifest
+    from distill.shards.manifest import load_manifest
 
     try:
         manifest = load_manifest(location)
+    except NoManifest:
+        raise
     except FileNotFoundError as e:
-        if "distill embed" in str(e):
-            raise
         raise FileNotFoundError(f"{e}: pass the shard directory written by `distill embed ... --out DIR`") from None
     return shard_set(location, manifest)
 
@@ -118,7 +119,7 @@ def open_shards(location: str) -> ShardSet:
 
 def _rng(seed: int, epoch: int, *tags: int) -> np.random.Generator:
     if seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {seed}")
+        raise BadOption(f"--seed must be >= 0, got {seed}")
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, *tags])))
 
 
@@ -216,11 +217,11 @@ def plan_epoch(
     validation identities: they are dropped from the order, never read.
     """
     if global_batch % world_size:
-        raise ValueError(f"--batch-size {global_batch} must be a multiple of the worker count {world_size}")
+        raise BadOption(f"--batch-size {global_batch} must be a multiple of the worker count {world_size}")
     rank_batch = global_batch // world_size
     steps = steps_per_epoch(kept_rows(rows, exclude), seed, epoch, world_size, rank_batch)
     if samples % global_batch or not 0 <= samples <= steps * global_batch:
-        raise ValueError(
+        raise IncompatibleRun(
             f"cursor at sample {samples} of epoch {epoch} does not fall on a batch of {global_batch} within "
             f"{steps} steps; the checkpoint belongs to another configuration: use a new --out directory"
         )
@@ -275,7 +276,7 @@ def iter_samples(
     """
     import pyarrow.parquet as pq
 
-    from shards.storage import open_storage
+    from distill.shards.storage import open_storage
 
     stats = stats if stats is not None else ReadStats()
     storage = open_storage(shards.location, create=False)
@@ -297,7 +298,7 @@ def iter_samples(
             with storage.open_input(shards.names[k]) as f:
                 pf = pq.ParquetFile(f)
                 if pf.metadata.num_rows != hi - lo:
-                    raise ValueError(
+                    raise BadInput(
                         f"{storage.uri(shards.names[k])} has {pf.metadata.num_rows} rows but the manifest says "
                         f"{hi - lo}; the shard directory was modified after embedding: rerun `distill embed`"
                     )
@@ -320,7 +321,7 @@ def iter_samples(
     for sid in plan.order.tolist():
         while sid not in held:
             if next(reader, StopIteration) is StopIteration:
-                raise ValueError(f"sample {sid} of the plan is not in the shards of {shards.location}; the shards changed")
+                raise BadInput(f"sample {sid} of the plan is not in the shards of {shards.location}; the shards changed")
         out.append(held.pop(sid))
         if len(out) == chunk:
             yield emit(out)

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from distill.errors import BadOption
+
 HEADS = ("gdc", "gap")
 MARGINS = ("softmax", "arcface", "teacher")
 
@@ -32,16 +34,16 @@ class StudentSpec:
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
-            raise ValueError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
+            raise BadOption(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if self.margin not in MARGINS:
-            raise ValueError(f"--margin must be one of {', '.join(MARGINS)}, got {self.margin!r}")
+            raise BadOption(f"--margin must be one of {', '.join(MARGINS)}, got {self.margin!r}")
         if self.width <= 0:
-            raise ValueError(f"--width must be positive (e.g. 0.35, 0.5, 1.0), got {self.width}")
+            raise BadOption(f"--width must be positive (e.g. 0.35, 0.5, 1.0), got {self.width}")
         h, w = self.input_size
         if h < 32 or w < 32:
-            raise ValueError(f"MobileNetV2 needs inputs of at least 32x32; the shards are {h}x{w}")
+            raise BadOption(f"MobileNetV2 needs inputs of at least 32x32; the shards are {h}x{w}")
         if self.embedding_dim <= 0 or self.num_classes <= 0:
-            raise ValueError(f"embedding dim and classes must be positive, got {self.embedding_dim}, {self.num_classes}")
+            raise BadOption(f"embedding dim and classes must be positive, got {self.embedding_dim}, {self.num_classes}")
 
     @classmethod
     def from_json(cls, d: dict) -> "StudentSpec":

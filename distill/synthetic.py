@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from distill.errors import BadOption, IncompatibleRun
+
 DATASET_MARKER = ".dataset.json"  # hidden: listings skip it, it is no image
 FORMAT = "distill-synthetic-faces/1"
 
@@ -44,9 +46,9 @@ class DatasetSpec:
 
     def __post_init__(self) -> None:
         if self.identities < 1 or self.per_identity < 1:
-            raise ValueError("identities and per_identity must be at least 1")
+            raise BadOption("identities and per_identity must be at least 1")
         if self.size < 32:
-            raise ValueError(f"size must be at least 32 pixels, got {self.size}")
+            raise BadOption(f"size must be at least 32 pixels, got {self.size}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -172,7 +174,7 @@ def make_identity_dataset(
         with open(marker) as f:
             have = json.load(f)
         if have != wanted:
-            raise ValueError(
+            raise IncompatibleRun(
                 f"{out_dir} already holds a synthetic dataset made with {have}; "
                 "pass another directory or delete it to make a different one"
             )
@@ -301,7 +303,7 @@ def train_synthetic_teacher(
     from distill.teacher import export_keras_teacher
 
     if os.path.exists(os.path.join(out_dir, "saved_model.pb")):
-        raise ValueError(f"{out_dir} already holds a SavedModel; pass another --out or delete it")
+        raise IncompatibleRun(f"{out_dir} already holds a SavedModel; pass another --out or delete it")
     keras.utils.set_random_seed(seed)
     images, labels = load_folder_arrays(dataset_dir, size)
     classes = int(labels.max()) + 1

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from distill.errors import BadInput, BadOption
+
 CHANNEL_ORDERS = ("RGB", "BGR")
 
 
@@ -28,9 +30,9 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         if self.channel_order not in CHANNEL_ORDERS:
-            raise ValueError(f"--channel-order must be RGB or BGR, got {self.channel_order!r}")
+            raise BadOption(f"--channel-order must be RGB or BGR, got {self.channel_order!r}")
         if self.pixel_scale == 0:
-            raise ValueError("--pixel-scale must not be 0 (it divides the pixels)")
+            raise BadOption("--pixel-scale must not be 0 (it divides the pixels)")
 
     def apply(self, rgb_uint8: np.ndarray) -> np.ndarray:
         x = rgb_uint8[..., ::-1] if self.channel_order == "BGR" else rgb_uint8
@@ -54,7 +56,7 @@ class TeacherSpec:
     embedding_dim: int
 
 
-class TeacherError(ValueError):
+class TeacherError(BadInput):
     """The teacher cannot be used as given; the message says why and what to do."""
 
 

@@ -21,10 +21,35 @@ import os
 from dataclasses import replace
 
 from distill.checkpoints import LocalCheckpoints, latest_checkpoint, read_checkpoint
+from distill.errors import BadInput, BadOption
 from distill.options import add_options, config_from_args
 from distill.train_config import TrainConfig, TrainReport, check_resume, resolve
 
 __all__ = ["TrainConfig", "TrainReport", "run_train", "add_cli"]
+
+VERIFIED = "shards-verified.json"
+
+
+def check_shards(location: str, out: str, progress: bool = True) -> None:
+    """Refuse damaged shards before any training: every file's size and sha256 against the
+    manifest, each file read once (``OUT/shards-verified.json`` keeps what was verified)."""
+    from tqdm import tqdm
+
+    from distill.shards.manifest import load_manifest
+    from distill.shards.storage import open_storage
+    from distill.shards.verify import check, from_manifest, read_cache, write_cache
+
+    expected = from_manifest(load_manifest(location))
+    cache_path = os.path.join(out, VERIFIED)
+    with tqdm(total=sum(e.bytes for e in expected), unit="B", unit_scale=True, desc="verify shards",
+              disable=not progress, dynamic_ncols=True, leave=False) as bar:
+        storage = open_storage(location, create=False)
+        bad, verified = check(storage, expected, checksum=True, cache=read_cache(cache_path), progress=bar.update)
+    if bad:
+        more = f" (and {len(bad) - 1} more: {', '.join(m.name for m in bad[1:4])})" if len(bad) > 1 else ""
+        raise BadInput(f"{storage.uri(bad[0].name)}: {bad[0].why}{more}; the shard is damaged. Re-embed it: rerun "
+                       f"the `distill embed` command of {location} with --verify (or restore the file from a copy)")
+    write_cache(cache_path, verified)
 
 
 def _local_strategy(cfg: TrainConfig):
@@ -32,7 +57,7 @@ def _local_strategy(cfg: TrainConfig):
 
     gpus = tf.config.list_physical_devices("GPU")
     if cfg.use_gpu and not gpus:
-        raise ValueError("--use-gpu given but TensorFlow sees no GPU here; drop --use-gpu to train on the CPU")
+        raise BadOption("--use-gpu given but TensorFlow sees no GPU here; drop --use-gpu to train on the CPU")
     if not cfg.use_gpu and gpus:
         tf.config.set_visible_devices([], "GPU")  # asked for CPU: keep TF off the GPUs
         gpus = []
@@ -53,8 +78,10 @@ def run_train(cfg: TrainConfig) -> TrainReport:
         saved, cursor = read_checkpoint(latest)
         check_resume(saved, cursor, config, 1, latest)
     os.makedirs(cfg.out, exist_ok=True)
+    if cfg.verify_shards:
+        check_shards(cfg.shards, cfg.out, cfg.progress)
     if cfg.workers > 1:
-        from workers.train_worker import run_ray
+        from distill.workers.train_worker import run_ray
 
         summary = run_ray(cfg)
     else:

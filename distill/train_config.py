@@ -3,7 +3,7 @@ pure decisions made from them before any TensorFlow runs.
 
 ``resolve`` turns the options plus the shard directory into the config saved beside every
 checkpoint; ``check_resume`` refuses a rerun that cannot continue a saved run exactly;
-``schedule_steps`` fixes how many steps the learning-rate schedule spans. No TensorFlow,
+``lr_schedule`` fixes the learning-rate schedule, recorded with the config. No TensorFlow,
 Ray or filesystem here: ``distill.train`` (the CLI and dispatch), ``distill.loop`` (the
 loop) and ``workers.train_worker`` (Ray Train) all read it.
 """
@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from distill.centres import CENTRE_UPDATES
 from distill.checkpoints import Cursor
+from distill.errors import BadOption, IncompatibleRun
 from distill.losses import DISTILL_LOSSES, LossSpec
 from distill.options import option
 from distill.student import HEADS, MARGINS, StudentSpec
@@ -42,7 +43,8 @@ class TrainConfig:
     lr_schedule: str = option("cosine", "cosine decay to 1%% of --lr over the run, or constant", choices=SCHEDULES)
     warmup_steps: int = option(100, "linear warm-up from 1%% of --lr over this many steps (0: none)")
     weight_decay: float = option(0.0, "decoupled weight decay (BatchNorm, biases and class centres exempt)")
-    max_steps: int | None = option(None, "stop after this many global steps (smoke runs, tests)")
+    max_steps: int | None = option(None, "stop after this many global steps (smoke runs, tests, a run in parts); the "
+                                   "learning-rate schedule still spans --epochs, so a rerun with a larger value goes on")
     # -- objective
     distill_loss: str = option("nmse", "distillation term: nmse (||s/|s| - t/|t|||^2 = 2 - 2 cos, the MSE of the "
                                "directions), cosine (1 - cos) or mse (raw values: dominated by the teacher's norm)",
@@ -77,6 +79,8 @@ class TrainConfig:
     shuffle_buffer: int = option(4096, "rows in the shuffle buffer (bounds memory)")
     checkpoint_every: int = option(200, "steps between checkpoints (also at each epoch end)")
     keep_checkpoints: int = option(3, "checkpoints kept (plus the best, with validation)")
+    verify_shards: bool = option(True, "before training, check every shard's size and sha256 against the manifest "
+                                 "(each file is read once; OUT/shards-verified.json remembers what was)")
     # -- where it runs
     workers: int = option(1, "Ray Train workers (1: train in this process)")
     use_gpu: bool = option(False, "train on GPUs (all local ones, or one per Ray worker)")
@@ -93,33 +97,33 @@ class TrainConfig:
                     "shuffle_buffer", "val_images")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                raise BadOption(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}")
+            raise BadOption(f"--lr must be positive, got {self.lr}")
         if self.max_steps is not None and self.max_steps <= 0:
-            raise ValueError(f"--max-steps must be positive, got {self.max_steps}")
+            raise BadOption(f"--max-steps must be positive, got {self.max_steps}")
         if self.warmup_steps < 0 or self.weight_decay < 0:
-            raise ValueError(f"--warmup-steps and --weight-decay must be >= 0, got {self.warmup_steps}, {self.weight_decay}")
+            raise BadOption(f"--warmup-steps and --weight-decay must be >= 0, got {self.warmup_steps}, {self.weight_decay}")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+            raise BadOption(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.lr_schedule not in SCHEDULES:
-            raise ValueError(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
+            raise BadOption(f"--lr-schedule must be one of {', '.join(SCHEDULES)}, got {self.lr_schedule!r}")
         if self.centre_update not in CENTRE_UPDATES:
-            raise ValueError(f"--centre-update must be one of {', '.join(CENTRE_UPDATES)}, got {self.centre_update!r}")
+            raise BadOption(f"--centre-update must be one of {', '.join(CENTRE_UPDATES)}, got {self.centre_update!r}")
         if self.backbone_weights not in (None, *BACKBONE_WEIGHTS):
-            raise ValueError(f"--backbone-weights must be imagenet, got {self.backbone_weights!r}")
+            raise BadOption(f"--backbone-weights must be imagenet, got {self.backbone_weights!r}")
         if self.init and self.backbone_weights:
-            raise ValueError("pass --init PATH or --backbone-weights imagenet, not both")
+            raise BadOption("pass --init PATH or --backbone-weights imagenet, not both")
         if not 0 <= self.view_prob <= 1:
-            raise ValueError(f"--view-prob is a probability in [0, 1], got {self.view_prob}")
+            raise BadOption(f"--view-prob is a probability in [0, 1], got {self.view_prob}")
         if not 0 <= self.val_split < 1:
-            raise ValueError(f"--val-split is a fraction of the identities in [0, 1), got {self.val_split}")
+            raise BadOption(f"--val-split is a fraction of the identities in [0, 1), got {self.val_split}")
         if self.val_split and self.val_folders:
-            raise ValueError("pass --val-split F (hold out identities of the shards) or --val-folders DIR, not both")
+            raise BadOption("pass --val-split F (hold out identities of the shards) or --val-folders DIR, not both")
         if self.batch_size % self.workers:
-            raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --workers {self.workers}")
+            raise BadOption(f"--batch-size {self.batch_size} must be a multiple of --workers {self.workers}")
         if self.mixed_precision and not self.use_gpu:
-            raise ValueError(
+            raise BadOption(
                 "--mixed-precision needs --use-gpu: float16 on a CPU is slower than float32, not faster. "
                 "Drop --mixed-precision, or train on GPUs"
             )
@@ -161,12 +165,12 @@ def resolve(cfg: TrainConfig, shards) -> dict[str, Any]:
     )
     if student.embedding_dim != shards.embedding_dim and (cfg.mse_weight > 0 or cfg.margin == "teacher"):
         why = "the teacher's class centres live" if cfg.margin == "teacher" else "the distillation term compares them"
-        raise ValueError(
+        raise BadOption(
             f"--embedding-dim {student.embedding_dim} differs from the teacher's {shards.embedding_dim}; {why} in "
             "the teacher's space, so the dims must be equal. Drop --embedding-dim"
         )
     if cfg.margin == "teacher" and cfg.ce_weight == 0:
-        raise ValueError("--margin teacher is a classifier loss: give it a --ce-weight above 0")
+        raise BadOption("--margin teacher is a classifier loss: give it a --ce-weight above 0")
     if shards.views is None and cfg.view_prob > 0:
         log.debug("the shards in %s hold no views; training on the plain images", shards.location)
     return {
@@ -199,6 +203,10 @@ def check_resume(saved: dict[str, Any], cursor: Cursor, wanted: dict[str, Any], 
     for k, v in saved["student"].items():
         if v != wanted["student"].get(k):
             diffs.append(f"  student {k}: checkpoint has {v!r}, now {wanted['student'][k]!r}")
+    if "schedule" in saved:  # (runs saved before it was recorded have none)
+        why = _schedule_diff(saved["schedule"], wanted["train"])
+        if why:
+            diffs.append(why)
     if cursor.world_size != world_size and cursor.samples:
         # The epoch's order depends on the world size; at an epoch boundary nothing is lost.
         diffs.append(
@@ -206,16 +214,38 @@ def check_resume(saved: dict[str, Any], cursor: Cursor, wanted: dict[str, Any], 
             f"{cursor.world_size} workers, now {world_size}"
         )
     if diffs:
-        raise ValueError(
+        raise IncompatibleRun(
             f"{where} holds a run this command cannot continue exactly:\n" + "\n".join(diffs)
             + "\nRerun with the original options, or train into a new --out directory."
         )
 
 
-def schedule_steps(cfg: TrainConfig, train_rows: int) -> int:
-    """Steps the learning-rate schedule spans: the planned run (dropped remainders included)."""
-    planned = max(1, cfg.epochs * (train_rows // cfg.batch_size))
-    return min(planned, cfg.max_steps) if cfg.max_steps else planned
+def lr_schedule(train: Mapping[str, Any], train_rows: int) -> dict[str, Any]:
+    """The learning-rate schedule of a run, from its options (``asdict(TrainConfig)``) and its
+    training rows: linear warm-up from 1% of ``lr``, then cosine to 1% over the planned run
+    (the whole batches of ``epochs`` epochs), or constant. ``max_steps`` only stops the run
+    early: it does not shape the schedule, so a run can be trained in parts. Recorded with the
+    config beside every checkpoint, so a resume can tell whether its options would change the
+    rate of the steps already taken. Pure."""
+    total = max(1, train["epochs"] * (train_rows // train["batch_size"]))
+    warmup = min(train["warmup_steps"], max(total - 1, 0))
+    cosine = train["lr_schedule"] == "cosine"
+    return {"kind": train["lr_schedule"], "lr": train["lr"], "warmup_steps": warmup,
+            "decay_steps": max(total - warmup, 1) if cosine else None, "train_rows": train_rows}
+
+
+def _schedule_diff(saved: Mapping[str, Any], wanted_train: Mapping[str, Any]) -> str | None:
+    """Why the options would change the recorded schedule, or None when they do not."""
+    now = lr_schedule(wanted_train, saved["train_rows"])
+    if now == dict(saved):
+        return None
+    def span(s):
+        steps = f"{s['warmup_steps']} warm-up + {s['decay_steps']} cosine steps" if s["decay_steps"] else (
+            f"{s['warmup_steps']} warm-up steps, then constant")
+        return f"{s['kind']}, lr {s['lr']:g}, {steps}"
+    return (f"  learning-rate schedule: checkpoint follows {span(saved)}; these options make it {span(now)}, "
+            "which would change the rate of steps already taken (--epochs, --lr, --lr-schedule and --warmup-steps "
+            "set it; --max-steps does not). To train on with a new schedule, start a new --out with --init OUT")
 
 
 def should_checkpoint(step: int, every: int) -> bool:

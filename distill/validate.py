@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from distill.errors import BadInput, BadOption
+
 log = logging.getLogger(__name__)
 
 ALL_PAIRS_MAX = 2000  # above this many images, a seeded sample of pairs
@@ -53,7 +55,7 @@ def heldout_classes(counts: np.ndarray, fraction: float, seed: int) -> np.ndarra
         return np.zeros(0, np.int64)
     n = max(2, int(round(fraction * len(present))))
     if n >= len(np.flatnonzero(np.asarray(counts) > 0)):
-        raise ValueError(
+        raise BadOption(
             f"--val-split {fraction} would hold out {n} of the {len(present)} identities with 2+ images and leave "
             "nothing to train on; lower --val-split, or validate on other people with --val-folders DIR"
         )
@@ -82,7 +84,7 @@ def pairs_for(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np
     else:
         i, j, same = sample_pairs(labels, SAMPLED_PAIRS, seed)
     if same.all() or not same.any():
-        raise ValueError("the validation images need at least two identities and one identity with two images")
+        raise BadInput("the validation images need at least two identities and one identity with two images")
     return i, j, same
 
 
@@ -117,7 +119,7 @@ def from_shards(shards, sample_ids: np.ndarray, seed: int) -> ValSet:
     import pyarrow.parquet as pq
 
     from distill.images import decode_rgb
-    from shards.storage import open_storage
+    from distill.shards.storage import open_storage
 
     storage = open_storage(shards.location, create=False)
     offsets = shards.offsets

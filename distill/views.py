@@ -26,6 +26,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from distill.errors import BadOption
+
 _M64 = 0xFFFFFFFFFFFFFFFF
 _GOLDEN = 0x9E3779B97F4A7C15
 # Salts keep the hash streams of different decisions apart.
@@ -53,17 +55,17 @@ class ViewSpec:
     def __post_init__(self) -> None:
         lo, hi = self.scale
         if self.count < 0:
-            raise ValueError(f"--views must be >= 0, got {self.count}")
+            raise BadOption(f"--views must be >= 0, got {self.count}")
         if self.seed < 0:
-            raise ValueError(f"--view-seed must be >= 0, got {self.seed}")
+            raise BadOption(f"--view-seed must be >= 0, got {self.seed}")
         if not 0 < lo <= hi <= 1:
-            raise ValueError(f"--view-scale must satisfy 0 < LO <= HI <= 1, got {lo},{hi}")
+            raise BadOption(f"--view-scale must satisfy 0 < LO <= HI <= 1, got {lo},{hi}")
         for name in ("aspect", "shift", "brightness", "contrast", "saturation"):
             if getattr(self, name) < 0:
-                raise ValueError(f"view {name} must be >= 0, got {getattr(self, name)}")
+                raise BadOption(f"view {name} must be >= 0, got {getattr(self, name)}")
         for name in ("flip", "grey"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"view {name} is a probability in [0, 1], got {getattr(self, name)}")
+                raise BadOption(f"view {name} is a probability in [0, 1], got {getattr(self, name)}")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

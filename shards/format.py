@@ -23,7 +23,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from shards.storage import Storage
+from distill.errors import BadInput, BadOption, IncompatibleRun
+from distill.shards.storage import Storage
 
 META_RUN = b"distill.run"
 META_SHARD = b"distill.shard"
@@ -103,7 +104,7 @@ def shard_schema(dim: int, dtype: str = "float32", flip: bool = True, images: bo
     import pyarrow as pa
 
     if dtype not in EMBEDDING_DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {dtype!r}")
+        raise BadOption(f"--dtype must be one of {', '.join(EMBEDDING_DTYPES)}, got {dtype!r}")
     value = pa.float32() if dtype == "float32" else pa.float16()
     fields = [pa.field("index", pa.int64(), nullable=False), pa.field("label", pa.int64(), nullable=False)]
     if paths:
@@ -203,7 +204,7 @@ def read_footer(storage: Storage, name: str) -> dict[str, Any]:
         md = pq.ParquetFile(f).metadata
     kv = md.metadata or {}
     if META_RUN not in kv:
-        raise ValueError(f"{storage.uri(name)} is a Parquet file but not a distill shard (no {META_RUN.decode()})")
+        raise BadInput(f"{storage.uri(name)} is a Parquet file but not a distill shard (no {META_RUN.decode()})")
     return {
         "run": kv[META_RUN].decode(),
         **json.loads(kv[META_SHARD]),
@@ -221,13 +222,13 @@ def verify_shard(storage: Storage, name: str, run_id: str, k: int) -> ShardRecor
     kv = pf.metadata.metadata or {}
     run = kv.get(META_RUN, b"").decode()
     if run != run_id:
-        raise ValueError(
+        raise IncompatibleRun(
             f"{storage.uri(name)} was written by another run ({run or 'unknown'}), not {run_id}; "
             "it belongs to another listing, teacher or preprocessing. Use a new --out directory."
         )
     meta = json.loads(kv[META_SHARD])
     if meta["k"] != k:
-        raise ValueError(f"{storage.uri(name)} holds shard {meta['k']}, not {k}")
+        raise BadInput(f"{storage.uri(name)} holds shard {meta['k']}, not {k}")
     errors = tuple(RowError(**e) for e in json.loads(kv.get(META_ERRORS, b"[]")))
     norm = json.loads(kv[META_STATS])["norm"] if META_STATS in kv else None
     return ShardRecord(k=k, rows=pf.metadata.num_rows, bytes=len(data), sha256=sha256(data), errors=errors,

@@ -32,9 +32,10 @@ import os
 import time
 from typing import Iterable, Sequence
 
-from shards.format import ShardRecord
-from shards.ledger import Lease, LedgerState, dead_local_owners
-from shards.storage import redact
+from distill.errors import BadOption, IncompatibleRun, Unreachable
+from distill.shards.format import ShardRecord
+from distill.shards.lease import Lease, LedgerState, dead_local_owners
+from distill.shards.storage import redact
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +137,8 @@ return 0
 """
 
 
-class LedgerUnreachable(ValueError, ConnectionError):
-    """Redis could not be reached or refused us. A ValueError too, so the CLI prints it plainly."""
+class LedgerUnreachable(Unreachable):
+    """Redis could not be reached or refused us."""
 
 
 def keys(run_id: str) -> dict[str, str]:
@@ -189,7 +190,7 @@ class RedisLedger:
             )
         except ValueError as e:
             said = str(e).replace(url, where)
-            raise ValueError(f"--ledger {where} is not a valid Redis URL ({said}); use redis://[:PASSWORD@]HOST:PORT/DB") from None
+            raise BadOption(f"--ledger {where} is not a valid Redis URL ({said}); use redis://[:PASSWORD@]HOST:PORT/DB") from None
         password = client.connection_pool.connection_kwargs.get("password")
         self = cls(client, run_id, num_shards, where, password)
         # Fail fast at start (no retries: a wrong password or host will not fix itself), then
@@ -200,7 +201,7 @@ class RedisLedger:
             have = int(client.hget(self.keys["meta"], "num_shards"))
         client.set_retry(Retry(ExponentialBackoff(cap=BACKOFF_CAP_S, base=BACKOFF_BASE_S), RETRIES))
         if have != num_shards:
-            raise ValueError(
+            raise IncompatibleRun(
                 f"Redis ledger {where} holds run {run_id} with {have} shards, not {num_shards}; "
                 f"delete its keys (redis-cli --scan --pattern 'distill:{{{run_id}}}:*' | xargs redis-cli del) "
                 "or use another Redis database"

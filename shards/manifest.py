@@ -12,9 +12,10 @@ import hashlib
 import json
 from typing import Any, Iterable, Mapping
 
-from shards.format import ShardRecord, summarise_norms
-from shards.plan import shard_at, shard_name
-from shards.storage import Storage
+from distill.errors import BadInput, IncompatibleRun, NoManifest
+from distill.shards.format import ShardRecord, summarise_norms
+from distill.shards.plan import shard_at, shard_name
+from distill.shards.storage import Storage
 
 MANIFEST = "manifest.json"
 FORMAT = "distill-shards/1"
@@ -37,10 +38,6 @@ IDENTITY_FIELDS = (
 )
 # Identity fields added after the first format: absent (None) they leave a run's id as it was.
 OPTIONAL_FIELDS = frozenset({"views"})
-
-
-class IncompatibleRun(ValueError):
-    """The output directory holds another run's shards."""
 
 
 def run_id(identity: Mapping[str, Any]) -> str:
@@ -102,17 +99,17 @@ def read_manifest(storage: Storage) -> dict[str, Any] | None:
     try:
         m = json.loads(storage.read_bytes(MANIFEST))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{storage.uri(MANIFEST)} is not valid JSON ({e}); delete it and rerun to rebuild it") from e
+        raise BadInput(f"{storage.uri(MANIFEST)} is not valid JSON ({e}); delete it and rerun to rebuild it") from e
     if m.get("format") != FORMAT:
-        raise ValueError(f"{storage.uri(MANIFEST)} has format {m.get('format')!r}, expected {FORMAT!r}")
+        raise BadInput(f"{storage.uri(MANIFEST)} has format {m.get('format')!r}, expected {FORMAT!r}")
     return m
 
 
 def load_manifest(location: str) -> dict[str, Any]:
     """The manifest of a shard directory, for readers (trainer, status, export-npy)."""
-    from shards.storage import open_storage
+    from distill.shards.storage import open_storage
 
     m = read_manifest(open_storage(location, create=False))
     if m is None:
-        raise FileNotFoundError(f"no {MANIFEST} in {location}: run `distill embed ... --out {location}` first")
+        raise NoManifest(f"no {MANIFEST} in {location}: run `distill embed ... --out {location}` first")
     return m

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from distill.errors import BadOption
+
 SHARD_PREFIX = "part-"
 SHARD_SUFFIX = ".parquet"
 _NAME_RE = re.compile(r"^part-(\d{5,})\.parquet$")
@@ -67,12 +69,12 @@ def batches(shard: Shard, batch_size: int) -> tuple[tuple[int, int], ...]:
     Part of the plan: same shard and batch size -> same batches -> same floats.
     """
     if batch_size <= 0:
-        raise ValueError(f"--batch-size must be a positive number of images, got {batch_size}")
+        raise BadOption(f"--batch-size must be a positive number of images, got {batch_size}")
     return tuple((s, min(s + batch_size, shard.stop)) for s in range(shard.start, shard.stop, batch_size))
 
 
 def _check(total: int, shard_size: int) -> None:
     if shard_size <= 0:
-        raise ValueError(f"--shard-size must be a positive number of rows, got {shard_size}")
+        raise BadOption(f"--shard-size must be a positive number of rows, got {shard_size}")
     if total < 0:
         raise ValueError(f"a listing cannot have {total} rows")

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 from typing import Mapping
 
-from shards.format import ShardRecord, verify_shard
-from shards.plan import parse_shard_name
-from shards.storage import Storage
+from distill.errors import IncompatibleRun
+from distill.shards.format import ShardRecord, verify_shard
+from distill.shards.plan import parse_shard_name
+from distill.shards.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +41,14 @@ def shard_files(storage: Storage, num_shards: int | None = None) -> dict[int, in
 def adopt_file(storage: Storage, run_id: str, k: int) -> ShardRecord | None:
     """A done record for shard k's file, or None when the file is unreadable (it is removed
     so the shard is redone). A file of another run raises: never mix runs."""
-    from shards.manifest import IncompatibleRun
-    from shards.plan import shard_name
+    from distill.shards.plan import shard_name
 
     name = shard_name(k)
     try:
         return verify_shard(storage, name, run_id, k)
-    except ValueError as e:
-        if "another run" in str(e):
-            raise IncompatibleRun(str(e)) from None
+    except IncompatibleRun:
+        raise
+    except ValueError as e:  # BadInput, or pyarrow's ArrowInvalid
         log.warning("removing unreadable shard %s (%s); it will be redone", storage.uri(name), e)
     except OSError as e:  # pyarrow raises ArrowInvalid (a ValueError) or OSError for bad footers
         log.warning("removing unreadable shard %s (%s); it will be redone", storage.uri(name), e)

@@ -14,6 +14,8 @@ import secrets
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
+from distill.errors import BadOption
+
 TEMP_PREFIX = "."
 TEMP_MARK = ".tmp-"
 
@@ -135,7 +137,7 @@ class ArrowStorage:
         try:
             fs, path = pafs.FileSystem.from_uri(uri)
         except Exception as e:  # pyarrow raises ArrowInvalid/OSError subclasses
-            raise ValueError(
+            raise BadOption(
                 f"cannot open storage {redact(uri)}: {e}. Use a local path, or a URI pyarrow.fs "
                 "supports (s3://bucket/dir, gs://bucket/dir) with credentials in the environment."
             ) from e

@@ -14,11 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # bench.common: the process helpers and bench inputs both tiers share
-
-from bench.common import CHILD_ENV, MOBILEFACENET, ORL, RayHead, build_tiny_teacher  # noqa: E402,F401  (tests import the paths from here)
+from support import CHILD_ENV, GLINT12, MOBILEFACENET, ORL, ROOT, RayHead, build_tiny_teacher  # noqa: F401  (tests import them from here)
 
 # Every process of the session gets what the benchmarks' children get: quiet TF, no usage
 # stats, and token auth off (Ray turns it on once ~/.ray/auth_token exists; the test
@@ -39,9 +35,14 @@ def run_cli(*args: str, check: bool = True, timeout: float = 600, env: dict | No
 
 
 @pytest.fixture(scope="session")
-def ray_address():
+def ray_head():
     with RayHead(num_cpus=4) as head:
-        yield head.address
+        yield head
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_head):
+    return ray_head.address
 
 
 @pytest.fixture(scope="session")

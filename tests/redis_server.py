@@ -13,8 +13,7 @@ import tempfile
 import time
 
 import pytest
-
-from bench.common import free_port
+from support import free_port
 
 
 def require_redis_server() -> str:

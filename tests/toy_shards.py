@@ -48,10 +48,10 @@ def write_toy_shards(
     flip: bool = True, images: bool = True, dtype: str = "float32", drop_shards: int = 0, seed: int = 0,
 ) -> Path:
     """A complete (or, with ``drop_shards``, incomplete) shard directory. Index = listing row."""
-    from shards.format import ShardRecord, encode_shard, sha256, shard_schema
-    from shards.manifest import build_manifest, run_id, write_manifest
-    from shards.plan import plan_shards
-    from shards.storage import open_storage
+    from distill.shards.format import ShardRecord, encode_shard, sha256, shard_schema
+    from distill.shards.manifest import build_manifest, run_id, write_manifest
+    from distill.shards.plan import plan_shards
+    from distill.shards.storage import open_storage
 
     imgs, labels = toy_images(rows, classes, size, seed)
     emb = toy_teacher(imgs, dim)

@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 
 from distill.images import UnreadableImage, prepare, read_file
+from distill.shards.format import NormStats, RowError, ShardRecord, encode_shard, sha256, shard_schema
+from distill.shards.plan import Shard, batches
+from distill.shards.storage import open_storage
 from distill.teacher import Preprocessing, Teacher, TeacherSpec
 from distill.views import ViewParams, ViewSpec, render, view_params
-from shards.format import NormStats, RowError, ShardRecord, encode_shard, sha256, shard_schema
-from shards.plan import Shard, batches
-from shards.storage import open_storage
 
 if TYPE_CHECKING:
     from distill.listing import ListingRows

@@ -19,6 +19,8 @@ import tempfile
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+from distill.errors import BadOption
+
 if TYPE_CHECKING:
     from distill.checkpoints import Cursor
     from distill.train_config import TrainConfig
@@ -105,7 +107,7 @@ def run_ray(cfg: "TrainConfig") -> dict[str, Any]:
     for kind, n in need.items():
         if resources.get(kind, 0) < n:
             # Ray would wait forever for workers it cannot place; say so now instead.
-            raise ValueError(
+            raise BadOption(
                 f"--workers {cfg.workers} needs {n} {kind}s but the Ray cluster has {resources.get(kind, 0):g}; "
                 "lower --workers, or add nodes" + ("" if kind == "CPU" else ", or drop --use-gpu")
             )

@@ -24,24 +24,24 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from shards.manifest import load_manifest
-from shards.plan import parse_shard_name
+from distill.shards.manifest import load_manifest
+from distill.shards.plan import parse_shard_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import free_port, kill_tree, process_tree, processes  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
+from support import command_lines, free_port, kill_tree, process_tree  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
 ROWS, SHARD_SIZE = 400, 8  # the ORL faces: 50 shards
 
 
-# ---------------------------------------------------------------- processes, by /proc
+# ---------------------------------------------------------------- processes, by command line
 
 def busy_on(marker: str, method: str) -> int:
     """Worker processes of one node running ``method`` now (Ray titles them ray::Class.method)."""
-    procs = processes()
-    return sum(1 for p in process_tree(marker) if procs.get(p, (0, ""))[1].startswith(f"ray::{method}"))
+    cmds = command_lines()
+    return sum(1 for p in process_tree(marker) if cmds.get(p, "").startswith(f"ray::{method}"))
 
 
 # ---------------------------------------------------------------- the cluster

@@ -16,7 +16,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import run_cli
 
 pytestmark = pytest.mark.integration

@@ -17,8 +17,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import MOBILEFACENET, ORL
+
 from distill.evaluate import EvaluateConfig, run_evaluate
 
 pytestmark = pytest.mark.integration
@@ -133,3 +133,27 @@ def test_malicious_bin_via_cli_is_refused_cleanly(tmp_path, wrapped_student):
     assert proc.returncode == 2
     assert "refusing to load posix.system" in proc.stderr and "Traceback" not in proc.stderr
     assert not marker.exists()
+
+
+def test_the_teacher_is_fed_as_its_shards_recorded(tmp_path, wrapped_student, embedded_run, tiny_teacher):
+    """--shards: the teacher, its preprocessing and its output come from the run's manifest; an
+    option that contradicts the record, or another teacher, is refused in one line."""
+    folders = _orl_folders(tmp_path / "faces", people=3, per_person=3)
+    out = tmp_path / "r.json"
+    ok = subprocess.run([sys.executable, "-m", "distill", "evaluate", wrapped_student, "--folders", folders,
+                         "--shards", embedded_run, "--out", out, "--no-progress"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    r = json.loads(out.read_text())
+    assert r["paths"]["teacher"] == str(tiny_teacher) and r["kinds"]["teacher"] == "teacher"
+    assert r["preprocessing_from"] == str(embedded_run / "manifest.json")
+    assert r["preprocessing"] == json.loads((embedded_run / "manifest.json").read_text())["preprocessing"]
+
+    # Refused before any model loads (so in-process here; the CLI prints these as one line).
+    from distill.errors import IncompatibleRun
+
+    with pytest.raises(IncompatibleRun, match=r"--channel-order BGR \(recorded: RGB\)"):
+        run_evaluate(EvaluateConfig(model=wrapped_student, folders=str(folders), shards=str(embedded_run),
+                                    channel_order="BGR"))
+    with pytest.raises(IncompatibleRun, match="is not the teacher that embedded"):
+        run_evaluate(EvaluateConfig(model=wrapped_student, folders=str(folders), shards=str(embedded_run),
+                                    teacher=TEACHER))

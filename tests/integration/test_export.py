@@ -27,9 +27,9 @@ def exported(embedded_run, tmp_path_factory):
 def test_saved_model_serves_normalised_embeddings_that_match_the_trained_model(exported):
     import tensorflow as tf
 
+    from distill.checkpoints import read_checkpoint, restore
     from distill.export import check_images, l2_normalise
     from distill.student import StudentSpec, build_student, embedding_model
-    from distill.checkpoints import read_checkpoint, restore
 
     shards, train, report = exported
     assert report.max_abs_diff <= 1e-4 and report.step == 40 and report.checkpoint == train.checkpoint

@@ -10,12 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from conftest import ROOT, run_cli
+from conftest import GLINT12, run_cli
 
 pytestmark = pytest.mark.integration
 
-GLINT12 = ROOT.parent / "shared" / "data" / "glint12"
 PEOPLE = ("Halle_Berry", "Hugh_Jackman", "James_Spader", "Keanu_Reeves", "Mark_Ruffalo", "Simon_Cowell")
 PER_PERSON, VIEWS = 16, 2
 
@@ -54,7 +52,7 @@ def test_student_views_are_bit_identical_to_the_teachers(glint_views, tiny_teach
     from distill.listing import ListingReader
     from distill.stream import make_dataset, open_shards, plan_epoch
     from distill.teacher import Preprocessing, inspect_teacher
-    from workers.embed_actor import EmbedTask, EmbedWorker
+    from distill.workers.embed_actor import EmbedTask, EmbedWorker
 
     shards = open_shards(str(glint_views / "shards"))
     assert shards.views is not None and shards.views.count == VIEWS

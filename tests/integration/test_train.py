@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from toy_shards import write_toy_shards
 
 from distill.stream import open_shards, plan_epoch
-from toy_shards import write_toy_shards
 
 pytestmark = pytest.mark.integration
 
@@ -119,6 +119,39 @@ def test_resume_after_sigkill_covers_every_sample_once_in_order(killed_and_resum
     assert (cursor["epoch"], cursor["samples"], cursor["step"], cursor["global_batch"]) == (2, 0, total, BATCH)
     assert (out / "checkpoints" / f"ckpt-{total:09d}" / "config.json").exists()
     assert any(n.startswith("events") for n in os.listdir(out / "tb"))
+
+
+def test_sigterm_checkpoints_the_step_it_stopped_at_and_the_rerun_goes_on_from_there(embedded_run, tmp_path):
+    """A preemption notice: the step in flight finishes, a checkpoint is written at it (none
+    was due for 1000 steps), exit 143 with the resume command; the rerun loses no step."""
+    out = tmp_path / "student"
+    spe = sum(open_shards(str(embedded_run)).rows) // BATCH
+    args = [*train_args(embedded_run, out)[:-1], "--checkpoint-every", 1000, "--epochs", 1, "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "distill", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    trace, deadline = out / "trace.jsonl", time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        steps = [r["step"] for r in jsonl(trace, partial_ok=True)] if trace.exists() else []
+        if len(steps) >= 2 and steps[-1] % spe:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    stopped_at = ckpt_steps(out)
+    assert len(stopped_at) == 1 and stopped_at[0] % spe, stopped_at  # mid-epoch, where it stopped
+    assert f"stopped at step {stopped_at[0]} " in err and "rerun the same command" in err and "Traceback" not in err
+    assert [r["step"] for r in jsonl(trace)] == list(range(1, stopped_at[0] + 1))
+
+    again = distill(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"ckpt-{stopped_at[0]:09d}" in again.stderr
+    # Every step exactly once over both runs (nothing redone, nothing skipped), in the planned order.
+    records = jsonl(trace)
+    assert [r["step"] for r in records] == list(range(1, spe + 1))
+    index_of, rows = listing_index(embedded_run), open_shards(str(embedded_run)).rows
+    plan = plan_epoch(rows, seed=SEED, epoch=0, world_size=1, rank=0, buffer=BUFFER, global_batch=BATCH)
+    assert [i for r in records for i in r["index"]] == index_of[plan.order].tolist()
 
 
 def test_incompatible_rerun_is_refused_before_training(killed_and_resumed):

@@ -27,7 +27,6 @@ from distill.evaluate import (
     scan_folders,
 )
 
-
 # --- pairs -------------------------------------------------------------------------------
 
 
@@ -324,3 +323,18 @@ def test_remap_pairs_follows_embedded_rows_and_drops_missing_images():
     ri, rj, s = remap_pairs(i, j, same, embedded, 5)
     assert ri.tolist() == [0, 1, 2] and rj.tolist() == [1, 2, 3]
     assert s.tolist() == [True, True, False]
+
+
+def test_recorded_preprocessing_wins_and_an_option_that_differs_is_refused():
+    from distill.errors import IncompatibleRun
+    from distill.evaluate import TeacherRecord, choose_preprocessing
+    from distill.teacher import Preprocessing
+
+    rec = TeacherRecord("RUN/shards/manifest.json", "t", "f" * 64, Preprocessing(0.0, 255.0, "BGR"), "serving_default", "emb")
+    none = {"pixel_mean": None, "pixel_scale": None, "channel_order": None}
+    assert choose_preprocessing(rec, none) == rec.preprocessing
+    assert choose_preprocessing(rec, {**none, "pixel_scale": 255.0, "channel_order": "BGR"}) == rec.preprocessing
+    with pytest.raises(IncompatibleRun, match=r"--pixel-mean 127.5 \(recorded: 0.0\), --channel-order RGB \(recorded: BGR\)"):
+        choose_preprocessing(rec, {**none, "channel_order": "RGB", "pixel_mean": 127.5})
+    assert choose_preprocessing(None, none) == Preprocessing()
+    assert choose_preprocessing(None, {**none, "pixel_scale": 1.0}) == Preprocessing(127.5, 1.0, "RGB")

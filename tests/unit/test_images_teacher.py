@@ -4,12 +4,11 @@ import io
 
 import numpy as np
 import pytest
+from conftest import MOBILEFACENET, ORL
 from PIL import Image
 
 from distill.images import UnreadableImage, decode_rgb, fit, prepare, read_file
 from distill.teacher import Preprocessing, TeacherError, inspect_teacher, teacher_fingerprint
-
-from conftest import MOBILEFACENET, ORL
 
 
 def encode(arr, fmt, **kw):

@@ -1,12 +1,12 @@
-"""The file ledger and the pure lease decisions (no Ray, no sleeping)."""
+"""The file ledger and the pure lease decisions (no Ray, no sleeping, no processes: the races
+between real processes are in tests/integration/test_ledger_processes.py)."""
 
-import multiprocessing as mp
 import random
 
 import pytest
 
-from shards.format import RowError, ShardRecord
-from shards.ledger import FileLedger, Lease, dead_local_owners, new_owner, pick_shards
+from distill.shards.format import RowError, ShardRecord
+from distill.shards.ledger import FileLedger, Lease, pick_shards
 
 
 def rec(k, rows=10):
@@ -55,19 +55,6 @@ def test_state_transitions(tmp_path):
     assert 0 not in led.snapshot().done
 
 
-def test_lease_of_a_dead_local_process_is_reclaimed_at_once(tmp_path):
-    ctx = mp.get_context("spawn")
-    p = ctx.Process(target=int)
-    p.start()
-    p.join()
-    dead = f"{new_owner().split(':')[0]}:{p.pid}:driver:x"
-    me = new_owner()
-    assert dead_local_owners([dead, me]) == frozenset({dead})
-    led = FileLedger(str(tmp_path), 2)
-    assert led.acquire(dead, 2, ttl=3600, now=0) == [0, 1]
-    assert led.acquire(me, 2, ttl=3600, now=1) == [0, 1]
-
-
 def test_rebuild_replaces_everything(tmp_path):
     led = FileLedger(str(tmp_path), 5)
     led.acquire("h:1:d:a", 3, 30, 0)
@@ -75,21 +62,3 @@ def test_rebuild_replaces_everything(tmp_path):
     led.rebuild([rec(2), rec(4)])
     s = led.snapshot()
     assert set(s.done) == {2, 4} and not s.leases
-
-
-def _race(args):
-    path, owner = args
-    led = FileLedger(path, 200)
-    got = []
-    while True:
-        ks = led.acquire(owner, 3, ttl=600, now=0)
-        if not ks:
-            return got
-        got.extend(ks)
-
-
-def test_concurrent_processes_never_share_a_shard(tmp_path):
-    with mp.get_context("spawn").Pool(8) as pool:
-        results = pool.map(_race, [(str(tmp_path), f"h:{i}:d:x") for i in range(8)])
-    flat = [k for r in results for k in r]
-    assert sorted(flat) == list(range(200))

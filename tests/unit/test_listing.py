@@ -11,6 +11,7 @@ import tracemalloc
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import ORL as ORL_DIR
 
 from distill.listing import (
     FOOTER_KEY,
@@ -29,7 +30,7 @@ from distill.listing import (
 )
 from distill.recordio import MAGIC_BYTES, IRHeader, RecordIOReader, RecordIOWriter, pack, unpack, write_insightface_rec
 
-ORL = "/work/shared/data/orl"
+ORL = str(ORL_DIR)  # ../shared beside the checkout
 
 
 def _table(path):

@@ -5,10 +5,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from shards.format import RowError, ShardRecord, encode_shard, read_footer, sha256, shard_schema, verify_shard
-from shards.manifest import IncompatibleRun, build_manifest, check_compatible, read_manifest, run_id, write_manifest
-from shards.reconcile import plan_reconcile, records_from_files
-from shards.storage import open_storage, redact
+from distill.shards.format import RowError, ShardRecord, encode_shard, read_footer, sha256, shard_schema, verify_shard
+from distill.shards.manifest import (
+    IncompatibleRun,
+    build_manifest,
+    check_compatible,
+    read_manifest,
+    run_id,
+    write_manifest,
+)
+from distill.shards.reconcile import plan_reconcile, records_from_files
+from distill.shards.storage import open_storage, redact
 
 IDENTITY = {
     "listing": "/x/listing.parquet", "listing_fingerprint": "aa", "rows": 10, "num_classes": 3, "label_names": None,
@@ -114,7 +121,7 @@ def test_views_column_round_trips_as_plain_parquet():
 
 
 def test_teacher_norms_are_recorded_per_shard_and_summed_in_the_manifest(tmp_path):
-    from shards.format import NormStats, summarise_norms
+    from distill.shards.format import NormStats, summarise_norms
 
     storage = open_storage(str(tmp_path))
     storage.write_atomic("part-00000.parquet", make_shard(0))

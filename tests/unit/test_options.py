@@ -40,3 +40,16 @@ def test_help_states_each_default():
     for f in dataclasses.fields(TrainConfig):
         if f.default not in (None, dataclasses.MISSING) and not isinstance(f.default, bool):
             assert f"default: {f.default}" in " ".join(text.split()), f.name
+
+
+def test_embed_options_default_to_the_config_and_the_dataclasses_it_holds():
+    from distill.cli import build_parser
+    from distill.embed import EmbedConfig, config_from_args
+
+    args = build_parser().parse_args(["embed", "L", "--teacher", "T", "--out", "O"])
+    assert config_from_args(args) == EmbedConfig("L", "T", "O")
+    args = build_parser().parse_args(["embed", "L", "--teacher", "T", "--out", "O", "--no-images", "--no-flip",
+                                      "--shard-size", "8", "--channel-order", "BGR", "--worker-resource", "tpu=2"])
+    cfg = config_from_args(args)
+    assert (cfg.images, cfg.flip, cfg.shard_size, cfg.preprocessing.channel_order, cfg.worker_resources) == (
+        False, False, 8, "BGR", (("tpu", 2.0),))

@@ -1,6 +1,6 @@
 import pytest
 
-from shards.plan import batches, num_shards, parse_shard_name, plan_shards, shard_at, shard_name
+from distill.shards.plan import batches, num_shards, parse_shard_name, plan_shards, shard_at, shard_name
 
 
 @pytest.mark.parametrize("total", [0, 1, 2, 63, 64, 65, 1000, 65_537])

@@ -1,5 +1,5 @@
-from shards.format import RowError, ShardRecord
-from shards.ledger import Lease, LedgerState
+from distill.shards.format import RowError, ShardRecord
+from distill.shards.ledger import Lease, LedgerState
 from distill.status import format_status, summarize
 
 MANIFEST = {"run_id": "abc", "rows": 100, "shard_size": 25, "num_classes": 4, "embedding_dim": 8, "flip": True, "dtype": "float32"}

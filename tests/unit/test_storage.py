@@ -4,12 +4,11 @@ import os
 
 import pyarrow.fs as pafs
 import pytest
-
-from shards.format import verify_shard
-from shards.reconcile import records_from_files
-from shards.storage import ArrowStorage, LocalStorage, is_temp_name, open_storage
-
 from test_manifest_format import make_shard
+
+from distill.shards.format import verify_shard
+from distill.shards.reconcile import records_from_files
+from distill.shards.storage import ArrowStorage, LocalStorage, is_temp_name, open_storage
 
 
 @pytest.fixture(params=["local", "arrow"])

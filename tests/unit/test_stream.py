@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 import pytest
+from toy_shards import write_toy_shards
 
 from distill.stream import (
     ReadStats,
@@ -14,8 +15,8 @@ from distill.stream import (
     choose_target,
     epoch_order,
     flip_mask,
-    kept_rows,
     iter_samples,
+    kept_rows,
     open_shards,
     plan_epoch,
     rank_rows,
@@ -23,7 +24,6 @@ from distill.stream import (
     shard_set,
     steps_per_epoch,
 )
-from toy_shards import write_toy_shards
 
 ROW_SETS = ([5], [3, 7, 2], [256, 256, 256, 10], [1] * 9, [40, 0, 40], [600, 257])
 
@@ -144,7 +144,7 @@ def test_shards_without_flip_disable_it_with_a_warning(tmp_path, caplog):
 
 
 def test_unusable_shard_dirs_are_refused_with_the_fix(tmp_path):
-    from shards.manifest import load_manifest
+    from distill.shards.manifest import load_manifest
 
     loc = str(write_toy_shards(tmp_path / "a", rows=96, shard_size=32, drop_shards=2))
     with pytest.raises(ValueError, match=r"2 of 3 shards are missing.*distill embed"):
@@ -158,8 +158,9 @@ def test_unusable_shard_dirs_are_refused_with_the_fix(tmp_path):
 
 def test_dataset_decodes_mirrors_and_scales(tmp_path):
     tf = pytest.importorskip("tensorflow")
-    from distill.stream import make_dataset
     from toy_shards import toy_images
+
+    from distill.stream import make_dataset
 
     shards = open_shards(str(write_toy_shards(tmp_path / "s", rows=32, shard_size=16)))
     plan = plan_epoch(shards.rows, seed=9, epoch=0, world_size=1, rank=0, buffer=8, global_batch=8)

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
-
-from distill.stream import open_shards
-from distill.checkpoints import Cursor, LocalCheckpoints, read_checkpoint
-from distill.loop import _trim_jsonl
-from distill.train_config import TrainConfig, check_resume, resolve, schedule_steps
 from toy_shards import write_toy_shards
+
+from distill.checkpoints import Cursor, LocalCheckpoints, read_checkpoint
+from distill.errors import IncompatibleRun
+from distill.loop import _trim_jsonl
+from distill.stream import open_shards
+from distill.train_config import TrainConfig, check_resume, lr_schedule, resolve
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +27,38 @@ def _cursor(**kw) -> Cursor:
     return Cursor(**{**base, **kw})
 
 
+def _saved(cfg: TrainConfig, shards, train_rows: int = 64) -> dict:
+    """The config as a checkpoint holds it: resolved, its schedule recorded, through JSON."""
+    config = resolve(cfg, shards)
+    return json.loads(json.dumps({**config, "schedule": lr_schedule(config["train"], train_rows)}))
+
+
 def test_resume_with_the_same_command_is_accepted_and_options_that_do_not_touch_the_order_may_change(shards):
     cfg = TrainConfig(shards=shards.location, out="o", batch_size=16)
-    saved = json.loads(json.dumps(resolve(cfg, shards)))
+    saved = _saved(cfg, shards)
     check_resume(saved, _cursor(shards_run_id=shards.run_id), resolve(cfg, shards), 1, "ckpt")
-    check_resume(saved, _cursor(), resolve(replace(cfg, epochs=5, lr=0.1, mse_weight=3.0), shards), 1, "ckpt")
+    check_resume(saved, _cursor(), resolve(replace(cfg, mse_weight=3.0, checkpoint_every=7), shards), 1, "ckpt")
+    # --max-steps stops early and does not shape the schedule: a run can be trained in parts.
+    for steps in (5, 50, 10_000):
+        check_resume(saved, _cursor(), resolve(replace(cfg, max_steps=steps), shards), 1, "ckpt")
+
+
+@pytest.mark.parametrize("change", [dict(epochs=30), dict(epochs=3), dict(lr=0.1),
+                                    dict(warmup_steps=0), dict(lr_schedule="constant")])
+def test_a_resume_that_would_change_the_learning_rate_of_steps_taken_is_refused(shards, change):
+    cfg = TrainConfig(shards=shards.location, out="o", batch_size=16)  # 20 epochs x 4 steps, cosine
+    with pytest.raises(IncompatibleRun, match="learning-rate schedule: checkpoint follows cosine, lr 0.002, 79 warm-up") as e:
+        check_resume(_saved(cfg, shards), _cursor(), resolve(replace(cfg, **change), shards), 1, "ckpt")
+    assert "--init OUT" in str(e.value)
+
+
+def test_a_constant_schedule_may_be_extended_or_shortened(shards):
+    cfg = TrainConfig(shards=shards.location, out="o", batch_size=16, lr_schedule="constant", warmup_steps=4)
+    saved = _saved(cfg, shards)
+    for change in (dict(epochs=40), dict(epochs=2), dict(max_steps=9)):
+        check_resume(saved, _cursor(), resolve(replace(cfg, **change), shards), 1, "ckpt")
+    with pytest.raises(IncompatibleRun, match="these options make it constant, lr 0.01"):
+        check_resume(saved, _cursor(), resolve(replace(cfg, lr=0.01), shards), 1, "ckpt")
 
 
 def test_incompatible_resume_names_every_difference(shards):
@@ -65,9 +93,12 @@ def test_config_refuses_bad_options_with_the_flag_name():
 
 
 def test_schedule_spans_the_planned_run():
-    cfg = TrainConfig(shards="s", out="o", epochs=3, batch_size=10)
-    assert schedule_steps(cfg, 105) == 30
-    assert schedule_steps(replace(cfg, max_steps=7), 105) == 7
+    train = asdict(TrainConfig(shards="s", out="o", epochs=3, batch_size=10, warmup_steps=5))
+    assert lr_schedule(train, 105) == {"kind": "cosine", "lr": 0.002, "warmup_steps": 5, "decay_steps": 25,
+                                       "train_rows": 105}
+    assert lr_schedule({**train, "max_steps": 7}, 105) == lr_schedule(train, 105)  # it only stops early
+    assert lr_schedule({**train, "epochs": 1, "warmup_steps": 50}, 105)["warmup_steps"] == 9  # never the whole run
+    assert lr_schedule({**train, "lr_schedule": "constant"}, 105)["decay_steps"] is None
 
 
 def test_checkpoints_are_renamed_into_place_and_only_the_last_few_kept(tmp_path):

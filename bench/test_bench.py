@@ -1,4 +1,5 @@
-"""The benchmarks' pure arithmetic (bench/projection.py) and the synthetic emore pack writer
+"""The benchmarks' own tests (run with the suite; tests/ never imports bench/): the pure arithmetic of
+bench/projection.py and the synthetic emore pack writer
 (bench/emore_listing.py), which must write the same bytes as the real RecordIO writer."""
 
 from __future__ import annotations
@@ -8,8 +9,15 @@ import pytest
 
 from bench.emore_listing import TINY_IMAGE, class_sizes, image_records, write_list, write_pack
 from bench.projection import (
-    Cluster, Costs, interpolate, median, project_student_epoch, project_teacher_pass, rewritten,
-    steady_cpu_per_row, steady_rate,
+    Cluster,
+    Costs,
+    interpolate,
+    median,
+    project_student_epoch,
+    project_teacher_pass,
+    rewritten,
+    steady_cpu_per_row,
+    steady_rate,
 )
 from distill.recordio import InsightfacePack, write_insightface_rec
 

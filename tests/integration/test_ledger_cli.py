@@ -8,18 +8,21 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from distill.cli import main
 from distill.ledger_cli import rebuild_summary, show_lines
-from shards.format import ShardRecord, encode_shard, shard_schema, verify_shard
-from shards.ledger import FileLedger, Lease, LedgerState
-from shards.ledger_redis import RedisLedger
-from shards.manifest import build_manifest, run_id, write_manifest
-from shards.plan import num_shards, shard_at, shard_name
-from shards.storage import LocalStorage
+from distill.shards.format import ShardRecord, encode_shard, shard_schema, verify_shard
+from distill.shards.ledger import FileLedger, Lease, LedgerState
+from distill.shards.ledger_redis import RedisLedger
+from distill.shards.manifest import build_manifest, run_id, write_manifest
+from distill.shards.plan import num_shards, shard_at, shard_name
+from distill.shards.storage import LocalStorage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from redis_server import RedisServer  # noqa: E402
+
+pytestmark = pytest.mark.integration
 
 ROWS, SHARD_SIZE = 50, 8  # 7 shards
 N = num_shards(ROWS, SHARD_SIZE)
