@@ -49,17 +49,54 @@ RECIPES = {
 HEADLINE = "defaults (nMSE + views), 10-minute budget"
 
 
-def heldout_people(shards: Path, manifest: dict) -> list[str]:
-    """The names of the people ``--val-split`` holds out, from the shards' label counts."""
+def more_people(work: Path, extra: Path, heldout: list[str], views: int, epochs: int) -> list[dict]:
+    """What more identities give: the 8 training people alone, and with every identity folder
+    of ``extra`` added as further training people, each embedded on its own and trained with
+    the default recipe for whole epochs at no more samples than ``epochs`` epochs over the 8
+    people (the larger set gets the whole epochs that fit: fewer samples, never more), judged
+    on the held-out glint12 people only (``extra`` is not unseen for the second row)."""
+    train8 = [p.name for p in sorted(GLINT12.iterdir()) if p.is_dir() and p.name not in heldout]
+    extra = extra.resolve()
+    steps = epochs * (sum(len(list((GLINT12 / p).iterdir())) for p in train8) // 64)
+    unseen = work / "unseen"
+    arms = []
+    for name, extra_dirs in (("defaults, 8 people (control)", []),
+                             (f"defaults, 8 people + {extra.name} ({len(list(extra.glob('*/')))} more)", sorted(extra.glob("*/")))):
+        slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:40]
+        root = work / slug
+        people = root / "people"
+        if people.exists():
+            shutil.rmtree(people)
+        people.mkdir(parents=True)
+        for p in train8:
+            (people / p).symlink_to(GLINT12 / p)
+        for d in extra_dirs:
+            (people / f"{extra.name}_{d.name}").symlink_to(d.resolve())
+        run_child(distill_cmd("listing", people, "--out", root / "listing.parquet"), timeout=600)
+        run_child(distill_cmd("embed", root / "listing.parquet", "--teacher", MOBILEFACENET, "--out", root / "shards",
+                              "--views", views, "--shard-size", 512, "--no-progress"), timeout=3 * 3600)
+        arms.append((name, root / "shards"))
+    rows = []
+    for name, shards in arms:  # (trained after both teacher passes: those are not part of the budget)
+        rows_total = json.loads((shards / "manifest.json").read_text())["rows"]
+        rows.append(train_recipe(work, name, ["--val-folders", unseen], max(1, steps // (rows_total // 64)),
+                                 shards, unseen, split=False, sets=("unseen",)))
+    return rows
+
+
+def heldout_people(listing: Path) -> list[str]:
+    """The names of the people ``--val-split`` holds out, from the listing's label counts (the
+    shards hold every listing row: their counts are the same)."""
     import numpy as np
     import pyarrow.parquet as pq
 
+    from distill.listing import read_listing_info
     from distill.validate import heldout_classes
 
-    counts = np.zeros(manifest["num_classes"], np.int64)
-    for s in manifest["shards"]:
-        np.add.at(counts, pq.read_table(shards / s["name"], columns=["label"]).column("label").to_numpy(), 1)
-    return [manifest["label_names"][k] for k in heldout_classes(counts, VAL_SPLIT, VAL_SEED)]
+    info = read_listing_info(str(listing))
+    counts = np.bincount(pq.read_table(listing, columns=["label"]).column("label").to_numpy(),
+                         minlength=len(info.label_names))
+    return [info.label_names[k] for k in heldout_classes(counts, VAL_SPLIT, VAL_SEED)]
 
 
 def folder_of(people: list[str], out: Path) -> Path:
@@ -71,20 +108,24 @@ def folder_of(people: list[str], out: Path) -> Path:
     return out
 
 
-def train_recipe(work: Path, name: str, opts: list[str], epochs: int, shards: Path, unseen: Path) -> dict:
+def train_recipe(work: Path, name: str, opts: list[str], epochs: int, shards: Path, unseen: Path, split: bool = True,
+                 sets: tuple[str, ...] = ("unseen", "orl")) -> dict:
     slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:40]
     student, export = work / slug / "student", work / slug / "export"
-    if student.exists():
-        shutil.rmtree(student.parent)
+    for d in (student, export):  # (not the recipe's folder: more_people keeps its shards there)
+        if d.exists():
+            shutil.rmtree(d)
     print(f"[{time.strftime('%H:%M:%S')}] {name}: training {epochs} epochs (load {loadavg()})", file=sys.stderr, flush=True)
     load = loadavg()
-    train = run_child(distill_cmd("train", shards, "--out", student, "--epochs", epochs, "--seed", SEED,
-                                  "--val-split", VAL_SPLIT, "--val-seed", VAL_SEED, "--no-progress", *opts),
-                      timeout=3 * 3600, sample_cpu=5)
+    held = ["--val-split", VAL_SPLIT, "--val-seed", VAL_SEED] if split else []
+    train = run_child(distill_cmd("train", shards, "--out", student, "--epochs", epochs, "--seed", SEED, *held,
+                                  "--no-progress", *opts), timeout=3 * 3600, sample_cpu=5)
     # The last checkpoint, not --best: picking the epoch on the held-out people would flatter them.
     run_child(distill_cmd("export", student, "--out", export), timeout=1800)
     scores = {}
     for set_name, folder in (("unseen", unseen), ("orl", ORL)):
+        if set_name not in sets:
+            continue
         out = work / slug / f"eval-{set_name}.json"
         run_child(distill_cmd("evaluate", export, "--folders", folder, "--teacher", MOBILEFACENET, "--out", out,
                               "--no-progress"), timeout=1800)
@@ -101,7 +142,7 @@ def train_recipe(work: Path, name: str, opts: list[str], epochs: int, shards: Pa
         "cpu_seconds": train.cpu_series[-1][1] if train.cpu_series else None,
         "images_per_sec": seen / max(train_seconds, 1e-9),
         "best_epoch_val": best, "curve": curve,
-        "unseen": _summary(scores["unseen"]), "orl": _summary(scores["orl"]),
+        "unseen": _summary(scores["unseen"]), "orl": _summary(scores["orl"]) if "orl" in scores else None,
     }
 
 
@@ -139,15 +180,16 @@ def report(doc: dict) -> None:
     rows = []
     for r in results:
         u, o = r["unseen"], r["orl"]
+        orl = [f"{o['student_auc']:.3f}", f"{o['cosine']:.3f}", f"{o['teacher_auc']:.3f}"] if o else ["(trained on)"] * 3
         rows.append([r["name"], f"{r['samples_seen']:,}", f"{r['train_seconds'] / 60:.1f}",
                      f"{(r['cpu_seconds'] or 0) / 60:.1f}", f"{r['images_per_sec']:.0f}",
                      f"{u['student_auc']:.3f}", f"{u['student_accuracy']:.3f}", f"{u['cosine']:.3f}",
-                     f"{u['teacher_auc']:.3f}", f"{o['student_auc']:.3f}", f"{o['cosine']:.3f}", f"{o['teacher_auc']:.3f}",
+                     f"{u['teacher_auc']:.3f}", *orl,
                      f"{r['best_epoch_val'].get('epochs_done', '')} ({r['best_epoch_val']['val_auc']:.3f})"])
-    u0, o0 = results[0]["unseen"], results[0]["orl"]
-    print(f"Held-out people: {', '.join(people)} ({u0['images']} images, {u0['pairs']:,} pairs); ORL: {o0['images']} "
-          f"images, {o0['identities']} people. Teacher pass (embed, {doc['embed']['views']} views): "
-          f"{doc['embed']['seconds']:.0f} s.\n")
+    u0, o0 = results[0]["unseen"], next((r["orl"] for r in results if r["orl"]), None)
+    orl = f"ORL: {o0['images']} images, {o0['identities']} people. " if o0 else ""
+    print(f"Held-out people: {', '.join(people)} ({u0['images']} images, {u0['pairs']:,} pairs); {orl}Teacher pass "
+          f"(embed of the 12 people, {doc['embed']['views']} views): {doc['embed']['seconds']:.0f} s.\n")
     print(table(["recipe", "samples seen", "train min", "CPU min", "img/s", "unseen AUC", "unseen best acc",
                  "unseen cos", "teacher AUC", "ORL AUC", "ORL cos", "ORL teacher AUC", "best epoch (val AUC)"], rows))
 
@@ -158,7 +200,10 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=6, help="training budget of the sweep, in epochs over the 8 people")
     ap.add_argument("--headline-epochs", type=int, default=0, help="epochs of the headline run (0: skip it)")
     ap.add_argument("--views", type=int, default=4, help="teacher views stored per image")
-    ap.add_argument("--only", default="", help="comma-separated recipe names (default: all)")
+    ap.add_argument("--only", default="", help="comma-separated recipe names (default: all; 'none': no recipe)")
+    ap.add_argument("--more-people", type=Path, metavar="DIR",
+                    help="also two rows on what more identities give: the 8 people alone and with DIR's identity "
+                         "folders added (e.g. ../shared/data/orl), judged on the held-out people")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "quality.json")
     ap.add_argument("--png", type=Path, default=ROOT / "docs" / "quality.png")
     ap.add_argument("--report", action="store_true", help="only print the table of --json (and redraw --png)")
@@ -172,21 +217,25 @@ def main() -> int:
     a.work.mkdir(parents=True, exist_ok=True)
     listing, shards = a.work / "listing.parquet", a.work / "shards"
     run_child(distill_cmd("listing", GLINT12, "--out", listing), timeout=600)
-    t0 = time.perf_counter()
-    emb = run_child(distill_cmd("embed", listing, "--teacher", MOBILEFACENET, "--out", shards, "--views", a.views,
-                                "--shard-size", 512, "--no-progress"), timeout=3 * 3600)
-    embed_seconds = time.perf_counter() - t0
-    manifest = json.loads((shards / "manifest.json").read_text())
-    people = heldout_people(shards, manifest)
+    people = heldout_people(listing)
     unseen = folder_of(people, a.work / "unseen")
-    print(f"held-out people: {', '.join(people)}; embed took {embed_seconds:.0f}s", file=sys.stderr)
+    print(f"held-out people: {', '.join(people)}", file=sys.stderr)
     chosen = [n for n in RECIPES if not a.only or n in a.only.split(",")]
-    results = [train_recipe(a.work, n, RECIPES[n], a.epochs, shards, unseen) for n in chosen]
+    embed_seconds, emb, manifest, results = 0.0, None, {}, []
+    if chosen or a.headline_epochs:  # one teacher pass of all 12 people serves every recipe
+        t0 = time.perf_counter()
+        emb = run_child(distill_cmd("embed", listing, "--teacher", MOBILEFACENET, "--out", shards, "--views", a.views,
+                                    "--shard-size", 512, "--no-progress"), timeout=3 * 3600)
+        embed_seconds = time.perf_counter() - t0
+        manifest = json.loads((shards / "manifest.json").read_text())
+    results += [train_recipe(a.work, n, RECIPES[n], a.epochs, shards, unseen) for n in chosen]
     if a.headline_epochs:
         results.append(train_recipe(a.work, HEADLINE, [], a.headline_epochs, shards, unseen))
+    if a.more_people:
+        results += more_people(a.work, a.more_people, people, a.views, a.epochs)
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps({"heldout_people": people, "embed": {"seconds": embed_seconds, "views": a.views,
-                                  "stdout": emb.stdout[-400:]}, "teacher_norm": manifest.get("teacher_norm"),
+                                  "stdout": emb.stdout[-400:] if emb else ""}, "teacher_norm": manifest.get("teacher_norm"),
                                   "results": results}, indent=1))
     plot(results, a.png)
     report(json.loads(a.json.read_text()))
