@@ -79,7 +79,7 @@ def more_people(work: Path, extra: Path, heldout: list[str], views: int, epochs:
     rows = []
     for name, shards in arms:  # (trained after both teacher passes: those are not part of the budget)
         rows_total = json.loads((shards / "manifest.json").read_text())["rows"]
-        rows.append(train_recipe(work, name, ["--val-folders", unseen], max(1, steps // (rows_total // 64)),
+        rows.append(train_recipe(work, name, ["--val-folders", str(unseen)], max(1, steps // (rows_total // 64)),
                                  shards, unseen, split=False, sets=("unseen",)))
     return rows
 
