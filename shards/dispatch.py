@@ -104,9 +104,6 @@ class Dispatcher:
         """Anything submitted that has not come back."""
         return bool(self.running)
 
-    def starting(self) -> list[int]:
-        return [i for i, s in enumerate(self.slots) if not s.ready]
-
     # ------------------------------------------------------------ events
 
     def leased(self, ks) -> list[Action]:
