@@ -24,6 +24,7 @@ import numpy as np
 from distill.errors import IncompatibleRun
 
 CHECKPOINTS = "checkpoints"
+RAY_DIR = "ray"  # Ray Train's storage path under OUT
 BEST = "best"
 VAL = "val.json"
 
@@ -55,9 +56,32 @@ def list_checkpoints(ckpt_dir: str) -> list[str]:
     return [os.path.join(ckpt_dir, n) for n in names]
 
 
+def ray_checkpoints(student_dir: str) -> list[str]:
+    """Ray Train's copies (``OUT/ray/<run>/checkpoint_*``, written by several workers) that are
+    whole: an upload killed half way is passed over."""
+    import glob
+    import zipfile
+
+    found = []
+    for d in glob.glob(os.path.join(student_dir, RAY_DIR, "*", "checkpoint_*")):
+        files = [os.path.join(d, n) for n in ("config.json", "cursor.json", "state.npz")]
+        if all(os.path.isfile(f) for f in files) and zipfile.is_zipfile(files[2]):
+            found.append(d)
+    return found
+
+
 def latest_checkpoint(student_dir: str) -> str | None:
-    found = list_checkpoints(os.path.join(student_dir, CHECKPOINTS))
-    return found[-1] if found else None
+    """The checkpoint of the most steps a run in ``student_dir`` has written, whether by one
+    process (``OUT/checkpoints``) or by Ray Train workers (``OUT/ray``): a run goes on from
+    there with any worker count."""
+    found = list_checkpoints(os.path.join(student_dir, CHECKPOINTS)) + ray_checkpoints(student_dir)
+    steps = []
+    for path in found:
+        try:
+            steps.append((read_checkpoint(path)[1].step, path.startswith(os.path.join(student_dir, CHECKPOINTS)), path))
+        except (OSError, ValueError, TypeError):  # a damaged copy: another one will do
+            continue
+    return max(steps)[2] if steps else None  # (on equal steps, the local copy)
 
 
 def read_checkpoint(path: str) -> tuple[dict[str, Any], Cursor]:
@@ -132,12 +156,12 @@ class LocalCheckpoints:
     """``OUT/checkpoints/ckpt-<step>``: temp dir + fsync + rename, the last few kept."""
 
     def __init__(self, out: str, keep: int):
+        self.out = out
         self.dir = os.path.join(out, CHECKPOINTS)
         self.keep = keep
 
     def latest(self) -> str | None:
-        found = list_checkpoints(self.dir)
-        return found[-1] if found else None
+        return latest_checkpoint(self.out)
 
     def describe(self, path: str) -> str:
         return path

@@ -282,7 +282,7 @@ class _Run:
         self.cursor = Cursor(0, 0, 0, cfg.seed, world_size, cfg.batch_size, cfg.shuffle_buffer, self.shards.run_id)
         if latest is not None:
             saved, cursor = read_checkpoint(latest)
-            check_resume(saved, cursor, self.config, world_size, store.describe(latest))
+            check_resume(saved, cursor, self.config, store.describe(latest))
             self.cursor = replace(cursor, world_size=world_size)
         self.resumed_from = self.cursor.step if latest is not None else None
         norm = self.shards.teacher_norm
@@ -398,8 +398,8 @@ class _Run:
         cfg, shards, rank, world_size = self.cfg, self.shards, self.rank, self.world_size
         plan = plan_epoch(
             shards.rows, seed=cfg.seed, epoch=self.cursor.epoch, world_size=world_size, rank=rank,
-            buffer=cfg.shuffle_buffer, global_batch=cfg.batch_size, samples=self.cursor.samples,
-            exclude=self.prep.exclude,
+            buffer=cfg.shuffle_buffer, global_batch=cfg.batch_size, partitions=cfg.partitions,
+            samples=self.cursor.samples, exclude=self.prep.exclude,
         )
         if plan.steps == 0:
             raise BadOption(

@@ -1,22 +1,25 @@
-"""Streaming input for the student: a shard directory -> this rank's batches, resumable.
+"""Streaming input for the student: a shard directory -> this worker's batches, resumable.
 
 Owns the epoch order and the data cursor. The order is a pure function of (shard row
-counts, seed, epoch, world size, rank, buffer size):
+counts, seed, epoch, partitions, buffer size), and not of the worker count (``epoch_order``):
 
-1. shuffle the shard order with a numpy Generator seeded from (seed, epoch);
-2. rank r takes the shuffled shards at positions r, r+W, r+2W, ...;
-3. a bounded shuffle buffer (classic: fill, then emit a random slot and refill it) runs over
-   the rank's rows, simulated on (shard, row) ids only, so no pixel is touched to know it;
-4. every rank stops after the same number of batches: ``min over ranks of rows // batch``.
-   The remainder of the epoch is dropped (a different one each epoch, since shard order
-   changes), so no rank waits at a collective for a batch that never comes.
+1. shuffle the shard order with a numpy Generator seeded from (seed, epoch) and lay their
+   rows end to end (held-out rows left out);
+2. cut that stream into P = ``--partitions`` contiguous parts and shuffle each with its own
+   bounded buffer (its share of ``--shuffle-buffer``), simulated on sample ids only;
+3. interleave the parts: element e of part p is global sample e * P + p;
+4. global batch s is samples [s B, (s + 1) B); the last partial batch is dropped (a different
+   one each epoch). Worker r of W (W dividing P and B) takes positions r::W of every batch,
+   which all lie in parts p = r mod W, so it reads only those parts' shards.
 
-The resume cursor is (epoch, samples consumed in the epoch, global). Resuming recomputes the
-order and reads only the rows still to come: row groups with nothing left are never opened.
+The resume cursor is (epoch, samples consumed in the epoch, global), so a run saved with one
+worker count goes on with any other that divides P at exactly the next sample. Resuming
+recomputes the order and reads only the rows still to come: row groups with nothing left
+are never opened.
 
-Reading holds at most the shuffle buffer plus one row group of rows (the emit order came
-from a buffer of that size), whatever the number of shards; the order itself costs 8 bytes
-per row of this rank. Hands on: a ``tf.data.Dataset`` of dicts ``image`` float32 [b, H, W, 3]
+Reading holds at most the shuffle buffer plus about one row group per part this worker reads,
+whatever the number of shards; the order itself costs 8 bytes per sample of the epoch.
+Hands on: a ``tf.data.Dataset`` of dicts ``image`` float32 [b, H, W, 3]
 scaled ``(x - 127.5) / 128``, ``target`` (the teacher embedding of exactly those pixels,
 ``embedding_flip`` when the image was mirrored), ``label``, ``index``, ``flipped``.
 """
@@ -30,6 +33,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from distill.errors import BadInput, BadOption, IncompatibleRun, NoManifest
+from distill.shards.format import ROW_GROUP_ROWS
 from distill.views import ViewSpec
 
 log = logging.getLogger(__name__)
@@ -38,6 +42,10 @@ log = logging.getLogger(__name__)
 _SHARD_ORDER, _BUFFER = 0, 1
 _FLIP_SALT = 0x9E3779B97F4A7C15
 PIXEL_MEAN, PIXEL_SCALE = 127.5, 128.0
+# The epoch order's canonical partitions (``epoch_order``): any worker count dividing it can
+# continue a run. 24 = 1, 2, 3, 4, 6, 8, 12 or 24 workers; a worker holds up to one row group
+# per partition it reads beside the shuffle buffer.
+DEFAULT_PARTITIONS = 24
 
 
 @dataclass(frozen=True)
@@ -123,25 +131,17 @@ def _rng(seed: int, epoch: int, *tags: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, *tags])))
 
 
-def rank_shards(num_shards: int, seed: int, epoch: int, world_size: int, rank: int) -> np.ndarray:
-    """Positions (into the manifest's shard list) this rank reads this epoch, in order."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside a world of {world_size}")
-    order = _rng(seed, epoch, _SHARD_ORDER).permutation(num_shards)
-    return order[rank::world_size]
-
-
-def rank_rows(rows: Sequence[int], seed: int, epoch: int, world_size: int) -> list[int]:
-    """Rows each rank holds this epoch (before the drop to whole batches)."""
-    r = np.asarray(rows, np.int64)
-    return [int(r[rank_shards(len(r), seed, epoch, world_size, k)].sum()) for k in range(world_size)]
-
-
-def steps_per_epoch(rows: Sequence[int], seed: int, epoch: int, world_size: int, rank_batch: int) -> int:
-    """Batches every rank runs this epoch: the smallest rank's whole batches."""
-    if rank_batch <= 0:
-        raise ValueError(f"the per-worker batch must be positive, got {rank_batch}")
-    return min(n // rank_batch for n in rank_rows(rows, seed, epoch, world_size))
+def check_partitions(partitions: int, world_size: int) -> None:
+    if partitions < 1:
+        raise BadOption(f"--partitions must be >= 1, got {partitions}")
+    if partitions % world_size:
+        divisors = [d for d in range(1, partitions + 1) if partitions % d == 0]
+        raise BadOption(
+            f"{world_size} workers do not divide --partitions {partitions}: the epoch order is laid over "
+            f"{partitions} canonical partitions, which the workers share out, so one run can continue with any "
+            f"of {', '.join(map(str, divisors))} workers. Use one of those, or start a new --out with "
+            f"--partitions a multiple of every worker count you will use (e.g. {world_size * partitions})"
+        )
 
 
 def buffer_shuffle(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
@@ -165,30 +165,69 @@ def buffer_shuffle(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate([np.asarray(out, np.int64), np.asarray(slots, np.int64)[tail]])
 
 
-def epoch_order(rows: Sequence[int], seed: int, epoch: int, world_size: int, rank: int, buffer: int) -> np.ndarray:
-    """Every row this rank holds this epoch, as global sample ids, in the order it trains on them.
+def partition_buffer(buffer: int, partitions: int) -> int:
+    """Each partition's share of ``--shuffle-buffer`` (the buffer is the job's, over all partitions)."""
+    return max(1, buffer // partitions)
+
+
+def epoch_order(
+    rows: Sequence[int], seed: int, epoch: int, partitions: int, buffer: int,
+    exclude: np.ndarray | None = None, only: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """The epoch's samples in global training order: a pure function of (shard row counts, seed,
+    epoch, partitions, buffer, exclusions), the same whatever the number of workers.
 
     A sample id is the row's position in the manifest's shards laid end to end.
+
+    1. the shards in an order shuffled from (seed, epoch), their rows laid end to end, the
+       ``exclude``-d ones taken out: the epoch's stream of n samples;
+    2. the stream cut into ``partitions`` contiguous parts of n // P or n // P + 1 samples;
+    3. each part shuffled by its own bounded buffer (``partition_buffer``);
+    4. interleaved: element e of part p is global sample e * P + p.
+
+    Worker r of W (W dividing P) trains on global positions r, r + W, r + 2W, ...: only parts
+    p = r mod W, so it reads only their shards. ``only=(r, W)`` computes just those parts and
+    leaves the others' positions at -1.
     """
     r = np.asarray(rows, np.int64)
     offsets = np.concatenate([[0], np.cumsum(r)])
-    mine = rank_shards(len(r), seed, epoch, world_size, rank)
-    stream = (
-        np.concatenate([np.arange(offsets[k], offsets[k + 1], dtype=np.int64) for k in mine])
-        if len(mine) else np.zeros(0, np.int64)
-    )
-    return stream[buffer_shuffle(len(stream), buffer, _rng(seed, epoch, _BUFFER, rank))]
+    shard_order = _rng(seed, epoch, _SHARD_ORDER).permutation(len(r))
+    stream = (np.concatenate([np.arange(offsets[k], offsets[k + 1], dtype=np.int64) for k in shard_order])
+              if len(r) else np.zeros(0, np.int64))
+    if exclude is not None:
+        if len(exclude) != offsets[-1]:
+            raise ValueError(f"exclusion mask covers {len(exclude)} samples, the shards hold {offsets[-1]}")
+        stream = stream[~np.asarray(exclude, bool)[stream]]
+    n = len(stream)
+    base, extra = divmod(n, partitions)
+    starts = np.concatenate([[0], np.cumsum(base + (np.arange(partitions) < extra))])
+    order = np.full(n, -1, np.int64)
+    b = partition_buffer(buffer, partitions)
+    for p in range(partitions):
+        if only is not None and p % only[1] != only[0]:
+            continue
+        part = stream[starts[p]:starts[p + 1]]
+        order[np.arange(len(part)) * partitions + p] = part[buffer_shuffle(len(part), b, _rng(seed, epoch, _BUFFER, p))]
+    return order
+
+
+def steps_per_epoch(train_samples: int, global_batch: int) -> int:
+    """Global batches an epoch runs: the remainder (< one batch) is dropped, a different one each
+    epoch since the order changes. The same for every worker count."""
+    if global_batch <= 0:
+        raise ValueError(f"the batch must be positive, got {global_batch}")
+    return train_samples // global_batch
 
 
 @dataclass(frozen=True)
 class EpochPlan:
-    """What one rank trains on in one epoch, from the cursor on."""
+    """What one worker trains on in one epoch, from the cursor on."""
 
     epoch: int
-    steps: int  # batches per epoch, the same on every rank
+    steps: int  # global batches per epoch, the same on every worker
     start_step: int  # first batch still to run
-    shards: tuple[int, ...]  # this rank's shard positions, in stream order
-    order: np.ndarray  # the sample ids still to train on, in order: (steps - start_step) * rank_batch
+    shards: tuple[int, ...]  # the shards this worker reads, in the order it first needs them
+    order: np.ndarray  # its sample ids still to train on, in order: (steps - start_step) * worker batch
 
     @property
     def remaining(self) -> int:
@@ -209,28 +248,35 @@ def kept_rows(rows: Sequence[int], exclude: np.ndarray | None) -> list[int]:
 
 def plan_epoch(
     rows: Sequence[int], *, seed: int, epoch: int, world_size: int, rank: int, buffer: int,
-    global_batch: int, samples: int = 0, exclude: np.ndarray | None = None,
+    global_batch: int, partitions: int = DEFAULT_PARTITIONS, samples: int = 0, exclude: np.ndarray | None = None,
 ) -> EpochPlan:
-    """The rest of an epoch for one rank, given the cursor ``samples`` (global, consumed). Pure.
+    """The rest of an epoch for one worker, given the cursor ``samples`` (global, consumed). Pure.
 
-    ``exclude`` (bool per sample id) takes rows out of training, e.g. the held-out
-    validation identities: they are dropped from the order, never read.
+    Global batch s is ``epoch_order[s * B : (s + 1) * B]`` whatever the worker count, and
+    worker ``rank`` takes its positions ``rank::world_size`` of it, so a cursor saved with one
+    worker count resumes with another (any divisor of ``partitions``) at exactly the next
+    sample: nothing twice, nothing skipped. ``exclude`` (bool per sample id) takes rows out of
+    training, e.g. the held-out validation identities: they are never read.
     """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size}")
     if global_batch % world_size:
         raise BadOption(f"--batch-size {global_batch} must be a multiple of the worker count {world_size}")
+    check_partitions(partitions, world_size)
     rank_batch = global_batch // world_size
-    steps = steps_per_epoch(kept_rows(rows, exclude), seed, epoch, world_size, rank_batch)
+    steps = steps_per_epoch(sum(kept_rows(rows, exclude)), global_batch)
     if samples % global_batch or not 0 <= samples <= steps * global_batch:
         raise IncompatibleRun(
             f"cursor at sample {samples} of epoch {epoch} does not fall on a batch of {global_batch} within "
             f"{steps} steps; the checkpoint belongs to another configuration: use a new --out directory"
         )
     start = samples // global_batch
-    order = epoch_order(rows, seed, epoch, world_size, rank, buffer)
-    if exclude is not None:
-        order = order[~np.asarray(exclude, bool)[order]]
-    order = order[start * rank_batch: steps * rank_batch]
-    return EpochPlan(epoch, steps, start, tuple(int(k) for k in rank_shards(len(rows), seed, epoch, world_size, rank)), order)
+    order = epoch_order(rows, seed, epoch, partitions, buffer, exclude, only=(rank, world_size))
+    order = order[rank::world_size][start * rank_batch: steps * rank_batch]
+    offsets = np.concatenate([[0], np.cumsum(np.asarray(rows, np.int64))])
+    shard_of = np.searchsorted(offsets, order, side="right") - 1
+    _, first = np.unique(shard_of, return_index=True)
+    return EpochPlan(epoch, steps, start, tuple(int(k) for k in shard_of[np.sort(first)]), order)
 
 
 def flip_mask(seed: int, epoch: int, index: np.ndarray) -> np.ndarray:
@@ -267,67 +313,112 @@ def iter_samples(
 ) -> Iterator[dict[str, np.ndarray]]:
     """The plan's samples in order, as chunks of numpy arrays (no TensorFlow here).
 
-    Reads this rank's shards front to back, row group by row group, keeping only rows still
-    to come, and emits each as soon as its turn arrives. Each sample trains on one stored
+    Reads row groups in the order the plan first needs them (one per partition the worker
+    reads is in use at a time), keeps only rows still to come, and emits each as soon as its
+    turn arrives; a shard stays open while it has row groups to give. Row groups with nothing
+    still to come, and shards with none, are never read. Each sample trains on one stored
     view (``distill.views.choose_views``, with probability ``view_prob`` when the shards
     hold views) or on the plain image, mirrored by ``flip_mask`` when ``flip``; ``target`` is
     the teacher's embedding of exactly that image (``embedding_views[v]``, ``embedding_flip``
     or ``embedding``), and the chunk carries the view's render parameters.
     """
-    import pyarrow.parquet as pq
-
-    from distill.shards.storage import open_storage
-
     stats = stats if stats is not None else ReadStats()
-    storage = open_storage(shards.location, create=False)
     offsets = shards.offsets
-    needed = np.zeros(int(offsets[-1]), bool)
-    needed[plan.order] = True
     views = shards.views.count if (shards.views is not None and view_prob > 0) else 0
     columns = ["index", "label", "embedding", "image"] + (["embedding_flip"] if flip else []) + (
         ["embedding_views"] if views else [])
+    files = _ShardFiles(shards, plan, stats)
     held: dict[int, tuple] = {}
 
     def row_groups() -> Iterator[None]:
-        """Read the stream forward one row group at a time, into ``held``."""
-        for k in plan.shards:
-            lo, hi = int(offsets[k]), int(offsets[k + 1])
-            if not needed[lo:hi].any():
-                stats.shards_skipped += 1
-                continue
-            with storage.open_input(shards.names[k]) as f:
-                pf = pq.ParquetFile(f)
-                if pf.metadata.num_rows != hi - lo:
-                    raise BadInput(
-                        f"{storage.uri(shards.names[k])} has {pf.metadata.num_rows} rows but the manifest says "
-                        f"{hi - lo}; the shard directory was modified after embedding: rerun `distill embed`"
-                    )
-                start = lo
-                for g in range(pf.num_row_groups):
-                    n = pf.metadata.row_group(g).num_rows
-                    want = np.flatnonzero(needed[start:start + n])
-                    if len(want) == 0:
-                        stats.row_groups_skipped += 1
-                    else:
-                        stats.row_groups_read += 1
-                        _hold(held, pf.read_row_group(g, columns=columns), start, want, shards.embedding_dim, flip, views)
-                        stats.peak_held = max(stats.peak_held, len(held))
-                        yield None
-                    start += n
+        """Read row groups in order of first need, into ``held``."""
+        for k, lo, hi, want in files.reads():
+            _hold(held, files.read(k, lo, hi, columns), int(offsets[k]) + lo, want, shards.embedding_dim, flip, views)
+            stats.peak_held = max(stats.peak_held, len(held))
+            yield None
 
     reader = row_groups()
     out: list[tuple] = []
     emit = _Emitter(shards, seed, plan.epoch, flip, view_prob if views else 0.0)
-    for sid in plan.order.tolist():
-        while sid not in held:
-            if next(reader, StopIteration) is StopIteration:
-                raise BadInput(f"sample {sid} of the plan is not in the shards of {shards.location}; the shards changed")
-        out.append(held.pop(sid))
-        if len(out) == chunk:
+    try:
+        for sid in plan.order.tolist():
+            while sid not in held:
+                if next(reader, StopIteration) is StopIteration:
+                    raise BadInput(f"sample {sid} of the plan is not in the shards of {shards.location}; the shards changed")
+            out.append(held.pop(sid))
+            if len(out) == chunk:
+                yield emit(out)
+                out = []
+        if out:
             yield emit(out)
-            out = []
-    if out:
-        yield emit(out)
+    finally:
+        files.close()
+
+
+class _ShardFiles:
+    """The plan's row groups in order of first need, and the open shard files they come from.
+
+    A unit is ``ROW_GROUP_ROWS`` rows of a shard, the row groups ``distill embed`` writes; the
+    file's own row-group sizes decide what is read for it, so other layouts read correctly.
+    """
+
+    def __init__(self, shards: ShardSet, plan: EpochPlan, stats: ReadStats):
+        from distill.shards.storage import open_storage
+
+        self.shards, self.stats = shards, stats
+        self.storage = open_storage(shards.location, create=False)
+        self.offsets = shards.offsets
+        self.needed = np.zeros(int(self.offsets[-1]), bool)
+        self.needed[plan.order] = True
+        k = np.searchsorted(self.offsets, plan.order, side="right") - 1
+        key = (k << 32) | ((plan.order - self.offsets[k]) // ROW_GROUP_ROWS)
+        _, first = np.unique(key, return_index=True)
+        self.units = key[np.sort(first)]  # in order of first need
+        self.left = dict(zip(*np.unique(self.units >> 32, return_counts=True)))  # shard -> units still to read
+        self.open: dict[int, tuple] = {}  # shard -> (file, ParquetFile, row-group starts)
+        stats.shards_skipped += len(shards.rows) - len(self.left)
+        for kk, n in self.left.items():
+            stats.row_groups_skipped += -(-int(shards.rows[kk]) // ROW_GROUP_ROWS) - int(n)
+
+    def reads(self) -> Iterator[tuple[int, int, int, np.ndarray]]:
+        """(shard, first row, last row + 1, wanted rows as offsets from the first), in order of first need."""
+        for key in self.units.tolist():
+            k, u = key >> 32, key & 0xFFFFFFFF
+            lo, hi = u * ROW_GROUP_ROWS, min((u + 1) * ROW_GROUP_ROWS, int(self.shards.rows[k]))
+            base = int(self.offsets[k])
+            yield k, lo, hi, np.flatnonzero(self.needed[base + lo:base + hi])
+
+    def read(self, k: int, lo: int, hi: int, columns: list[str]):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if k not in self.open:
+            f = self.storage.open_input(self.shards.names[k])
+            pf = pq.ParquetFile(f)
+            if pf.metadata.num_rows != self.shards.rows[k]:
+                f.close()
+                raise BadInput(
+                    f"{self.storage.uri(self.shards.names[k])} has {pf.metadata.num_rows} rows but the manifest says "
+                    f"{self.shards.rows[k]}; the shard directory was modified after embedding: rerun `distill embed`"
+                )
+            sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+            self.open[k] = (f, pf, np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]))
+        f, pf, starts = self.open[k]
+        g0 = int(np.searchsorted(starts, lo, side="right") - 1)
+        g1 = int(np.searchsorted(starts, hi, side="left"))
+        self.stats.row_groups_read += 1
+        tables = [pf.read_row_group(g, columns=columns) for g in range(g0, g1)]
+        table = (tables[0] if len(tables) == 1 else pa.concat_tables(tables)).slice(lo - int(starts[g0]), hi - lo)
+        self.left[k] -= 1
+        if not self.left[k]:
+            f.close()
+            del self.open[k]
+        return table
+
+    def close(self) -> None:
+        for f, *_ in self.open.values():
+            f.close()
+        self.open.clear()
 
 
 def _hold(held: dict, table, start: int, want: np.ndarray, dim: int, flip: bool, views: int) -> None:

@@ -74,9 +74,9 @@ def run_train(cfg: TrainConfig) -> TrainReport:
     # Refuse bad shards, options or an incompatible resume before TensorFlow or Ray start.
     config = resolve(cfg, open_shards(cfg.shards))
     latest = latest_checkpoint(cfg.out)
-    if latest is not None and cfg.workers == 1:  # (Ray runs keep theirs under OUT/ray; checked in the workers)
+    if latest is not None:  # (whichever worker count wrote it: a run goes on with any)
         saved, cursor = read_checkpoint(latest)
-        check_resume(saved, cursor, config, 1, latest)
+        check_resume(saved, cursor, config, latest)
     os.makedirs(cfg.out, exist_ok=True)
     if cfg.verify_shards:
         check_shards(cfg.shards, cfg.out, cfg.progress)

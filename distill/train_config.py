@@ -20,6 +20,7 @@ from distill.checkpoints import Cursor
 from distill.errors import BadOption, IncompatibleRun
 from distill.losses import DISTILL_LOSSES, LossSpec
 from distill.options import option
+from distill.stream import DEFAULT_PARTITIONS, check_partitions
 from distill.student import HEADS, MARGINS, StudentSpec
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,9 @@ class TrainConfig:
     val_seed: int = option(0, "seed of the held-out identities and of the validation images")
     # -- data and checkpoints
     seed: int = option(0, "fixes the data order, flips, views and initial weights")
-    shuffle_buffer: int = option(4096, "rows in the shuffle buffer (bounds memory)")
+    shuffle_buffer: int = option(4096, "rows in the shuffle buffer, shared by the partitions (bounds memory)")
+    partitions: int = option(DEFAULT_PARTITIONS, "canonical partitions of the epoch order: a run continues with any "
+                             "worker count that divides it (fixed for a run; a worker holds a row group per partition it reads)")
     checkpoint_every: int = option(200, "steps between checkpoints (also at each epoch end)")
     keep_checkpoints: int = option(3, "checkpoints kept (plus the best, with validation)")
     verify_shards: bool = option(True, "before training, check every shard's size and sha256 against the manifest "
@@ -122,6 +125,7 @@ class TrainConfig:
             raise BadOption("pass --val-split F (hold out identities of the shards) or --val-folders DIR, not both")
         if self.batch_size % self.workers:
             raise BadOption(f"--batch-size {self.batch_size} must be a multiple of --workers {self.workers}")
+        check_partitions(self.partitions, self.workers)
         if self.mixed_precision and not self.use_gpu:
             raise BadOption(
                 "--mixed-precision needs --use-gpu: float16 on a CPU is slower than float32, not faster. "
@@ -185,16 +189,18 @@ def resolve(cfg: TrainConfig, shards) -> dict[str, Any]:
 
 
 # Changing these mid-run would silently change the data order, the training rows or the graph.
-_FIXED_TRAIN = ("batch_size", "seed", "shuffle_buffer", "optimizer", "val_split", "val_seed")
+_FIXED_TRAIN = ("batch_size", "seed", "shuffle_buffer", "partitions", "optimizer", "val_split", "val_seed")
 
 
-def check_resume(saved: dict[str, Any], cursor: Cursor, wanted: dict[str, Any], world_size: int, where: str) -> None:
+def check_resume(saved: dict[str, Any], cursor: Cursor, wanted: dict[str, Any], where: str) -> None:
     """Refuse a resume that cannot continue the saved run exactly, naming every difference. Pure."""
     wanted = json.loads(json.dumps(wanted))  # compare as saved: tuples become lists
     diffs = []
     if saved["shards_run_id"] != wanted["shards_run_id"]:
         diffs.append(f"  shards: checkpoint trained on run {saved['shards_run_id']}, now {wanted['shards_run_id']}")
     for k in _FIXED_TRAIN:
+        if k == "partitions" and k not in saved["train"]:
+            continue  # (an older run: below)
         if saved["train"].get(k, 0.0) != wanted["train"][k]:
             diffs.append(f"  --{k.replace('_', '-')}: checkpoint has {saved['train'][k]!r}, now {wanted['train'][k]!r}")
     for k in ("flip", "view_prob"):
@@ -207,12 +213,11 @@ def check_resume(saved: dict[str, Any], cursor: Cursor, wanted: dict[str, Any], 
         why = _schedule_diff(saved["schedule"], wanted["train"])
         if why:
             diffs.append(why)
-    if cursor.world_size != world_size and cursor.samples:
-        # The epoch's order depends on the world size; at an epoch boundary nothing is lost.
-        diffs.append(
-            f"  workers: checkpoint is mid-epoch ({cursor.samples} samples into epoch {cursor.epoch}) with "
-            f"{cursor.world_size} workers, now {world_size}"
-        )
+    if "partitions" not in saved["train"] and cursor.samples:
+        # Before canonical partitions the epoch order depended on the worker count and the buffer's
+        # reach; at an epoch boundary nothing is lost.
+        diffs.append(f"  epoch order: the checkpoint is mid-epoch ({cursor.samples} samples into epoch {cursor.epoch}) "
+                     "and was written by an older distill, whose epoch order this one does not follow")
     if diffs:
         raise IncompatibleRun(
             f"{where} holds a run this command cannot continue exactly:\n" + "\n".join(diffs)

@@ -1,8 +1,10 @@
 """Ray Train side of ``distill train --workers N``: the driver call and the per-worker loop.
 
 ``run_ray`` starts a ``TensorflowTrainer`` (one process per worker, ``TF_CONFIG`` set by Ray)
-under ``RunConfig(name, storage_path=OUT/ray)``: rerunning the same command finds the run's
-latest checkpoint there and resumes from it. Each worker builds a
+under ``RunConfig(name, storage_path=OUT/ray)``. A rerun goes on from the newest checkpoint
+in OUT, whichever worker count wrote it: Ray Train's own (``ray.train.get_checkpoint``, after a
+restart) or one in ``OUT/checkpoints`` / ``OUT/ray`` (``latest_checkpoint``; Ray Train keeps
+its storage where every worker can read it, and OUT/ray is under OUT). Each worker builds a
 MultiWorkerMirroredStrategy and runs the same ``distill.loop.train_loop`` as a
 single-process run; only where checkpoints go differs (``RayCheckpoints``: rank 0 hands
 each one to ``ray.train.report``, every rank reports so the barrier lines up).
@@ -29,19 +31,24 @@ if TYPE_CHECKING:
 class RayCheckpoints:
     """Checkpoints through Ray Train: persisted under the run's storage path, last few kept."""
 
-    def __init__(self, rank: int):
-        self.rank = rank
+    def __init__(self, rank: int, out: str):
+        self.rank, self.out = rank, out
         self._restored: str | None = None
         self._source = ""
 
     def latest(self) -> str | None:
         import ray.train
 
+        from distill.checkpoints import latest_checkpoint, read_checkpoint
+
+        found = latest_checkpoint(self.out)
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
-            return None
+            return found
         self._source = ckpt.path
         self._restored = ckpt.to_directory()  # a local copy, wherever the storage is
+        if found is not None and read_checkpoint(found)[1].step > read_checkpoint(self._restored)[1].step:
+            return found  # a later run with another worker count went further
         return self._restored
 
     def describe(self, path: str) -> str:
@@ -84,7 +91,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tf.config.experimental.set_memory_growth(g, True)
     ctx = ray.train.get_context()
     cfg = TrainConfig(**loop_config["train"])
-    store = RayCheckpoints(ctx.get_world_rank())
+    store = RayCheckpoints(ctx.get_world_rank(), cfg.out)
     # The loop's last checkpoint carries its summary; Ray hands that to the driver.
     try:
         train_loop(cfg, strategy, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), store=store)

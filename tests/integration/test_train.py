@@ -1,5 +1,5 @@
 """`distill train` as a real process: SIGKILL mid-epoch and resume at the exact sample;
-refusal of an incompatible rerun; two Ray Train workers that learn a toy task."""
+refusal of an incompatible rerun; a run that goes on mid-epoch with two Ray Train workers."""
 
 from __future__ import annotations
 
@@ -169,23 +169,38 @@ def test_refuses_shards_without_images(tmp_path):
     assert r.returncode == 2 and "no images" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_two_ray_train_workers_learn_a_toy_task(ray_address, tmp_path):
+def test_a_run_goes_on_mid_epoch_with_another_worker_count_and_two_ray_workers_learn(ray_address, tmp_path):
+    """Elastic resume: 5 steps in one process stop mid-epoch; two Ray Train workers go on from
+    that checkpoint at exactly the next sample, and the toy task is learnt."""
     shards = write_toy_shards(tmp_path / "shards", rows=128, shard_size=32, classes=4, size=32, dim=8)
     out = tmp_path / "student"
-    # The recipe is spelled out: this is about two workers, not about the default recipe.
-    r = distill("train", shards, "--out", out, "--workers", 2, "--address", ray_address, "--epochs", 4,
-                "--batch-size", 16, "--width", 0.35, "--lr", 3e-3, "--lr-schedule", "constant", "--warmup-steps", 0,
-                "--distill-loss", "mse", "--ce-weight", 1, "--log-every", 1,
-                "--checkpoint-every", 100, "--shuffle-buffer", 64, "--trace-samples", "--no-progress")
+    # The recipe is spelled out: this is about the workers, not about the default recipe.
+    args = ["train", shards, "--out", out, "--epochs", 4, "--batch-size", 16, "--width", 0.35, "--lr", 3e-3,
+            "--lr-schedule", "constant", "--warmup-steps", 0, "--distill-loss", "mse", "--ce-weight", 1,
+            "--log-every", 1, "--checkpoint-every", 100, "--shuffle-buffer", 64, "--trace-samples", "--no-progress"]
+    first = distill(*args, "--max-steps", 5)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert ckpt_steps(out) == [5]  # 8 steps per epoch: mid-epoch 0
+    r = distill(*args, "--workers", 2, "--address", ray_address)
     assert r.returncode == 0, r.stderr[-4000:]
+    logs = r.stdout + r.stderr  # (the workers' log lines reach the driver through Ray)
+    assert "resumed from" in logs and "epoch 0, sample 80, step 5" in logs, logs[-3000:]
     metrics = jsonl(out / "metrics.jsonl")
     epochs = [m for m in metrics if m["kind"] == "epoch"]
     assert [m["epoch"] for m in epochs] == [0, 1, 2, 3]
-    assert epochs[-1]["loss"] < 0.8 * epochs[0]["loss"], [m["loss"] for m in epochs]
-    # Both workers' halves of every global batch were trained on: 8 steps x 16 distinct rows per epoch.
+    steps = [m["loss"] for m in metrics if m["kind"] == "step"]
+    assert len(steps) == 32 and np.mean(steps[-4:]) < 0.8 * np.mean(steps[:4]), steps  # learnt, across both runs
+    trace = jsonl(out / "trace.jsonl")
+    assert [t["step"] for t in trace] == list(range(1, 33))  # each step once, across the two runs
+    rows = open_shards(str(shards)).rows
+    index_of = listing_index(shards)
     for epoch in range(4):
-        got = [i for t in jsonl(out / "trace.jsonl") if t["epoch"] == epoch for i in t["index"]]
-        assert len(got) == len(set(got)) == 128
+        # Both workers' halves of every global batch were trained on, and each global batch is
+        # the one a single process plans: 8 steps x 16 distinct rows per epoch.
+        got = [sorted(t["index"]) for t in trace if t["epoch"] == epoch]
+        plan = plan_epoch(rows, seed=0, epoch=epoch, world_size=1, rank=0, buffer=64, global_batch=16)
+        assert got == [sorted(b) for b in index_of[plan.order].reshape(8, 16).tolist()], epoch
+        assert len({i for b in got for i in b}) == 128
     cursor = json.loads((out / "checkpoints" / "ckpt-000000032" / "cursor.json").read_text())
     assert (cursor["world_size"], cursor["step"], cursor["epoch"]) == (2, 32, 4)
     assert any((out / "ray" / "train").glob("checkpoint_*"))  # Ray Train's copy, for a rerun to resume from

@@ -10,16 +10,18 @@ import pytest
 from toy_shards import write_toy_shards
 
 from distill.stream import (
+    DEFAULT_PARTITIONS,
     ReadStats,
     buffer_shuffle,
+    check_partitions,
     choose_target,
     epoch_order,
     flip_mask,
     iter_samples,
     kept_rows,
     open_shards,
+    partition_buffer,
     plan_epoch,
-    rank_rows,
     resolve_flip,
     shard_set,
     steps_per_epoch,
@@ -31,31 +33,51 @@ ROW_SETS = ([5], [3, 7, 2], [256, 256, 256, 10], [1] * 9, [40, 0, 40], [600, 257
 @pytest.mark.parametrize("rows", ROW_SETS)
 def test_every_row_once_per_epoch(rows):
     total = sum(rows)
-    for world, buffer, epoch in itertools.product((1, 2, 3, 5), (1, 2, 7, 4096), (0, 3)):
-        got = np.concatenate([epoch_order(rows, 11, epoch, world, r, buffer) for r in range(world)])
-        assert np.array_equal(np.sort(got), np.arange(total)), (world, buffer, epoch)
+    for parts, buffer, epoch in itertools.product((1, 2, 6, 24), (1, 2, 7, 4096), (0, 3)):
+        got = epoch_order(rows, 11, epoch, parts, buffer)
+        assert np.array_equal(np.sort(got), np.arange(total)), (parts, buffer, epoch)
+
+
+def test_a_worker_computes_only_its_partitions_and_they_are_the_full_order_there():
+    rows = [256, 256, 256, 10]
+    full = epoch_order(rows, 4, 1, 6, 64)
+    for world in (1, 2, 3, 6):
+        for r in range(world):
+            mine = epoch_order(rows, 4, 1, 6, 64, only=(r, world))
+            assert np.array_equal(mine[r::world], full[r::world])
+            assert (np.delete(mine, np.arange(r, len(mine), world)) == -1).all()
 
 
 @pytest.mark.parametrize("rows", ROW_SETS)
-def test_ranks_run_equal_steps_and_drop_only_the_remainder(rows):
-    for world, rank_batch in itertools.product((1, 2, 3), (1, 4, 16)):
-        steps = steps_per_epoch(rows, 5, 1, world, rank_batch)
-        assert steps == min(n // rank_batch for n in rank_rows(rows, 5, 1, world))
-        plans = [plan_epoch(rows, seed=5, epoch=1, world_size=world, rank=r, buffer=8, global_batch=rank_batch * world)
-                 for r in range(world)]
-        assert all(p.steps == steps and p.remaining == steps * rank_batch for p in plans)
-        got = np.concatenate([p.order for p in plans])
-        assert len(np.unique(got)) == len(got)
-        for r, p in enumerate(plans):  # the kept rows are the head of each rank's full order
-            assert np.array_equal(p.order, epoch_order(rows, 5, 1, world, r, 8)[: len(p.order)])
+def test_global_batches_are_the_same_whatever_the_worker_count(rows):
+    """The point of canonical partitions: worker r of W takes positions r::W of each global
+    batch, so the set of samples in global batch s never depends on W."""
+    for batch, parts in ((12, 12), (24, 24), (6, 6)):
+        steps = steps_per_epoch(sum(rows), batch)
+        reference = epoch_order(rows, 5, 1, parts, 8)[: steps * batch].reshape(steps, batch)
+        for world in (d for d in (1, 2, 3, 6, 12) if parts % d == 0 and batch % d == 0):
+            plans = [plan_epoch(rows, seed=5, epoch=1, world_size=world, rank=r, buffer=8, global_batch=batch,
+                                partitions=parts) for r in range(world)]
+            assert all(p.steps == steps and p.remaining == steps * batch // world for p in plans)
+            per_step = np.concatenate([p.order.reshape(steps, batch // world) for p in plans], axis=1)
+            assert np.array_equal(np.sort(per_step, axis=1), np.sort(reference, axis=1)), (batch, world)
+
+
+def test_a_worker_reads_only_the_shards_of_its_partitions():
+    rows = [100] * 12
+    plans = [plan_epoch(rows, seed=0, epoch=0, world_size=4, rank=r, buffer=64, global_batch=8, partitions=4)
+             for r in range(4)]
+    # 4 partitions of 300 rows (3 shards each): each worker reads its 3 shards and no other.
+    assert [len(p.shards) for p in plans] == [3, 3, 3, 3]
+    assert sorted(k for p in plans for k in p.shards) == list(range(12))
 
 
 def test_order_is_a_pure_function_of_seed_and_epoch():
     rows = [64, 64, 64, 30]
-    a = epoch_order(rows, 7, 2, 2, 1, 32)
-    assert np.array_equal(a, epoch_order(rows, 7, 2, 2, 1, 32))
-    assert not np.array_equal(a, epoch_order(rows, 8, 2, 2, 1, 32))
-    assert not np.array_equal(a, epoch_order(rows, 7, 3, 2, 1, 32))
+    a = epoch_order(rows, 7, 2, 4, 32)
+    assert np.array_equal(a, epoch_order(rows, 7, 2, 4, 32))
+    assert not np.array_equal(a, epoch_order(rows, 8, 2, 4, 32))
+    assert not np.array_equal(a, epoch_order(rows, 7, 3, 4, 32))
 
 
 def test_buffer_bounds_how_far_ahead_the_order_reaches():
@@ -65,41 +87,58 @@ def test_buffer_bounds_how_far_ahead_the_order_reaches():
         assert np.array_equal(np.sort(order), np.arange(n))
         # Emission i only ever needs stream items read so far: fewer than buffer + i + 1.
         assert np.all(np.maximum.accumulate(order) < np.arange(n) + max(buffer, 1))
+    assert partition_buffer(4096, 24) == 170 and partition_buffer(8, 24) == 1
 
 
-@pytest.mark.parametrize("world", (1, 2, 3))
-def test_resumed_cursor_yields_exactly_the_rest(world):
-    rows, batch = [50, 31, 77, 12], 6 * world
-    for rank in range(world):
-        full = plan_epoch(rows, seed=3, epoch=4, world_size=world, rank=rank, buffer=20, global_batch=batch)
-        for step in range(full.steps + 1):
-            rest = plan_epoch(rows, seed=3, epoch=4, world_size=world, rank=rank, buffer=20, global_batch=batch,
-                              samples=step * batch)
-            assert rest.start_step == step
-            assert np.array_equal(rest.order, full.order[step * batch // world:])
+@pytest.mark.parametrize("saved_world,world", [(1, 1), (1, 2), (2, 1), (2, 3), (3, 6), (6, 2)])
+def test_a_cursor_resumes_with_any_worker_count_at_exactly_the_next_sample(saved_world, world):
+    rows, batch, parts = [50, 31, 77, 12], 12, 6
+    kw = dict(seed=3, epoch=4, buffer=20, global_batch=batch, partitions=parts)
+    full = [plan_epoch(rows, world_size=saved_world, rank=r, **kw) for r in range(saved_world)]
+    steps = full[0].steps
+    for step in range(steps + 1):
+        # Trained before the cursor, by saved_world workers; the rest, by world workers.
+        before = np.concatenate([p.order[: step * batch // saved_world] for p in full])
+        rest = [plan_epoch(rows, world_size=world, rank=r, samples=step * batch, **kw) for r in range(world)]
+        assert all(p.start_step == step for p in rest)
+        after = np.concatenate([p.order for p in rest])
+        seen = np.concatenate([before, after])
+        assert len(seen) == len(np.unique(seen)) == steps * batch  # nothing twice, nothing skipped
+        assert np.array_equal(np.sort(seen), np.sort(np.concatenate([p.order for p in full])))
 
 
-def test_cursor_off_the_batch_grid_is_refused():
+def test_cursor_off_the_batch_grid_or_a_worker_count_off_the_partitions_is_refused():
     with pytest.raises(ValueError, match="does not fall on a batch"):
         plan_epoch([40], seed=0, epoch=0, world_size=1, rank=0, buffer=4, global_batch=8, samples=12)
     with pytest.raises(ValueError, match="multiple of the worker count"):
         plan_epoch([40], seed=0, epoch=0, world_size=3, rank=0, buffer=4, global_batch=8)
+    with pytest.raises(ValueError, match="5 workers do not divide --partitions 24: .* any of 1, 2, 3, 4, 6, 8, 12, 24 "
+                                         "workers.*e.g. 120"):
+        plan_epoch([40], seed=0, epoch=0, world_size=5, rank=0, buffer=4, global_batch=10, partitions=24)
+    check_partitions(DEFAULT_PARTITIONS, 8)
+    with pytest.raises(ValueError, match="--partitions must be >= 1"):
+        check_partitions(0, 1)
 
 
-def test_reader_yields_the_plan_in_order_and_holds_at_most_buffer_plus_a_row_group(tmp_path):
+def test_reader_yields_the_plan_in_order_and_holds_the_buffer_and_a_row_group_per_partition(tmp_path):
     shards = open_shards(str(write_toy_shards(tmp_path / "s", rows=700, shard_size=300, size=32)))
-    plan = plan_epoch(shards.rows, seed=1, epoch=0, world_size=1, rank=0, buffer=64, global_batch=10)
-    stats = ReadStats()
-    chunks = list(iter_samples(shards, plan, seed=1, flip=True, chunk=50, stats=stats))
-    index = np.concatenate([c["index"] for c in chunks])
-    assert np.array_equal(index, plan.order)  # toy listing index == sample id
-    assert stats.peak_held <= 64 + 256
+    for parts in (1, 4):
+        plan = plan_epoch(shards.rows, seed=1, epoch=0, world_size=1, rank=0, buffer=64, global_batch=10,
+                          partitions=parts)
+        stats = ReadStats()
+        chunks = list(iter_samples(shards, plan, seed=1, flip=True, chunk=50, stats=stats))
+        index = np.concatenate([c["index"] for c in chunks])
+        assert np.array_equal(index, plan.order)  # toy listing index == sample id
+        # The buffer, plus at most one row group per partition in use (and one more where a
+        # partition ends inside a row group that the next one starts).
+        assert stats.peak_held <= 64 + (2 * parts) * 256, (parts, stats.peak_held)
+        assert stats.row_groups_read == 5  # 256 + 44 rows in each of 2 shards, then 100: each read once
     assert all(len(c["image"]) <= 50 for c in chunks)
 
 
 def test_resume_skips_row_groups_it_no_longer_needs(tmp_path):
     shards = open_shards(str(write_toy_shards(tmp_path / "s", rows=700, shard_size=300, size=32)))
-    kw = dict(seed=2, epoch=1, world_size=1, rank=0, buffer=16, global_batch=10)
+    kw = dict(seed=2, epoch=1, world_size=1, rank=0, buffer=16, global_batch=10, partitions=1)
     full = plan_epoch(shards.rows, **kw)
     late = plan_epoch(shards.rows, **kw, samples=600)
     stats = ReadStats()

@@ -36,11 +36,11 @@ def _saved(cfg: TrainConfig, shards, train_rows: int = 64) -> dict:
 def test_resume_with_the_same_command_is_accepted_and_options_that_do_not_touch_the_order_may_change(shards):
     cfg = TrainConfig(shards=shards.location, out="o", batch_size=16)
     saved = _saved(cfg, shards)
-    check_resume(saved, _cursor(shards_run_id=shards.run_id), resolve(cfg, shards), 1, "ckpt")
-    check_resume(saved, _cursor(), resolve(replace(cfg, mse_weight=3.0, checkpoint_every=7), shards), 1, "ckpt")
+    check_resume(saved, _cursor(shards_run_id=shards.run_id), resolve(cfg, shards), "ckpt")
+    check_resume(saved, _cursor(), resolve(replace(cfg, mse_weight=3.0, checkpoint_every=7), shards), "ckpt")
     # --max-steps stops early and does not shape the schedule: a run can be trained in parts.
     for steps in (5, 50, 10_000):
-        check_resume(saved, _cursor(), resolve(replace(cfg, max_steps=steps), shards), 1, "ckpt")
+        check_resume(saved, _cursor(), resolve(replace(cfg, max_steps=steps), shards), "ckpt")
 
 
 @pytest.mark.parametrize("change", [dict(epochs=30), dict(epochs=3), dict(lr=0.1),
@@ -48,7 +48,7 @@ def test_resume_with_the_same_command_is_accepted_and_options_that_do_not_touch_
 def test_a_resume_that_would_change_the_learning_rate_of_steps_taken_is_refused(shards, change):
     cfg = TrainConfig(shards=shards.location, out="o", batch_size=16)  # 20 epochs x 4 steps, cosine
     with pytest.raises(IncompatibleRun, match="learning-rate schedule: checkpoint follows cosine, lr 0.002, 79 warm-up") as e:
-        check_resume(_saved(cfg, shards), _cursor(), resolve(replace(cfg, **change), shards), 1, "ckpt")
+        check_resume(_saved(cfg, shards), _cursor(), resolve(replace(cfg, **change), shards), "ckpt")
     assert "--init OUT" in str(e.value)
 
 
@@ -56,9 +56,9 @@ def test_a_constant_schedule_may_be_extended_or_shortened(shards):
     cfg = TrainConfig(shards=shards.location, out="o", batch_size=16, lr_schedule="constant", warmup_steps=4)
     saved = _saved(cfg, shards)
     for change in (dict(epochs=40), dict(epochs=2), dict(max_steps=9)):
-        check_resume(saved, _cursor(), resolve(replace(cfg, **change), shards), 1, "ckpt")
+        check_resume(saved, _cursor(), resolve(replace(cfg, **change), shards), "ckpt")
     with pytest.raises(IncompatibleRun, match="these options make it constant, lr 0.01"):
-        check_resume(saved, _cursor(), resolve(replace(cfg, lr=0.01), shards), 1, "ckpt")
+        check_resume(saved, _cursor(), resolve(replace(cfg, lr=0.01), shards), "ckpt")
 
 
 def test_incompatible_resume_names_every_difference(shards):
@@ -66,26 +66,33 @@ def test_incompatible_resume_names_every_difference(shards):
     saved = json.loads(json.dumps(resolve(cfg, shards)))
     other = resolve(replace(cfg, batch_size=32, seed=4, width=0.75), shards)
     with pytest.raises(ValueError) as e:
-        check_resume(saved, _cursor(), other, 1, "ckpt")
+        check_resume(saved, _cursor(), other, "ckpt")
     msg = str(e.value)
     assert "--batch-size: checkpoint has 16, now 32" in msg and "--seed" in msg and "width" in msg
     assert "new --out" in msg
     saved_other_shards = {**saved, "shards_run_id": "elsewhere"}
     with pytest.raises(ValueError, match="shards: checkpoint trained on run elsewhere"):
-        check_resume(saved_other_shards, _cursor(), resolve(cfg, shards), 1, "ckpt")
+        check_resume(saved_other_shards, _cursor(), resolve(cfg, shards), "ckpt")
 
 
-def test_world_size_may_change_only_at_an_epoch_boundary(shards):
+def test_the_worker_count_may_change_anywhere_but_an_older_order_only_at_an_epoch_boundary(shards):
     cfg = TrainConfig(shards=shards.location, out="o", batch_size=16)
     saved = json.loads(json.dumps(resolve(cfg, shards)))
-    check_resume(saved, _cursor(samples=0, world_size=2), resolve(cfg, shards), 1, "ckpt")
-    with pytest.raises(ValueError, match="mid-epoch .* with 2 workers, now 1"):
-        check_resume(saved, _cursor(samples=32, world_size=2), resolve(cfg, shards), 1, "ckpt")
+    check_resume(saved, _cursor(samples=0, world_size=2), resolve(cfg, shards), "ckpt")
+    check_resume(saved, _cursor(samples=32, world_size=2), resolve(cfg, shards), "ckpt")  # canonical order
+    with pytest.raises(ValueError, match="--partitions: checkpoint has 24, now 12"):
+        check_resume(saved, _cursor(samples=32), resolve(replace(cfg, partitions=12), shards), "ckpt")
+    older = {**saved, "train": {k: v for k, v in saved["train"].items() if k != "partitions"}}
+    check_resume(older, _cursor(samples=0), resolve(cfg, shards), "ckpt")
+    with pytest.raises(ValueError, match="mid-epoch .* written by an older distill"):
+        check_resume(older, _cursor(samples=32), resolve(cfg, shards), "ckpt")
 
 
 def test_config_refuses_bad_options_with_the_flag_name():
     with pytest.raises(ValueError, match="--batch-size 30 must be a multiple of --workers 4"):
         TrainConfig(shards="s", out="o", batch_size=30, workers=4)
+    with pytest.raises(ValueError, match="5 workers do not divide --partitions 24"):
+        TrainConfig(shards="s", out="o", batch_size=40, workers=5)
     with pytest.raises(ValueError, match="--mixed-precision needs --use-gpu"):
         TrainConfig(shards="s", out="o", mixed_precision=True)
     with pytest.raises(ValueError, match="--checkpoint-every"):
