@@ -32,7 +32,7 @@ STAGES = (
 )
 
 # Stages that load TensorFlow in the CLI process.
-TF_STAGES = frozenset({"embed", "train", "export", "evaluate", "demo"})
+TF_STAGES = frozenset({"train", "export", "evaluate", "demo"})  # (embed: only its actors import it)
 
 # What TensorFlow prints from C++ while it is imported, which TF_CPP_MIN_LOG_LEVEL no longer
 # reaches (tensorflow/tensorflow#100442): absl's preamble and the oneDNN notice.

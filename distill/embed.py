@@ -26,6 +26,7 @@ from distill.shards.manifest import build_manifest, check_compatible, read_manif
 from distill.shards.plan import num_shards, parse_shard_name, shard_at, shard_name
 from distill.shards.reconcile import adopt_file, plan_reconcile, shard_files
 from distill.shards.storage import Storage, is_temp_name, open_storage, redact
+from distill.startup import Phases
 from distill.stopping import StopRequest
 from distill.teacher import CHANNEL_ORDERS, Preprocessing, TeacherError, TeacherSpec
 from distill.views import ViewSpec
@@ -125,18 +126,23 @@ class Run:
 # ------------------------------------------------------------------ resolve and check
 
 
-def resolve_run(cfg: EmbedConfig) -> Run:
+def resolve_run(cfg: EmbedConfig, phases: Phases | None = None) -> Run:
     """Check listing, teacher and options; fingerprint them. No Ray, no output written."""
     from distill.listing import listing_fingerprint, read_listing_info
     from distill.teacher import inspect_teacher, teacher_fingerprint
+
+    phases = phases or Phases()
 
     if not os.path.exists(cfg.listing):
         raise FileNotFoundError(f"listing {cfg.listing} not found: make it with `distill listing SOURCE --out {cfg.listing}`")
     info = read_listing_info(cfg.listing)
     if info.rows == 0:
         raise BadInput(f"listing {cfg.listing} has no rows; nothing to embed")
+    phases.mark("listing")
     teacher_fp = teacher_fingerprint(cfg.teacher)
+    phases.mark("teacher fingerprint")
     spec = _spec_from_manifest(cfg, teacher_fp) or inspect_teacher(os.path.abspath(cfg.teacher), cfg.signature, cfg.teacher_output)
+    phases.mark("teacher signature")
     identity = {
         "listing": os.path.abspath(cfg.listing),
         "listing_fingerprint": listing_fingerprint(cfg.listing),
@@ -233,7 +239,8 @@ def finalize(storage: Storage, ledger: Ledger, run: Run) -> dict:
 
 def run_embed(cfg: EmbedConfig) -> EmbedReport:
     t0 = time.perf_counter()
-    run = resolve_run(cfg)
+    phases = Phases()
+    run = resolve_run(cfg, phases)
     storage = open_output(cfg, run)
     ledger = open_ledger(cfg.ledger, cfg.out, run.num_shards, run.run_id)
     owner = new_owner()
@@ -241,13 +248,14 @@ def run_embed(cfg: EmbedConfig) -> EmbedReport:
     stopped_by = None
     try:
         reconcile(storage, ledger, owner, run, cfg.lease_seconds, verify=cfg.verify)
+        phases.mark("output and ledger")
         state = ledger.snapshot()
         if len(state.done) < run.num_shards:
             log.info(
                 "embedding %d rows into %s: %d of %d shards done, ledger: %s",
                 run.identity["rows"], storage.root, len(state.done), run.num_shards, ledger.describe(),
             )
-            shards_this_run, rows_this_run, stopped_by = _drive(cfg, run, ledger, owner)
+            shards_this_run, rows_this_run, stopped_by = _drive(cfg, run, ledger, owner, phases)
         manifest = finalize(storage, ledger, run)
         if stopped_by is not None:
             raise Stopped(
@@ -312,7 +320,7 @@ class _Heartbeat(threading.Thread):
                 log.warning("lost leases on shards %s to another driver", sorted(lost))
 
 
-def _drive(cfg: EmbedConfig, run: Run, ledger: Ledger, owner: str) -> tuple[int, int, int | None]:
+def _drive(cfg: EmbedConfig, run: Run, ledger: Ledger, owner: str, phases: Phases) -> tuple[int, int, int | None]:
     """Lease, dispatch, collect: the Ray shell around ``shards.dispatch.Dispatcher``, which
     makes every decision. Returns (shards, rows) finished by this driver and the signal that
     stopped it early (SIGTERM / SIGINT: nothing new is leased or submitted, the shards in
@@ -325,6 +333,7 @@ def _drive(cfg: EmbedConfig, run: Run, ledger: Ledger, owner: str) -> tuple[int,
     from distill.workers.embed_actor import EmbedTask, EmbedWorker
 
     _init_ray(cfg)
+    phases.mark("ray.init" if not cfg.address else "connect to Ray")
     workers, cpus = _resolve_resources(cfg)
     task = EmbedTask(
         teacher=run.spec, pre=cfg.preprocessing, out=cfg.out, run_id=run.run_id, batch_size=cfg.batch_size,
@@ -348,6 +357,7 @@ def _drive(cfg: EmbedConfig, run: Run, ledger: Ledger, owner: str) -> tuple[int,
     beat = _Heartbeat(ledger, owner, cfg.lease_seconds)
     beat.start()
     rows_here = 0
+    actor_started = False
     last_manifest = time.monotonic()
     storage = open_storage(cfg.out)
 
@@ -425,6 +435,9 @@ def _drive(cfg: EmbedConfig, run: Run, ledger: Ledger, owner: str) -> tuple[int,
                         continue
                     except ray.exceptions.RayError as e:  # the constructor raised: same for every actor
                         raise TeacherError(f"a teacher actor failed to start: {_first_line(e)}") from e
+                    if not actor_started:  # (TensorFlow import and teacher load in the actor)
+                        phases.mark("teacher actor start")
+                        actor_started = True
                     apply(d.ready(slot))
                     continue
                 if item not in streams:  # a stream forgotten with its dead actor
@@ -442,6 +455,10 @@ def _drive(cfg: EmbedConfig, run: Run, ledger: Ledger, owner: str) -> tuple[int,
                     apply(d.failed_attempt(k, _first_line(e), actor_died=dead))
                     continue
                 if isinstance(value, int):
+                    if not phases.reported:
+                        phases.mark("first rows")
+                        phases.reported = True
+                        log.debug("%s", phases.line())
                     d.progress(k, value)
                     bar.update(value)
                     continue

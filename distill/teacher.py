@@ -61,52 +61,59 @@ class TeacherError(BadInput):
 
 
 def inspect_teacher(path: str, signature: str = "serving_default", output: str | None = None) -> TeacherSpec:
-    """Load the SavedModel once and check it can be fed [N, H, W, 3] float32 batches."""
-    import tensorflow as tf
+    """Read the SavedModel's signature and check it can be fed [N, H, W, 3] float32 batches.
+
+    No TensorFlow: ``distill.savedmodel`` reads ``saved_model.pb`` itself, so the embed driver
+    starts work without importing it; whoever runs the teacher loads it (``Teacher``).
+    """
+    from distill.savedmodel import SavedModelError, read_signatures
 
     if not os.path.isfile(os.path.join(path, "saved_model.pb")):
         raise TeacherError(f"{path} is not a TensorFlow SavedModel (no saved_model.pb); pass --teacher DIR")
     try:
-        model = tf.saved_model.load(path)
-    except Exception as e:  # TF raises many types for a broken model
-        raise TeacherError(f"cannot load the teacher SavedModel at {path}: {e}") from e
-    return _spec_from_loaded(model, path, signature, output)
+        sigs = read_signatures(path)
+    except SavedModelError as e:
+        raise TeacherError(str(e)) from None
+    return _spec_from_signatures(sigs, path, signature, output)
 
 
-def _spec_from_loaded(model, path: str, signature: str, output: str | None) -> TeacherSpec:
-    sigs = getattr(model, "signatures", {})
+def _shape_text(shape) -> str:
+    return "unknown" if shape is None else "[" + ", ".join("None" if d is None else str(d) for d in shape) + "]"
+
+
+def _spec_from_signatures(sigs: dict, path: str, signature: str, output: str | None) -> TeacherSpec:
     if signature not in sigs:
         raise TeacherError(
             f"teacher {path} has no signature {signature!r}; it has {sorted(sigs) or 'none'}. "
             "Pass --signature NAME, or re-export the model with a serving signature."
         )
-    fn = sigs[signature]
-    _, kwargs = fn.structured_input_signature
-    if len(kwargs) != 1:
+    sig = sigs[signature]
+    if len(sig.inputs) != 1:
         raise TeacherError(
-            f"teacher {path} signature {signature!r} takes {len(kwargs)} inputs ({sorted(kwargs)}); "
+            f"teacher {path} signature {signature!r} takes {len(sig.inputs)} inputs ({sorted(sig.inputs)}); "
             "distill feeds exactly one image batch input"
         )
-    (input_name, spec), = kwargs.items()
+    (input_name, spec), = sig.inputs.items()
     shape = spec.shape
-    if shape.rank != 4:
-        raise TeacherError(f"teacher input {input_name!r} has shape {shape}; expected [N, H, W, C] images")
-    n, h, w, c = shape.as_list()
+    if shape is None or len(shape) != 4:
+        raise TeacherError(f"teacher input {input_name!r} has shape {_shape_text(shape)}; expected [N, H, W, C] images")
+    n, h, w, c = shape
     if n is not None:
         raise TeacherError(
-            f"teacher input {input_name!r} has a fixed batch size {n} (shape {shape}); re-export it with a "
-            "free batch dimension (None), e.g. tf.TensorSpec([None, H, W, 3])"
+            f"teacher input {input_name!r} has a fixed batch size {n} (shape {_shape_text(shape)}); re-export it "
+            "with a free batch dimension (None), e.g. tf.TensorSpec([None, H, W, 3])"
         )
     if c not in (3, None):
-        raise TeacherError(f"teacher input {input_name!r} has {c} channels (shape {shape}); distill feeds RGB (3)")
+        raise TeacherError(f"teacher input {input_name!r} has {c} channels (shape {_shape_text(shape)}); "
+                           "distill feeds RGB (3)")
     if h is None or w is None:
         raise TeacherError(
-            f"teacher input {input_name!r} has no fixed height/width (shape {shape}); "
+            f"teacher input {input_name!r} has no fixed height/width (shape {_shape_text(shape)}); "
             "re-export with the size it was trained at, e.g. [None, 112, 112, 3]"
         )
-    if spec.dtype.name != "float32":
-        raise TeacherError(f"teacher input {input_name!r} is {spec.dtype.name}; distill feeds float32")
-    outputs = fn.structured_outputs
+    if spec.dtype != "float32":
+        raise TeacherError(f"teacher input {input_name!r} is {spec.dtype}; distill feeds float32")
+    outputs = sig.outputs
     if output is None:
         if len(outputs) == 1:
             output = next(iter(outputs))
@@ -120,8 +127,8 @@ def _spec_from_loaded(model, path: str, signature: str, output: str | None) -> T
     if output not in outputs:
         raise TeacherError(f"teacher {path} has no output {output!r}; it has {sorted(outputs)}")
     out_shape = outputs[output].shape
-    if out_shape.rank != 2 or out_shape[-1] is None:
-        raise TeacherError(f"teacher output {output!r} has shape {out_shape}; expected [N, D] embeddings")
+    if out_shape is None or len(out_shape) != 2 or out_shape[-1] is None:
+        raise TeacherError(f"teacher output {output!r} has shape {_shape_text(out_shape)}; expected [N, D] embeddings")
     return TeacherSpec(path, signature, input_name, output, h, w, 3, int(out_shape[-1]))
 
 
