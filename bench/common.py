@@ -47,6 +47,69 @@ def loadavg() -> str:
     return f"{one:.2f} / {five:.2f} / {fifteen:.2f}"
 
 
+# A benchmark's variants run one after another in child processes, so between two of them
+# nothing of ours runs: CPU use measured then is other work. The 1-minute load average cannot
+# say that (it still holds the previous variant for minutes), so the guard samples the CPU
+# itself, and the load average is recorded beside it.
+IDLE_LIMIT_PCT = 15.0  # of all CPUs, over the sample window
+IDLE_WAIT_S = 300.0
+IDLE_WINDOW_S = 3.0
+
+
+@dataclass(frozen=True)
+class Idleness:
+    load: str  # load average (1/5/15 min) at the check
+    busy_pct: float  # CPU in use by other processes over the window, % of all CPUs
+    busy: bool  # still above the limit when the wait ran out
+
+    def label(self) -> str:
+        return f"{self.load}, {self.busy_pct:.0f}% CPU busy" + (" (BUSY: not a result)" if self.busy else "")
+
+
+def add_idle_args(p) -> None:
+    """The idle guard's options, the same in every benchmark."""
+    p.add_argument("--idle-limit", type=float, default=IDLE_LIMIT_PCT,
+                   help="before each variant, wait until other processes use at most this %% of the CPUs")
+    p.add_argument("--idle-wait", type=float, default=IDLE_WAIT_S, help="seconds to wait for that before giving up")
+    p.add_argument("--allow-busy", action="store_true",
+                   help="on a machine that stays busy, go on and mark the rows BUSY instead of stopping")
+
+
+def wait_for_idle(limit_pct: float, wait_s: float, window_s: float = IDLE_WINDOW_S,
+                  sample=None, clock=time.monotonic) -> Idleness:
+    """Sample CPU use over ``window_s`` until it is at most ``limit_pct`` or ``wait_s`` has passed.
+
+    ``sample(window_s) -> percent`` defaults to psutil's whole-machine CPU use over the window.
+    """
+    if sample is None:
+        import psutil
+
+        def sample(window: float) -> float:
+            return psutil.cpu_percent(interval=window)
+
+    deadline = clock() + wait_s
+    while True:
+        pct = float(sample(window_s))
+        if pct <= limit_pct:
+            return Idleness(loadavg(), pct, False)
+        if clock() >= deadline:
+            return Idleness(loadavg(), pct, True)
+
+
+def settle(a, what: str) -> Idleness:
+    """The guard before one variant: wait for an idle machine; stop (or, with --allow-busy,
+    mark the row) if it stays busy."""
+    idle = wait_for_idle(a.idle_limit, a.idle_wait)
+    if idle.busy and not a.allow_busy:
+        raise SystemExit(
+            f"the machine stayed busy for {a.idle_wait:.0f} s before {what}: other processes use "
+            f"{idle.busy_pct:.0f}% of the CPUs (load {idle.load}); a table taken under load is not a result. "
+            "Stop them (stray Ray clusters and test runs count: see `ps aux --sort=-%cpu`), or pass "
+            "--allow-busy to go on with the rows marked BUSY"
+        )
+    return idle
+
+
 def _version(*dists: str) -> str:
     for d in dists:
         try:
@@ -147,7 +210,7 @@ class ChildResult:
 
 
 def run_child(cmd: Sequence[str], env: dict | None = None, timeout: float = 1800, check: bool = True,
-              sample_cpu: float | None = None) -> ChildResult:
+              sample_cpu: float | None = None, cwd: str | None = None) -> ChildResult:
     """Run a process; wall time and its own peak RSS (not the whole tree's).
 
     Peak RSS is the child's ``VmHWM`` polled while it runs: ``ru_maxrss`` would also count
@@ -160,7 +223,8 @@ def run_child(cmd: Sequence[str], env: dict | None = None, timeout: float = 1800
     series: list[tuple[float, float]] = []
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(list(map(str, cmd)), stdout=out, stderr=err, env={**os.environ, **CHILD_ENV, **(env or {})})
+        proc = subprocess.Popen(list(map(str, cmd)), stdout=out, stderr=err, env={**os.environ, **CHILD_ENV, **(env or {})},
+                                cwd=cwd)
         deadline = t0 + timeout
         next_sample = 0.0
         tree = TreeCpu(proc.pid)

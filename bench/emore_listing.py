@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/NAME.py` from anywhere
 
-from bench.common import distill_cmd, loadavg, print_header, run_child, table, this_script_cmd  # noqa: E402
+from bench.common import add_idle_args, distill_cmd, loadavg, print_header, run_child, settle, table, this_script_cmd  # noqa: E402
 from bench.projection import EMORE_CLASSES, EMORE_ROWS  # noqa: E402
 from distill.recordio import HEADER, MAGIC, RECORD_HEAD, IRHeader, pack, split_payload  # noqa: E402
 
@@ -171,6 +171,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default=None, help="scratch dir (default: a temp dir, removed; needs ~0.6 GB)")
     p.add_argument("--child", choices=["plan"], help=argparse.SUPPRESS)
     p.add_argument("--listing", help=argparse.SUPPRESS)
+    add_idle_args(p)
     a = p.parse_args(argv)
     if a.child:
         print(json.dumps(child_plan(a)))
@@ -193,7 +194,7 @@ def main(argv=None) -> int:
     rows = []
     for kind, src in (("rec", rec), ("list", lst)):
         listing = work / f"listing-{kind}.parquet"
-        load = loadavg()
+        load = settle(a, f"the {kind} listing").label()
         res = run_child(distill_cmd("listing", src, "--out", listing))
         plan = run_child(this_script_cmd("emore_listing.py", "--child", "plan", "--listing", listing,
                                          "--shard-size", a.shard_size)).json()

@@ -38,12 +38,14 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/NAME.py` from anywhere
 
 from bench.common import (  # noqa: E402
+    add_idle_args,
     build_tiny_teacher,
     distill_cmd,
     loadavg,
     make_face_jpegs,
     print_header,
     run_child,
+    settle,
     table,
     this_script_cmd,
 )
@@ -215,6 +217,7 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", help=argparse.SUPPRESS)
     p.add_argument("--listing", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    add_idle_args(p)
     a = p.parse_args(argv)
     if a.child:
         print(json.dumps(CHILDREN[a.child](a)))
@@ -223,7 +226,7 @@ def main(argv=None) -> int:
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="bench-proj-"))
     work.mkdir(parents=True, exist_ok=True)
     print_header("emore projection")
-    load_start = loadavg()
+    load_start = settle(a, "the projection").label()
     images = make_face_jpegs(work / "images", a.shards * a.shard_size)
     listing = work / "listing.parquet"
     run_child(distill_cmd("listing", images, "--out", listing))

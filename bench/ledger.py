@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/NAME.py` from anywhere
 
-from bench.common import loadavg, print_header, table  # noqa: E402
+from bench.common import add_idle_args, loadavg, print_header, settle, table  # noqa: E402
 
 EMORE_SHARDS = 5_687  # 5,822,653 rows / 1024
 BACKENDS = ("file", "redis", "redis-aof")
@@ -147,6 +147,7 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=240.0, help="stop a backend after this long even if shards are left")
     p.add_argument("--backends", default=",".join(BACKENDS))
     p.add_argument("--work", default=None)
+    add_idle_args(p)
     a = p.parse_args(argv)
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="bench-ledger-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
     for backend in a.backends.split(","):
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: use {', '.join(BACKENDS)}")
-        load = loadavg()
+        load = settle(a, f"the {backend} ledger").label()
         r = run_backend(backend, work, a)
         print(f"  {backend}: {r['ops_per_s']:.0f} ops/s, {r['done']} shards in {r['seconds']:.1f} s",
               file=sys.stderr, flush=True)

@@ -29,7 +29,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import MOBILEFACENET, ORL, ROOT, SHARED, distill_cmd, loadavg, print_header, run_child, table  # noqa: E402
+from bench.common import (  # noqa: E402
+    MOBILEFACENET,
+    ORL,
+    ROOT,
+    SHARED,
+    add_idle_args,
+    distill_cmd,
+    loadavg,
+    print_header,
+    run_child,
+    settle,
+    table,
+)  # noqa: E402
 
 GLINT12 = SHARED / "data" / "glint12"
 VAL_SPLIT, VAL_SEED, SEED = 0.34, 0, 0
@@ -49,7 +61,7 @@ RECIPES = {
 HEADLINE = "defaults (nMSE + views), 10-minute budget"
 
 
-def more_people(work: Path, extra: Path, heldout: list[str], views: int, epochs: int) -> list[dict]:
+def more_people(guard, work: Path, extra: Path, heldout: list[str], views: int, epochs: int) -> list[dict]:
     """What more identities give: the 8 training people alone, and with every identity folder
     of ``extra`` added as further training people, each embedded on its own and trained with
     the default recipe for whole epochs at no more samples than ``epochs`` epochs over the 8
@@ -79,7 +91,7 @@ def more_people(work: Path, extra: Path, heldout: list[str], views: int, epochs:
     rows = []
     for name, shards in arms:  # (trained after both teacher passes: those are not part of the budget)
         rows_total = json.loads((shards / "manifest.json").read_text())["rows"]
-        rows.append(train_recipe(work, name, ["--val-folders", str(unseen)], max(1, steps // (rows_total // 64)),
+        rows.append(train_recipe(guard, work, name, ["--val-folders", str(unseen)], max(1, steps // (rows_total // 64)),
                                  shards, unseen, split=False, sets=("unseen",)))
     return rows
 
@@ -108,15 +120,15 @@ def folder_of(people: list[str], out: Path) -> Path:
     return out
 
 
-def train_recipe(work: Path, name: str, opts: list[str], epochs: int, shards: Path, unseen: Path, split: bool = True,
+def train_recipe(guard, work: Path, name: str, opts: list[str], epochs: int, shards: Path, unseen: Path, split: bool = True,
                  sets: tuple[str, ...] = ("unseen", "orl")) -> dict:
     slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:40]
     student, export = work / slug / "student", work / slug / "export"
     for d in (student, export):  # (not the recipe's folder: more_people keeps its shards there)
         if d.exists():
             shutil.rmtree(d)
-    print(f"[{time.strftime('%H:%M:%S')}] {name}: training {epochs} epochs (load {loadavg()})", file=sys.stderr, flush=True)
-    load = loadavg()
+    load = settle(guard, name).label()
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: training {epochs} epochs (load {load})", file=sys.stderr, flush=True)
     held = ["--val-split", VAL_SPLIT, "--val-seed", VAL_SEED] if split else []
     train = run_child(distill_cmd("train", shards, "--out", student, "--epochs", epochs, "--seed", SEED, *held,
                                   "--no-progress", *opts), timeout=3 * 3600, sample_cpu=5)
@@ -207,6 +219,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "quality.json")
     ap.add_argument("--png", type=Path, default=ROOT / "docs" / "quality.png")
     ap.add_argument("--report", action="store_true", help="only print the table of --json (and redraw --png)")
+    add_idle_args(ap)
     a = ap.parse_args()
     if a.report:
         doc = json.loads(a.json.read_text())
@@ -228,11 +241,11 @@ def main() -> int:
                                     "--shard-size", 512, "--no-progress"), timeout=3 * 3600)
         embed_seconds = time.perf_counter() - t0
         manifest = json.loads((shards / "manifest.json").read_text())
-    results += [train_recipe(a.work, n, RECIPES[n], a.epochs, shards, unseen) for n in chosen]
+    results += [train_recipe(a, a.work, n, RECIPES[n], a.epochs, shards, unseen) for n in chosen]
     if a.headline_epochs:
-        results.append(train_recipe(a.work, HEADLINE, [], a.headline_epochs, shards, unseen))
+        results.append(train_recipe(a, a.work, HEADLINE, [], a.headline_epochs, shards, unseen))
     if a.more_people:
-        results += more_people(a.work, a.more_people, people, a.views, a.epochs)
+        results += more_people(a, a.work, a.more_people, people, a.views, a.epochs)
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps({"heldout_people": people, "embed": {"seconds": embed_seconds, "views": a.views,
                                   "stdout": emb.stdout[-400:] if emb else ""}, "teacher_norm": manifest.get("teacher_norm"),

@@ -35,11 +35,13 @@ from bench.common import (  # noqa: E402
     CHILD_ENV,
     MOBILEFACENET,
     RayHead,
+    add_idle_args,
     distill_cmd,
     loadavg,
     make_face_jpegs,
     print_header,
     run_child,
+    settle,
     table,
 )
 from bench.projection import rewritten  # noqa: E402
@@ -88,6 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", default=str(MOBILEFACENET))
     p.add_argument("--kill-at", type=float, default=0.5, help="fraction of shards done when the driver is killed")
     p.add_argument("--work", default=None)
+    add_idle_args(p)
     a = p.parse_args(argv)
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="bench-resume-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -107,16 +110,16 @@ def main(argv=None) -> int:
 
         ref = work / "ref"
         shutil.rmtree(ref, ignore_errors=True)
-        load_full = loadavg()
+        load_full = settle(a, "the uninterrupted run").label()
         full = run_child(embed(ref))
         before = file_ids(ref)
         rerun = run_child(embed(ref))
         after = file_ids(ref)
-        load_rerun = loadavg()
+        load_rerun = settle(a, "the rerun").label()
 
         killed = work / "killed"
         shutil.rmtree(killed, ignore_errors=True)
-        load_kill = loadavg()
+        load_kill = settle(a, "the killed run").label()
         proc = subprocess.Popen(embed(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env={**os.environ, **CHILD_ENV})
         target = max(1, int(num_shards * a.kill_at))

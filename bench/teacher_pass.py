@@ -36,11 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/NA
 
 from bench.common import (  # noqa: E402
     MOBILEFACENET,
+    add_idle_args,
     distill_cmd,
     loadavg,
     make_face_jpegs,
     print_header,
     run_child,
+    settle,
     table,
     this_script_cmd,
 )
@@ -242,7 +244,7 @@ def run_variant(v: str, listing: str, teacher: str, work: Path, a) -> dict:
     out = work / f"out-{v}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    load = loadavg()
+    load = settle(a, f"variant {v}").label()
     # Ray starts its workers at niceness 15; on a machine shared with other work that starves
     # them. Equal footing for the comparison: niceness 0 like every other variant, except in
     # (a15), which shows Ray's default.
@@ -286,6 +288,7 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", help=argparse.SUPPRESS)
     p.add_argument("--listing", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    add_idle_args(p)
     a = p.parse_args(argv)
     if a.child:
         a.variant = a.child

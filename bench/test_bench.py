@@ -1,5 +1,5 @@
 """The benchmarks' own tests (run with the suite; tests/ never imports bench/): the pure arithmetic of
-bench/projection.py and the synthetic emore pack writer
+bench/projection.py, the idle guard's waiting rule and the synthetic emore pack writer
 (bench/emore_listing.py), which must write the same bytes as the real RecordIO writer."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bench.common import wait_for_idle
 from bench.emore_listing import TINY_IMAGE, class_sizes, image_records, write_list, write_pack
 from bench.projection import (
     Cluster,
@@ -148,3 +149,35 @@ def test_write_list_lines(tmp_path):
         "/data/emore/00000/00000000.jpg\t0", "/data/emore/00000/00000001.jpg\t0", "/data/emore/00000/00000002.jpg\t0",
         "/data/emore/00001/00000003.jpg\t1", "/data/emore/00001/00000004.jpg\t1",
     ]
+
+
+class Clock:
+    """Time that moves only when the guard samples (each sample takes its window)."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def sampler(clock: Clock, busy: list[float]):
+    def sample(window: float) -> float:
+        clock.t += window
+        return busy.pop(0)
+    return sample
+
+
+def test_idle_guard_waits_for_the_other_work_to_end():
+    clock = Clock()
+    idle = wait_for_idle(15.0, 60.0, 3.0, sample=sampler(clock, [90.0, 40.0, 10.0, 99.0]), clock=clock)
+    assert (idle.busy, idle.busy_pct, clock.t) == (False, 10.0, 9.0)
+    assert "10% CPU busy" in idle.label() and "BUSY" not in idle.label()
+
+
+def test_idle_guard_gives_up_and_says_busy_when_the_wait_runs_out():
+    clock = Clock()
+    idle = wait_for_idle(15.0, 10.0, 3.0, sample=sampler(clock, [80.0] * 10), clock=clock)
+    assert idle.busy and idle.busy_pct == 80.0
+    assert clock.t == 12.0  # samples at 3, 6, 9 are inside the wait; the one ending at 12 is the last
+    assert idle.label().endswith("(BUSY: not a result)")

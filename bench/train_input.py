@@ -32,12 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/NA
 
 from bench.common import (  # noqa: E402
     RayHead,
+    add_idle_args,
     build_tiny_teacher,
     distill_cmd,
     loadavg,
     make_face_jpegs,
     print_header,
     run_child,
+    settle,
     table,
     this_script_cmd,
 )
@@ -161,6 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--child", choices=["ratio", "build-teacher"], help=argparse.SUPPRESS)
     p.add_argument("--shards", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
+    add_idle_args(p)
     a = p.parse_args(argv)
     if a.child == "ratio":
         print(json.dumps(child_ratio(a)))
@@ -180,7 +183,7 @@ def main(argv=None) -> int:
         sets = {n: make_shards(work, head, teacher, images, n, a) for n in counts}
 
     # 1. streamed vs in-memory steps/s
-    load = loadavg()
+    load = settle(a, "the streamed / in-memory phases").label()
     res = run_child(this_script_cmd(
         "train_input.py", "--child", "ratio", "--shards", sets[a.ratio_shards], "--out", work / "ratio-out",
         "--batch-size", a.batch_size, "--shuffle-buffer", a.shuffle_buffer, "--width", a.width,
@@ -212,7 +215,7 @@ def main(argv=None) -> int:
     runs = [(n, None) for n in counts] + [(counts[-1], n * a.shard_size // a.batch_size) for n in counts[:-1]]
     rows = []
     for n, max_steps in runs:
-        load = loadavg()
+        load = settle(a, f"the {n}-shard epoch").label()
         out = work / f"student-{n}-{max_steps}"
         shutil.rmtree(out, ignore_errors=True)
         extra = ["--max-steps", max_steps] if max_steps else []

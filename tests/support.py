@@ -113,6 +113,9 @@ class RayHead:
 
     def __exit__(self, *exc) -> None:
         kill_tree(self.temp)
+        # The Ray Client server is started detached and names only the head's address in its
+        # command line, not the temp dir: without this it outlives every test session.
+        kill_tree(f":{self.port} ")
         shutil.rmtree(self.temp, ignore_errors=True)
 
 
