@@ -16,7 +16,7 @@ import re
 import sys
 import tempfile
 
-from distill.errors import DistillError, Stopped
+from distill.errors import DistillError, Stopped, storage_fix
 
 # Order is the order `distill --help` lists them in: the pipeline's order.
 STAGES = (
@@ -100,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         # User-facing errors carry their fix in the message (a missing or unwritable path names
         # the path); no traceback needed. Anything else is a bug and keeps its traceback.
         print(f"distill {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        fix = storage_fix(e)  # a full or read-only disk: the user's to fix, in one line
+        if fix is None:
+            raise
+        print(f"distill {args.command}: error: {e}: {fix}; nothing half-written is kept", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"distill {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

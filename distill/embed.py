@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from distill.errors import BadInput, BadOption, ShardsFailed, Stopped
+from distill.errors import BadInput, BadOption, ShardsFailed, Stopped, StorageFull, storage_fix
 from distill.options import add_options, option
 from distill.options import config_from_args as options_config
 from distill.shards.format import EMBEDDING_DTYPES, ShardRecord
@@ -449,6 +449,12 @@ def _drive(cfg: EmbedConfig, run: Run, ledger: Ledger, owner: str, phases: Phase
                     streams.pop(item, None)
                     continue
                 except (ray.exceptions.RayError, OSError, ValueError) as e:
+                    fix = storage_fix(e)
+                    if fix is not None:  # a full or read-only output: every shard would fail the same way
+                        raise StorageFull(
+                            f"cannot write shard {k} into {cfg.out}: {_first_line(e)}; {fix}. Kept: the "
+                            f"{len(ledger.snapshot().done)} shard(s) already done; nothing half-written"
+                        ) from e
                     dead = isinstance(e, ray.exceptions.RayActorError)
                     log.warning("shard %d attempt %d failed (%s): %s", k, d.attempts.get(k, 0) + 1,
                                 "actor died" if dead else "error", _first_line(e))

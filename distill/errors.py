@@ -10,6 +10,8 @@ may import it.
 
 from __future__ import annotations
 
+import errno
+
 
 class DistillError(Exception):
     """Base: something the user can fix; the message says what and how."""
@@ -50,3 +52,23 @@ class Stopped(DistillError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
+
+
+class StorageFull(DistillError, OSError):
+    """The output's storage refused a write (full, over quota, read-only); nothing half-written
+    was kept, and rerunning once there is room resumes."""
+
+
+# errno -> what to do: storage that refuses every write until someone acts.
+_STORAGE_FIXES = {
+    errno.ENOSPC: "free space there (or pass another --out) and rerun the same command",
+    errno.EDQUOT: "raise the quota or free space there (or pass another --out) and rerun the same command",
+    errno.EROFS: "that file system is mounted read-only: pass an --out on a writable one",
+}
+
+
+def storage_fix(e: BaseException) -> str | None:
+    """The fix for an ``OSError`` from storage that will refuse every write, or None. Looks
+    through Ray's wrapper (``RayTaskError(OSError)``: the actor's exception is its ``cause``)."""
+    cause = getattr(e, "cause", None) or e
+    return _STORAGE_FIXES.get(getattr(cause, "errno", None)) if isinstance(cause, OSError) else None

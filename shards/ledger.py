@@ -14,6 +14,7 @@ is idempotent and accepted from any owner: every owner of a shard writes the sam
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -65,12 +66,17 @@ class FileLedger:
 
     def _write(self, path: str, obj: dict, durable: bool) -> None:
         tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(obj, f)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(obj, f)
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:  # (a full disk): leave nothing half-written behind
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         if durable:
             fsync_dir(self.dir)
 

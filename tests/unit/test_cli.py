@@ -1,6 +1,8 @@
 """The CLI shell: TensorFlow's C++ import chatter is kept off the terminal, user errors print as one
 line, bugs keep their traceback."""
 
+import os
+
 import pytest
 
 from distill.cli import _TF_IMPORT_CHATTER, TF_STAGES, build_parser
@@ -58,6 +60,29 @@ def test_user_errors_print_one_line_and_bugs_keep_their_traceback(monkeypatch, c
     # to report, not a user error: it propagates with its traceback.
     monkeypatch.setattr(cli, "build_parser", _parser_raising(ValueError("Parquet magic bytes not found")))
     with pytest.raises(ValueError, match="magic bytes"):
+        cli.main(["listing"])
+
+
+def test_a_full_or_read_only_disk_is_one_line_with_the_fix_and_other_os_errors_are_bugs(monkeypatch, capsys):
+    import errno
+
+    from distill import cli
+    from distill.errors import storage_fix
+
+    for code, fix in ((errno.ENOSPC, "free space there"), (errno.EDQUOT, "raise the quota"), (errno.EROFS, "read-only")):
+        err = OSError(code, os.strerror(code))
+        assert fix in storage_fix(err)
+        monkeypatch.setattr(cli, "build_parser", _parser_raising(err))
+        assert cli.main(["listing"]) == 2
+        assert capsys.readouterr().err.startswith(f"distill listing: error: {err}: ")
+
+    class RayTaskErrorLike(RuntimeError):  # the shape of Ray's wrapper: the actor's exception as `cause`
+        cause = OSError(errno.ENOSPC, "No space left on device")
+
+    assert "free space there" in storage_fix(RayTaskErrorLike())
+    assert storage_fix(OSError(errno.EIO, "I/O error")) is None and storage_fix(ValueError("x")) is None
+    monkeypatch.setattr(cli, "build_parser", _parser_raising(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(OSError, match="I/O error"):
         cli.main(["listing"])
 
 
