@@ -17,6 +17,7 @@ out); wall = the whole child process, start-up included.
     python bench/teacher_pass.py                      # both teachers, 1024 images, (a) (b) (c) (d), ~5 min
     python bench/teacher_pass.py --rounds 3 --variants d,a,b,c,a0           # what docs/BENCHMARKS.md shows
     python bench/teacher_pass.py --rounds 3 --variants d,a,a15,d0           # niceness and TF threading checks
+    python bench/teacher_pass.py --rounds 2 --variants a,a1,a2 --teachers mobilefacenet   # decode threads
 """
 
 from __future__ import annotations
@@ -49,12 +50,14 @@ from bench.common import (  # noqa: E402
 from bench.projection import median, steady_cpu_per_row, steady_rate  # noqa: E402
 
 WARMUP_CALLS = 3  # teacher calls before the clock starts in (b) and (d); (a) leaves out its first shard
-VARIANTS = ("d", "a", "b", "c", "a0", "a15", "d0")
-RATIOS = (("a", "d"), ("a", "b"), ("a", "c"), ("a0", "d"), ("a", "a0"), ("a15", "a"), ("d", "d0"))
+VARIANTS = ("d", "a", "b", "c", "a0", "a15", "d0", "a1", "a2")
+RATIOS = (("a", "d"), ("a", "b"), ("a", "c"), ("a0", "d"), ("a", "a0"), ("a15", "a"), ("d", "d0"), ("a1", "a"), ("a2", "a"))
 CPU_SAMPLE_S = 0.25
 LABELS = {
     "a": "(a) distill embed (CLI, local Ray, file ledger)",
     "a15": "(a15) as (a), Ray's default worker niceness 15",
+    "a1": "(a1) as (a), 1 decode thread ((a): the default, the actor's CPUs but at least 4)",
+    "a2": "(a2) as (a), 2 decode threads",
     "a0": "(a0) EmbedWorker.embed_shard, no Ray",
     "b": "(b) per-image loop, batch of 1",
     "c": "(c) Ray Data map_batches + actor pool -> Parquet",
@@ -224,11 +227,11 @@ CHILDREN = {"d": child_ceiling, "d0": child_ceiling, "b": child_per_image, "a0":
 
 # ---------------------------------------------------------------------------- the run
 
-def run_cli_embed(listing: str, teacher: str, out: Path, a, env: dict) -> dict:
+def run_cli_embed(listing: str, teacher: str, out: Path, a, env: dict, *extra) -> dict:
     """(a): the real CLI in its own process; steady state from the ledger's done records."""
     shutil.rmtree(out, ignore_errors=True)
     res = run_child(distill_cmd("embed", listing, "--teacher", teacher, "--out", out, "--batch-size", a.batch_size,
-                                "--shard-size", a.shard_size, "--no-flip", "--no-progress"),
+                                "--shard-size", a.shard_size, "--no-flip", "--no-progress", *extra),
                     env=env, sample_cpu=CPU_SAMPLE_S)
     events = []
     for f in glob.glob(str(out / "_ledger" / "*.done")):
@@ -249,8 +252,8 @@ def run_variant(v: str, listing: str, teacher: str, work: Path, a) -> dict:
     # them. Equal footing for the comparison: niceness 0 like every other variant, except in
     # (a15), which shows Ray's default.
     env = {"RAY_ADDRESS": "local", "RAY_worker_niceness": "15" if v == "a15" else "0"}
-    if v in ("a", "a15"):
-        r = run_cli_embed(listing, teacher, out, a, env)
+    if v in ("a", "a15", "a1", "a2"):
+        r = run_cli_embed(listing, teacher, out, a, env, *(("--decode-threads", v[1]) if v in ("a1", "a2") else ()))
     else:
         res = run_child(this_script_cmd("teacher_pass.py", "--child", v, "--teacher", teacher, "--listing", listing,
                                         "--out", out, "--batch-size", a.batch_size, "--shard-size", a.shard_size,
@@ -259,7 +262,7 @@ def run_variant(v: str, listing: str, teacher: str, work: Path, a) -> dict:
                         env=env, sample_cpu=CPU_SAMPLE_S)
         r = {**res.json(), "wall_s": res.seconds, "rss_mib": res.peak_rss_mib, "cpu": res.cpu_series}
     # (a)'s events are shards (its first shard is the warm-up); the others' are batches or images.
-    skip = 0 if v in ("a", "a15", "d", "d0", "b") else WARMUP_CALLS - 1
+    skip = 0 if v in ("a", "a15", "a1", "a2", "d", "d0", "b") else WARMUP_CALLS - 1
     r["steady"] = steady_rate(r["events"], skip=skip)
     r["cpu_ms"] = 1000 * steady_cpu_per_row(r["events"], r["cpu"], skip=skip)
     r["load"] = load
@@ -276,7 +279,7 @@ def main(argv=None) -> int:
     p.add_argument("--shard-size", type=int, default=256)
     p.add_argument("--teachers", default="mobilefacenet,resnet18", help="comma list of mobilefacenet, resnet18")
     p.add_argument("--variants", default="d,a,b,c",
-                   help=f"any of {','.join(VARIANTS)} (a0, a15, d0 are diagnostics), run in this order each round")
+                   help=f"any of {','.join(VARIANTS)} (a0, a15, a1, a2, d0 are diagnostics), run in this order each round")
     p.add_argument("--rounds", type=int, default=1, help="repeat every variant (interleaved); medians are reported")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="TF intra-op threads (the CLI's default: all CPUs)")
     p.add_argument("--ray-data-actors", type=int, default=1)
@@ -329,7 +332,7 @@ def main(argv=None) -> int:
             extra = ""
             if v == "c":
                 extra = f"pipeline {median([x['pipeline_s'] for x in rs]):.1f} s + ray.init {median([x['ray_init_s'] for x in rs]):.1f} s"
-            if v in ("a", "a15"):
+            if v in ("a", "a15", "a1", "a2"):
                 extra = f"CLI's own figure {median([x['rows'] / x['cli_s'] for x in rs]):.1f} img/s"
             rows.append([LABELS[v], f"{median([x['steady'] for x in rs]):.1f}", f"{median([x['cpu_ms'] for x in rs]):.1f}",
                          f"{rs[0]['rows'] / wall:.1f}", f"{wall:.1f}", f"{median([x['rss_mib'] for x in rs]):.0f}",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -24,7 +25,7 @@ import numpy as np
 from distill.checkpoints import Cursor, read_best_val, read_checkpoint, restore, snapshot, write_best
 from distill.errors import BadInput, BadOption, Stopped
 from distill.losses import LossSpec
-from distill.stopping import StopRequest
+from distill.stopping import StopRequest, read_request
 from distill.student import StudentSpec
 from distill.train_config import TrainConfig, check_resume, lr_schedule, resolve, should_checkpoint
 from distill.validate import is_better
@@ -198,9 +199,11 @@ def _make_step(model, optimizer, strategy, loss_spec: LossSpec, global_batch: in
         return parts, seen
 
     @tf.function
-    def step(batch):
+    def step(batch, stop):
         parts, seen = strategy.run(replica, args=(batch,))
         parts = {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in parts.items()}
+        # Whether any worker was asked to stop: every worker learns it at this same step.
+        parts["stop"] = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda s: s, args=(stop,)), axis=None)
         if not gather:
             return parts, tf.zeros([0], tf.int64)
         index, emb, target, label = (strategy.gather(v, axis=0) for v in seen)
@@ -365,6 +368,11 @@ class _Run:
         with self.stop:  # SIGTERM / SIGINT: finish the step, checkpoint, raise Stopped
             return self._run()
 
+    def _stop_wanted(self) -> bool:
+        """A stop asked of this worker: its own signal (one process), or the driver's request in
+        OUT (Ray Train workers have no signal of their own)."""
+        return self.stop.requested or (self.world_size > 1 and read_request(self.cfg.out) is not None)
+
     def _stop_if_asked(self) -> None:
         if not self.stop.requested or self.done():  # (a stop at the last step is just the end)
             return
@@ -391,6 +399,7 @@ class _Run:
         return self.summary()
 
     def _epoch(self) -> None:
+        import tensorflow as tf
         from tqdm import tqdm
 
         from distill.stream import make_dataset, plan_epoch
@@ -422,8 +431,10 @@ class _Run:
         for _ in range(plan.start_step, plan.steps):
             if self.done():
                 break
-            parts, index = self.step_fn(next(batches))
+            parts, index = self.step_fn(next(batches), tf.constant(1.0 if self._stop_wanted() else 0.0))
             parts = {k: float(v) for k, v in parts.items()}
+            if parts.pop("stop") > 0 and not self.stop.requested:  # another worker's, or the driver's (Ray Train)
+                self.stop.signum = read_request(cfg.out) or signal.SIGTERM
             self.cursor = replace(self.cursor, samples=self.cursor.samples + cfg.batch_size, step=self.cursor.step + 1)
             self.trained += cfg.batch_size
             n_steps += 1

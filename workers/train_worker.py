@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from distill.errors import BadOption
+from distill.errors import BadOption, Stopped
 
 if TYPE_CHECKING:
     from distill.checkpoints import Cursor
@@ -95,6 +95,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # The loop's last checkpoint carries its summary; Ray hands that to the driver.
     try:
         train_loop(cfg, strategy, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), store=store)
+    except Stopped:
+        pass  # every worker stopped at the same step, after its checkpoint: the driver says so
     finally:
         store.cleanup()
 
@@ -105,7 +107,8 @@ def run_ray(cfg: "TrainConfig") -> dict[str, Any]:
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
-    from distill.checkpoints import LocalCheckpoints
+    from distill.checkpoints import LocalCheckpoints, read_checkpoint
+    from distill.stopping import StopRequest, clear_request, read_request, write_request
 
     if not ray.is_initialized():
         ray.init(address=cfg.address, log_to_driver=True)
@@ -118,6 +121,11 @@ def run_ray(cfg: "TrainConfig") -> dict[str, Any]:
                 f"--workers {cfg.workers} needs {n} {kind}s but the Ray cluster has {resources.get(kind, 0):g}; "
                 "lower --workers, or add nodes" + ("" if kind == "CPU" else ", or drop --use-gpu")
             )
+    # SIGTERM / SIGINT reach this process only: it asks the workers to stop through OUT, where
+    # they agree on the step (distill.loop), checkpoint it and return; then this says so.
+    os.makedirs(cfg.out, exist_ok=True)
+    clear_request(cfg.out)  # (a request left by an earlier run's stop is not this run's)
+    stop = StopRequest("training", on_request=lambda signum: write_request(cfg.out, signum))
     trainer = TensorflowTrainer(
         train_loop_per_worker=train_loop_per_worker,
         train_loop_config={"train": asdict(cfg)},
@@ -129,16 +137,25 @@ def run_ray(cfg: "TrainConfig") -> dict[str, Any]:
         ),
     )
     try:
-        result = trainer.fit()
+        with stop:  # (over Ray's own handler, which would abort)
+            result = trainer.fit()
     except Exception as e:
         user = _user_error(e)
         if user is None:
             raise
         raise user from e
+    finally:
+        signum = read_request(cfg.out)
+        clear_request(cfg.out)
     if result.checkpoint is None:
         raise ValueError(f"Ray Train run {cfg.run_name} under {cfg.out}/ray finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
-        LocalCheckpoints(cfg.out, cfg.keep_checkpoints).adopt(d)
+        saved = LocalCheckpoints(cfg.out, cfg.keep_checkpoints).adopt(d)
+    if signum is not None:
+        c = read_checkpoint(saved)[1]
+        if c.epoch < cfg.epochs and (cfg.max_steps is None or c.step < cfg.max_steps):
+            raise Stopped(f"stopped at step {c.step} (epoch {c.epoch + 1}, sample {c.samples} of it) on every worker, "
+                          "with a checkpoint; rerun the same command to resume from there", signum)
     return result.metrics
 
 

@@ -1,5 +1,5 @@
 """`distill train` as a real process: SIGKILL mid-epoch and resume at the exact sample;
-refusal of an incompatible rerun; a run that goes on mid-epoch with two Ray Train workers."""
+refusal of an incompatible rerun; SIGTERM under Ray Train and a resume with another worker count."""
 
 from __future__ import annotations
 
@@ -169,22 +169,34 @@ def test_refuses_shards_without_images(tmp_path):
     assert r.returncode == 2 and "no images" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_a_run_goes_on_mid_epoch_with_another_worker_count_and_two_ray_workers_learn(ray_address, tmp_path):
-    """Elastic resume: 5 steps in one process stop mid-epoch; two Ray Train workers go on from
-    that checkpoint at exactly the next sample, and the toy task is learnt."""
+def test_sigterm_stops_two_ray_workers_at_one_step_and_one_process_goes_on_from_there(ray_address, tmp_path):
+    """Graceful stop under Ray Train, then elastic resume: the driver's SIGTERM reaches the
+    two workers through OUT, they agree on a step, checkpoint it and end; exit 143. One
+    process then goes on from that checkpoint at exactly the next sample, and the toy task is
+    learnt across both runs."""
     shards = write_toy_shards(tmp_path / "shards", rows=128, shard_size=32, classes=4, size=32, dim=8)
     out = tmp_path / "student"
     # The recipe is spelled out: this is about the workers, not about the default recipe.
     args = ["train", shards, "--out", out, "--epochs", 4, "--batch-size", 16, "--width", 0.35, "--lr", 3e-3,
             "--lr-schedule", "constant", "--warmup-steps", 0, "--distill-loss", "mse", "--ce-weight", 1,
             "--log-every", 1, "--checkpoint-every", 100, "--shuffle-buffer", 64, "--trace-samples", "--no-progress"]
-    first = distill(*args, "--max-steps", 5)
-    assert first.returncode == 0, first.stderr[-4000:]
-    assert ckpt_steps(out) == [5]  # 8 steps per epoch: mid-epoch 0
-    r = distill(*args, "--workers", 2, "--address", ray_address)
+    first = subprocess.Popen([sys.executable, "-m", "distill", *map(str, [*args, "--workers", 2, "--address", ray_address])],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    trace, deadline = out / "trace.jsonl", time.monotonic() + 600
+    while not (trace.exists() and len(jsonl(trace, partial_ok=True)) >= 3):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 143, err[-3000:]
+    assert "on every worker, with a checkpoint; rerun the same command" in err and "Traceback" not in err, err[-3000:]
+    stopped = ckpt_steps(out)[-1]
+    assert 3 <= stopped < 32 and [t["step"] for t in jsonl(trace)] == list(range(1, stopped + 1))
+    assert not (out / "STOP").exists()  # the request is cleared: the rerun is not stopped by it
+    r = distill(*args)
     assert r.returncode == 0, r.stderr[-4000:]
-    logs = r.stdout + r.stderr  # (the workers' log lines reach the driver through Ray)
-    assert "resumed from" in logs and "epoch 0, sample 80, step 5" in logs, logs[-3000:]
+    samples = (stopped % 8) * 16
+    assert f"epoch {stopped // 8}, sample {samples}, step {stopped}" in r.stderr, r.stderr[-3000:]
     metrics = jsonl(out / "metrics.jsonl")
     epochs = [m for m in metrics if m["kind"] == "epoch"]
     assert [m["epoch"] for m in epochs] == [0, 1, 2, 3]
@@ -202,5 +214,5 @@ def test_a_run_goes_on_mid_epoch_with_another_worker_count_and_two_ray_workers_l
         assert got == [sorted(b) for b in index_of[plan.order].reshape(8, 16).tolist()], epoch
         assert len({i for b in got for i in b}) == 128
     cursor = json.loads((out / "checkpoints" / "ckpt-000000032" / "cursor.json").read_text())
-    assert (cursor["world_size"], cursor["step"], cursor["epoch"]) == (2, 32, 4)
-    assert any((out / "ray" / "train").glob("checkpoint_*"))  # Ray Train's copy, for a rerun to resume from
+    assert (cursor["world_size"], cursor["step"], cursor["epoch"]) == (1, 32, 4)
+    assert any((out / "ray" / "train").glob("checkpoint_*"))  # the workers' checkpoints, where Ray Train keeps them
