@@ -49,7 +49,6 @@ from bench.common import (  # noqa: E402
     add_idle_args,
     command_lines,
     distill_cmd,
-    free_port,
     loadavg,
     make_face_jpegs,
     print_header,
@@ -58,6 +57,9 @@ from bench.common import (  # noqa: E402
     settle,
     table,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' helpers import each other so
+from redis_server import RedisServer  # noqa: E402  (the tests' real redis-server, restartable on its AOF)
 
 KINDS = ("embed-kill", "embed-term", "embed-actor", "embed-two", "embed-redis", "train-kill", "train-term",
          "train-elastic")
@@ -114,43 +116,6 @@ def _rows_this_run(stdout: str) -> int:
 
     m = re.search(r"this run: (\d+) rows", stdout)
     return int(m.group(1)) if m else 0
-
-
-class Redis:
-    """redis-server on a free loopback port, append-only with fsync always: SIGKILL loses nothing."""
-
-    def __init__(self, root: Path):
-        self.dir, self.port, self.proc = root, free_port(), None
-        root.mkdir(parents=True, exist_ok=True)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise SystemExit("embed-redis needs redis-server: apt-get install -y redis-server")
-        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-                                      "--save", "", "--appendonly", "yes", "--appendfsync", "always"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis
-
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if redis.Redis(port=self.port).ping():
-                    return
-            except redis.exceptions.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
 
 
 class Campaign:
@@ -225,9 +190,8 @@ class Campaign:
         moment = f"{target} shards done + {delay:.2f} s"
         extra: tuple = ()
         redis = None
-        if kind == "embed-redis":
-            redis = Redis(self.work / f"redis-{out.name}")
-            redis.start()
+        if kind == "embed-redis":  # append-only, fsync always: a SIGKILL loses no ledger write
+            redis = RedisServer(self.work / f"redis-{out.name}", appendonly=True).start()
             extra = ("--ledger", redis.url)
         try:
             proc = _popen(self.embed_cmd(out, *extra))
@@ -251,7 +215,7 @@ class Campaign:
                 else:
                     moment += " (no actor yet: nothing struck)"
             elif kind == "embed-redis":
-                redis.kill()
+                redis.stop(kill=True)
                 pause = rng.uniform(0, 4.0)
                 time.sleep(pause)
                 redis.start()
@@ -269,7 +233,7 @@ class Campaign:
             return moment, max(0, rows - missing_at_kill), self._check_embed(out)
         finally:
             if redis is not None:
-                redis.kill()
+                redis.stop(kill=True)
 
     # ------------------------------------------------------------------ training
 

@@ -56,7 +56,7 @@ def child_ratio(a) -> dict:
     from distill.losses import LossSpec
     from distill.stream import make_dataset, open_shards, plan_epoch
     from distill.student import StudentSpec, build_student
-    from distill.train_config import TrainConfig, resolve
+    from distill.train_config import TrainConfig, lr_schedule, resolve
 
     cfg = TrainConfig(shards=a.shards, out=a.out, batch_size=a.batch_size, shuffle_buffer=a.shuffle_buffer,
                       width=a.width)
@@ -64,9 +64,10 @@ def child_ratio(a) -> dict:
     config = resolve(cfg, shards)
     strategy = tf.distribute.get_strategy()
     model = build_student(StudentSpec.from_json(config["student"]))
-    optimizer = _optimizer(cfg, 10_000)
+    optimizer = _optimizer(cfg, lr_schedule(config["train"], shards.total_rows))
     optimizer.build(model.trainable_variables)
     step = _make_step(model, optimizer, strategy, LossSpec(**config["loss"]), cfg.batch_size, False)
+    go_on = tf.constant(0.0)  # the step's stop flag: never set here
 
     epoch = 0
 
@@ -85,7 +86,7 @@ def child_ratio(a) -> dict:
         """(steps/s, process CPU seconds per step)."""
         t0, c0 = time.perf_counter(), time.process_time()
         for i in range(steps):
-            parts, _ = step(next(source) if source is live else memory[i % len(memory)])
+            parts, _ = step(next(source) if source is live else memory[i % len(memory)], go_on)
             float(parts["loss"])  # the trainer reads the losses every step; so do we
         return steps / (time.perf_counter() - t0), (time.process_time() - c0) / steps
 

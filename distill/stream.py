@@ -195,9 +195,7 @@ def epoch_order(
     stream = (np.concatenate([np.arange(offsets[k], offsets[k + 1], dtype=np.int64) for k in shard_order])
               if len(r) else np.zeros(0, np.int64))
     if exclude is not None:
-        if len(exclude) != offsets[-1]:
-            raise ValueError(f"exclusion mask covers {len(exclude)} samples, the shards hold {offsets[-1]}")
-        stream = stream[~np.asarray(exclude, bool)[stream]]
+        stream = stream[~_mask(exclude, int(offsets[-1]))[stream]]
     n = len(stream)
     base, extra = divmod(n, partitions)
     starts = np.concatenate([[0], np.cumsum(base + (np.arange(partitions) < extra))])
@@ -234,15 +232,20 @@ class EpochPlan:
         return len(self.order)
 
 
+def _mask(exclude: np.ndarray, total: int) -> np.ndarray:
+    """The exclusion mask as bools, checked against the samples the shards hold."""
+    if len(exclude) != total:
+        raise ValueError(f"exclusion mask covers {len(exclude)} samples, the shards hold {total}")
+    return np.asarray(exclude, bool)
+
+
 def kept_rows(rows: Sequence[int], exclude: np.ndarray | None) -> list[int]:
     """Rows per shard left once the ``exclude`` mask (per sample id) is applied."""
     r = np.asarray(rows, np.int64)
     if exclude is None:
         return r.tolist()
     offsets = np.concatenate([[0], np.cumsum(r)])
-    if len(exclude) != offsets[-1]:
-        raise ValueError(f"exclusion mask covers {len(exclude)} samples, the shards hold {offsets[-1]}")
-    excluded = np.concatenate([[0], np.cumsum(np.asarray(exclude, np.int64))])
+    excluded = np.concatenate([[0], np.cumsum(_mask(exclude, int(offsets[-1])), dtype=np.int64)])
     return (r - (excluded[offsets[1:]] - excluded[offsets[:-1]])).tolist()
 
 

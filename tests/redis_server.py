@@ -12,13 +12,14 @@ import subprocess
 import tempfile
 import time
 
-import pytest
 from support import free_port
 
 
 def require_redis_server() -> str:
     exe = shutil.which("redis-server")
     if exe is None:
+        import pytest  # (imported here: bench/faults.py uses this server outside pytest)
+
         pytest.fail("redis-server is not installed; run `apt-get install -y redis-server` (.ci/run does)")
     return exe
 
