@@ -10,6 +10,7 @@ line; process trees come from psutil (``/proc`` parsing by hand was what it repl
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -33,6 +34,15 @@ CHILD_ENV = {
     "RAY_AUTH_MODE": "disabled",
     "PYTHONUNBUFFERED": "1",
 }
+
+
+# Ray forwards its actors' output to the driver as "(Name pid=N[, ip=A]) ...", coloured on a tty.
+_FORWARDED = re.compile(r"^(\x1b\[[0-9;]*m)?\(\S+ pid=\d+(, ip=\S+)?\)")
+
+
+def own_lines(text: str) -> list[str]:
+    """The lines a driver process wrote itself, without those Ray forwarded from its actors."""
+    return [line for line in text.splitlines() if not _FORWARDED.match(line)]
 
 
 def free_port() -> int:

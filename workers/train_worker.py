@@ -110,7 +110,8 @@ def run_ray(cfg: "TrainConfig") -> dict[str, Any]:
     from distill.checkpoints import LocalCheckpoints, read_checkpoint
     from distill.stopping import StopRequest, clear_request, read_request, write_request
 
-    if not ray.is_initialized():
+    connected_here = not ray.is_initialized()
+    if connected_here:
         ray.init(address=cfg.address, log_to_driver=True)
     resources = ray.cluster_resources()
     need = {"CPU": cfg.workers, **({"GPU": cfg.workers} if cfg.use_gpu else {})}
@@ -147,6 +148,11 @@ def run_ray(cfg: "TrainConfig") -> dict[str, Any]:
     finally:
         signum = read_request(cfg.out)
         clear_request(cfg.out)
+        if connected_here:
+            # Done with the cluster: disconnect, so the actors Ray Train leaves behind (its
+            # placement-group cleaner logs for a while after the controller ends) cannot
+            # forward lines after this command's last one.
+            ray.shutdown()
     if result.checkpoint is None:
         raise ValueError(f"Ray Train run {cfg.run_name} under {cfg.out}/ray finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
