@@ -1,6 +1,6 @@
-"""The training objective, as named parts: ``ce``, ``mse``, ``loss`` (and ``cos``, logged).
+"""The training objective, as named parts: ``ce``, ``mse``, ``contrast``, ``loss`` (and ``cos``, logged).
 
-``loss = ce_weight * ce + mse_weight * mse``.
+``loss = ce_weight * ce + mse_weight * mse + contrast_weight * contrast``.
 
 - ``ce`` is softmax cross-entropy of the classifier head. With ``margin`` ``arcface`` or
   ``teacher`` the logits are cosines and get the ArcFace additive angular margin and scale
@@ -12,6 +12,14 @@
              direction, the only thing verification uses, and independent of either norm;
   ``cosine`` ``1 - cos``, the same direction term at half the scale.
   The teacher side is a constant: gradients reach the student only.
+- ``contrast`` is contrastive distillation (InfoNCE over the teacher's embeddings, as in CRD):
+  each student embedding must pick its own teacher target out of every target of the global
+  batch, ``-log softmax_j(cos(s_i, t_j) / T)[i]``. The other targets are mostly *other images
+  of the same people*: where ``mse`` is met by knowing who a face is (a few identity directions
+  carry most of the targets' variance), this term needs what tells two photos of one person
+  apart in the teacher's space, which is what carries over to people the student never saw.
+  Every replica gathers the whole global batch's targets, so the term is the same for any
+  number of workers.
 - ``cos`` is the batch's mean teacher-student cosine, whatever the loss: the number to watch.
 
 Parts are averaged over the *global* batch (``tf.nn.compute_average_loss``): summed across
@@ -38,14 +46,20 @@ class LossSpec:
     margin: str = "softmax"
     arc_scale: float = 64.0
     arc_margin: float = 0.5
+    contrast_weight: float = 0.0
+    contrast_temperature: float = 0.1
 
     def __post_init__(self) -> None:
         if self.distill not in DISTILL_LOSSES:
             raise BadOption(f"--distill-loss must be one of {', '.join(DISTILL_LOSSES)}, got {self.distill!r}")
-        if self.ce_weight < 0 or self.mse_weight < 0 or self.ce_weight + self.mse_weight == 0:
+        weights = (self.ce_weight, self.mse_weight, self.contrast_weight)
+        if min(weights) < 0 or sum(weights) == 0:
             raise BadOption(
-                f"--ce-weight {self.ce_weight} and --mse-weight {self.mse_weight} must be >= 0 and not both 0"
+                f"--ce-weight {self.ce_weight}, --mse-weight {self.mse_weight} and --contrast-weight "
+                f"{self.contrast_weight} must be >= 0 and not all 0"
             )
+        if self.contrast_temperature <= 0:
+            raise BadOption(f"--contrast-temperature must be > 0 (e.g. 0.1), got {self.contrast_temperature}")
         if self.arc_scale <= 0 or not 0 <= self.arc_margin < math.pi / 2:
             raise BadOption(f"--arc-scale must be > 0 and --arc-margin in [0, pi/2), got {self.arc_scale}, {self.arc_margin}")
 
@@ -66,6 +80,21 @@ def arcface_logits(cosine, labels, scale: float, margin: float):
     return scale * (onehot * with_margin + (1.0 - onehot) * cos)
 
 
+def contrast_loss(student_unit, teacher_unit, temperature: float):
+    """Per-sample InfoNCE of unit student embeddings against the teacher targets of the whole
+    global batch (gathered from every replica; sample i's positive is its own target)."""
+    import tensorflow as tf
+
+    n = tf.shape(teacher_unit)[0]
+    keys, first = teacher_unit, 0
+    ctx = tf.distribute.get_replica_context()
+    if ctx is not None and ctx.num_replicas_in_sync > 1:
+        keys = ctx.all_gather(teacher_unit, axis=0)  # in replica order: this replica's rows start at id * n
+        first = tf.cast(ctx.replica_id_in_sync_group, tf.int32) * n
+    logits = tf.matmul(student_unit, keys, transpose_b=True) / temperature
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=first + tf.range(n), logits=logits)
+
+
 def loss_parts(embedding, logits, teacher, labels, spec: LossSpec, global_batch_size: int | None = None,
                class_bias=None) -> dict:
     """Named loss parts of one (replica's) batch, each averaged over the global batch.
@@ -83,7 +112,8 @@ def loss_parts(embedding, logits, teacher, labels, spec: LossSpec, global_batch_
     if class_bias is not None:
         logits = logits + class_bias
     ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-    cos = tf.reduce_sum(tf.math.l2_normalize(embedding, -1) * tf.math.l2_normalize(teacher, -1), -1)
+    s_unit, t_unit = tf.math.l2_normalize(embedding, -1), tf.math.l2_normalize(teacher, -1)
+    cos = tf.reduce_sum(s_unit * t_unit, -1)
     if spec.distill == "mse":
         dist = tf.reduce_mean(tf.square(embedding - teacher), axis=-1)
     elif spec.distill == "nmse":
@@ -93,4 +123,9 @@ def loss_parts(embedding, logits, teacher, labels, spec: LossSpec, global_batch_
     ce = tf.nn.compute_average_loss(ce, global_batch_size=global_batch_size)
     mse = tf.nn.compute_average_loss(dist, global_batch_size=global_batch_size)
     cos = tf.nn.compute_average_loss(cos, global_batch_size=global_batch_size)
-    return {"loss": spec.ce_weight * ce + spec.mse_weight * mse, "ce": ce, "mse": mse, "cos": cos}
+    parts = {"ce": ce, "mse": mse}
+    if spec.contrast_weight:
+        con = contrast_loss(s_unit, t_unit, spec.contrast_temperature)
+        parts["contrast"] = tf.nn.compute_average_loss(con, global_batch_size=global_batch_size)
+    loss = spec.ce_weight * ce + spec.mse_weight * mse + spec.contrast_weight * parts.get("contrast", 0.0)
+    return {"loss": loss, **parts, "cos": cos}

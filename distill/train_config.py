@@ -52,6 +52,9 @@ class TrainConfig:
                                choices=DISTILL_LOSSES)
     mse_weight: float = option(1.0, "weight of the distillation term")
     ce_weight: float = option(0.0, "weight of the identity classifier's cross-entropy")
+    contrast_weight: float = option(1.0, "weight of contrastive distillation: each student embedding must pick its own "
+                                    "teacher target out of the global batch's (InfoNCE on cosines; 0: off)")
+    contrast_temperature: float = option(0.1, "temperature of the contrastive term")
     margin: str = option("softmax", "classifier: softmax, arcface (learned centres) or teacher (ArcFace whose "
                          "class centres are the teacher's, AdaDistill-style)", choices=MARGINS)
     arc_scale: float = option(32.0, "ArcFace scale s (arcface and teacher margins)")
@@ -134,7 +137,8 @@ class TrainConfig:
         self.loss_spec()  # validates early
 
     def loss_spec(self) -> LossSpec:
-        return LossSpec(self.ce_weight, self.mse_weight, self.distill_loss, self.margin, self.arc_scale, self.arc_margin)
+        return LossSpec(self.ce_weight, self.mse_weight, self.distill_loss, self.margin, self.arc_scale, self.arc_margin,
+                        self.contrast_weight, self.contrast_temperature)
 
     @property
     def validates(self) -> bool:
@@ -167,7 +171,8 @@ def resolve(cfg: TrainConfig, shards) -> dict[str, Any]:
         num_classes=shards.num_classes,
         width=cfg.width, head=cfg.head, margin=cfg.margin,
     )
-    if student.embedding_dim != shards.embedding_dim and (cfg.mse_weight > 0 or cfg.margin == "teacher"):
+    if student.embedding_dim != shards.embedding_dim and (cfg.mse_weight > 0 or cfg.contrast_weight > 0
+                                                          or cfg.margin == "teacher"):
         why = "the teacher's class centres live" if cfg.margin == "teacher" else "the distillation term compares them"
         raise BadOption(
             f"--embedding-dim {student.embedding_dim} differs from the teacher's {shards.embedding_dim}; {why} in "
@@ -176,7 +181,8 @@ def resolve(cfg: TrainConfig, shards) -> dict[str, Any]:
     if cfg.margin == "teacher" and cfg.ce_weight == 0:
         raise BadOption("--margin teacher is a classifier loss: give it a --ce-weight above 0")
     if shards.views is None and cfg.view_prob > 0:
-        log.debug("the shards in %s hold no views; training on the plain images", shards.location)
+        log.info("the shards in %s hold no teacher views; training on the plain and mirrored images (the default "
+                 "recipe measured best with views: `distill embed --views 4`, see docs/QUALITY.md)", shards.location)
     return {
         "train": asdict(cfg),
         "student": asdict(student),

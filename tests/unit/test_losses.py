@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -84,5 +88,66 @@ def test_arcface_adds_the_angle_margin_on_the_true_class_only():
 def test_bad_loss_options_say_which():
     with pytest.raises(ValueError, match="--distill-loss"):
         LossSpec(distill="kl")
-    with pytest.raises(ValueError, match="not both 0"):
+    with pytest.raises(ValueError, match="not all 0"):
         LossSpec(ce_weight=0, mse_weight=0)
+
+
+def _infonce(s: np.ndarray, t: np.ndarray, temperature: float) -> np.ndarray:
+    u = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    logits = u(s) @ u(t).T / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    return -(np.diag(logits) - np.log(np.exp(logits).sum(axis=1)))
+
+
+def test_contrast_picks_each_target_out_of_the_batch_and_only_trains_the_student():
+    student, logits, teacher, labels = _batch(5, n=6)
+    spec = LossSpec(ce_weight=0.0, mse_weight=0.5, distill="nmse", contrast_weight=2.0, contrast_temperature=0.2)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([student, teacher])
+        p = loss_parts(student, logits, teacher, labels, spec)
+    assert set(p) == {"loss", "ce", "mse", "contrast", "cos"}
+    want = _infonce(student.numpy(), teacher.numpy(), 0.2).mean()
+    assert float(p["contrast"]) == pytest.approx(want, rel=1e-5)
+    assert float(p["loss"]) == pytest.approx(0.5 * float(p["mse"]) + 2.0 * want, rel=1e-5)
+    assert tape.gradient(p["loss"], teacher) is None
+    # Scale-free on both sides; the student's own target is the one it should be closest to.
+    again = loss_parts(7.0 * student, logits, 70.0 * teacher, labels, spec)
+    assert float(again["contrast"]) == pytest.approx(float(p["contrast"]), rel=1e-5)
+    matched = loss_parts(teacher, logits, teacher, labels, spec)
+    assert float(matched["contrast"]) < float(p["contrast"])
+    assert "contrast" not in loss_parts(student, logits, teacher, labels, LossSpec())  # off: not computed
+
+
+def test_contrast_over_replicas_is_the_global_batch_term():
+    """Two replicas (logical CPUs, a fresh process): each gathers the whole global batch's
+    targets, so the summed per-replica parts equal one replica holding the whole batch."""
+    code = textwrap.dedent("""
+        import numpy as np, tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        from distill.losses import LossSpec, loss_parts
+        rng = np.random.default_rng(0)
+        s, t = (rng.normal(size=(8, 5)).astype(np.float32) for _ in range(2))
+        lab = np.zeros(8, np.int64)
+        spec = LossSpec(ce_weight=0.0, mse_weight=1.0, distill="nmse", contrast_weight=1.0)
+        one = loss_parts(s, np.zeros((8, 2), np.float32), t, lab, spec, 8)
+        st = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        ds = st.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((s, t, lab)).batch(8))
+        fn = lambda a, b, c: loss_parts(a, tf.zeros((tf.shape(a)[0], 2)), b, c, spec, 8)
+        for batch in ds:
+            two = {k: float(st.reduce("SUM", v, axis=None)) for k, v in st.run(fn, args=batch).items()}
+        for k in ("contrast", "mse", "loss"):
+            assert abs(two[k] - float(one[k])) < 1e-5 * max(1.0, abs(float(one[k]))), (k, two[k], float(one[k]))
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+def test_bad_contrast_options_say_which():
+    with pytest.raises(ValueError, match="--contrast-temperature"):
+        LossSpec(contrast_weight=1.0, contrast_temperature=0.0)
+    with pytest.raises(ValueError, match="not all 0"):
+        LossSpec(ce_weight=0, mse_weight=0, contrast_weight=0)
+    assert LossSpec(ce_weight=0, mse_weight=0, contrast_weight=1.0).contrast_weight == 1.0
