@@ -194,7 +194,8 @@ def _make_step(model, optimizer, strategy, loss_spec: LossSpec, global_batch: in
             parts = loss_parts(out["embedding"], out["logits"], b["target"], b["label"], loss_spec, global_batch, bias)
             scaled = optimizer.scale_loss(parts["loss"])  # identity unless mixed precision
         grads = tape.gradient(scaled, model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        # Variables no term of the loss reaches (the classifier when --ce-weight is 0) get no update.
+        optimizer.apply_gradients([(g, v) for g, v in zip(grads, model.trainable_variables) if g is not None])
         seen = (b["index"], tf.cast(out["embedding"], tf.float32), b["target"], b["label"])
         return parts, seen
 

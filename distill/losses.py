@@ -1,6 +1,7 @@
 """The training objective, as named parts: ``ce``, ``mse``, ``contrast``, ``loss`` (and ``cos``, logged).
 
-``loss = ce_weight * ce + mse_weight * mse + contrast_weight * contrast``.
+``loss = ce_weight * ce + mse_weight * mse + contrast_weight * contrast``; a part whose weight
+is 0 is neither computed nor logged.
 
 - ``ce`` is softmax cross-entropy of the classifier head. With ``margin`` ``arcface`` or
   ``teacher`` the logits are cosines and get the ArcFace additive angular margin and scale
@@ -106,26 +107,32 @@ def loss_parts(embedding, logits, teacher, labels, spec: LossSpec, global_batch_
 
     teacher = tf.stop_gradient(tf.cast(teacher, tf.float32))  # the target, never trained
     embedding = tf.cast(embedding, tf.float32)
-    logits = tf.cast(logits, tf.float32)
-    if spec.margin in COSINE_MARGINS:
-        logits = arcface_logits(logits, labels, spec.arc_scale, spec.arc_margin)
-    if class_bias is not None:
-        logits = logits + class_bias
-    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
     s_unit, t_unit = tf.math.l2_normalize(embedding, -1), tf.math.l2_normalize(teacher, -1)
     cos = tf.reduce_sum(s_unit * t_unit, -1)
-    if spec.distill == "mse":
-        dist = tf.reduce_mean(tf.square(embedding - teacher), axis=-1)
-    elif spec.distill == "nmse":
-        dist = 2.0 - 2.0 * cos
-    else:
-        dist = 1.0 - cos
-    ce = tf.nn.compute_average_loss(ce, global_batch_size=global_batch_size)
-    mse = tf.nn.compute_average_loss(dist, global_batch_size=global_batch_size)
-    cos = tf.nn.compute_average_loss(cos, global_batch_size=global_batch_size)
-    parts = {"ce": ce, "mse": mse}
+    # Only the terms in the loss are computed (and logged): an unused classifier over 85k
+    # identities would cost a forward and backward pass of its own for nothing.
+    parts, loss = {}, 0.0
+    if spec.ce_weight:
+        logits = tf.cast(logits, tf.float32)
+        if spec.margin in COSINE_MARGINS:
+            logits = arcface_logits(logits, labels, spec.arc_scale, spec.arc_margin)
+        if class_bias is not None:
+            logits = logits + class_bias
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+        parts["ce"] = tf.nn.compute_average_loss(ce, global_batch_size=global_batch_size)
+        loss += spec.ce_weight * parts["ce"]
+    if spec.mse_weight:
+        if spec.distill == "mse":
+            dist = tf.reduce_mean(tf.square(embedding - teacher), axis=-1)
+        elif spec.distill == "nmse":
+            dist = 2.0 - 2.0 * cos
+        else:
+            dist = 1.0 - cos
+        parts["mse"] = tf.nn.compute_average_loss(dist, global_batch_size=global_batch_size)
+        loss += spec.mse_weight * parts["mse"]
     if spec.contrast_weight:
         con = contrast_loss(s_unit, t_unit, spec.contrast_temperature)
         parts["contrast"] = tf.nn.compute_average_loss(con, global_batch_size=global_batch_size)
-    loss = spec.ce_weight * ce + spec.mse_weight * mse + spec.contrast_weight * parts.get("contrast", 0.0)
+        loss += spec.contrast_weight * parts["contrast"]
+    cos = tf.nn.compute_average_loss(cos, global_batch_size=global_batch_size)
     return {"loss": loss, **parts, "cos": cos}
