@@ -15,7 +15,9 @@ people would flatter them). Every recipe gets the same training budget in sample
 seen; wall and CPU minutes are measured. Writes ``bench/results/quality.json``, the table
 (markdown, stdout) and ``docs/quality.png`` (held-out cosine against samples seen).
 
-    python bench/quality.py [--epochs 6] [--headline-minutes 10] [--views 4] [--only NAME,...]
+    python bench/quality.py [--epochs 18] [--views 4] [--only NAME,...] [--seeds 0,1]
+
+The defaults' row comes first; every row gets the same budget (``--epochs`` over the 8 people).
 """
 
 from __future__ import annotations
@@ -48,17 +50,19 @@ VAL_SPLIT, VAL_SEED, SEED = 0.34, 0, 0
 
 # name -> distill train options (beside the shared ones). Plain images unless the recipe says views.
 PLAIN = ["--view-prob", "0"]
+NO_CONTRAST = ["--contrast-weight", "0"]
 RECIPES = {
-    "softmax only (no teacher)": ["--mse-weight", "0", "--ce-weight", "1", *PLAIN],
-    "old defaults: raw MSE + softmax 1/1": ["--distill-loss", "mse", "--mse-weight", "1", "--ce-weight", "1", *PLAIN],
-    "nMSE (2-2cos)": ["--distill-loss", "nmse", "--ce-weight", "0", *PLAIN],
-    "nMSE + softmax 0.1": ["--distill-loss", "nmse", "--ce-weight", "0.1", *PLAIN],
-    "nMSE + teacher-centre ArcFace 0.1": ["--distill-loss", "nmse", "--margin", "teacher", "--ce-weight", "0.1", *PLAIN],
-    "nMSE + views": ["--distill-loss", "nmse", "--ce-weight", "0", "--view-prob", "0.75"],
-    "nMSE + views, width 0.35": ["--distill-loss", "nmse", "--ce-weight", "0", "--view-prob", "0.75", "--width", "0.35"],
-    "nMSE + views, width 1.0": ["--distill-loss", "nmse", "--ce-weight", "0", "--view-prob", "0.75", "--width", "1.0"],
+    "softmax only (no teacher)": ["--mse-weight", "0", "--ce-weight", "1", *NO_CONTRAST, *PLAIN],
+    "raw MSE + softmax 1/1 (the first defaults)": ["--distill-loss", "mse", "--ce-weight", "1", *NO_CONTRAST, *PLAIN],
+    "nMSE": [*NO_CONTRAST, *PLAIN],
+    "nMSE + views (the previous defaults)": NO_CONTRAST,
+    "nMSE + contrast": PLAIN,
+    "contrast + views": ["--mse-weight", "0"],
+    "nMSE + contrast + teacher-centre ArcFace 0.1 + views": ["--margin", "teacher", "--ce-weight", "0.1"],
+    "nMSE + contrast + views, width 0.35": ["--width", "0.35"],
+    "nMSE + contrast + views, width 1.0": ["--width", "1.0"],
 }
-HEADLINE = "defaults (nMSE + views), 10-minute budget"
+HEADLINE = "defaults: nMSE + contrast + views"
 
 
 def more_people(guard, work: Path, extra: Path, heldout: list[str], views: int, epochs: int) -> list[dict]:
@@ -121,7 +125,7 @@ def folder_of(people: list[str], out: Path) -> Path:
 
 
 def train_recipe(guard, work: Path, name: str, opts: list[str], epochs: int, shards: Path, unseen: Path, split: bool = True,
-                 sets: tuple[str, ...] = ("unseen", "orl")) -> dict:
+                 sets: tuple[str, ...] = ("unseen", "orl"), seed: int = SEED) -> dict:
     slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:40]
     student, export = work / slug / "student", work / slug / "export"
     for d in (student, export):  # (not the recipe's folder: more_people keeps its shards there)
@@ -130,7 +134,7 @@ def train_recipe(guard, work: Path, name: str, opts: list[str], epochs: int, sha
     load = settle(guard, name).label()
     print(f"[{time.strftime('%H:%M:%S')}] {name}: training {epochs} epochs (load {load})", file=sys.stderr, flush=True)
     held = ["--val-split", VAL_SPLIT, "--val-seed", VAL_SEED] if split else []
-    train = run_child(distill_cmd("train", shards, "--out", student, "--epochs", epochs, "--seed", SEED, *held,
+    train = run_child(distill_cmd("train", shards, "--out", student, "--epochs", epochs, "--seed", seed, *held,
                                   "--no-progress", *opts), timeout=3 * 3600, sample_cpu=5)
     # The last checkpoint, not --best: picking the epoch on the held-out people would flatter them.
     run_child(distill_cmd("export", student, "--out", export), timeout=1800)
@@ -149,7 +153,7 @@ def train_recipe(guard, work: Path, name: str, opts: list[str], epochs: int, sha
     seen = epochs_recs[-1]["seen"] if epochs_recs else 0
     train_seconds = sum(r["seconds"] for r in epochs_recs)
     return {
-        "name": name, "options": opts, "epochs": epochs, "samples_seen": seen, "load_at_start": load,
+        "name": name, "options": opts, "seed": seed, "epochs": epochs, "samples_seen": seen, "load_at_start": load,
         "wall_seconds": train.seconds, "train_seconds": train_seconds,
         "cpu_seconds": train.cpu_series[-1][1] if train.cpu_series else None,
         "images_per_sec": seen / max(train_seconds, 1e-9),
@@ -209,8 +213,9 @@ def report(doc: dict) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/distill-bench-quality"))
-    ap.add_argument("--epochs", type=int, default=6, help="training budget of the sweep, in epochs over the 8 people")
-    ap.add_argument("--headline-epochs", type=int, default=0, help="epochs of the headline run (0: skip it)")
+    ap.add_argument("--epochs", type=int, default=18,
+                    help="training budget of every row, in epochs over the 8 people (18: ~51k samples, ~9 minutes here)")
+    ap.add_argument("--seeds", default="0", help="comma-separated training seeds: each chosen row once per seed")
     ap.add_argument("--views", type=int, default=4, help="teacher views stored per image")
     ap.add_argument("--only", default="", help="comma-separated recipe names (default: all; 'none': no recipe)")
     ap.add_argument("--more-people", type=Path, metavar="DIR",
@@ -233,17 +238,18 @@ def main() -> int:
     people = heldout_people(listing)
     unseen = folder_of(people, a.work / "unseen")
     print(f"held-out people: {', '.join(people)}", file=sys.stderr)
-    chosen = [n for n in RECIPES if not a.only or n in a.only.split(",")]
+    recipes = {HEADLINE: [], **RECIPES}
+    chosen = [n for n in recipes if not a.only or n in a.only.split(",")]
+    seeds = [int(x) for x in a.seeds.split(",")]
     embed_seconds, emb, manifest, results = 0.0, None, {}, []
-    if chosen or a.headline_epochs:  # one teacher pass of all 12 people serves every recipe
+    if chosen:  # one teacher pass of all 12 people serves every recipe
         t0 = time.perf_counter()
         emb = run_child(distill_cmd("embed", listing, "--teacher", MOBILEFACENET, "--out", shards, "--views", a.views,
                                     "--shard-size", 512, "--no-progress"), timeout=3 * 3600)
         embed_seconds = time.perf_counter() - t0
         manifest = json.loads((shards / "manifest.json").read_text())
-    results += [train_recipe(a, a.work, n, RECIPES[n], a.epochs, shards, unseen) for n in chosen]
-    if a.headline_epochs:
-        results.append(train_recipe(a, a.work, HEADLINE, [], a.headline_epochs, shards, unseen))
+    results += [train_recipe(a, a.work, n + (f", seed {seed}" if len(seeds) > 1 else ""), recipes[n], a.epochs, shards,
+                             unseen, seed=seed) for n in chosen for seed in seeds]
     if a.more_people:
         results += more_people(a, a.work, a.more_people, people, a.views, a.epochs)
     a.json.parent.mkdir(parents=True, exist_ok=True)
