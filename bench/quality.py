@@ -248,7 +248,7 @@ def main() -> int:
                                     "--shard-size", 512, "--no-progress"), timeout=3 * 3600)
         embed_seconds = time.perf_counter() - t0
         manifest = json.loads((shards / "manifest.json").read_text())
-    results += [train_recipe(a, a.work, n + (f", seed {seed}" if len(seeds) > 1 else ""), recipes[n], a.epochs, shards,
+    results += [train_recipe(a, a.work, n + (f", seed {seed}" if seeds != [SEED] else ""), recipes[n], a.epochs, shards,
                              unseen, seed=seed) for n in chosen for seed in seeds]
     if a.more_people:
         results += more_people(a, a.work, a.more_people, people, a.views, a.epochs)
