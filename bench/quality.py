@@ -196,7 +196,7 @@ def report(doc: dict) -> None:
     rows = []
     for r in results:
         u, o = r["unseen"], r["orl"]
-        orl = [f"{o['student_auc']:.3f}", f"{o['cosine']:.3f}", f"{o['teacher_auc']:.3f}"] if o else ["(trained on)"] * 3
+        orl = [f"{o['student_auc']:.3f}", f"{o['cosine']:.3f}", f"{o['teacher_auc']:.3f}"] if o else ["(not scored)"] * 3
         rows.append([r["name"], f"{r['samples_seen']:,}", f"{r['train_seconds'] / 60:.1f}",
                      f"{(r['cpu_seconds'] or 0) / 60:.1f}", f"{r['images_per_sec']:.0f}",
                      f"{u['student_auc']:.3f}", f"{u['student_accuracy']:.3f}", f"{u['cosine']:.3f}",
