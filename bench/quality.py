@@ -32,10 +32,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
+    GLINT12,
     MOBILEFACENET,
     ORL,
     ROOT,
-    SHARED,
     add_idle_args,
     distill_cmd,
     loadavg,
@@ -45,7 +45,6 @@ from bench.common import (  # noqa: E402
     table,
 )  # noqa: E402
 
-GLINT12 = SHARED / "data" / "glint12"
 VAL_SPLIT, VAL_SEED, SEED = 0.34, 0, 0
 
 # name -> distill train options (beside the shared ones). Plain images unless the recipe says views.
