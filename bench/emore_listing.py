@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/NA
 
 from bench.common import add_idle_args, distill_cmd, loadavg, print_header, run_child, settle, table, this_script_cmd  # noqa: E402
 from bench.projection import EMORE_CLASSES, EMORE_ROWS  # noqa: E402
-from distill.recordio import HEADER, MAGIC, RECORD_HEAD, IRHeader, pack, split_payload  # noqa: E402
+from distill.embed.recordio import HEADER, MAGIC, RECORD_HEAD, IRHeader, pack, split_payload  # noqa: E402
 
 TINY_IMAGE = b"\xff\xd8\xff\xe0JF\xff\xd9"  # 8 bytes: a JPEG's start and end markers
 CHUNK = 1 << 20  # image records built per numpy call
@@ -129,7 +129,7 @@ def write_list(path: Path, sizes: np.ndarray) -> Path:
 
 def child_plan(a) -> dict:
     """What the embed driver does with a listing before any teacher work, timed."""
-    from distill.listing import ListingReader, listing_fingerprint, read_listing_info
+    from distill.embed.listing import ListingReader, listing_fingerprint, read_listing_info
     from distill.shards.plan import num_shards, plan_shards
 
     t = {}

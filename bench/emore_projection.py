@@ -7,12 +7,12 @@ Measured here (2 CPU cores, no GPU), in one run:
   over real 1024-row shards with a near-free 512-d teacher, minus that teacher's CPU;
 - the per-shard fixed cost: one shard's listing rows read, its durable write (temp file,
   fsync, rename, directory fsync);
-- the trainer's input CPU per image: ``distill.stream.make_dataset`` (Parquet read,
+- the trainer's input CPU per image: ``distill.train.stream.make_dataset`` (Parquet read,
   shuffle buffer, JPEG decode, flip, scale) over the same shards, no model;
 - Parquet bytes per row (a 512-d float32 embedding and its flip, index, label, path);
 - ledger operations/s with 64 worker processes over emore's 5,687 shards
   (``bench/ledger.py``), and Redis's server-side CPU per operation;
-- the student's forward FLOPs (``distill.student.build_student`` for 85,742 classes, 512-d).
+- the student's forward FLOPs (``distill.train.student.build_student`` for 85,742 classes, 512-d).
 
 Taken from DESIGN.md: IResNet-100 = 24.2 GFLOPs per 112x112 image, an H100 does ~990 dense
 bf16 TFLOP/s, of which 40% is realistic. Every other assumption is an option below and is
@@ -70,12 +70,14 @@ def child_costs(a) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from distill.listing import ListingReader
+    from distill.embed.listing import ListingReader
     from distill.shards.format import encode_shard, shard_schema
     from distill.shards.plan import plan_shards
+    from distill.shards.reader import ShardSet
     from distill.shards.storage import open_storage
-    from distill.stream import ShardSet, make_dataset, plan_epoch
     from distill.teacher import Preprocessing, inspect_teacher
+    from distill.train.order import plan_epoch
+    from distill.train.stream import make_dataset
     from distill.workers.embed_actor import EmbedTask, EmbedWorker
 
     spec = inspect_teacher(a.teacher)
@@ -181,7 +183,7 @@ def child_costs(a) -> dict:
 
 def child_student_flops(a) -> dict:
     from bench.common import model_flops
-    from distill.student import StudentSpec, build_student
+    from distill.train.student import StudentSpec, build_student
 
     model = build_student(StudentSpec((112, 112), a.dim, EMORE_CLASSES, width=a.width))
     return {"gflops": model_flops(model) / 1e9, "params": int(model.count_params())}

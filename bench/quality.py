@@ -1,7 +1,7 @@
 """Student quality on real faces, judged on people the student never saw.
 
 Data: ``../shared/data/glint12`` (12 real people, 4,811 aligned 112x112 faces), split by
-identity with a fixed seed (``distill.validate.heldout_classes``, the split ``distill train
+identity with a fixed seed (``distill.train.validate.heldout_classes``, the split ``distill train
 --val-split`` makes): students train on 8 people and are judged on the other 4; plus ORL
 (40 other people, grey 92x112, resized) as a second unseen set. Teacher: the real
 mobilefacenet SavedModel.
@@ -105,8 +105,8 @@ def heldout_people(listing: Path) -> list[str]:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from distill.listing import read_listing_info
-    from distill.validate import heldout_classes
+    from distill.embed.listing import read_listing_info
+    from distill.train.validate import heldout_classes
 
     info = read_listing_info(str(listing))
     counts = np.bincount(pq.read_table(listing, columns=["label"]).column("label").to_numpy(),

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import GLINT12, MOBILEFACENET, ORL, add_idle_args, loadavg, print_header, settle, table  # noqa: E402
 from bench.quality import VAL_SEED, VAL_SPLIT  # noqa: E402  (the split the quality table uses)
+
 CURVE_IMAGES = 500  # the three largest training people hold 558-805 images each
 
 
@@ -64,7 +65,7 @@ def unit(x: np.ndarray) -> np.ndarray:
 
 def verification(emb: np.ndarray, labels: np.ndarray) -> float:
     """ROC-AUC over all pairs, as ``distill evaluate`` scores a folder tree."""
-    from distill.evaluate import all_pairs, roc_auc
+    from distill.metrics import all_pairs, roc_auc
 
     e = unit(emb)
     i, j, same = all_pairs(labels)
@@ -97,7 +98,7 @@ def main() -> int:
     add_idle_args(ap)
     a = ap.parse_args()
     print_header("What 8 training people allow (glint12 split by identity, ORL)")
-    from distill.validate import heldout_classes
+    from distill.train.validate import heldout_classes
 
     print(f"load at the start: {settle(a, 'bounds').label()}\n")
     t0 = time.perf_counter()

@@ -137,7 +137,7 @@ def child_per_image(a) -> dict:
 
 def child_worker(a) -> dict:
     """(a0): the embed actor's class driven in this process, shard by shard, no Ray."""
-    from distill.listing import ListingReader, listing_fingerprint
+    from distill.embed.listing import ListingReader, listing_fingerprint
     from distill.shards.plan import plan_shards
     from distill.teacher import Preprocessing
     from distill.workers.embed_actor import EmbedTask, EmbedWorker

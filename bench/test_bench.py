@@ -20,7 +20,7 @@ from bench.projection import (
     steady_cpu_per_row,
     steady_rate,
 )
-from distill.recordio import InsightfacePack, write_insightface_rec
+from distill.embed.recordio import InsightfacePack, write_insightface_rec
 
 COSTS = Costs(decode_cpu_s=4e-4, preprocess_cpu_s=1e-4, train_decode_cpu_s=3e-4, encode_cpu_s_per_row=2e-5, shard_write_s=0.05,
               shard_bytes_per_row=10_000, ledger_ops_per_s=5_000)

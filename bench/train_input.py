@@ -1,7 +1,7 @@
 """Training input: is the shard stream ever the bottleneck, and does memory grow with shards?
 
-1. Steps/s of the student (``distill.loop``'s own model, optimizer and step function)
-   fed by the real stream (``distill.stream.make_dataset`` over real shards: Parquet read,
+1. Steps/s of the student (``distill.train.loop``'s own model, optimizer and step function)
+   fed by the real stream (``distill.train.stream.make_dataset`` over real shards: Parquet read,
    shuffle buffer, JPEG decode, flip, scale) vs the same step on batches already decoded in
    memory. Phases alternate (stream, memory, stream, memory, ...) in one process so load
    from other work hits both alike; the ratio is stream / memory (target >= 0.9).
@@ -52,21 +52,22 @@ def child_ratio(a) -> dict:
     import numpy as np
     import tensorflow as tf
 
-    from distill.loop import _make_step, _optimizer
-    from distill.losses import LossSpec
-    from distill.stream import make_dataset, open_shards, plan_epoch
-    from distill.student import StudentSpec, build_student
-    from distill.train_config import TrainConfig, lr_schedule, resolve
+    from distill.shards.reader import open_shards
+    from distill.train.config import TrainConfig, resolve
+    from distill.train.loop import _make_step, _optimizer
+    from distill.train.order import plan_epoch
+    from distill.train.stream import make_dataset
+    from distill.train.student import build_student
 
     cfg = TrainConfig(shards=a.shards, out=a.out, batch_size=a.batch_size, shuffle_buffer=a.shuffle_buffer,
                       width=a.width)
     shards = open_shards(a.shards)
     config = resolve(cfg, shards)
     strategy = tf.distribute.get_strategy()
-    model = build_student(StudentSpec.from_json(config["student"]))
-    optimizer = _optimizer(cfg, lr_schedule(config["train"], shards.total_rows))
+    model = build_student(config.student)
+    optimizer = _optimizer(cfg, config.with_schedule(shards.total_rows).schedule)
     optimizer.build(model.trainable_variables)
-    step = _make_step(model, optimizer, strategy, LossSpec(**config["loss"]), cfg.batch_size, False)
+    step = _make_step(model, optimizer, strategy, config.loss, cfg.batch_size, False)
     go_on = tf.constant(0.0)  # the step's stop flag: never set here
 
     epoch = 0
@@ -77,7 +78,7 @@ def child_ratio(a) -> dict:
             plan = plan_epoch(shards.rows, seed=0, epoch=epoch, world_size=1, rank=0, buffer=cfg.shuffle_buffer,
                               global_batch=cfg.batch_size)
             epoch += 1
-            yield from make_dataset(shards, plan, seed=0, flip=config["flip"], replica_batch=cfg.batch_size)
+            yield from make_dataset(shards, plan, seed=0, flip=config.flip, replica_batch=cfg.batch_size)
 
     live = stream()
     memory = [next(live) for _ in range(a.memory_batches)]  # decoded once, then reused
@@ -102,7 +103,7 @@ def child_ratio(a) -> dict:
     # The stream alone, no model: how many batches/s the input can deliver, and its CPU.
     plan = plan_epoch(shards.rows, seed=0, epoch=epoch, world_size=1, rank=0, buffer=cfg.shuffle_buffer,
                       global_batch=cfg.batch_size)
-    alone_it = iter(make_dataset(shards, plan, seed=0, flip=config["flip"], replica_batch=cfg.batch_size))
+    alone_it = iter(make_dataset(shards, plan, seed=0, flip=config.flip, replica_batch=cfg.batch_size))
     for _ in range(2):
         next(alone_it)
     n = min(a.phase_steps * 2, plan.steps - 2)

@@ -1,6 +1,6 @@
 """What each term of the objective costs per training step, at the emore class count.
 
-The loop's own compiled step (``distill.loop._make_step``: forward, named loss parts,
+The loop's own compiled step (``distill.train.loop._make_step``: forward, named loss parts,
 gradients, Adam) of the student (MobileNetV2 x0.5, 512-d, batch 64, 112x112) on batches held
 in memory, so only the step is timed, for:
 
@@ -42,9 +42,9 @@ def build(classes: int, weights: tuple[float, float, float], batch: int, dim: in
     import keras
     import tensorflow as tf
 
-    from distill.loop import _make_step
-    from distill.losses import LossSpec
-    from distill.student import StudentSpec, build_student
+    from distill.train.loop import _make_step
+    from distill.train.losses import LossSpec
+    from distill.train.student import StudentSpec, build_student
 
     model = build_student(StudentSpec((112, 112), dim, classes, width=width))
     optimizer = keras.optimizers.Adam(1e-3)

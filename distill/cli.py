@@ -12,57 +12,22 @@ import argparse
 import importlib
 import logging
 import os
-import re
 import sys
-import tempfile
 
 from distill.errors import DistillError, Stopped, storage_fix
 
 # Order is the order `distill --help` lists them in: the pipeline's order.
 STAGES = (
-    "distill.listing",
-    "distill.embed",
-    "distill.status",
-    "distill.export_npy",
-    "distill.ledger_cli",
-    "distill.train",
-    "distill.export",
-    "distill.evaluate",
+    "distill.embed.listing",
+    "distill.embed.run",
+    "distill.embed.status",
+    "distill.embed.export_npy",
+    "distill.embed.ledger_cli",
+    "distill.train.run",
+    "distill.evaluate.export",
+    "distill.evaluate.run",
     "distill.demo",
 )
-
-# Stages that load TensorFlow in the CLI process.
-TF_STAGES = frozenset({"train", "export", "evaluate", "demo"})  # (embed: only its actors import it)
-
-# What TensorFlow prints from C++ while it is imported, which TF_CPP_MIN_LOG_LEVEL no longer
-# reaches (tensorflow/tensorflow#100442): absl's preamble and the oneDNN notice.
-_TF_IMPORT_CHATTER = re.compile(
-    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
-    r"|[IW]\d{4} [\d:. ]+\d+ \S+\.cc:\d+\] .*)$"
-)
-
-
-def import_tensorflow_quietly() -> None:
-    """Import TensorFlow with its C++ start-up notices filtered out of stderr, so they do not
-    drown the progress bars; every other line it writes (errors included) is passed on.
-    With TF_CPP_MIN_LOG_LEVEL=0 nothing is filtered."""
-    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") == "0":
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            import tensorflow  # noqa: F401
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
-                if not _TF_IMPORT_CHATTER.match(line.rstrip("\n")):
-                    sys.stderr.write(line)
-            sys.stderr.flush()
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -90,8 +55,6 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("tensorflow", "absl"):
             logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        if args.command in TF_STAGES:
-            import_tensorflow_quietly()
         rc = args.func(args)
     except Stopped as e:  # saved and resumable: the signal's exit status, and how to go on
         print(f"distill {args.command}: {e}", file=sys.stderr)

@@ -56,6 +56,15 @@ class DemoConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        for name in ("teacher_epochs", "epochs", "batch_size", "embedding_dim", "shard_size"):
+            if getattr(self, name) < 1:
+                raise BadOption(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.width <= 0:
+            raise BadOption(f"--lr and --width must be positive, got {self.lr}, {self.width}")
+        if self.views < 0 or self.seed < 0:
+            raise BadOption(f"--views and --seed must be >= 0, got {self.views}, {self.seed}")
+        if self.size < 32:
+            raise BadOption(f"--size must be at least 32 (the student's smallest input), got {self.size}")
         if self.identities < 2 or self.heldout_identities < 2:
             raise BadOption("--identities and --heldout-identities must be at least 2 (verification needs pairs)")
         if self.per_identity < 2 or self.heldout_per_identity < 2:
@@ -203,16 +212,16 @@ def _teacher(cfg: DemoConfig, p: dict[str, str]) -> dict[str, Any]:
 
 
 def _listing(cfg: DemoConfig, p: dict[str, str]) -> dict[str, Any]:
-    from distill.listing import ListingConfig, build_listing
+    from distill.embed.listing import ListingConfig, build_listing
 
-    info = build_listing(ListingConfig(source=p["train_data"], out=p["listing"]))
+    info = build_listing(ListingConfig(sources=(p["train_data"],), out=p["listing"]))
     return {"images": info.rows, "output": p["listing"], "classes": info.num_classes}
 
 
 def _embed(cfg: DemoConfig, p: dict[str, str]) -> dict[str, Any]:
     import ray
 
-    from distill.embed import EmbedConfig, run_embed
+    from distill.embed.run import EmbedConfig, run_embed
     from distill.views import ViewSpec
 
     try:
@@ -238,7 +247,7 @@ def _embed(cfg: DemoConfig, p: dict[str, str]) -> dict[str, Any]:
 
 
 def _train(cfg: DemoConfig, p: dict[str, str]) -> dict[str, Any]:
-    from distill.train import TrainConfig, run_train
+    from distill.train.run import TrainConfig, run_train
 
     # The default recipe of `distill train`, scored on the held-out identities at every epoch end.
     steps = cfg.epochs * (cfg.identities * cfg.per_identity // cfg.batch_size)
@@ -260,7 +269,7 @@ def _train(cfg: DemoConfig, p: dict[str, str]) -> dict[str, Any]:
 
 
 def _export(cfg: DemoConfig, p: dict[str, str]) -> dict[str, Any]:
-    from distill.export import ExportConfig, run_export
+    from distill.evaluate.export import ExportConfig, run_export
 
     report = run_export(ExportConfig(student=p["student"], out=p["export"]))
     # No images/s: the export's few check images say nothing about speed.
@@ -269,7 +278,7 @@ def _export(cfg: DemoConfig, p: dict[str, str]) -> dict[str, Any]:
 
 
 def _evaluate(cfg: DemoConfig, p: dict[str, str]) -> dict[str, Any]:
-    from distill.evaluate import EvaluateConfig, run_evaluate
+    from distill.evaluate.run import EvaluateConfig, run_evaluate
 
     r = run_evaluate(
         EvaluateConfig(
@@ -305,13 +314,9 @@ def _read_state(out: str) -> dict[str, Any] | None:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from distill.shards.storage import write_file_atomic
+
+    write_file_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def verification_summary(results: dict[str, Any]) -> dict[str, Any]:
@@ -335,6 +340,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     os.makedirs(out, exist_ok=True)
     state = _read_state(out)
     check_same_run(state, cfg)
+    from distill.startup import import_tensorflow_quietly
+
+    import_tensorflow_quietly()  # (the options and the run are checked: now the slow part)
     if state is None:
         state = {"format": FORMAT, "config": identity(cfg), "stages": {}}
         _write_json(os.path.join(out, STATE), state)

@@ -3,7 +3,7 @@
 A config field declared with ``option(default, "help")`` becomes ``--field-name`` with that
 default, that help (the default appended) and a type read off the annotation: ``int``,
 ``float``, ``str`` (optionally ``| None``) or ``bool`` (``--x`` / ``--no-x``). ``choices``,
-``flag`` (another spelling), ``metavar`` and ``positional`` refine it; fields without
+``flag`` (the option's spelling, when not ``--field-name``), ``metavar`` and ``positional`` refine it; fields without
 ``option`` metadata are not options (a stage adds those itself, with defaults read off the
 dataclasses they hold); ``group`` puts an option in a named help section.
 ``config_from_args`` builds the config back.
@@ -28,7 +28,18 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, choices=None, 
     return dataclasses.field(default=default, metadata=meta)
 
 
+def _is_sequence(annotation) -> bool:
+    """``tuple[X, ...]``: one or more values (``nargs="+"``)."""
+    if isinstance(annotation, str):
+        return annotation.replace(" ", "").startswith("tuple[")
+    return typing.get_origin(annotation) is tuple
+
+
 def _scalar_type(annotation) -> type:
+    if isinstance(annotation, str) and _is_sequence(annotation):
+        annotation = annotation.replace(" ", "")[len("tuple["):].split(",")[0]
+    elif _is_sequence(annotation):
+        annotation = typing.get_args(annotation)[0]
     if isinstance(annotation, str):
         names = {"int": int, "float": float, "str": str, "bool": bool}
         base = annotation.replace(" ", "").split("|")
@@ -56,16 +67,17 @@ def add_options(parser: argparse.ArgumentParser, cls) -> dict[str, Any]:
         text = meta["help"]
         if has_default and f.default is not None and kind is not bool and not meta["positional"]:
             text = f"{text} (default: {f.default})" if text else f"default: {f.default}"
+        many = {"nargs": "+"} if _is_sequence(f.type) else {}
         if meta["positional"]:
-            parser.add_argument(f.name, help=text, metavar=meta["metavar"])
+            parser.add_argument(f.name, help=text, metavar=meta["metavar"], **many)
             continue
-        names = [f"--{f.name.replace('_', '-')}"] + ([meta["flag"]] if meta["flag"] else [])
+        names = [meta["flag"] or f"--{f.name.replace('_', '-')}"]
         kwargs: dict[str, Any] = {"dest": f.name, "help": text}
         if kind is bool:
             kwargs.update(action=argparse.BooleanOptionalAction, default=f.default)
             kwargs["help"] = f"{text} (default: {'on' if f.default else 'off'})"
         else:
-            kwargs.update(type=kind, metavar=meta["metavar"], choices=meta["choices"])
+            kwargs.update(type=kind, metavar=meta["metavar"], choices=meta["choices"], **many)
             if meta["required"] or not has_default:
                 kwargs["required"] = True
             else:
@@ -77,4 +89,5 @@ def add_options(parser: argparse.ArgumentParser, cls) -> dict[str, Any]:
 def config_from_args(cls, args: argparse.Namespace, **extra):
     """The config ``cls`` from parsed arguments (its option fields) plus ``extra``."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if _META in f.metadata}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return cls(**values, **extra)

@@ -1,4 +1,5 @@
-"""Where a command's start-up goes: named phases timed from the process's own start.
+"""Where a command's start-up goes: named phases timed from the process's own start; and
+importing TensorFlow without its C++ start-up notices.
 
 ``distill -v embed`` logs one line once the first rows are embedded, e.g.
 ``start-up 11.9 s: python and imports 1.4 s, listing 0.1 s, teacher fingerprint 0.1 s, ...``,
@@ -8,6 +9,9 @@ so a slow start names its phase. Pure bookkeeping; the clock is injectable for t
 from __future__ import annotations
 
 import os
+import re
+import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -45,3 +49,35 @@ class Phases:
 
     def line(self) -> str:
         return f"start-up {self.total():.1f} s: " + ", ".join(f"{n} {s:.1f} s" for n, s in self.items)
+
+
+# What TensorFlow prints from C++ while it is imported, which TF_CPP_MIN_LOG_LEVEL no longer
+# reaches (tensorflow/tensorflow#100442): absl's preamble and the oneDNN notice.
+_TF_IMPORT_CHATTER = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|[IW]\d{4} [\d:. ]+\d+ \S+\.cc:\d+\] .*)$"
+)
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its C++ start-up notices filtered out of stderr, so they do not
+    drown the progress bars; every other line it writes (errors included) is passed on.
+    With TF_CPP_MIN_LOG_LEVEL=0 nothing is filtered. The stages that run TensorFlow in the CLI
+    process (train, export, evaluate, demo) call it once their options and paths are checked,
+    so a bad option is refused in well under a second."""
+    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") == "0":
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not _TF_IMPORT_CHATTER.match(line.rstrip("\n")):
+                    sys.stderr.write(line)
+            sys.stderr.flush()

@@ -11,7 +11,7 @@ never requested. In an embed driver it stands in for Ray's own SIGTERM handler, 
 Ray Train workers get no signal of their own: the driver's ``on_request`` writes a stop
 request into OUT (``write_request``; Ray Train keeps OUT where every worker reads it), and the
 workers agree on the step to stop at through the training step's all-reduce
-(``distill.loop``).
+(``distill.train.loop``).
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ REQUEST = "STOP"  # in OUT: the signal number that asked Ray Train's workers to 
 
 
 def write_request(out: str, signum: int) -> None:
-    tmp = os.path.join(out, f".{REQUEST}.tmp")
-    with open(tmp, "w") as f:
-        f.write(str(signum))
-    os.replace(tmp, os.path.join(out, REQUEST))
+    from distill.shards.storage import write_file_atomic
+
+    write_file_atomic(os.path.join(out, REQUEST), str(signum))
 
 
 def read_request(out: str) -> int | None:

@@ -182,7 +182,7 @@ def choose_views(seed: int, epoch: int, index: np.ndarray, count: int, view_prob
 # Rendering (NumPy, bit-exact).
 
 
-def _axis_taps(start: np.ndarray, length: np.ndarray, out: int, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def axis_taps(start: np.ndarray, length: np.ndarray, out: int, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Bilinear taps along one axis for every image: (low index, high index, high weight).
 
     Output pixel i samples the box at ``start + (i + 0.5) * length / out - 0.5`` (pixel
@@ -200,8 +200,8 @@ def _resample(images: np.ndarray, box: np.ndarray, mirror: np.ndarray) -> np.nda
     """Each image's box, bilinearly resampled to the image size, mirrored where asked."""
     n, h, w, _ = images.shape
     rows = np.arange(n)[:, None]
-    y0, y1, wy = _axis_taps(box[:, 0], box[:, 2], h, h)
-    x0, x1, wx = _axis_taps(box[:, 1], box[:, 3], w, w)
+    y0, y1, wy = axis_taps(box[:, 0], box[:, 2], h, h)
+    x0, x1, wx = axis_taps(box[:, 1], box[:, 3], w, w)
     src = images.astype(np.float32)
     # Separable bilinear: along y ([n, H, W_in, 3]), then along x ([n, W, H, 3]).
     top, bottom = src[rows, y0], src[rows, y1]
@@ -242,3 +242,89 @@ def render(images: np.ndarray, params: ViewParams) -> np.ndarray:
     x = (x - mean) * params.contrast[k, None, None, None] + mean + params.brightness[k, None, None, None]
     result[k] = np.clip(np.rint(x), 0, 255).astype(np.uint8)
     return result
+
+
+# ---------------------------------------------------------------------------------------
+# The same rendering in TensorFlow ops, for the trainer's input pipeline.
+#
+# ``render`` runs in NumPy on the teacher's side (the embed actor). The trainer renders every
+# batch again, and NumPy there would hold the GIL inside ``tf.numpy_function``: one core's worth
+# of input at most, taken from the training step. ``render_tf`` does the same IEEE float32
+# operations in the same order (gathers, then one multiply and one add per tap; rint is
+# round-half-to-even in both), so its pixels are bit-identical (tests/unit/test_views.py holds
+# the two equal over random views); it runs in tf.data's threads, outside the GIL. The taps
+# (which input pixels and weights each output pixel uses) are computed by ``axis_taps`` in
+# NumPy, per sample, beside the other view parameters.
+
+
+TAPS = ("y0", "y1", "wy", "x0", "x1", "wx")
+
+
+@dataclass(frozen=True)
+class Taps:
+    """Bilinear taps of each image's box along y ([n, H]) and x ([n, W]): low, high, high weight."""
+
+    y0: np.ndarray
+    y1: np.ndarray
+    wy: np.ndarray
+    x0: np.ndarray
+    x1: np.ndarray
+    wx: np.ndarray
+
+
+def taps(box: np.ndarray, size: tuple[int, int]) -> Taps:
+    """The taps ``render`` resamples each box with, for images of ``size``. Pure."""
+    h, w = size
+    box = np.asarray(box, np.float64).reshape(-1, 4)
+    y0, y1, wy = axis_taps(box[:, 0], box[:, 2], h, h)
+    x0, x1, wx = axis_taps(box[:, 1], box[:, 3], w, w)
+    return Taps(y0.astype(np.int32), y1.astype(np.int32), wy, x0.astype(np.int32), x1.astype(np.int32), wx)
+
+
+def _add_f32(a, b):
+    """float32 a + b, rounded once as float32 addition rounds it, which no graph rewrite can
+    reassociate with a neighbouring add (the sum of two float32 of these magnitudes is exact in
+    float64)."""
+    import tensorflow as tf
+
+    return tf.cast(tf.cast(a, tf.float64) + tf.cast(b, tf.float64), tf.float32)
+
+
+def render_tf(images, t: dict, mirror, brightness, contrast, saturation, grey):
+    """``render`` in TensorFlow: uint8 [n, H, W, 3] -> the same uint8 views, bit for bit.
+
+    ``t`` holds the ``Taps`` fields as tensors (``y0``, ``y1``, ``wy``, ``x0``, ``x1``, ``wx``).
+    """
+    import tensorflow as tf
+
+    src = tf.cast(images, tf.float32)
+    wy, wx = t["wy"][:, :, None, None], t["wx"][:, None, :, None]
+    top = tf.gather(src, t["y0"], axis=1, batch_dims=1)
+    bottom = tf.gather(src, t["y1"], axis=1, batch_dims=1)
+    col = top * (1 - wy) + bottom * wy
+    left = tf.gather(col, t["x0"], axis=2, batch_dims=1)
+    right = tf.gather(col, t["x1"], axis=2, batch_dims=1)
+    out = left * (1 - wx) + right * wx
+    out = tf.where(mirror[:, None, None, None], tf.reverse(out, [2]), out)
+    geometric = tf.cast(tf.clip_by_value(tf.round(out), 0, 255), tf.uint8)
+
+    shape = tf.shape(images)
+    h, w = shape[1], shape[2]
+    g = tf.cast(geometric, tf.int32)
+    luma_milli = g[..., 0] * _LUMA_MILLI[0] + g[..., 1] * _LUMA_MILLI[1] + g[..., 2] * _LUMA_MILLI[2]  # exact
+    total = tf.reduce_sum(tf.cast(luma_milli, tf.int64), axis=[1, 2])
+    mean = tf.cast(tf.cast(total, tf.float64) / (1000.0 * tf.cast(h * w, tf.float64)), tf.float32)[:, None, None, None]
+    # float32(a) / 1000 as NumPy divides it: in float64, then rounded once. (In a graph TensorFlow
+    # may multiply by the reciprocal instead, which is off by an ulp in float32 but, for these
+    # integers, never far enough in float64 to change the float32 result.)
+    luma = tf.cast(tf.cast(luma_milli, tf.float64) / 1000.0, tf.float32)[..., None]
+    x = tf.cast(geometric, tf.float32)
+    x = luma + (x - luma) * saturation[:, None, None, None]
+    x = tf.where(grey[:, None, None, None], luma, x)
+    # ((x - mean) * contrast + mean) + brightness, in that order: in a graph TensorFlow would sum
+    # mean + brightness first (same shape, so grouped), which rounds differently; each add is
+    # done in float64 (exact for these values) and rounded to float32 once, as NumPy does it.
+    x = _add_f32(_add_f32((x - mean) * contrast[:, None, None, None], mean), brightness[:, None, None, None])
+    jittered = tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8)
+    jitter = (brightness != 0) | (contrast != 1) | (saturation != 1) | grey
+    return tf.where(jitter[:, None, None, None], jittered, geometric)

@@ -1,6 +1,6 @@
 """The shard file: one plain Parquet file per planned shard.
 
-Columns: ``index`` int64, ``label`` int64, ``path`` string (when the source has paths),
+Columns: ``index`` int64, ``label`` int64 (0..C-1, or -1: no known identity), ``path`` string (when the source has paths),
 ``embedding`` fixed_size_list<float32|float16>[D] (raw teacher output), ``embedding_flip``
 (the teacher on the mirrored image, when flip is on), ``embedding_views``
 fixed_size_list<fixed_size_list<float32|float16>[D]>[K] (the teacher on the K augmented
@@ -31,6 +31,7 @@ META_SHARD = b"distill.shard"
 META_ERRORS = b"distill.errors"
 META_STATS = b"distill.stats"
 ROW_GROUP_ROWS = 256
+UNLABELLED = -1  # the label of a row of no known identity (a flat folder of faces): distillation needs none
 EMBEDDING_DTYPES = ("float32", "float16")
 
 

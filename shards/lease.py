@@ -29,7 +29,7 @@ class LedgerState:
     done: Mapping[int, ShardRecord] = field(default_factory=dict)
 
     def counts(self, now: float) -> dict[str, int]:
-        live = sum(1 for k, l in self.leases.items() if k not in self.done and l.expires > now)
+        live = sum(1 for k, lease in self.leases.items() if k not in self.done and lease.expires > now)
         return {"done": len(self.done), "leased": live, "pending": self.num_shards - len(self.done) - live}
 
 

@@ -14,7 +14,6 @@ is idempotent and accepted from any owner: every owner of a shard writes the sam
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -34,7 +33,7 @@ from distill.shards.lease import (  # noqa: F401
     owner_host_pid,
     pick_shards,
 )
-from distill.shards.storage import fsync_dir
+from distill.shards.storage import fsync_dir, write_file_atomic
 
 LEDGER_DIR = "_ledger"
 
@@ -65,20 +64,7 @@ class FileLedger:
         return os.path.join(self.dir, f"{k:05d}.{kind}")
 
     def _write(self, path: str, obj: dict, durable: bool) -> None:
-        tmp = path + ".tmp"
-        try:
-            with open(tmp, "w") as f:
-                json.dump(obj, f)
-                if durable:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:  # (a full disk): leave nothing half-written behind
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        if durable:
-            fsync_dir(self.dir)
+        write_file_atomic(path, json.dumps(obj), durable)  # (a full disk: nothing half-written is left)
 
     def _scan(self, with_records: bool) -> tuple[dict[int, Lease], dict[int, ShardRecord | None]]:
         leases: dict[int, Lease] = {}
@@ -106,7 +92,7 @@ class FileLedger:
     def acquire(self, owner: str, n: int, ttl: float, now: float) -> list[int]:
         with self._lock():
             leases, done = self._scan(with_records=False)
-            dead = dead_local_owners({l.owner for l in leases.values()} - {owner})
+            dead = dead_local_owners({lease.owner for lease in leases.values()} - {owner})
             ks = pick_shards(self.num_shards, done, leases, now, n, dead)
             for k in ks:
                 self._write(self._path(k, "lease"), {"owner": owner, "expires": now + ttl}, durable=False)

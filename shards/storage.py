@@ -1,8 +1,11 @@
-"""Where shards live: a local/NFS directory, or any URI that ``pyarrow.fs`` understands.
+"""Where shards live: a local/NFS directory, or any URI that ``pyarrow.fs`` understands; and
+the project's two local write primitives.
 
 The one write primitive is ``write_atomic``: a reader either sees the whole object under
 its final name or nothing. Locally that is temp file in the same directory + fsync +
-rename + fsync of the directory. On object stores (``s3://``, ``gs://``) an object only
+rename + fsync of the directory (``write_file_atomic``, which every other file the project
+writes whole goes through too: listings, manifests, ledger records, JSON results, caches);
+a directory is swapped in whole by ``publish_dir`` (checkpoints, ``best/``, exports). On object stores (``s3://``, ``gs://``) an object only
 becomes visible when its upload completes, so a write-once key is already atomic; the
 manifest, written last, is what says which keys are done.
 """
@@ -80,18 +83,7 @@ class LocalStorage:
         return os.path.join(self.path, name)
 
     def write_atomic(self, name: str, data: bytes) -> None:
-        tmp = self._p(temp_name(name))
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._p(name))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        fsync_dir(self.path)
+        write_file_atomic(self._p(name), data)
 
     def read_bytes(self, name: str) -> bytes:
         with open(self._p(name), "rb") as f:
@@ -194,6 +186,45 @@ class ArrowStorage:
     def mtime(self, name: str) -> float:
         mt = self.fs.get_file_info(self._p(name)).mtime
         return mt.timestamp() if mt else 0.0
+
+
+def write_file_atomic(path: str, data: bytes | str, durable: bool = True) -> None:
+    """``path`` whole or not at all: a hidden unique sibling (``temp_name``) written, fsynced
+    when ``durable``, renamed over ``path``, and the directory fsynced; on any failure (a full
+    disk) the sibling is removed, so nothing half-written is left behind."""
+    d, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(d, temp_name(name))
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    if durable:
+        fsync_dir(d)
+
+
+def publish_dir(stage: str, final: str) -> None:
+    """Swap the finished directory ``stage`` in as ``final`` (same parent): an existing ``final``
+    is moved aside first and removed after, so a kill at any point leaves the old or the new one
+    whole under ``final`` (and at most a hidden leftover, which the writers clear)."""
+    import shutil
+    import tempfile
+
+    parent = os.path.dirname(os.path.abspath(final))
+    trash = None
+    if os.path.exists(final):
+        trash = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=parent)
+        os.rename(final, os.path.join(trash, "old"))
+    os.rename(stage, final)
+    fsync_dir(parent)
+    if trash:
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def fsync_dir(path: str) -> None:

@@ -94,7 +94,6 @@ def read_cache(path: str) -> dict[str, str]:
 
 
 def write_cache(path: str, cache: Mapping[str, str]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(dict(sorted(cache.items())), f, indent=0)
-    os.replace(tmp, path)
+    from distill.shards.storage import write_file_atomic
+
+    write_file_atomic(path, json.dumps(dict(sorted(cache.items())), indent=0), durable=False)

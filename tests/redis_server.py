@@ -68,10 +68,10 @@ class RedisServer:
             try:
                 if self.client().ping():
                     return self
-            except Exception:
+            except Exception as e:
                 if time.monotonic() > deadline:
                     self.stop(kill=True)
-                    raise RuntimeError(f"redis-server on port {self.port} did not answer in {timeout}s\n{self.log()}")
+                    raise RuntimeError(f"redis-server on port {self.port} did not answer in {timeout}s\n{self.log()}") from e
                 time.sleep(0.02)
 
     def stop(self, kill: bool = False) -> None:

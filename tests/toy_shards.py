@@ -46,18 +46,24 @@ def png(img: np.ndarray) -> bytes:
 def write_toy_shards(
     out: Path, *, rows: int = 96, shard_size: int = 32, classes: int = 4, size: int = 32, dim: int = 8,
     flip: bool = True, images: bool = True, dtype: str = "float32", drop_shards: int = 0, seed: int = 0,
+    unlabelled: float = 0.0,
 ) -> Path:
-    """A complete (or, with ``drop_shards``, incomplete) shard directory. Index = listing row."""
+    """A complete (or, with ``drop_shards``, incomplete) shard directory. Index = listing row.
+    ``unlabelled`` (a multiple of 1/4): that share of the rows, every 4th first, has label -1
+    (no known identity); with 1.0 the shards hold no classes at all."""
     from distill.shards.format import ShardRecord, encode_shard, sha256, shard_schema
     from distill.shards.manifest import build_manifest, run_id, write_manifest
     from distill.shards.plan import plan_shards
     from distill.shards.storage import open_storage
 
     imgs, labels = toy_images(rows, classes, size, seed)
+    labels = np.where(np.arange(rows) % 4 < round(unlabelled * 4), -1, labels)
+    classes = 0 if unlabelled >= 1 else classes
     emb = toy_teacher(imgs, dim)
     emb_flip = toy_teacher(imgs[:, :, ::-1], dim)
     identity = {
-        "listing_fingerprint": f"toy-{rows}-{classes}-{size}-{seed}", "rows": rows, "num_classes": classes,
+        "listing_fingerprint": f"toy-{rows}-{classes}-{size}-{seed}-{unlabelled}", "rows": rows, "num_classes": classes,
+        "unlabelled": int((labels < 0).sum()),
         "teacher_fingerprint": "toy", "input_size": [size, size],
         "preprocessing": {"pixel_mean": 127.5, "pixel_scale": 128.0, "channel_order": "RGB"},
         "embedding_dim": dim, "dtype": dtype, "flip": flip, "images": images, "shard_size": shard_size,

@@ -32,7 +32,7 @@ from distill.teacher import Preprocessing, Teacher, TeacherSpec
 from distill.views import ViewParams, ViewSpec, render, view_params
 
 if TYPE_CHECKING:
-    from distill.listing import ListingRows
+    from distill.embed.listing import ListingRows
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class EmbedWorker:
                                    views=task.views.count)
         self._rec = None
         if task.rec:
-            from distill.recordio import RecordIOReader
+            from distill.embed.recordio import RecordIOReader
 
             self._rec = RecordIOReader(task.rec)
         self._decode = ThreadPoolExecutor(task.decode_threads, thread_name_prefix="decode")
@@ -77,7 +77,7 @@ class EmbedWorker:
     # -- reading one row
     def _raw(self, path: str | None, offset: int) -> bytes:
         if offset >= 0:
-            from distill.recordio import RecordIOError, unpack
+            from distill.embed.recordio import RecordIOError, unpack
 
             try:
                 _, image = unpack(self._rec.read_at(int(offset)))

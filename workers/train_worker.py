@@ -5,7 +5,7 @@ under ``RunConfig(name, storage_path=OUT/ray)``. A rerun goes on from the newest
 in OUT, whichever worker count wrote it: Ray Train's own (``ray.train.get_checkpoint``, after a
 restart) or one in ``OUT/checkpoints`` / ``OUT/ray`` (``latest_checkpoint``; Ray Train keeps
 its storage where every worker can read it, and OUT/ray is under OUT). Each worker builds a
-MultiWorkerMirroredStrategy and runs the same ``distill.loop.train_loop`` as a
+MultiWorkerMirroredStrategy and runs the same ``distill.train.loop.train_loop`` as a
 single-process run; only where checkpoints go differs (``RayCheckpoints``: rank 0 hands
 each one to ``ray.train.report``, every rank reports so the barrier lines up).
 
@@ -21,11 +21,11 @@ import tempfile
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from distill.errors import BadOption, Stopped
+from distill.errors import BadOption, DistillError, Stopped
 
 if TYPE_CHECKING:
-    from distill.checkpoints import Cursor
-    from distill.train_config import TrainConfig
+    from distill.train.checkpoints import Cursor
+    from distill.train.config import TrainConfig
 
 
 class RayCheckpoints:
@@ -39,7 +39,7 @@ class RayCheckpoints:
     def latest(self) -> str | None:
         import ray.train
 
-        from distill.checkpoints import latest_checkpoint, read_checkpoint
+        from distill.train.checkpoints import latest_checkpoint, read_checkpoint
 
         found = latest_checkpoint(self.out)
         ckpt = ray.train.get_checkpoint()
@@ -62,7 +62,7 @@ class RayCheckpoints:
         import ray.train
         from ray.train import Checkpoint
 
-        from distill.checkpoints import write_checkpoint_files
+        from distill.train.checkpoints import write_checkpoint_files
 
         if self.rank != 0:
             ray.train.report(metrics)  # every rank reports the same number of times
@@ -83,8 +83,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     import ray.train
 
-    from distill.loop import train_loop
-    from distill.train_config import TrainConfig
+    from distill.train.config import TrainConfig
+    from distill.train.loop import train_loop
 
     if loop_config["train"]["use_gpu"]:
         for g in tf.config.list_physical_devices("GPU"):
@@ -107,8 +107,8 @@ def run_ray(cfg: "TrainConfig") -> dict[str, Any]:
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
-    from distill.checkpoints import LocalCheckpoints, read_checkpoint
     from distill.stopping import StopRequest, clear_request, read_request, write_request
+    from distill.train.checkpoints import LocalCheckpoints, read_checkpoint
 
     connected_here = not ray.is_initialized()
     if connected_here:
@@ -123,7 +123,7 @@ def run_ray(cfg: "TrainConfig") -> dict[str, Any]:
                 "lower --workers, or add nodes" + ("" if kind == "CPU" else ", or drop --use-gpu")
             )
     # SIGTERM / SIGINT reach this process only: it asks the workers to stop through OUT, where
-    # they agree on the step (distill.loop), checkpoint it and return; then this says so.
+    # they agree on the step (distill.train.loop), checkpoint it and return; then this says so.
     os.makedirs(cfg.out, exist_ok=True)
     clear_request(cfg.out)  # (a request left by an earlier run's stop is not this run's)
     stop = StopRequest("training", on_request=lambda signum: write_request(cfg.out, signum))
@@ -166,10 +166,10 @@ def run_ray(cfg: "TrainConfig") -> dict[str, Any]:
 
 
 def _user_error(e: Exception) -> Exception | None:
-    """A worker's ValueError/FileNotFoundError (bad options, incompatible resume), for the CLI to print."""
+    """The error a worker raised that the user can fix (a ``DistillError``: a bad option, an
+    incompatible resume; or a missing file), with its own type, for the CLI to print in one line."""
     for failure in getattr(e, "worker_failures", {}).values():
         cause = getattr(failure, "cause", failure)  # in case Ray hands a RayTaskError wrapper
-        if isinstance(cause, (ValueError, FileNotFoundError)):
-            msg = cause.args[0] if cause.args and isinstance(cause.args[0], str) else str(cause)
-            return (FileNotFoundError if isinstance(cause, FileNotFoundError) else ValueError)(msg)
+        if isinstance(cause, (DistillError, FileNotFoundError)):
+            return cause
     return None

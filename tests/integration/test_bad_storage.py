@@ -77,7 +77,7 @@ def test_a_read_only_output_is_refused_in_one_line(mount, orl_listing, tiny_teac
 
 
 def test_train_on_a_full_disk_stops_in_one_line_and_takes_no_half_checkpoint(mount, tmp_path):
-    from distill.checkpoints import latest_checkpoint
+    from distill.train.checkpoints import latest_checkpoint
 
     shards = write_toy_shards(tmp_path / "shards", rows=64, shard_size=32, size=32, dim=8)
     disk = mount("full", "64k")  # metrics fit; a checkpoint (~1.7 MB of weights) does not

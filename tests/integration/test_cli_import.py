@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from distill.cli import _TF_IMPORT_CHATTER
+from distill.startup import _TF_IMPORT_CHATTER
 
 pytestmark = pytest.mark.integration
 
 
 def _import_stderr(level: str) -> str:
-    code = "from distill.cli import import_tensorflow_quietly; import_tensorflow_quietly(); import tensorflow"
+    code = "from distill.startup import import_tensorflow_quietly; import_tensorflow_quietly(); import tensorflow"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": level})
     assert proc.returncode == 0, proc.stderr

@@ -250,7 +250,7 @@ def test_corrupt_and_missing_files_are_recorded_not_fatal(tmp_path, tiny_teacher
 def test_rec_source_with_a_corrupt_record(tmp_path, tiny_teacher, ray_address):
     from PIL import Image
 
-    from distill.recordio import write_insightface_rec
+    from distill.embed.recordio import write_insightface_rec
 
     ids = []
     for person in ("s1", "s2", "s3"):

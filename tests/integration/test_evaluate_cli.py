@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import MOBILEFACENET, ORL
 
-from distill.evaluate import EvaluateConfig, run_evaluate
+from distill.evaluate.run import EvaluateConfig, run_evaluate
 
 pytestmark = pytest.mark.integration
 

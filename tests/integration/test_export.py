@@ -13,8 +13,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def exported(embedded_run, tmp_path_factory):
-    from distill.export import ExportConfig, run_export
-    from distill.train import TrainConfig, run_train
+    from distill.evaluate.export import ExportConfig, run_export
+    from distill.train.run import TrainConfig, run_train
 
     root = tmp_path_factory.mktemp("export")
     train = run_train(TrainConfig(shards=str(embedded_run), out=str(root / "student"), batch_size=8, width=0.35,
@@ -27,9 +27,10 @@ def exported(embedded_run, tmp_path_factory):
 def test_saved_model_serves_normalised_embeddings_that_match_the_trained_model(exported):
     import tensorflow as tf
 
-    from distill.checkpoints import read_checkpoint, restore
-    from distill.export import check_images, l2_normalise
-    from distill.student import StudentSpec, build_student, embedding_model
+    from distill.evaluate.export import check_images
+    from distill.metrics import l2_normalise
+    from distill.train.checkpoints import read_checkpoint, restore
+    from distill.train.student import StudentSpec, build_student, embedding_model
 
     shards, train, report = exported
     assert report.max_abs_diff <= 1e-4 and report.step == 40 and report.checkpoint == train.checkpoint
@@ -46,12 +47,12 @@ def test_saved_model_serves_normalised_embeddings_that_match_the_trained_model(e
     config, _ = read_checkpoint(train.checkpoint)
     model = build_student(StudentSpec.from_json(config["student"]))
     restore(model, None, train.checkpoint)
-    want = l2_normalise(embedding_model(model)((images.astype(np.float32) - 127.5) / 128, training=False).numpy())
+    want = l2_normalise(embedding_model(model)(images, training=False).numpy())
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
 def test_tflite_files_run_and_agree(exported):
-    from distill.export import check_images, cosine_agreement, run_tflite
+    from distill.evaluate.export import check_images, cosine_agreement, run_tflite
 
     shards, _, report = exported
     assert set(report.tflite) == {"float16", "int8"}

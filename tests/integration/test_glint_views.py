@@ -22,7 +22,7 @@ def test_student_decodes_every_stored_jpeg_exactly_as_the_teacher_did():
     import tensorflow as tf
 
     from distill.images import decode_rgb
-    from distill.stream import decode_stored
+    from distill.train.stream import decode_stored
 
     files = sorted(GLINT12.glob("*/*.jpg"))
     assert len(files) == 4811
@@ -49,19 +49,22 @@ def glint_views(tmp_path_factory, ray_address, tiny_teacher):
 def test_student_views_are_bit_identical_to_the_teachers(glint_views, tiny_teacher):
     import pyarrow.parquet as pq
 
-    from distill.listing import ListingReader
-    from distill.stream import make_dataset, open_shards, plan_epoch
+    from distill.embed.listing import ListingReader
+    from distill.shards.reader import open_shards
     from distill.teacher import Preprocessing, inspect_teacher
+    from distill.train.order import plan_epoch
+    from distill.train.stream import make_dataset
+    from distill.views import ViewSpec
     from distill.workers.embed_actor import EmbedTask, EmbedWorker
 
     shards = open_shards(str(glint_views / "shards"))
-    assert shards.views is not None and shards.views.count == VIEWS
+    assert shards.views is not None and shards.views["count"] == VIEWS
     manifest = json.loads((glint_views / "shards" / "manifest.json").read_text())
     assert manifest["teacher_norm"]["rows"] == len(PEOPLE) * PER_PERSON and manifest["teacher_norm"]["mean"] > 0
 
     # The teacher's side: the embed actor's own batch code, without Ray.
     task = EmbedTask(teacher=inspect_teacher(str(tiny_teacher)), pre=Preprocessing(), out=str(glint_views / "scratch"),
-                     run_id=shards.run_id, batch_size=16, views=shards.views)
+                     run_id=shards.run_id, batch_size=16, views=ViewSpec.from_json(shards.views))
     worker = EmbedWorker(task)
     reader = ListingReader(str(glint_views / "listing.parquet"))
     total = reader.rows(0, len(PEOPLE) * PER_PERSON)
@@ -76,7 +79,7 @@ def test_student_views_are_bit_identical_to_the_teachers(glint_views, tiny_teach
     # The student's side: the training input pipeline, unscaled.
     plan = plan_epoch(shards.rows, seed=0, epoch=0, world_size=1, rank=0, buffer=32, global_batch=8)
     checked = 0
-    for b in make_dataset(shards, plan, seed=0, flip=True, replica_batch=8, view_prob=1.0, scale=False):
+    for b in make_dataset(shards, plan, seed=0, flip=True, replica_batch=8, view_prob=1.0):
         for j in range(8):
             idx, v = int(b["index"][j]), int(b["view"][j])
             assert v >= 0

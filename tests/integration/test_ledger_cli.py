@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from distill.cli import main
-from distill.ledger_cli import rebuild_summary, show_lines
+from distill.embed.ledger_cli import rebuild_summary, show_lines
 from distill.shards.format import ShardRecord, encode_shard, shard_schema, verify_shard
 from distill.shards.ledger import FileLedger, Lease, LedgerState
 from distill.shards.ledger_redis import RedisLedger

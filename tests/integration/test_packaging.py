@@ -4,6 +4,7 @@ and the CLI entry point runs from there."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -29,7 +30,8 @@ def test_the_wheel_installs_one_top_level_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"distill"}, tops
-    assert {"distill/shards/dispatch.py", "distill/workers/embed_actor.py", "distill/errors.py"} <= set(names)
+    assert {"distill/shards/dispatch.py", "distill/workers/embed_actor.py", "distill/errors.py",
+            "distill/embed/listing.py", "distill/train/loop.py", "distill/evaluate/export.py"} <= set(names)
     assert not [n for n in names if n.startswith(("distill/tests", "distill/bench")) or "__pycache__" in n]
 
     # A venv that sees this machine's packages (numpy, Ray, TF) but gets distill only from the wheel.
@@ -40,12 +42,13 @@ def test_the_wheel_installs_one_top_level_package(tmp_path):
                    timeout=600, capture_output=True)
     code = ("import distill, distill.shards.dispatch, distill.workers.embed_actor, importlib.util as u; "
             "print(distill.__file__); print(u.find_spec('shards'), u.find_spec('workers'))")
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of a checkout on the path
     out = subprocess.run([str(py), "-c", code], check=True, capture_output=True, text=True, timeout=300,
-                         cwd=tmp_path).stdout.splitlines()
+                         cwd=tmp_path, env=clean).stdout.splitlines()
     assert out[0].startswith(str(venv)), out  # the wheel's copy, not the checkout's
     assert out[1] == "None None"
     help_text = subprocess.run([str(venv / "bin" / "distill"), "--help"], check=True, capture_output=True, text=True,
-                               timeout=300, cwd=tmp_path).stdout
+                               timeout=300, cwd=tmp_path, env=clean).stdout
     assert "embed" in help_text and "train" in help_text
 
 

@@ -16,7 +16,8 @@ import pytest
 from support import own_lines
 from toy_shards import write_toy_shards
 
-from distill.stream import open_shards, plan_epoch
+from distill.shards.reader import open_shards
+from distill.train.order import plan_epoch
 
 pytestmark = pytest.mark.integration
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distill.centres import ShardScan, accumulate, adaptive_update, unit
-from distill.validate import ValSet, heldout_classes, is_better, pairs_for, pick_samples, score
+from distill.train.centres import ShardScan, accumulate, adaptive_update, unit
+from distill.train.validate import ValSet, heldout_classes, is_better, pairs_for, pick_samples, score
 
 
 def test_centres_are_the_mean_direction_of_each_class():
@@ -38,18 +38,42 @@ def test_adaptive_update_follows_the_teacher_while_the_student_disagrees():
     np.testing.assert_allclose(adaptive_update(np.array([[0, 0, 0, 3.0]]), agree, agree, np.array([0])), [[0, 0, 0, 3.0]])
 
 
+def test_unlabelled_rows_move_no_centre():
+    centres = np.eye(3, 4)
+    teacher = np.array([[0, 0, 0, 1.0], [0, 1.0, 0, 0]])
+    out = adaptive_update(centres, np.array([[1.0, 0, 0, 0]] * 2), teacher, np.array([-1, 2]))
+    np.testing.assert_array_equal(out[:2], centres[:2])  # the -1 row's teacher moved nothing
+    np.testing.assert_allclose(out[2], [0, 1, 0, 0], atol=1e-5)
+
+
 def test_adaptive_update_in_tensorflow_matches_the_numpy_rule():
     tf = pytest.importorskip("tensorflow")
-    from distill.centres import adaptive_update_tf
+    from distill.train.centres import adaptive_update_tf
 
     rng = np.random.default_rng(1)
     centres = rng.normal(size=(5, 8))
     student, teacher = rng.normal(size=(12, 8)), rng.normal(size=(12, 8)) * 50
-    labels = rng.integers(0, 5, 12)
+    labels = np.where(np.arange(12) % 5 == 0, -1, rng.integers(0, 5, 12))  # some rows of no known identity
     want = adaptive_update(centres, student, teacher, labels)
     got = adaptive_update_tf(tf.constant(centres.T, tf.float32), tf.constant(student, tf.float32),
                              tf.constant(teacher, tf.float32), tf.constant(labels, tf.int64)).numpy().T
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_scan_counts_labelled_rows_only(tmp_path):
+    from toy_shards import write_toy_shards
+
+    from distill.shards.reader import open_shards
+    from distill.train.centres import scan_shards
+
+    shards = open_shards(str(write_toy_shards(tmp_path / "s", rows=32, shard_size=16, classes=4, unlabelled=0.25)))
+    scan = scan_shards(shards, centres=True)
+    assert (scan.labels == -1).sum() == 8 and scan.counts.sum() == 24 and scan.counts.tolist() == [0, 8, 8, 8]
+    assert np.all(scan.centres()[0] == 0)
+    # --val-split holds out labelled identities only: the unlabelled rows are never in validation.
+    held = heldout_classes(scan.counts, 0.5, 0)
+    assert -1 not in held and set(held) <= {1, 2, 3}
+    assert np.all(scan.labels[pick_samples(scan.labels, held, 100, 0)] >= 0)
 
 
 def test_heldout_classes_are_seeded_and_sized():

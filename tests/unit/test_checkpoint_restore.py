@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from distill.checkpoints import Cursor, LocalCheckpoints, restore, snapshot  # noqa: E402
 from distill.errors import IncompatibleRun  # noqa: E402
+from distill.train.checkpoints import Cursor, LocalCheckpoints, restore, snapshot  # noqa: E402
 
 
 def _mlp(names: list[str]):
@@ -73,7 +73,7 @@ def test_a_changed_shape_and_an_old_positional_checkpoint_are_refused(tmp_path):
 def test_the_best_checkpoint_holds_the_model_by_name_without_the_optimizer(tmp_path):
     import keras
 
-    from distill.checkpoints import write_best
+    from distill.train.checkpoints import write_best
 
     a = _mlp(["first", "second"])
     opt = keras.optimizers.Adam()

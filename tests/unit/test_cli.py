@@ -1,11 +1,15 @@
 """The CLI shell: TensorFlow's C++ import chatter is kept off the terminal, user errors print as one
 line, bugs keep their traceback."""
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from distill.cli import _TF_IMPORT_CHATTER, TF_STAGES, build_parser
+from distill.cli import build_parser
+from distill.startup import _TF_IMPORT_CHATTER
 
 ABSL = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 ONEDNN = ("I0000 00:00:1795992532.138975   13326 port.cc:153] oneDNN custom operations are on. You may see slightly "
@@ -20,14 +24,14 @@ def test_only_tensorflows_info_and_warning_notices_are_filtered():
         ONEDNN.replace("I0000", "E0000"),  # errors always reach the user
         "Traceback (most recent call last):",
         "ImportError: libcudart.so.12: cannot open shared object file",
-        "2026-11-29 22:49:27,555 INFO distill.embed: embedding 400 rows",
+        "2026-11-29 22:49:27,555 INFO distill.embed.run: embedding 400 rows",
     ):
         assert not _TF_IMPORT_CHATTER.match(kept), kept
 
 
-def test_tf_stages_are_real_subcommands():
+def test_every_stage_is_a_subcommand():
     commands = set(build_parser()._subparsers._group_actions[0].choices)
-    assert TF_STAGES <= commands
+    assert {"listing", "embed", "status", "export-npy", "ledger", "train", "export", "evaluate", "demo"} <= commands
 
 
 def _parser_raising(error: BaseException):
@@ -95,3 +99,22 @@ def test_no_decision_reads_an_exception_message():
     hits = [f"{p.relative_to(root)}:{n}" for d in ("distill", "shards", "workers") for p in sorted((root / d).glob("*.py"))
             for n, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"\bif\b.*\bin str\(e", line)]
     assert hits == []
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "SHARDS", "--out", "OUT", "--batch-size", "0"],
+    ["train", "NOWHERE", "--out", "OUT"],
+    ["export", "NOWHERE", "--out", "OUT"],
+    ["evaluate", "NOWHERE", "--folders", "SHARDS"],
+    ["demo", "--epochs", "0", "--out", "OUT"],
+    ["listing", "NOWHERE", "--out", "OUT/l.parquet"],
+])
+def test_a_bad_option_or_path_is_refused_before_tensorflow_or_ray_is_imported(tmp_path, argv):
+    """What makes a refusal take well under a second: nothing heavy is imported for it."""
+    argv = [str(tmp_path / a) if a in ("SHARDS", "NOWHERE", "OUT", "OUT/l.parquet") else a for a in argv]
+    (tmp_path / "SHARDS").mkdir()
+    code = ("import sys, json; from distill.cli import main; rc = main(json.loads(sys.argv[1])); "
+            "print(rc, 'tensorflow' in sys.modules, 'ray' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(argv)], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["2", "False", "False"], r.stderr[-2000:]
+    assert "error:" in r.stderr and "Traceback" not in r.stderr

@@ -63,7 +63,7 @@ def redis_conf_lines(prepared) -> list[str]:
 
 
 def test_redis_binds_the_private_address_only(prepared):
-    binds = [l.split()[1:] for l in redis_conf_lines(prepared) if l.startswith("bind ")]
+    binds = [line.split()[1:] for line in redis_conf_lines(prepared) if line.startswith("bind ")]
     assert binds, "Redis config sets no bind address"
     for addrs in binds:
         assert addrs and not set(addrs) & set(OPEN), f"Redis binds {addrs}"
@@ -71,11 +71,11 @@ def test_redis_binds_the_private_address_only(prepared):
 
 
 def test_redis_requires_a_password_that_is_not_in_the_file(prepared):
-    lines = [l for l in redis_conf_lines(prepared) if l.startswith("requirepass ")]
+    lines = [line for line in redis_conf_lines(prepared) if line.startswith("requirepass ")]
     assert lines, "Redis has no requirepass"
-    for l in lines:
+    for line in lines:
         # read from a file made on the head, never a literal committed here
-        assert re.fullmatch(r"requirepass \$\(cat [^)]+\)", l), l
+        assert re.fullmatch(r"requirepass \$\(cat [^)]+\)", line), line
     assert "openssl rand" in commands(prepared, "head_setup_commands")
 
 

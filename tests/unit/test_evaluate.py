@@ -10,21 +10,19 @@ import subprocess
 import numpy as np
 import pytest
 
-from distill.evaluate import (
+from distill.evaluate.run import EvaluateConfig, UnsafePickle, format_table, loads_bin, scan_folders
+from distill.metrics import (
     BIN_THRESHOLDS,
-    EvaluateConfig,
-    UnsafePickle,
     all_pairs,
     best_accuracy,
     best_distance_threshold,
     fold_bounds,
-    format_table,
     kfold_accuracy,
-    loads_bin,
     mean_cosine,
     roc_auc,
     sample_pairs,
-    scan_folders,
+    tar_at_far,
+    tar_table,
 )
 
 # --- pairs -------------------------------------------------------------------------------
@@ -181,6 +179,35 @@ def test_kfold_matches_reference_loops(seed):
     assert np.array_equal(thr, ref_thr)
 
 
+def _tar_brute_force(scores, same, far):
+    """The best TAR over every threshold t (accept score > t) whose FAR is at most ``far``."""
+    neg, pos = scores[~same], scores[same]
+    best = 0.0
+    for t in np.concatenate([[-np.inf], np.unique(scores)]):
+        if np.mean(neg > t) <= far:
+            best = max(best, float(np.mean(pos > t)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tar_at_far_matches_brute_force_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    n = 4000
+    same = rng.random(n) < 0.3
+    scores = np.round(rng.normal(same * 1.5, 1.0), 1)  # coarse: many ties
+    for far in (1e-2, 5e-3):
+        assert tar_at_far(scores, same, far) == pytest.approx(_tar_brute_force(scores, same, far))
+    assert tar_at_far(scores, same, 1e-3) is None  # 2,800 impostor pairs cannot support 1e-3 (10 false accepts)
+    table = tar_table(scores, same)
+    assert set(table) == {"1e-02", "1e-03", "1e-04"} and table["1e-03"] is None and table["1e-02"] is not None
+
+
+def test_tar_at_far_separable_and_hopeless():
+    same = np.array([True] * 50 + [False] * 1000)
+    assert tar_at_far(np.r_[np.full(50, 2.0), np.zeros(1000)], same, 1e-2) == 1.0
+    assert tar_at_far(np.r_[np.zeros(50), np.full(1000, 2.0)], same, 1e-2) == 0.0
+
+
 def test_mean_cosine_normalises_rows():
     a = np.array([[3.0, 0.0], [0.0, 2.0]])
     b = np.array([[1.0, 0.0], [5.0, 0.0]])
@@ -290,9 +317,10 @@ def test_scan_folders_labels_follow_sorted_names(tmp_path):
 def test_format_table_shows_each_model_and_the_cosine():
     results = {
         "dataset": {"kind": "folders", "path": "d", "images": 10, "identities": 2, "pairs": 45,
-                    "same_pairs": 20, "sampled": False, "chance_accuracy": 0.5556},
+                    "same_pairs": 20, "impostor_pairs": 25, "sampled": False, "chance_accuracy": 0.5556},
         "models": {
-            "model": {"auc": 0.91, "best_accuracy": 0.8, "threshold": 0.4, "images_per_second": 50.0},
+            "model": {"auc": 0.91, "best_accuracy": 0.8, "threshold": 0.4, "images_per_second": 50.0,
+                      "tar_at_far": {"1e-02": 0.625, "1e-03": None, "1e-04": None}},
             "teacher": {"auc": 0.97, "best_accuracy": 0.9, "threshold": 0.5, "images_per_second": 20.0},
         },
         "kinds": {"model": "student", "teacher": "teacher"},
@@ -301,10 +329,11 @@ def test_format_table_shows_each_model_and_the_cosine():
     text = format_table(results)
     assert "0.9100" in text and "0.9700" in text and "student" in text
     assert "mean teacher-student cosine: 0.8765" in text
+    assert "TAR@1e-03" in text and "0.6250" in text and "25 impostor pairs are too few" in text
 
 
 def test_model_dir_accepts_an_export_directory(tmp_path):
-    from distill.evaluate import resolve_model_dir
+    from distill.evaluate.run import resolve_model_dir
 
     (tmp_path / "export" / "saved_model").mkdir(parents=True)
     (tmp_path / "export" / "saved_model" / "saved_model.pb").write_bytes(b"")
@@ -315,7 +344,7 @@ def test_model_dir_accepts_an_export_directory(tmp_path):
 
 
 def test_remap_pairs_follows_embedded_rows_and_drops_missing_images():
-    from distill.evaluate import remap_pairs
+    from distill.evaluate.run import remap_pairs
 
     i, j = np.array([0, 0, 2, 3]), np.array([2, 1, 3, 4])
     same = np.array([True, False, True, False])
@@ -327,7 +356,7 @@ def test_remap_pairs_follows_embedded_rows_and_drops_missing_images():
 
 def test_recorded_preprocessing_wins_and_an_option_that_differs_is_refused():
     from distill.errors import IncompatibleRun
-    from distill.evaluate import TeacherRecord, choose_preprocessing
+    from distill.evaluate.run import TeacherRecord, choose_preprocessing
     from distill.teacher import Preprocessing
 
     rec = TeacherRecord("RUN/shards/manifest.json", "t", "f" * 64, Preprocessing(0.0, 255.0, "BGR"), "serving_default", "emb")

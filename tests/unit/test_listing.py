@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import ORL as ORL_DIR
 
-from distill.listing import (
+from distill.embed.listing import (
     FOOTER_KEY,
+    UNLABELLED,
     ListingConfig,
     ListingInfo,
     ListingReader,
@@ -28,7 +29,15 @@ from distill.listing import (
     read_listing_info,
     resolve_list_path,
 )
-from distill.recordio import MAGIC_BYTES, IRHeader, RecordIOReader, RecordIOWriter, pack, unpack, write_insightface_rec
+from distill.embed.recordio import (
+    MAGIC_BYTES,
+    IRHeader,
+    RecordIOReader,
+    RecordIOWriter,
+    pack,
+    unpack,
+    write_insightface_rec,
+)
 
 ORL = str(ORL_DIR)  # ../shared beside the checkout
 
@@ -57,7 +66,7 @@ def _tree(root, spec: dict[str, list[str]]):
 @pytest.mark.skipif(not os.path.isdir(ORL), reason="ORL faces not present in ../shared")
 def test_orl_folders(tmp_path):
     out = tmp_path / "run" / "listing.parquet"
-    info = build_listing(ListingConfig(ORL, str(out)))
+    info = build_listing(ListingConfig((ORL,), str(out)))
     assert (info.kind, info.rows, info.num_classes, info.rec) == ("folders", 400, 40, None)
     assert info.label_names[:4] == ("s1", "s10", "s11", "s12") and info.label_names[-1] == "s9"
     assert read_listing_info(str(out)) == info
@@ -80,30 +89,85 @@ def test_folder_rules(tmp_path):
     })
     (root / "README").write_text("loose files belong to no identity")
     out = tmp_path / "l.parquet"
-    info = build_listing(ListingConfig(str(root), str(out)))
+    info = build_listing(ListingConfig((str(root),), str(out)))
     assert info.label_names == ("alice", "bob", "empty")
-    assert info.num_classes == 3 and info.rows == 6
+    assert info.num_classes == 3 and info.rows == 5 and info.unlabelled == 0
     t = _table(out)
     rel = [os.path.relpath(p, root) for p in t["path"]]
-    assert rel == ["alice/10.png", "alice/9.png", "bob/a.jpg", "bob/b.jpg", "bob/notes.txt", "bob/sess2/c.jpg"]
-    assert t["label"] == [0, 0, 1, 1, 1, 1]
+    # notes.txt is not an image (by extension): skipped, as evaluate --folders skips it.
+    assert rel == ["alice/10.png", "alice/9.png", "bob/a.jpg", "bob/b.jpg", "bob/sess2/c.jpg"]
+    assert t["label"] == [0, 0, 1, 1, 1]
 
 
 def test_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        build_listing(ListingConfig(str(tmp_path / "nope"), str(tmp_path / "l.parquet")))
-    flat = tmp_path / "flat"
-    flat.mkdir()
-    (flat / "a.jpg").write_bytes(b"x")
-    with pytest.raises(ValueError, match="has no sub-folders"):
-        build_listing(ListingConfig(str(flat), str(tmp_path / "l.parquet")))
+        build_listing(ListingConfig((str(tmp_path / "nope"),), str(tmp_path / "l.parquet")))
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "README").write_text("no images here")
+    with pytest.raises(ValueError, match="has no sub-folders and no image files"):
+        build_listing(ListingConfig((str(bare),), str(tmp_path / "l.parquet")))
     hollow = _tree(tmp_path / "hollow", {"a": [], "b": []})
     out = tmp_path / "out" / "l.parquet"
     with pytest.raises(ValueError, match="is empty"):
-        build_listing(ListingConfig(str(hollow), str(out)))
+        build_listing(ListingConfig((str(hollow),), str(out)))
     assert os.listdir(out.parent) == []  # nothing published, no temp left behind
     with pytest.raises(ValueError, match="is a directory"):
-        build_listing(ListingConfig(str(hollow), str(tmp_path)))
+        build_listing(ListingConfig((str(hollow),), str(tmp_path)))
+
+
+def test_flat_folder_is_unlabelled(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name in ("b.jpg", "a.PNG", "c.jpeg", ".hidden.jpg", "Thumbs.db", "README"):
+        (flat / name).write_bytes(b"x")
+    out = tmp_path / "l.parquet"
+    info = build_listing(ListingConfig((str(flat),), str(out)))
+    assert (info.kind, info.rows, info.num_classes, info.unlabelled, info.labelled) == ("flat", 3, 0, 3, 0)
+    assert read_listing_info(str(out)) == info
+    t = _table(out)
+    assert [os.path.basename(p) for p in t["path"]] == ["a.PNG", "b.jpg", "c.jpeg"]
+    assert t["label"] == [UNLABELLED] * 3
+
+
+def test_several_sources_keep_label_spaces_apart(tmp_path):
+    a = _tree(tmp_path / "a", {"x": ["1.jpg", "2.jpg"], "y": ["1.jpg"]})
+    b = _tree(tmp_path / "b", {"x": ["1.jpg"], "z": ["1.jpg", "2.jpg"]})
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name in ("p.jpg", "q.jpg"):
+        (flat / name).write_bytes(b"x")
+    lst = tmp_path / "extra.txt"
+    lst.write_text(f"{a}/x/1.jpg\t1\n{flat}/p.jpg\t-1\n")
+    out = tmp_path / "l.parquet"
+    info = build_listing(ListingConfig((str(a), str(flat), str(b), str(lst)), str(out)))
+    assert (info.kind, info.rows, info.num_classes, info.unlabelled) == ("sources", 10, 6, 3)
+    # Each labelled source's names in label order, prefixed by its folder: "x" of a and "x" of b differ.
+    assert info.label_names is None  # the list file's labels are integers: no names for them
+    assert [(p.kind, p.rows, p.num_classes, p.first_row, p.label_offset, p.unlabelled) for p in info.parts] == [
+        ("folders", 3, 2, 0, 0, 0), ("flat", 2, 0, 3, 2, 2), ("folders", 3, 2, 5, 2, 0), ("list", 2, 2, 8, 4, 1)]
+    t = _table(out)
+    assert t["label"] == [0, 0, 1, UNLABELLED, UNLABELLED, 2, 3, 3, 5, UNLABELLED]
+    assert t["index"] == list(range(10))
+    assert read_listing_info(str(out)) == info
+    named = build_listing(ListingConfig((str(a), str(flat), str(b)), str(tmp_path / "n.parquet")))
+    assert named.label_names == ("a/x", "a/y", "b/x", "b/z")
+    one = build_listing(ListingConfig((str(a), str(flat)), str(tmp_path / "o.parquet")))
+    assert one.label_names == ("x", "y") and one.unlabelled == 2
+    with pytest.raises(ValueError, match="given twice"):
+        build_listing(ListingConfig((str(a), str(a)), str(tmp_path / "t.parquet")))
+
+
+def test_a_flat_folder_of_22k_files(tmp_path):
+    # (How fast: bench/listing_sources.py, in docs/BENCHMARKS.md; here, that all of them are there in order.)
+    flat = tmp_path / "many"
+    flat.mkdir()
+    for k in range(22000):
+        (flat / f"{k:06d}.jpg").touch()
+    out = tmp_path / "l.parquet"
+    info = build_listing(ListingConfig((str(flat),), str(out)))
+    assert info.rows == 22000 and info.unlabelled == 22000
+    assert [os.path.basename(p) for p in _table(out)["path"][::5000]] == [f"{k:06d}.jpg" for k in range(0, 22000, 5000)]
 
 
 # ---------------------------------------------------------------- list files
@@ -115,8 +179,9 @@ def test_parse_list_line():
     assert parse_list_line("   \n", 1, "f") is None
     with pytest.raises(ValueError, match=r"f:7: label 'x' is not an integer"):
         parse_list_line("a.jpg\tx\n", 7, "f")
-    with pytest.raises(ValueError, match=r"f:2: label -1 is negative"):
-        parse_list_line("a.jpg\t-1", 2, "f")
+    assert parse_list_line("a.jpg\t-1", 2, "f") == ("a.jpg", UNLABELLED)  # a face of no known identity
+    with pytest.raises(ValueError, match=r"f:2: label -2 is negative"):
+        parse_list_line("a.jpg\t-2", 2, "f")
     with pytest.raises(ValueError, match=r"f:3: empty path"):
         parse_list_line("\t4", 3, "f")
 
@@ -135,7 +200,7 @@ def test_list_with_labels_relative_paths_and_comments(tmp_path):
     lst = tmp_path / "lists" / "train.txt"
     lst.write_text("# path<TAB>label\n\nimgs/a.jpg\t2\n/abs/b.jpg\t0\n  \n../c.jpg\t4\n")
     out = tmp_path / "l.parquet"
-    info = build_listing(ListingConfig(str(lst), str(out)))
+    info = build_listing(ListingConfig((str(lst),), str(out)))
     assert (info.kind, info.rows, info.num_classes, info.label_names) == ("list", 3, 5, None)
     t = _table(out)
     assert t["path"] == [str(tmp_path / "lists" / "imgs" / "a.jpg"), "/abs/b.jpg", str(tmp_path / "c.jpg")]
@@ -145,7 +210,7 @@ def test_list_with_labels_relative_paths_and_comments(tmp_path):
 def test_list_without_labels_uses_parent_names(tmp_path):
     lst = tmp_path / "l.txt"
     lst.write_text("zed/1.jpg\nann/2.jpg\nzed/3.jpg\n/data/bob/4.jpg\n")
-    info = build_listing(ListingConfig(str(lst), str(tmp_path / "l.parquet")))
+    info = build_listing(ListingConfig((str(lst),), str(tmp_path / "l.parquet")))
     assert info.label_names == ("ann", "bob", "zed") and info.num_classes == 3
     t = _table(tmp_path / "l.parquet")
     assert t["label"] == [2, 0, 2, 1]  # file order kept, labels by sorted names
@@ -161,14 +226,14 @@ def test_list_without_labels_uses_parent_names(tmp_path):
 def test_list_errors(tmp_path, text, match):
     (tmp_path / "l.txt").write_text(text)
     with pytest.raises(ValueError, match=match):
-        build_listing(ListingConfig(str(tmp_path / "l.txt"), str(tmp_path / "o" / "l.parquet")))
+        build_listing(ListingConfig((str(tmp_path / "l.txt"),), str(tmp_path / "o" / "l.parquet")))
     assert _no_temp_files(tmp_path / "o")
 
 
 def test_binary_source_is_refused(tmp_path):
     (tmp_path / "x.jpg").write_bytes(b"\xff\xd8\0\0binary")
     with pytest.raises(ValueError, match="binary file, not a list"):
-        build_listing(ListingConfig(str(tmp_path / "x.jpg"), str(tmp_path / "l.parquet")))
+        build_listing(ListingConfig((str(tmp_path / "x.jpg"),), str(tmp_path / "l.parquet")))
     assert looks_binary(b"P5\n92 112\n255\n" + bytes(range(1, 256)) * 4)  # a PGM: no NUL, raw pixels
     assert not looks_binary("a/\u00e9t\u00e9.jpg\t3\r\nb.jpg\t4\n".encode())
 
@@ -187,7 +252,7 @@ def test_insightface_rec(tmp_path):
     pack_dir = tmp_path / "faces_emore"
     write_insightface_rec(str(pack_dir), IMAGES)
     out = tmp_path / "l.parquet"
-    info = build_listing(ListingConfig(str(pack_dir), str(out)))
+    info = build_listing(ListingConfig((str(pack_dir),), str(out)))
     rec = str(pack_dir / "train.rec")
     assert info == ListingInfo("rec", str(pack_dir), rec, 6, 4, None)
     t = _table(out)
@@ -197,7 +262,7 @@ def test_insightface_rec(tmp_path):
     assert got == [img for imgs in IMAGES for img in imgs]
     # The .rec path itself is the same source: same rows, same fingerprint.
     out2 = tmp_path / "l2.parquet"
-    info2 = build_listing(ListingConfig(rec, str(out2), row_group_rows=2))
+    info2 = build_listing(ListingConfig((rec,), str(out2), row_group_rows=2))
     assert info2.source == rec and info2.rows == 6
     assert listing_fingerprint(str(out)) == listing_fingerprint(str(out2))
     with ListingReader(str(out2)) as reader:
@@ -213,7 +278,7 @@ def test_rec_without_identity_records_reads_labels(tmp_path):
         for k, lab in enumerate(labels):
             h = IRHeader(2, lab, k, 0) if isinstance(lab, tuple) else IRHeader(0, lab, k, 0)
             w.write(k, pack(h, b"img" + MAGIC_BYTES * (k % 2)))
-    info = build_listing(ListingConfig(str(rec), str(tmp_path / "l.parquet")))
+    info = build_listing(ListingConfig((str(rec),), str(tmp_path / "l.parquet")))
     assert (info.rows, info.num_classes) == (5, 3)
     assert _table(tmp_path / "l.parquet")["label"] == [0, 0, 2, 1, 2]
 
@@ -222,14 +287,14 @@ def test_rec_errors(tmp_path):
     write_insightface_rec(str(tmp_path / "p"), IMAGES)
     os.remove(tmp_path / "p" / "train.idx")
     with pytest.raises(FileNotFoundError, match=r"expected .*/p/train\.idx"):
-        build_listing(ListingConfig(str(tmp_path / "p"), str(tmp_path / "l.parquet")))
+        build_listing(ListingConfig((str(tmp_path / "p"),), str(tmp_path / "l.parquet")))
     # An index whose identity record is missing.
     write_insightface_rec(str(tmp_path / "q"), IMAGES)
     idx = tmp_path / "q" / "train.idx"
     lines = idx.read_text().splitlines()
     idx.write_text("\n".join(lines[:-1]) + "\n")
     with pytest.raises(ValueError, match="key 10 is missing"):
-        build_listing(ListingConfig(str(tmp_path / "q"), str(tmp_path / "l.parquet")))
+        build_listing(ListingConfig((str(tmp_path / "q"),), str(tmp_path / "l.parquet")))
     # An index with keys out of order.
     write_insightface_rec(str(tmp_path / "r"), IMAGES)
     idx = tmp_path / "r" / "train.idx"
@@ -237,7 +302,7 @@ def test_rec_errors(tmp_path):
     lines[1], lines[2] = lines[2], lines[1]
     idx.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match="not strictly increasing"):
-        build_listing(ListingConfig(str(tmp_path / "r"), str(tmp_path / "l.parquet")))
+        build_listing(ListingConfig((str(tmp_path / "r"),), str(tmp_path / "l.parquet")))
     assert not (tmp_path / "l.parquet").exists() and _no_temp_files(tmp_path)
 
 
@@ -269,10 +334,10 @@ def test_large_rec_listing_is_streamed(tmp_path):
     n, c, rgr = 200_000, 1500, 16_384
     want_labels, want_offsets = _synthetic_emore(str(tmp_path / "emore"), n, c)
     out = tmp_path / "l.parquet"
-    cfg = ListingConfig(str(tmp_path / "emore"), str(out), row_group_rows=rgr, idx_block_bytes=64 << 10)
+    cfg = ListingConfig((str(tmp_path / "emore"),), str(out), row_group_rows=rgr, idx_block_bytes=64 << 10)
     # A small run first, so that the measured one counts no first-time imports.
     write_insightface_rec(str(tmp_path / "small"), IMAGES)
-    build_listing(ListingConfig(str(tmp_path / "small"), str(tmp_path / "warm.parquet")))
+    build_listing(ListingConfig((str(tmp_path / "small"),), str(tmp_path / "warm.parquet")))
     tracemalloc.start()
     info = build_listing(cfg)
     peak = tracemalloc.get_traced_memory()[1]
@@ -300,18 +365,18 @@ def _labelled_list(tmp_path, name, labels):
 
 def test_fingerprint_is_content_not_bytes(tmp_path):
     labels = [i % 7 for i in range(500)]
-    a = build_listing(ListingConfig(_labelled_list(tmp_path, "a", labels), str(tmp_path / "a.parquet"), row_group_rows=64))
-    b = build_listing(ListingConfig(_labelled_list(tmp_path, "b", labels), str(tmp_path / "b.parquet"), row_group_rows=500))
+    a = build_listing(ListingConfig((_labelled_list(tmp_path, "a", labels),), str(tmp_path / "a.parquet"), row_group_rows=64))
+    b = build_listing(ListingConfig((_labelled_list(tmp_path, "b", labels),), str(tmp_path / "b.parquet"), row_group_rows=500))
     assert a.source != b.source
     fa, fb = listing_fingerprint(str(tmp_path / "a.parquet")), listing_fingerprint(str(tmp_path / "b.parquet"))
     assert fa == fb and len(fa) == 64
     changed = list(labels)
     changed[321] = (changed[321] + 1) % 7
-    build_listing(ListingConfig(_labelled_list(tmp_path, "c", changed), str(tmp_path / "c.parquet"), row_group_rows=64))
+    build_listing(ListingConfig((_labelled_list(tmp_path, "c", changed),), str(tmp_path / "c.parquet"), row_group_rows=64))
     assert listing_fingerprint(str(tmp_path / "c.parquet")) != fa
     renamed = tmp_path / "d.txt"
     renamed.write_text((tmp_path / "a.txt").read_text().replace("/d/0007.jpg", "/d/0007.png"))
-    build_listing(ListingConfig(str(renamed), str(tmp_path / "d.parquet")))
+    build_listing(ListingConfig((str(renamed),), str(tmp_path / "d.parquet")))
     assert listing_fingerprint(str(tmp_path / "d.parquet")) != fa
 
 
@@ -328,7 +393,7 @@ def test_covering_row_groups_sweep():
 def test_reader_rows_across_row_groups(tmp_path):
     labels = [i // 9 for i in range(100)]
     out = str(tmp_path / "l.parquet")
-    build_listing(ListingConfig(_labelled_list(tmp_path, "l", labels), out, row_group_rows=16))
+    build_listing(ListingConfig((_labelled_list(tmp_path, "l", labels),), out, row_group_rows=16))
     full = _table(out)
     with ListingReader(out) as r:
         assert len(r) == 100 and r.info.num_classes == 12
@@ -354,7 +419,7 @@ def test_read_listing_info_refuses_other_parquet(tmp_path):
 
 def test_footer_is_plain_json(tmp_path):
     lst = _labelled_list(tmp_path, "l", [0, 1])
-    build_listing(ListingConfig(lst, str(tmp_path / "l.parquet")))
+    build_listing(ListingConfig((lst,), str(tmp_path / "l.parquet")))
     footer = json.loads(pq.read_metadata(tmp_path / "l.parquet").metadata[FOOTER_KEY.encode()])
     assert footer == {"kind": "list", "source": lst, "rec": None, "rows": 2, "num_classes": 2, "label_names": None}
 

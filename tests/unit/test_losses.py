@@ -13,7 +13,7 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from distill.losses import LossSpec, arcface_logits, loss_parts  # noqa: E402
+from distill.train.losses import LossSpec, arcface_logits, loss_parts  # noqa: E402
 
 
 def _batch(seed=0, n=4, d=6, c=3):
@@ -26,7 +26,7 @@ def test_gradient_reaches_the_student_only_and_pulls_it_towards_the_teacher():
     student, logits, teacher, labels = _batch()
     with tf.GradientTape(persistent=True) as tape:
         tape.watch([student, teacher])
-        parts = loss_parts(student, logits, teacher, labels, LossSpec(ce_weight=0.0, mse_weight=1.0))
+        parts = loss_parts(student, logits, teacher, labels, LossSpec(ce_weight=0.0, mse_weight=1.0, distill="mse", contrast_weight=0.0))
     assert tape.gradient(parts["loss"], teacher) is None  # the teacher is a constant target
     g = tape.gradient(parts["loss"], student).numpy()
     np.testing.assert_allclose(g, 2 * (student - teacher).numpy() / student.numpy().size, rtol=1e-5)
@@ -34,7 +34,7 @@ def test_gradient_reaches_the_student_only_and_pulls_it_towards_the_teacher():
 
 def test_parts_are_named_and_weighted():
     student, logits, teacher, labels = _batch(1)
-    p = loss_parts(student, logits, teacher, labels, LossSpec(ce_weight=0.3, mse_weight=2.0))
+    p = loss_parts(student, logits, teacher, labels, LossSpec(ce_weight=0.3, mse_weight=2.0, distill="mse", contrast_weight=0.0))
     assert set(p) == {"loss", "ce", "mse", "cos"}
     np.testing.assert_allclose(float(p["mse"]), np.mean((student.numpy() - teacher.numpy()) ** 2), rtol=1e-6)
     ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
@@ -44,7 +44,7 @@ def test_parts_are_named_and_weighted():
 
 def test_cosine_distill_ignores_scale_and_global_batch_averages():
     student, logits, teacher, labels = _batch(2)
-    spec = LossSpec(distill="cosine")
+    spec = LossSpec(distill="cosine", ce_weight=0.0, contrast_weight=0.0)
     assert float(loss_parts(3.0 * teacher, logits, teacher, labels, spec)["mse"]) == pytest.approx(0.0, abs=1e-6)
     local = loss_parts(student, logits, teacher, labels, spec)
     half = loss_parts(student, logits, teacher, labels, spec, global_batch_size=8)  # this replica holds half of 8
@@ -65,6 +65,26 @@ def test_normalised_mse_is_two_minus_two_cos_and_ignores_either_norm():
         tape.watch(teacher)
         parts = loss_parts(student, logits, teacher, labels, spec)
     assert tape.gradient(parts["loss"], teacher) is None  # the teacher is never trained
+
+
+def test_the_classifier_skips_unlabelled_rows():
+    student, logits, teacher, _ = _batch(8, n=6)
+    logits = 0.5 * tf.tanh(logits)  # cosine-like, so the ArcFace head is not saturated either
+    labels = tf.constant([2, -1, 0, -1, 1, 2], tf.int64)  # -1: a face of no known identity
+    for margin in ("softmax", "arcface"):
+        spec = LossSpec(ce_weight=1.0, mse_weight=0.0, contrast_weight=0.0, margin=margin, arc_scale=8.0, arc_margin=0.2)
+        got = float(loss_parts(student, logits, teacher, labels, spec)["ce"])
+        keep = np.array([0, 2, 4, 5])
+        want = float(loss_parts(tf.gather(student, keep), tf.gather(logits, keep), tf.gather(teacher, keep),
+                                tf.gather(labels, keep), spec)["ce"])
+        assert got == pytest.approx(want, rel=1e-6)  # the mean over the labelled rows only
+        with tf.GradientTape() as tape:
+            tape.watch(logits)
+            ce = loss_parts(student, logits, teacher, labels, spec)["ce"]
+        g = tape.gradient(ce, logits).numpy()
+        assert np.all(g[[1, 3]] == 0) and np.all(np.abs(g[keep]).sum(axis=1) > 0)
+    none = tf.fill([6], tf.constant(-1, tf.int64))
+    assert float(loss_parts(student, logits, teacher, none, LossSpec(ce_weight=1.0, mse_weight=1.0))["ce"]) == 0.0
 
 
 def test_class_bias_takes_classes_out_of_the_softmax():
@@ -89,7 +109,7 @@ def test_bad_loss_options_say_which():
     with pytest.raises(ValueError, match="--distill-loss"):
         LossSpec(distill="kl")
     with pytest.raises(ValueError, match="not all 0"):
-        LossSpec(ce_weight=0, mse_weight=0)
+        LossSpec(ce_weight=0, mse_weight=0, contrast_weight=0)
 
 
 def _infonce(s: np.ndarray, t: np.ndarray, temperature: float) -> np.ndarray:
@@ -115,28 +135,30 @@ def test_contrast_picks_each_target_out_of_the_batch_and_only_trains_the_student
     assert float(again["contrast"]) == pytest.approx(float(p["contrast"]), rel=1e-5)
     matched = loss_parts(teacher, logits, teacher, labels, spec)
     assert float(matched["contrast"]) < float(p["contrast"])
-    assert set(loss_parts(student, logits, teacher, labels, LossSpec(ce_weight=0.0))) == {"loss", "mse", "cos"}  # off: not computed
+    assert set(loss_parts(student, logits, teacher, labels, LossSpec(ce_weight=0.0, contrast_weight=0.0))) == {"loss", "mse", "cos"}  # off: not computed
 
 
 def test_contrast_over_replicas_is_the_global_batch_term():
     """Two replicas (logical CPUs, a fresh process): each gathers the whole global batch's
-    targets, so the summed per-replica parts equal one replica holding the whole batch."""
+    targets (and counts its labelled rows), so the summed per-replica parts equal one replica
+    holding the whole batch."""
     code = textwrap.dedent("""
         import numpy as np, tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from distill.losses import LossSpec, loss_parts
+        from distill.train.losses import LossSpec, loss_parts
         rng = np.random.default_rng(0)
         s, t = (rng.normal(size=(8, 5)).astype(np.float32) for _ in range(2))
-        lab = np.zeros(8, np.int64)
-        spec = LossSpec(ce_weight=0.0, mse_weight=1.0, distill="nmse", contrast_weight=1.0)
-        one = loss_parts(s, np.zeros((8, 2), np.float32), t, lab, spec, 8)
+        logits = rng.normal(size=(8, 2)).astype(np.float32)
+        lab = np.array([0, 1, -1, 0, -1, -1, 1, 1], np.int64)  # unlabelled rows spread unevenly over the replicas
+        spec = LossSpec(ce_weight=0.5, mse_weight=1.0, distill="nmse", contrast_weight=1.0)
+        one = loss_parts(s, logits, t, lab, spec, 8)
         st = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-        ds = st.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((s, t, lab)).batch(8))
-        fn = lambda a, b, c: loss_parts(a, tf.zeros((tf.shape(a)[0], 2)), b, c, spec, 8)
+        ds = st.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((s, logits, t, lab)).batch(8))
+        fn = lambda a, l, b, c: loss_parts(a, l, b, c, spec, 8)
         for batch in ds:
             two = {k: float(st.reduce("SUM", v, axis=None)) for k, v in st.run(fn, args=batch).items()}
-        for k in ("contrast", "mse", "loss"):
+        for k in ("contrast", "mse", "ce", "loss"):
             assert abs(two[k] - float(one[k])) < 1e-5 * max(1.0, abs(float(one[k]))), (k, two[k], float(one[k]))
         print("ok")
     """)

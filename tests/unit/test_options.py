@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from distill.options import add_options, config_from_args
-from distill.train_config import TrainConfig
+from distill.train.config import TrainConfig
 
 
 def _parser():
@@ -44,7 +44,7 @@ def test_help_states_each_default():
 
 def test_embed_options_default_to_the_config_and_the_dataclasses_it_holds():
     from distill.cli import build_parser
-    from distill.embed import EmbedConfig, config_from_args
+    from distill.embed.run import EmbedConfig, config_from_args
 
     args = build_parser().parse_args(["embed", "L", "--teacher", "T", "--out", "O"])
     assert config_from_args(args) == EmbedConfig("L", "T", "O")

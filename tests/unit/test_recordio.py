@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from distill.recordio import (
+from distill.embed.recordio import (
     MAGIC,
     MAGIC_BYTES,
     IRHeader,

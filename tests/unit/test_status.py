@@ -1,6 +1,6 @@
+from distill.embed.status import format_status, summarize
 from distill.shards.format import RowError, ShardRecord
 from distill.shards.ledger import Lease, LedgerState
-from distill.status import format_status, summarize
 
 MANIFEST = {"run_id": "abc", "rows": 100, "shard_size": 25, "num_classes": 4, "embedding_dim": 8, "flip": True, "dtype": "float32"}
 
@@ -16,7 +16,7 @@ def test_summary_counts_rates_and_eta():
     assert (s["rows_done"], s["errors"], s["pending_rows"]) == (49, 1, 50)
     assert s["images_per_second_overall"] == 50 / 20
     assert s["eta_seconds"] > 0 and not s["complete"]
-    assert [l["shard"] for l in s["leases"]] == ["part-00002.parquet"]
+    assert [lease["shard"] for lease in s["leases"]] == ["part-00002.parquet"]
     text = format_status(s, MANIFEST, [{"index": 3, "path": "/a.jpg", "reason": "missing file"}])
     assert "2 done, 1 leased, 1 pending of 4" in text and "missing file" in text
 

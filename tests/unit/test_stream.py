@@ -9,23 +9,20 @@ import numpy as np
 import pytest
 from toy_shards import write_toy_shards
 
-from distill.stream import (
+from distill.shards.reader import open_shards, shard_set
+from distill.train.order import (
     DEFAULT_PARTITIONS,
-    ReadStats,
     buffer_shuffle,
     check_partitions,
     choose_target,
     epoch_order,
     flip_mask,
-    iter_samples,
     kept_rows,
-    open_shards,
     partition_buffer,
     plan_epoch,
-    resolve_flip,
-    shard_set,
     steps_per_epoch,
 )
+from distill.train.stream import ReadStats, iter_samples, resolve_flip
 
 ROW_SETS = ([5], [3, 7, 2], [256, 256, 256, 10], [1] * 9, [40, 0, 40], [600, 257])
 
@@ -199,7 +196,7 @@ def test_dataset_decodes_mirrors_and_scales(tmp_path):
     tf = pytest.importorskip("tensorflow")
     from toy_shards import toy_images
 
-    from distill.stream import make_dataset
+    from distill.train.stream import make_dataset
 
     shards = open_shards(str(write_toy_shards(tmp_path / "s", rows=32, shard_size=16)))
     plan = plan_epoch(shards.rows, seed=9, epoch=0, world_size=1, rank=0, buffer=8, global_batch=8)
@@ -207,10 +204,10 @@ def test_dataset_decodes_mirrors_and_scales(tmp_path):
     batches = list(make_dataset(shards, plan, seed=9, flip=True, replica_batch=8))
     assert len(batches) == 4
     for b in batches:
-        assert b["image"].shape == (8, 32, 32, 3) and b["image"].dtype == tf.float32
+        assert b["image"].shape == (8, 32, 32, 3) and b["image"].dtype == tf.uint8  # the student scales its own
         for x, i, f in zip(b["image"].numpy(), b["index"].numpy(), b["flipped"].numpy()):
             want = imgs[i][:, ::-1] if f else imgs[i]
-            np.testing.assert_allclose(x, (want.astype(np.float32) - 127.5) / 128)
+            np.testing.assert_array_equal(x, want)
     assert np.array_equal(np.concatenate([b["index"].numpy() for b in batches]), plan.order)
 
 

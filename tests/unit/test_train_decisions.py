@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from toy_shards import write_toy_shards
 
-from distill.checkpoints import Cursor, LocalCheckpoints, read_checkpoint
 from distill.errors import IncompatibleRun
-from distill.loop import _trim_jsonl
-from distill.stream import open_shards
-from distill.train_config import TrainConfig, check_resume, lr_schedule, resolve
+from distill.shards.reader import open_shards
+from distill.train.checkpoints import Cursor, LocalCheckpoints, read_checkpoint
+from distill.train.config import Schedule, TrainConfig, TrainRun, check_resume, lr_schedule, resolve
+from distill.train.loop import _trim_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,7 @@ def _cursor(**kw) -> Cursor:
 
 def _saved(cfg: TrainConfig, shards, train_rows: int = 64) -> dict:
     """The config as a checkpoint holds it: resolved, its schedule recorded, through JSON."""
-    config = resolve(cfg, shards)
-    return json.loads(json.dumps({**config, "schedule": lr_schedule(config["train"], train_rows)}))
+    return json.loads(json.dumps(resolve(cfg, shards).with_schedule(train_rows).to_json()))
 
 
 def test_resume_with_the_same_command_is_accepted_and_options_that_do_not_touch_the_order_may_change(shards):
@@ -63,7 +62,7 @@ def test_a_constant_schedule_may_be_extended_or_shortened(shards):
 
 def test_incompatible_resume_names_every_difference(shards):
     cfg = TrainConfig(shards=shards.location, out="o", batch_size=16)
-    saved = json.loads(json.dumps(resolve(cfg, shards)))
+    saved = resolve(cfg, shards).to_json()
     other = resolve(replace(cfg, batch_size=32, seed=4, width=0.75), shards)
     with pytest.raises(ValueError) as e:
         check_resume(saved, _cursor(), other, "ckpt")
@@ -77,7 +76,7 @@ def test_incompatible_resume_names_every_difference(shards):
 
 def test_the_worker_count_may_change_anywhere_but_an_older_order_only_at_an_epoch_boundary(shards):
     cfg = TrainConfig(shards=shards.location, out="o", batch_size=16)
-    saved = json.loads(json.dumps(resolve(cfg, shards)))
+    saved = resolve(cfg, shards).to_json()
     check_resume(saved, _cursor(samples=0, world_size=2), resolve(cfg, shards), "ckpt")
     check_resume(saved, _cursor(samples=32, world_size=2), resolve(cfg, shards), "ckpt")  # canonical order
     with pytest.raises(ValueError, match="--partitions: checkpoint has 24, now 12"):
@@ -86,6 +85,30 @@ def test_the_worker_count_may_change_anywhere_but_an_older_order_only_at_an_epoc
     check_resume(older, _cursor(samples=0), resolve(cfg, shards), "ckpt")
     with pytest.raises(ValueError, match="mid-epoch .* written by an older distill"):
         check_resume(older, _cursor(samples=32), resolve(cfg, shards), "ckpt")
+
+
+def test_shards_with_no_labelled_row_turn_the_classifier_off_and_say_so(tmp_path, caplog):
+    free = open_shards(str(write_toy_shards(tmp_path / "free", rows=32, shard_size=16, unlabelled=1.0)))
+    assert free.num_classes == 0
+    with caplog.at_level("WARNING"):
+        config = resolve(TrainConfig(shards=free.location, out="o", ce_weight=1.0, margin="teacher"), free)
+    assert "no labelled rows" in caplog.text
+    assert (config.loss.ce_weight, config.loss.margin) == (0.0, "softmax")
+    assert config.student.num_classes == 0
+    with pytest.raises(ValueError, match="no labelled rows.*only term"):
+        resolve(TrainConfig(shards=free.location, out="o", ce_weight=1.0, mse_weight=0.0, contrast_weight=0.0), free)
+    mixed = open_shards(str(write_toy_shards(tmp_path / "mixed", rows=32, shard_size=16, unlabelled=0.5)))
+    assert resolve(TrainConfig(shards=mixed.location, out="o", ce_weight=1.0), mixed).loss.ce_weight == 1.0
+
+
+def test_the_student_is_chosen_and_its_width_defaults_per_backbone(shards):
+    mfn = resolve(TrainConfig(shards=shards.location, out="o", student="mobilefacenet"), shards).student
+    assert (mfn.arch, mfn.width) == ("mobilefacenet", 1.0)
+    assert resolve(TrainConfig(shards=shards.location, out="o"), shards).student.width == 0.5
+    with pytest.raises(ValueError, match="--student"):
+        TrainConfig(shards="s", out="o", student="resnet")
+    with pytest.raises(ValueError, match="MobileNetV2 weights"):
+        TrainConfig(shards="s", out="o", student="mobilefacenet", init="backbone.h5")
 
 
 def test_config_refuses_bad_options_with_the_flag_name():
@@ -101,11 +124,19 @@ def test_config_refuses_bad_options_with_the_flag_name():
 
 def test_schedule_spans_the_planned_run():
     train = asdict(TrainConfig(shards="s", out="o", epochs=3, batch_size=10, warmup_steps=5))
-    assert lr_schedule(train, 105) == {"kind": "cosine", "lr": 0.002, "warmup_steps": 5, "decay_steps": 25,
-                                       "train_rows": 105}
+    assert lr_schedule(train, 105) == Schedule(kind="cosine", lr=0.002, warmup_steps=5, decay_steps=25, train_rows=105)
     assert lr_schedule({**train, "max_steps": 7}, 105) == lr_schedule(train, 105)  # it only stops early
-    assert lr_schedule({**train, "epochs": 1, "warmup_steps": 50}, 105)["warmup_steps"] == 9  # never the whole run
-    assert lr_schedule({**train, "lr_schedule": "constant"}, 105)["decay_steps"] is None
+    assert lr_schedule({**train, "epochs": 1, "warmup_steps": 50}, 105).warmup_steps == 9  # never the whole run
+    assert lr_schedule({**train, "lr_schedule": "constant"}, 105).decay_steps is None
+
+
+def test_the_resolved_run_round_trips_through_its_checkpoint_form(shards):
+    run = resolve(TrainConfig(shards=shards.location, out="o", batch_size=16, student="mobilefacenet"), shards)
+    run = run.with_schedule(64)
+    saved = json.loads(json.dumps(run.to_json()))
+    assert TrainRun.from_json(saved) == run
+    older = {**saved, "train": {**{k: v for k, v in saved["train"].items() if k != "student"}, "gone_option": 1}}
+    assert TrainRun.from_json(older).train.student == "mobilenetv2"  # an option it did not have: its default
 
 
 def test_checkpoints_are_renamed_into_place_and_only_the_last_few_kept(tmp_path):

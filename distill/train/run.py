@@ -2,10 +2,10 @@
 
 Owns the command and the choice of mode: the default strategy on CPU, MirroredStrategy over
 the GPUs of one node, or ``--workers N`` Ray Train workers (``workers/train_worker.py``).
-Every mode runs the same loop (``distill/loop.py``) on the same resolved config
-(``distill/train_config.py``).
+Every mode runs the same loop (``distill/train/loop.py``) on the same resolved config
+(``distill/train/config.py``).
 
-A checkpoint (``distill/checkpoints.py``: weights, optimizer state and the data cursor) is
+A checkpoint (``distill/train/checkpoints.py``: weights, optimizer state and the data cursor) is
 saved every ``--checkpoint-every`` steps and at each epoch end. Rerunning the same command
 resumes at the exact sample; a rerun that would change the order or the architecture is
 refused and told why.
@@ -20,10 +20,11 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-from distill.checkpoints import LocalCheckpoints, latest_checkpoint, read_checkpoint
 from distill.errors import BadInput, BadOption
 from distill.options import add_options, config_from_args
-from distill.train_config import TrainConfig, TrainReport, check_resume, resolve
+from distill.startup import import_tensorflow_quietly
+from distill.train.checkpoints import LocalCheckpoints, latest_checkpoint, read_checkpoint
+from distill.train.config import TrainConfig, TrainReport, check_resume, resolve
 
 __all__ = ["TrainConfig", "TrainReport", "run_train", "add_cli"]
 
@@ -68,7 +69,7 @@ def _local_strategy(cfg: TrainConfig):
 
 def run_train(cfg: TrainConfig) -> TrainReport:
     """Train (or resume) to ``cfg.epochs`` / ``cfg.max_steps``; the public entry point."""
-    from distill.stream import open_shards
+    from distill.shards.reader import open_shards
 
     cfg = replace(cfg, out=os.path.abspath(cfg.out), shards=cfg.shards if "://" in cfg.shards else os.path.abspath(cfg.shards))
     # Refuse bad shards, options or an incompatible resume before TensorFlow or Ray start.
@@ -80,12 +81,13 @@ def run_train(cfg: TrainConfig) -> TrainReport:
     os.makedirs(cfg.out, exist_ok=True)
     if cfg.verify_shards:
         check_shards(cfg.shards, cfg.out, cfg.progress)
+    import_tensorflow_quietly()  # (options, paths and shards are checked: now the slow part)
     if cfg.workers > 1:
         from distill.workers.train_worker import run_ray
 
         summary = run_ray(cfg)
     else:
-        from distill.loop import train_loop
+        from distill.train.loop import train_loop
 
         summary = train_loop(cfg, _local_strategy(cfg), rank=0, world_size=1, store=LocalCheckpoints(cfg.out, cfg.keep_checkpoints))
     return TrainReport(out=cfg.out, checkpoint=latest_checkpoint(cfg.out) or "", **summary)

@@ -183,21 +183,16 @@ class LocalCheckpoints:
         return self._publish(tmp, cursor.step)
 
     def _publish(self, tmp: str, step: int) -> str:
-        from distill.shards.storage import fsync_dir
+        from distill.shards.storage import publish_dir
 
+        # (The same step again, an epoch end after a periodic save or a rerun of a finished run,
+        # replaces the old one whole.)
         final = os.path.join(self.dir, checkpoint_name(step))
-        trash = None
-        if os.path.exists(final):
-            # The same step again (epoch end after a periodic save, or a rerun of a finished
-            # run): move the old one aside first so a kill never leaves neither.
-            trash = tempfile.mkdtemp(prefix=".ckpt-", suffix=".tmp", dir=self.dir)
-            os.rename(final, os.path.join(trash, "old"))
-        os.rename(tmp, final)
-        fsync_dir(self.dir)
+        publish_dir(tmp, final)
         for old in list_checkpoints(self.dir)[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         for name in os.listdir(self.dir):  # leftovers, including saves killed before their rename
-            if name.startswith(".ckpt-") and name.endswith(".tmp"):
+            if name.startswith(".ckpt-") and (name.endswith(".tmp") or ".old-" in name):
                 shutil.rmtree(os.path.join(self.dir, name), ignore_errors=True)
         return final
 
@@ -207,7 +202,7 @@ class LocalCheckpoints:
 
 def write_best(out: str, state: dict[str, np.ndarray], config: dict, cursor: Cursor, val: dict) -> str:
     """``OUT/best``: the checkpoint that scored best on validation, replaced whole (temp + rename)."""
-    from distill.shards.storage import fsync_dir
+    from distill.shards.storage import publish_dir
 
     tmp = tempfile.mkdtemp(prefix=".best-", suffix=".tmp", dir=out)
     os.chmod(tmp, 0o755)
@@ -215,14 +210,7 @@ def write_best(out: str, state: dict[str, np.ndarray], config: dict, cursor: Cur
     with open(os.path.join(tmp, VAL), "w") as f:
         json.dump(val, f, indent=1, sort_keys=True)
     final = os.path.join(out, BEST)
-    trash = None
-    if os.path.exists(final):
-        trash = tempfile.mkdtemp(prefix=".best-", suffix=".tmp", dir=out)
-        os.rename(final, os.path.join(trash, "old"))
-    os.rename(tmp, final)
-    fsync_dir(out)
-    if trash:
-        shutil.rmtree(trash, ignore_errors=True)
+    publish_dir(tmp, final)
     return final
 
 

@@ -4,7 +4,7 @@ A custom ``tf.GradientTape`` + ``strategy.run`` step (Keras 3 ``model.fit`` fail
 MultiWorkerMirroredStrategy) that runs unchanged on the default strategy (CPU),
 MirroredStrategy over one node's GPUs, and one process per Ray Train worker. It restores
 from ``store`` (local checkpoints or Ray Train's), plans each epoch from the cursor
-(``distill.stream``), steps, logs (``RunLog``: metrics.jsonl, TensorBoard, the sample
+(``distill.train.stream``), steps, logs (``RunLog``: metrics.jsonl, TensorBoard, the sample
 trace) and checkpoints. It returns the run's summary; where checkpoints go is the store's
 business.
 """
@@ -22,13 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from distill.checkpoints import Cursor, read_best_val, read_checkpoint, restore, snapshot, write_best
 from distill.errors import BadInput, BadOption, Stopped
-from distill.losses import LossSpec
+from distill.shards.storage import write_file_atomic
 from distill.stopping import StopRequest, read_request
-from distill.student import StudentSpec
-from distill.train_config import TrainConfig, check_resume, lr_schedule, resolve, should_checkpoint
-from distill.validate import is_better
+from distill.train.checkpoints import Cursor, read_best_val, read_checkpoint, restore, snapshot, write_best
+from distill.train.config import Schedule, TrainConfig, check_resume, resolve, should_checkpoint
+from distill.train.losses import LossSpec
+from distill.train.student import StudentSpec
+from distill.train.validate import is_better
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +99,7 @@ def _trim_jsonl(path: str, max_step: int) -> None:
                 continue  # the half-written last line of a killed run
             if rec.get("step", 0) <= max_step:
                 keep.append(line if line.endswith("\n") else line + "\n")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)
+    write_file_atomic(path, "".join(keep))
 
 
 # ---------------------------------------------------------------- before the first step
@@ -121,10 +119,10 @@ class Prepared:
 
 
 def prepare(cfg: TrainConfig, shards, rank: int, student: StudentSpec) -> Prepared:
-    from distill.centres import scan_shards
-    from distill.validate import Validator, from_folders, from_shards, heldout_classes, pick_samples
+    from distill.train.centres import scan_shards
+    from distill.train.validate import Validator, from_folders, from_shards, heldout_classes, pick_samples
 
-    teacher_head = cfg.margin == "teacher"
+    teacher_head = student.margin == "teacher"
     prep, val = Prepared(train_rows=shards.total_rows), None
     if cfg.val_split or teacher_head:
         scan = scan_shards(shards, centres=teacher_head, cache_dir=cfg.out)
@@ -153,15 +151,15 @@ def prepare(cfg: TrainConfig, shards, rank: int, student: StudentSpec) -> Prepar
 # ---------------------------------------------------------------- what the step needs
 
 
-def _optimizer(cfg: TrainConfig, schedule: dict[str, Any]):
-    """The optimizer over the recorded ``schedule`` (``train_config.lr_schedule``)."""
+def _optimizer(cfg: TrainConfig, schedule: Schedule):
+    """The optimizer over the recorded ``schedule`` (``distill.train.config.lr_schedule``)."""
     import keras
 
-    peak, warmup = schedule["lr"], schedule["warmup_steps"]
+    peak, warmup = schedule.lr, schedule.warmup_steps
     # Cosine (or, with alpha=1, constant) after a linear warm-up from 1% of the peak.
     lr = keras.optimizers.schedules.CosineDecay(
-        peak * (0.01 if warmup else 1.0), decay_steps=schedule["decay_steps"] or 1,
-        alpha=0.01 if schedule["kind"] == "cosine" else 1.0,
+        peak * (0.01 if warmup else 1.0), decay_steps=schedule.decay_steps or 1,
+        alpha=0.01 if schedule.kind == "cosine" else 1.0,
         warmup_target=peak if warmup else None, warmup_steps=warmup,
     )
     wd = cfg.weight_decay or None
@@ -182,8 +180,8 @@ def _make_step(model, optimizer, strategy, loss_spec: LossSpec, global_batch: in
     whole global batch, identical on every replica."""
     import tensorflow as tf
 
-    from distill.centres import adaptive_update_tf
-    from distill.losses import loss_parts
+    from distill.train.centres import adaptive_update_tf
+    from distill.train.losses import loss_parts
 
     bias = tf.constant(class_bias, tf.float32) if class_bias is not None else None
     gather = trace or adaptive_centres is not None
@@ -191,7 +189,7 @@ def _make_step(model, optimizer, strategy, loss_spec: LossSpec, global_batch: in
     def replica(b):
         with tf.GradientTape() as tape:
             out = model(b["image"], training=True)
-            parts = loss_parts(out["embedding"], out["logits"], b["target"], b["label"], loss_spec, global_batch, bias)
+            parts = loss_parts(out["embedding"], out.get("logits"), b["target"], b["label"], loss_spec, global_batch, bias)
             scaled = optimizer.scale_loss(parts["loss"])  # identity unless mixed precision
         grads = tape.gradient(scaled, model.trainable_variables)
         # Variables no term of the loss reaches (the classifier when --ce-weight is 0) get no update.
@@ -219,10 +217,10 @@ def _load_init(model, spec: StudentSpec, cfg: TrainConfig) -> str:
     """Fresh start from earlier weights (``--init``, ``--backbone-weights``); says what it loaded."""
     import keras
 
-    from distill.checkpoints import find_checkpoint
-    from distill.student import build_student
+    from distill.train.checkpoints import find_checkpoint
+    from distill.train.student import build_student
 
-    h, w = spec.input_size
+    h, w = spec.working_size
     if cfg.backbone_weights == "imagenet" or (cfg.init and cfg.init.endswith((".h5", ".hdf5", ".keras"))):
         source = "imagenet" if cfg.backbone_weights else cfg.init
         try:
@@ -274,11 +272,11 @@ class _Run:
     """One invocation of the loop on one rank: setup, epochs of steps from the cursor, saves."""
 
     def __init__(self, cfg: TrainConfig, strategy, rank: int, world_size: int, store):
-        from distill.stream import open_shards
+        from distill.shards.reader import open_shards
 
         self.cfg, self.strategy, self.rank, self.world_size, self.store = cfg, strategy, rank, world_size, store
         self.shards = open_shards(cfg.shards)
-        self.config = resolve(cfg, self.shards)
+        self.resolved = resolve(cfg, self.shards)
         replicas = strategy.num_replicas_in_sync
         if cfg.batch_size % replicas:
             raise BadOption(f"--batch-size {cfg.batch_size} must be a multiple of the {replicas} replicas in sync")
@@ -286,15 +284,15 @@ class _Run:
         self.cursor = Cursor(0, 0, 0, cfg.seed, world_size, cfg.batch_size, cfg.shuffle_buffer, self.shards.run_id)
         if latest is not None:
             saved, cursor = read_checkpoint(latest)
-            check_resume(saved, cursor, self.config, store.describe(latest))
+            check_resume(saved, cursor, self.resolved, store.describe(latest))
             self.cursor = replace(cursor, world_size=world_size)
         self.resumed_from = self.cursor.step if latest is not None else None
         norm = self.shards.teacher_norm
         if norm and rank == 0:
             log.info("targets: raw teacher norm %.2f +- %.2f over %d rows; the %s term compares %s", norm["mean"],
                      norm["std"], norm["rows"], cfg.distill_loss, "raw values" if cfg.distill_loss == "mse" else "directions")
-        self.prep = prepare(cfg, self.shards, rank, StudentSpec.from_json(self.config["student"]))
-        self.config["schedule"] = lr_schedule(self.config["train"], self.prep.train_rows)
+        self.prep = prepare(cfg, self.shards, rank, self.resolved.student)
+        self.resolved = self.resolved.with_schedule(self.prep.train_rows)
         self._build(latest)
         self.runlog = RunLog(cfg.out, self.cursor.step, enabled=rank == 0, trace=cfg.trace_samples)
         self.last_saved = self.cursor.step if latest is not None else -1
@@ -304,17 +302,17 @@ class _Run:
         self.stop = StopRequest("training")
 
     def _build(self, latest: str | None) -> None:
-        from distill.student import build_student
+        from distill.train.student import build_student
 
         cfg = self.cfg
         if cfg.mixed_precision:
             import keras
 
             keras.mixed_precision.set_global_policy("mixed_float16")
-        self.spec = StudentSpec.from_json(self.config["student"])
+        self.spec = self.resolved.student
         with self.strategy.scope():
             self.model = build_student(self.spec)
-            self.optimizer = _optimizer(cfg, self.config["schedule"])
+            self.optimizer = _optimizer(cfg, self.resolved.schedule)
             self.optimizer.build(self.model.trainable_variables)
         centres = self.model.get_layer("logits").centres if self.spec.margin == "teacher" else None
         if latest is not None:
@@ -327,7 +325,7 @@ class _Run:
             if centres is not None:
                 centres.assign(self.prep.centres.T)  # the teacher's class means
         self.step_fn = _make_step(
-            self.model, self.optimizer, self.strategy, LossSpec(**self.config["loss"]), cfg.batch_size,
+            self.model, self.optimizer, self.strategy, self.resolved.loss, cfg.batch_size,
             cfg.trace_samples, self.prep.class_bias, centres if cfg.centre_update == "adaptive" else None,
         )
 
@@ -347,7 +345,7 @@ class _Run:
             state = snapshot(self.model, self.optimizer)  # on every rank: reading on-read-synced variables is a collective
         self.last_saved = self.cursor.step
         # The summary rides along: under Ray Train it is what the driver gets back.
-        self.store.save(state, self.config, self.cursor, {**self.summary(), **(val or {})})
+        self.store.save(state, self.resolved.to_json(), self.cursor, {**self.summary(), **(val or {})})
 
     def validate(self, state: dict, keep_best: bool = True) -> dict[str, float] | None:
         """Score a snapshot on the held-out people (rank 0, a model of its own: no collectives)
@@ -358,7 +356,7 @@ class _Run:
         val = self.prep.validator(state)
         val["val_seconds"] = round(time.perf_counter() - t0, 3)
         if keep_best and is_better(val, self.best):
-            write_best(self.cfg.out, state, self.config, self.cursor, {**val, "epochs_done": self.cursor.epoch,
+            write_best(self.cfg.out, state, self.resolved.to_json(), self.cursor, {**val, "epochs_done": self.cursor.epoch,
                                                                        "step": self.cursor.step})
             self.best = val
             val["best"] = True
@@ -403,7 +401,8 @@ class _Run:
         import tensorflow as tf
         from tqdm import tqdm
 
-        from distill.stream import make_dataset, plan_epoch
+        from distill.train.order import plan_epoch
+        from distill.train.stream import make_dataset
 
         cfg, shards, rank, world_size = self.cfg, self.shards, self.rank, self.world_size
         plan = plan_epoch(
@@ -420,7 +419,7 @@ class _Run:
         def dataset_fn(ctx):
             if ctx.num_input_pipelines != world_size or ctx.input_pipeline_id != rank:
                 raise ValueError(f"input pipeline {ctx.input_pipeline_id}/{ctx.num_input_pipelines} is not rank {rank}/{world_size}")
-            return make_dataset(shards, plan, seed=cfg.seed, flip=self.config["flip"], view_prob=self.config["view_prob"],
+            return make_dataset(shards, plan, seed=cfg.seed, flip=self.resolved.flip, view_prob=self.resolved.view_prob,
                                 replica_batch=ctx.get_per_replica_batch_size(cfg.batch_size))
 
         batches = iter(self.strategy.distribute_datasets_from_function(dataset_fn))

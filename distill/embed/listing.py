@@ -40,17 +40,19 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Iterator
 
 import numpy as np
 
 from distill.errors import BadInput, BadOption
+from distill.options import add_options, config_from_args, option
+from distill.shards.format import UNLABELLED
 
 log = logging.getLogger(__name__)
 
 FOOTER_KEY = "distill.listing"
-KINDS = ("folders", "list", "rec")
+KINDS = ("folders", "flat", "list", "rec", "sources")  # "sources": several of the others, one after another
 DEFAULT_ROW_GROUP_ROWS = 131072
 FINGERPRINT_VERSION = "distill.listing.fingerprint/1"
 _LIST_CHUNK = 65536  # list-file lines parsed per batch handed to the writer
@@ -58,16 +60,41 @@ _LIST_CHUNK = 65536  # list-file lines parsed per batch handed to the writer
 
 @dataclass(frozen=True)
 class ListingConfig:
-    source: str
-    out: str
-    row_group_rows: int = DEFAULT_ROW_GROUP_ROWS
+    """The options of ``distill listing`` (the CLI is derived from these fields)."""
+
+    sources: tuple[str, ...] = option(
+        help="identity folders (ROOT/NAME/images), a flat folder of images (no identities: unlabelled), a list "
+             "file (`path<TAB>label` or bare `path` lines), or an insightface train.rec / its folder; several "
+             "sources are listed one after another with their label spaces kept apart",
+        positional=True, metavar="SOURCE")
+    out: str = option(help="output file, e.g. RUN/listing.parquet (written atomically)", required=True)
+    row_group_rows: int = option(DEFAULT_ROW_GROUP_ROWS, "rows per Parquet row group")
     idx_block_bytes: int = 1 << 22  # train.idx text parsed per chunk
 
     def __post_init__(self) -> None:
+        if isinstance(self.sources, str) or not self.sources:
+            raise BadOption(f"sources is a non-empty tuple of paths, got {self.sources!r}")
         if self.row_group_rows < 1:
-            raise BadOption(f"row_group_rows must be >= 1, got {self.row_group_rows}")
+            raise BadOption(f"--row-group-rows must be >= 1, got {self.row_group_rows}")
         if self.idx_block_bytes < 1024:
             raise BadOption(f"idx_block_bytes must be >= 1024, got {self.idx_block_bytes}")
+
+
+@dataclass(frozen=True)
+class SourcePart:
+    """One source of a listing: its rows ``[first_row, first_row + rows)`` and labels
+    ``[label_offset, label_offset + num_classes)`` (none for an unlabelled source)."""
+
+    kind: str
+    source: str
+    rows: int
+    num_classes: int
+    first_row: int = 0
+    label_offset: int = 0
+    unlabelled: int = 0  # rows with label UNLABELLED
+
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -78,19 +105,31 @@ class ListingInfo:
     rows: int
     num_classes: int
     label_names: tuple[str, ...] | None
+    unlabelled: int = 0  # rows with label UNLABELLED (-1)
+    parts: tuple[SourcePart, ...] = ()  # several sources: each one's rows and labels
+
+    @property
+    def labelled(self) -> int:
+        return self.rows - self.unlabelled
 
     def to_json(self) -> dict:
-        return {
+        d = {
             "kind": self.kind, "source": self.source, "rec": self.rec, "rows": self.rows,
             "num_classes": self.num_classes,
             "label_names": list(self.label_names) if self.label_names is not None else None,
         }
+        if self.unlabelled:  # (absent in listings with every row labelled, as before)
+            d["unlabelled"] = self.unlabelled
+        if self.parts:
+            d["parts"] = [p.to_json() for p in self.parts]
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "ListingInfo":
         names = d.get("label_names")
         return cls(d["kind"], d["source"], d.get("rec"), int(d["rows"]), int(d["num_classes"]),
-                   tuple(names) if names is not None else None)
+                   tuple(names) if names is not None else None, int(d.get("unlabelled", 0)),
+                   tuple(SourcePart(**p) for p in d.get("parts", ())))
 
 
 @dataclass(frozen=True)
@@ -115,10 +154,6 @@ class RecFiles:
 
 # ---------------------------------------------------------------------------- pure decisions
 
-def is_hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
 def parse_list_line(line: str, lineno: int, where: str) -> tuple[str, int | None] | None:
     """``(path, label or None)`` for a data line, None for a blank or ``#`` line."""
     text = line.rstrip("\r\n")
@@ -138,8 +173,9 @@ def parse_list_line(line: str, lineno: int, where: str) -> tuple[str, int | None
             f"{where}:{lineno}: label {label!r} is not an integer; expected `path<TAB>label` with an int label, "
             "or a bare `path` (label = its folder name)"
         ) from None
-    if value < 0:
-        raise BadInput(f"{where}:{lineno}: label {value} is negative; labels are class numbers 0..C-1")
+    if value < UNLABELLED:
+        raise BadInput(f"{where}:{lineno}: label {value} is negative; labels are class numbers 0..C-1, "
+                       f"or {UNLABELLED} for a face of no known identity")
     return path, value
 
 
@@ -181,19 +217,27 @@ def covering_row_groups(starts: np.ndarray, start: int, stop: int) -> range:
 
 # ---------------------------------------------------------------------------- source kinds
 
+SOURCES_HELP = ("a folder of identity sub-folders, a flat folder of images (no identities), a list file of "
+                "`path<TAB>label` lines, or an insightface train.rec (or its folder)")
+
+
 def resolve_source(source: str) -> tuple[str, str, RecFiles | None]:
     """(kind, absolute source, rec files or None). Touches the filesystem, decides nothing else."""
+    from distill.folders import top_level
+
     src = os.path.abspath(source)
     if not os.path.exists(src):
-        raise FileNotFoundError(
-            f"listing source {src} does not exist; give a folder of identity sub-folders, "
-            "a list file of `path<TAB>label` lines, or an insightface train.rec (or its folder)"
-        )
+        raise FileNotFoundError(f"listing source {src} does not exist; give {SOURCES_HELP}")
     if os.path.isdir(src):
         rec = os.path.join(src, "train.rec")
         if os.path.isfile(rec):
             return "rec", src, _rec_files(rec)
-        return "folders", src, None
+        dirs, images, _ = top_level(src)
+        if dirs:
+            return "folders", src, None
+        if images:
+            return "flat", src, None
+        raise BadInput(f"{src} has no sub-folders and no image files; give {SOURCES_HELP}")
     if src.endswith(".rec"):
         return "rec", src, _rec_files(src)
     if src.endswith(".idx") and os.path.isfile(src[: -len(".idx")] + ".rec"):
@@ -230,10 +274,11 @@ def _bar(**kw):
 class _ListingWriter:
     """Rows in, row groups of exactly ``row_group_rows`` out (the last may be short).
 
+    A row has a path (a file) or an offset (a record of the listing's .rec): the other is null.
     Writes to a hidden temp sibling of ``out``; ``commit`` adds the footer, fsyncs and renames.
     """
 
-    def __init__(self, out: str, row_group_rows: int, rec: bool):
+    def __init__(self, out: str, row_group_rows: int):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -241,10 +286,9 @@ class _ListingWriter:
 
         self.out = out
         self.rows = 0
-        self._rec = rec
         self._rgr = row_group_rows
         self._labels: list[np.ndarray] = []
-        self._paths: list[str] = []
+        self._paths: list[str | None] = []
         self._offsets: list[np.ndarray] = []
         self._buffered = 0
         self._schema = pa.schema([
@@ -265,14 +309,18 @@ class _ListingWriter:
         return self.rows + self._buffered
 
     def add(self, labels: np.ndarray, paths: list[str] | None = None, offsets: np.ndarray | None = None) -> None:
-        if not len(labels):
+        """Rows of files (``paths``) or of records (``offsets``)."""
+        n = len(labels)
+        if not n:
             return
         self._labels.append(np.asarray(labels, dtype=np.int64))
-        if self._rec:
+        if offsets is not None:
             self._offsets.append(np.asarray(offsets, dtype=np.int64))
+            self._paths.extend([None] * n)
         else:
+            self._offsets.append(np.full(n, -1, np.int64))
             self._paths.extend(paths)
-        self._buffered += len(labels)
+        self._buffered += n
         if self._buffered >= self._rgr:
             self._flush(final=False)
 
@@ -280,7 +328,7 @@ class _ListingWriter:
         import pyarrow as pa
 
         labels = np.concatenate(self._labels) if self._labels else np.zeros(0, np.int64)
-        offsets = np.concatenate(self._offsets) if self._offsets else None
+        offsets = np.concatenate(self._offsets) if self._offsets else np.zeros(0, np.int64)
         paths = self._paths
         done = 0
         while len(labels) - done >= self._rgr or (final and done < len(labels)):
@@ -289,14 +337,14 @@ class _ListingWriter:
             table = pa.table({
                 "index": pa.array(np.arange(self.rows, self.rows + n, dtype=np.int64)),
                 "label": pa.array(labels[sl]),
-                "path": pa.nulls(n, pa.string()) if self._rec else pa.array(paths[sl], pa.string()),
-                "offset": pa.array(offsets[sl]) if self._rec else pa.nulls(n, pa.int64()),
+                "path": pa.array(paths[sl], pa.string()),
+                "offset": pa.array(offsets[sl], mask=offsets[sl] < 0),
             }, schema=self._schema)
             self._writer.write_table(table, row_group_size=n)
             self.rows += n
             done += n
         self._labels = [labels[done:]]
-        self._offsets = [offsets[done:]] if offsets is not None else []
+        self._offsets = [offsets[done:]]
         self._paths = paths[done:]
         self._buffered = len(labels) - done
 
@@ -322,39 +370,51 @@ class _ListingWriter:
             os.unlink(self._tmp)
 
 
-def _identity_files(folder: str) -> list[str]:
-    found: list[tuple[list[str], str]] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = [d for d in dirnames if not is_hidden(d)]
-        rel = os.path.relpath(dirpath, folder)
-        parts = [] if rel == "." else rel.split(os.sep)
-        found.extend((parts + [f], os.path.join(dirpath, f)) for f in filenames if not is_hidden(f))
-    found.sort(key=lambda t: t[0])
-    return [p for _, p in found]
+@dataclass(frozen=True)
+class _Listed:
+    """What listing one source gave: its classes, their names, its unlabelled rows."""
+
+    num_classes: int
+    names: tuple[str, ...] | None = None
+    unlabelled: int = 0
 
 
-def _list_folders(root: str, sink: _ListingWriter) -> tuple[int, tuple[str, ...]]:
-    with os.scandir(root) as it:
-        entries = [e for e in it if not is_hidden(e.name)]
-    names = sorted(e.name for e in entries if e.is_dir())
-    if not names:
-        raise BadInput(
-            f"{root} has no sub-folders: a folder source needs one sub-folder per identity "
-            "(ROOT/NAME/image files). For a flat folder, write a list file of `path<TAB>label` lines."
-        )
-    loose = len(entries) - len(names)
+def _list_folders(root: str, sink: _ListingWriter, offset: int) -> _Listed:
+    from distill.folders import identity_images, top_level
+
+    names, loose, skipped = top_level(root)
     if loose:
-        log.info("ignoring %d file(s) directly in %s: they belong to no identity folder", loose, root)
+        log.info("ignoring %d image(s) directly in %s: they belong to no identity folder", len(loose), root)
     empty = 0
     with _bar(total=len(names), unit="id", desc="listing folders") as bar:
         for label, name in enumerate(names):
-            files = _identity_files(os.path.join(root, name))
+            files, s = identity_images(os.path.join(root, name))
+            skipped += s
             empty += not files
-            sink.add(np.full(len(files), label, dtype=np.int64), files)
+            sink.add(np.full(len(files), offset + label, dtype=np.int64), files)
             bar.update(1)
     if empty:
-        log.warning("%d of %d identity folders in %s hold no files; their labels stay reserved", empty, len(names), root)
-    return len(names), tuple(names)
+        log.warning("%d of %d identity folders in %s hold no images; their labels stay reserved", empty, len(names), root)
+    _say_skipped(skipped, root)
+    return _Listed(len(names), tuple(names))
+
+
+def _list_flat(root: str, sink: _ListingWriter) -> _Listed:
+    """A folder of images with no identity sub-folders: every row unlabelled."""
+    from distill.folders import flat_images
+
+    files, skipped = flat_images(root)
+    sink.add(np.full(len(files), UNLABELLED, dtype=np.int64), files)
+    _say_skipped(skipped, root)
+    return _Listed(0, (), len(files))
+
+
+def _say_skipped(skipped: int, root: str) -> None:
+    if skipped:
+        from distill.folders import IMAGE_EXTENSIONS
+
+        log.info("skipped %d file(s) in %s that are not images (by extension: %s)", skipped, root,
+                 " ".join(IMAGE_EXTENSIONS))
 
 
 def _list_lines(path: str) -> Iterator[tuple[int, str, int | None]]:
@@ -378,12 +438,12 @@ def _list_lines(path: str) -> Iterator[tuple[int, str, int | None]]:
             yield lineno, resolve_list_path(base, p), label
 
 
-def _list_file(path: str, sink: _ListingWriter) -> tuple[int, tuple[str, ...] | None]:
+def _list_file(path: str, sink: _ListingWriter, offset: int) -> _Listed:
     lines = _list_lines(path)
     first = next(lines, None)
     lines.close()
     if first is None:
-        return 0, None
+        return _Listed(0)
     names: tuple[str, ...] | None = None
     ids: dict[str, int] = {}
     if first[2] is None:
@@ -391,23 +451,28 @@ def _list_file(path: str, sink: _ListingWriter) -> tuple[int, tuple[str, ...] | 
         distinct = {parent_name(p) for _, p, _ in _list_lines(path)}
         names = tuple(sorted(distinct))
         ids = {n: i for i, n in enumerate(names)}
-    top = -1
+    top, unlabelled = -1, 0
     paths: list[str] = []
     labels: list[int] = []
+
+    def flush() -> None:
+        lab = np.asarray(labels, dtype=np.int64)
+        sink.add(np.where(lab >= 0, lab + offset, UNLABELLED), paths)
+        bar.update(len(paths))
+
     with _bar(unit="line", desc="listing file") as bar:
         for _, p, label in _list_lines(path):
             if label is None:
                 label = ids[parent_name(p)]
             top = max(top, label)
+            unlabelled += label == UNLABELLED
             paths.append(p)
             labels.append(label)
             if len(paths) >= _LIST_CHUNK:
-                sink.add(np.asarray(labels, dtype=np.int64), paths)
-                bar.update(len(paths))
+                flush()
                 paths, labels = [], []
-        sink.add(np.asarray(labels, dtype=np.int64), paths)
-        bar.update(len(paths))
-    return (len(names) if names is not None else top + 1), names
+        flush()
+    return _Listed(len(names) if names is not None else top + 1, names, unlabelled)
 
 
 def _read_property(path: str | None) -> int | None:
@@ -421,49 +486,98 @@ def _read_property(path: str | None) -> int | None:
         return None
 
 
-def _list_rec(files: RecFiles, sink: _ListingWriter, block_bytes: int) -> int:
-    from distill.recordio import InsightfacePack
+def _list_rec(files: RecFiles, sink: _ListingWriter, block_bytes: int, offset: int) -> _Listed:
+    from distill.embed.recordio import InsightfacePack
 
     with InsightfacePack(files.rec, files.idx, block_bytes) as pack:
         with _bar(total=pack.images, unit="img", desc="listing records") as bar:
             for labels, offsets in pack.chunks():
-                sink.add(labels, offsets=offsets)
+                sink.add(np.asarray(labels, np.int64) + offset, offsets=offsets)
                 bar.update(len(labels))
     declared = _read_property(files.property)
     if declared is not None and declared != pack.num_classes:
         log.warning("%s says %d classes but %s holds %d; the listing uses %d",
                     files.property, declared, files.rec, pack.num_classes, pack.num_classes)
-    return pack.num_classes
+    return _Listed(pack.num_classes)
 
 
 # ---------------------------------------------------------------------------- entry points
 
+def combined_names(parts: list[tuple[SourcePart, tuple[str, ...] | None]]) -> tuple[str, ...] | None:
+    """The label names of a listing of several sources: each labelled source's names in label
+    order, prefixed ``SOURCE/`` when more than one source has labels (names may repeat across
+    sources); None when a labelled source has no names (integer labels). Pure."""
+    labelled = [(part, names) for part, names in parts if part.num_classes]
+    if any(names is None for _, names in labelled):
+        return None
+    if len(labelled) == 1:
+        return labelled[0][1]
+    out: list[str] = []
+    for part, names in labelled:
+        prefix = os.path.basename(part.source.rstrip("/")) or part.source
+        out.extend(f"{prefix}/{n}" for n in names)
+    return tuple(out)
+
+
+def _list_one(kind: str, source: str, rec_files: RecFiles | None, sink: _ListingWriter, cfg: ListingConfig,
+              offset: int) -> _Listed:
+    if kind == "folders":
+        return _list_folders(source, sink, offset)
+    if kind == "flat":
+        return _list_flat(source, sink)
+    if kind == "list":
+        return _list_file(source, sink, offset)
+    return _list_rec(rec_files, sink, cfg.idx_block_bytes, offset)
+
+
 def build_listing(cfg: ListingConfig) -> ListingInfo:
-    """Write the listing for ``cfg.source`` to ``cfg.out`` atomically; return its footer info."""
-    kind, source, rec_files = resolve_source(cfg.source)
+    """Write the listing of ``cfg.sources`` to ``cfg.out`` atomically; return its footer info.
+
+    Several sources are listed one after another: their rows in the order given, their label
+    spaces apart (each source's labels follow the previous sources' classes), the rows of an
+    unlabelled source (a flat folder) marked ``UNLABELLED``.
+    """
+    resolved = [resolve_source(src) for src in cfg.sources]
+    recs = [r.rec for _, _, r in resolved if r is not None]
+    if len(recs) > 1:
+        raise BadOption(f"a listing reads at most one .rec pack, got {len(recs)} ({', '.join(recs)}); list each "
+                        "pack on its own, or unpack all but one into folders")
+    if len({src for _, src, _ in resolved}) < len(resolved):
+        raise BadOption(f"a source is given twice: {' '.join(cfg.sources)}; each image must be listed once")
     out = os.path.abspath(cfg.out)
     if os.path.isdir(out):
         raise BadOption(f"--out {out} is a directory; give a file path such as {os.path.join(out, 'listing.parquet')}")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    sink = _ListingWriter(out, cfg.row_group_rows, rec=kind == "rec")
+    sink = _ListingWriter(out, cfg.row_group_rows)
     try:
-        names: tuple[str, ...] | None = None
-        if kind == "folders":
-            num_classes, names = _list_folders(source, sink)
-        elif kind == "list":
-            num_classes, names = _list_file(source, sink)
-        else:
-            num_classes = _list_rec(rec_files, sink, cfg.idx_block_bytes)
-        total = sink.total
-        if total == 0:
-            raise BadInput(f"listing of {source} is empty: no image files or records found there; "
-                             "check the path (folders need ROOT/NAME/files, lists need non-comment lines)")
-        info = ListingInfo(kind, source, rec_files.rec if rec_files else None, total, num_classes, names)
+        parts: list[tuple[SourcePart, tuple[str, ...] | None]] = []
+        classes = 0
+        for kind, source, rec_files in resolved:
+            first = sink.total
+            listed = _list_one(kind, source, rec_files, sink, cfg, classes)
+            rows = sink.total - first
+            if rows == 0:
+                raise BadInput(f"listing of {source} is empty: no image files or records found there; check the "
+                               "path (folders need ROOT/NAME/images or ROOT/images, lists need non-comment lines)")
+            parts.append((SourcePart(kind, source, rows, listed.num_classes, first, classes, listed.unlabelled),
+                          listed.names))
+            classes += listed.num_classes
+        info = _info(parts, recs[0] if recs else None, sink.total)
         sink.commit(info)
     except BaseException:
         sink.abort()
         raise
     return info
+
+
+def _info(parts: list[tuple[SourcePart, tuple[str, ...] | None]], rec: str | None, rows: int) -> ListingInfo:
+    unlabelled = sum(p.unlabelled for p, _ in parts)
+    classes = sum(p.num_classes for p, _ in parts)
+    if len(parts) == 1:
+        (part, names), = parts
+        return ListingInfo(part.kind, part.source, rec, rows, classes, names or None, unlabelled)
+    return ListingInfo("sources", " ".join(p.source for p, _ in parts), rec, rows, classes,
+                       combined_names(parts), unlabelled, tuple(p for p, _ in parts))
 
 
 def read_listing_info(path: str) -> ListingInfo:
@@ -599,24 +713,25 @@ class ListingReader:
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "listing",
-        help="list every image of a source: index, label, where to read it",
+        help="list every image of one or more sources: index, label, where to read it",
         description=(
-            "Write a listing Parquet (index, label, path, offset) for SOURCE: a folder with one "
-            "sub-folder per identity, a text file of `path<TAB>label` or bare `path` lines, or an "
-            "insightface train.rec (the .rec path or its folder; train.idx must be beside it)."
+            "Write a listing Parquet (index, label, path, offset) of SOURCE...: folders with one sub-folder per "
+            "identity, flat folders of images (unlabelled: label -1), text files of `path<TAB>label` or bare "
+            "`path` lines, or an insightface train.rec (the .rec path or its folder; train.idx must be beside it)."
         ),
     )
-    p.add_argument("source", metavar="SOURCE", help="identity folders, list file, or train.rec / its folder")
-    p.add_argument("--out", required=True, help="output file, e.g. RUN/listing.parquet (written atomically)")
-    p.add_argument("--row-group-rows", type=int, default=DEFAULT_ROW_GROUP_ROWS,
-                   help=f"rows per Parquet row group (default {DEFAULT_ROW_GROUP_ROWS})")
+    add_options(p, ListingConfig)
     p.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    cfg = ListingConfig(source=args.source, out=args.out, row_group_rows=args.row_group_rows)
+    cfg = config_from_args(ListingConfig, args)
     t0 = time.perf_counter()
     info = build_listing(cfg)
-    print(f"listing: {info.kind}, {info.rows} rows, {info.num_classes} classes, "
-          f"{time.perf_counter() - t0:.1f} s -> {os.path.abspath(cfg.out)}")
+    labels = f"{info.num_classes} classes" + (f", {info.unlabelled} rows unlabelled" if info.unlabelled else "")
+    print(f"listing: {info.kind}, {info.rows} rows, {labels}, {time.perf_counter() - t0:.1f} s -> "
+          f"{os.path.abspath(cfg.out)}")
+    for part in info.parts:
+        what = f"labels {part.label_offset}..{part.label_offset + part.num_classes - 1}" if part.num_classes else "unlabelled"
+        print(f"  {part.kind:<8} {part.rows:>9} rows  {what:<24} {part.source}")
     return 0

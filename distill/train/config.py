@@ -4,7 +4,7 @@ pure decisions made from them before any TensorFlow runs.
 ``resolve`` turns the options plus the shard directory into the config saved beside every
 checkpoint; ``check_resume`` refuses a rerun that cannot continue a saved run exactly;
 ``lr_schedule`` fixes the learning-rate schedule, recorded with the config. No TensorFlow,
-Ray or filesystem here: ``distill.train`` (the CLI and dispatch), ``distill.loop`` (the
+Ray or filesystem here: ``distill.train.run`` (the CLI and dispatch), ``distill.train.loop`` (the
 loop) and ``workers.train_worker`` (Ray Train) all read it.
 """
 
@@ -12,20 +12,21 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
-from distill.centres import CENTRE_UPDATES
-from distill.checkpoints import Cursor
 from distill.errors import BadOption, IncompatibleRun
-from distill.losses import DISTILL_LOSSES, LossSpec
 from distill.options import option
-from distill.stream import DEFAULT_PARTITIONS, check_partitions
-from distill.student import HEADS, MARGINS, StudentSpec
+from distill.train.centres import CENTRE_UPDATES
+from distill.train.checkpoints import Cursor
+from distill.train.losses import DISTILL_LOSSES, LossSpec
+from distill.train.order import DEFAULT_PARTITIONS, check_partitions
+from distill.train.student import ARCHS, DEFAULT_WIDTH, HEADS, MARGINS, StudentSpec
 
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "sgd")
+RECIPE = LossSpec()  # the default objective, stated once (in LossSpec)
 SCHEDULES = ("cosine", "constant")
 BACKBONE_WEIGHTS = ("imagenet",)
 
@@ -47,25 +48,29 @@ class TrainConfig:
     max_steps: int | None = option(None, "stop after this many global steps (smoke runs, tests, a run in parts); the "
                                    "learning-rate schedule still spans --epochs, so a rerun with a larger value goes on")
     # -- objective
-    distill_loss: str = option("nmse", "distillation term: nmse (||s/|s| - t/|t|||^2 = 2 - 2 cos, the MSE of the "
+    distill_loss: str = option(RECIPE.distill, "distillation term: nmse (||s/|s| - t/|t|||^2 = 2 - 2 cos, the MSE of the "
                                "directions), cosine (1 - cos) or mse (raw values: dominated by the teacher's norm)",
                                choices=DISTILL_LOSSES)
-    mse_weight: float = option(1.0, "weight of the distillation term")
-    ce_weight: float = option(0.0, "weight of the identity classifier's cross-entropy")
-    contrast_weight: float = option(1.0, "weight of contrastive distillation: each student embedding must pick its own "
+    mse_weight: float = option(RECIPE.mse_weight, "weight of the distillation term")
+    ce_weight: float = option(RECIPE.ce_weight, "weight of the identity classifier's cross-entropy")
+    contrast_weight: float = option(RECIPE.contrast_weight, "weight of contrastive distillation: each student embedding must pick its own "
                                     "teacher target out of the global batch's (InfoNCE on cosines; 0: off)")
-    contrast_temperature: float = option(0.1, "temperature of the contrastive term")
-    margin: str = option("softmax", "classifier: softmax, arcface (learned centres) or teacher (ArcFace whose "
+    contrast_temperature: float = option(RECIPE.contrast_temperature, "temperature of the contrastive term")
+    margin: str = option(RECIPE.margin, "classifier: softmax, arcface (learned centres) or teacher (ArcFace whose "
                          "class centres are the teacher's, AdaDistill-style)", choices=MARGINS)
-    arc_scale: float = option(32.0, "ArcFace scale s (arcface and teacher margins)")
-    arc_margin: float = option(0.3, "ArcFace additive angular margin m, radians")
+    arc_scale: float = option(RECIPE.arc_scale, "ArcFace scale s (arcface and teacher margins)")
+    arc_margin: float = option(RECIPE.arc_margin, "ArcFace additive angular margin m, radians")
     centre_update: str = option("adaptive", "teacher margin: centres fixed at the teacher's class means, or moved "
                                 "each step by AdaDistill's rule", choices=CENTRE_UPDATES)
     flip: bool = option(True, "random horizontal flip (towards the teacher's embedding_flip)")
     view_prob: float = option(0.75, "when the shards hold views (`distill embed --views K`): chance that a sample "
                               "trains on one of its views instead of the plain image")
     # -- student
-    width: float = option(0.5, "MobileNetV2 width multiplier (alpha)")
+    student: str = option("mobilenetv2", "backbone: mobilenetv2 (Keras' MobileNetV2) or mobilefacenet (the face "
+                          "recognition mobile net: stride 16, PReLU, ~1M parameters)", choices=ARCHS)
+    width: float | None = option(None, "width multiplier (default: 0.5 for mobilenetv2, its alpha; 1.0 for mobilefacenet)")
+    resolution: int | None = option(None, "the student's working resolution: it takes the shards' images (112x112) and "
+                                    "resizes them inside the model to this side, fewer FLOPs per image (default: none)")
     head: str = option("gdc", "embedding head: global depthwise conv, or GAP+BN+Dropout+Dense", choices=HEADS)
     embedding_dim: int | None = option(None, "student embedding dim (default: the teacher's)")
     init: str | None = option(None, "start from these weights: a student dir, checkpoint or best/ dir (matching "
@@ -118,6 +123,14 @@ class TrainConfig:
             raise BadOption(f"--centre-update must be one of {', '.join(CENTRE_UPDATES)}, got {self.centre_update!r}")
         if self.backbone_weights not in (None, *BACKBONE_WEIGHTS):
             raise BadOption(f"--backbone-weights must be imagenet, got {self.backbone_weights!r}")
+        if self.student not in ARCHS:
+            raise BadOption(f"--student must be one of {', '.join(ARCHS)}, got {self.student!r}")
+        if self.width is not None and self.width <= 0:
+            raise BadOption(f"--width must be positive (e.g. 0.35, 0.5, 1.0), got {self.width}")
+        keras_file = self.backbone_weights or (self.init or "").endswith((".h5", ".hdf5", ".keras"))
+        if keras_file and self.student != "mobilenetv2":
+            raise BadOption("--backbone-weights and --init FILE.h5 load Keras' MobileNetV2 weights; with --student "
+                            f"{self.student} start from scratch or --init an earlier {self.student} student")
         if self.init and self.backbone_weights:
             raise BadOption("pass --init PATH or --backbone-weights imagenet, not both")
         if not 0 <= self.view_prob <= 1:
@@ -161,46 +174,112 @@ class TrainReport:
 # ---------------------------------------------------------------- pure decisions
 
 
-def resolve(cfg: TrainConfig, shards) -> dict[str, Any]:
-    """The config as trained: the architecture, the objective, and what the shards fix. Pure."""
-    from distill.stream import resolve_flip
+@dataclass(frozen=True)
+class Schedule:
+    """The learning-rate schedule of a run (``lr_schedule``), recorded beside every checkpoint."""
 
+    kind: str
+    lr: float
+    warmup_steps: int
+    decay_steps: int | None
+    train_rows: int
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """A training run as resolved: the options, and what they and the shards fix (the student,
+    the objective, the flips and views, the shards' run). Built once (``resolve``), the same on
+    the driver and every Ray Train worker, saved beside every checkpoint (``config.json``, the
+    ``to_json`` form) and compared with the saved one on resume (``check_resume``). The schedule
+    is fixed once the training rows are known (``with_schedule``, after the held-out split)."""
+
+    train: TrainConfig
+    student: StudentSpec
+    loss: LossSpec
+    flip: bool
+    view_prob: float
+    shards_run_id: str
+    teacher_norm: dict | None = None
+    schedule: Schedule | None = None
+
+    def with_schedule(self, train_rows: int) -> "TrainRun":
+        return replace(self, schedule=lr_schedule(asdict(self.train), train_rows))
+
+    def to_json(self) -> dict[str, Any]:
+        d = {"train": asdict(self.train), "student": asdict(self.student), "loss": asdict(self.loss),
+             "flip": self.flip, "view_prob": self.view_prob, "shards_run_id": self.shards_run_id,
+             "teacher_norm": self.teacher_norm}
+        if self.schedule is not None:
+            d["schedule"] = asdict(self.schedule)
+        return json.loads(json.dumps(d))  # as saved: tuples become lists
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "TrainRun":
+        """A saved run (options this version no longer has are dropped; ones it added take their defaults)."""
+        known = {f.name for f in fields(TrainConfig)}
+        return cls(
+            train=TrainConfig(**{k: v for k, v in d["train"].items() if k in known}),
+            student=StudentSpec.from_json(d["student"]), loss=LossSpec(**d["loss"]), flip=d["flip"],
+            view_prob=d.get("view_prob", 0.0), shards_run_id=d["shards_run_id"], teacher_norm=d.get("teacher_norm"),
+            schedule=Schedule(**d["schedule"]) if d.get("schedule") else None,
+        )
+
+
+def resolve(cfg: TrainConfig, shards) -> TrainRun:
+    """The run as trained: the architecture, the objective, and what the shards fix. Pure."""
+    from distill.train.stream import resolve_flip
+
+    loss = unlabelled_loss(cfg, shards) if shards.num_classes == 0 else cfg.loss_spec()
     student = StudentSpec(
         input_size=shards.input_size,
         embedding_dim=cfg.embedding_dim or shards.embedding_dim,
         num_classes=shards.num_classes,
-        width=cfg.width, head=cfg.head, margin=cfg.margin,
+        width=cfg.width or DEFAULT_WIDTH[cfg.student], head=cfg.head, margin=loss.margin, arch=cfg.student,
+        resolution=cfg.resolution if cfg.resolution and tuple(shards.input_size) != (cfg.resolution,) * 2 else None,
     )
-    if student.embedding_dim != shards.embedding_dim and (cfg.mse_weight > 0 or cfg.contrast_weight > 0
-                                                          or cfg.margin == "teacher"):
-        why = "the teacher's class centres live" if cfg.margin == "teacher" else "the distillation term compares them"
+    if student.embedding_dim != shards.embedding_dim and (loss.mse_weight > 0 or loss.contrast_weight > 0
+                                                          or loss.margin == "teacher"):
+        why = "the teacher's class centres live" if loss.margin == "teacher" else "the distillation term compares them"
         raise BadOption(
             f"--embedding-dim {student.embedding_dim} differs from the teacher's {shards.embedding_dim}; {why} in "
             "the teacher's space, so the dims must be equal. Drop --embedding-dim"
         )
-    if cfg.margin == "teacher" and cfg.ce_weight == 0:
+    if loss.margin == "teacher" and loss.ce_weight == 0:
         raise BadOption("--margin teacher is a classifier loss: give it a --ce-weight above 0")
     if shards.views is None and cfg.view_prob > 0:
         log.info("the shards in %s hold no teacher views; training on the plain and mirrored images (the default "
                  "recipe measured best with views: `distill embed --views 4`, see docs/QUALITY.md)", shards.location)
-    return {
-        "train": asdict(cfg),
-        "student": asdict(student),
-        "loss": asdict(cfg.loss_spec()),
-        "flip": resolve_flip(shards, cfg.flip),
-        "view_prob": cfg.view_prob if shards.views is not None else 0.0,
-        "shards_run_id": shards.run_id,
-        "teacher_norm": shards.teacher_norm,
-    }
+    return TrainRun(
+        train=cfg, student=student, loss=loss, flip=resolve_flip(shards, cfg.flip),
+        view_prob=cfg.view_prob if shards.views is not None else 0.0, shards_run_id=shards.run_id,
+        teacher_norm=shards.teacher_norm,
+    )
+
+
+def unlabelled_loss(cfg: TrainConfig, shards) -> LossSpec:
+    """The objective when no row of the shards has an identity (label -1 throughout): the
+    classifier terms have nothing to train on, so they are off, and the run says so. Pure."""
+    loss = cfg.loss_spec()
+    if not loss.ce_weight and loss.margin == "softmax":
+        return loss
+    if not (loss.mse_weight or loss.contrast_weight):
+        raise BadOption(
+            f"the shards in {shards.location} hold no labelled rows (every image is of no known identity), so the "
+            "classifier (--ce-weight, --margin) has nothing to learn and it is the only term asked for; distil "
+            "instead (--mse-weight, --contrast-weight), or list identity folders with `distill listing`")
+    log.warning("the shards in %s hold no labelled rows (every image is of no known identity): the classifier term "
+                "is off, the student learns from the teacher's embeddings only", shards.location)
+    return replace(loss, ce_weight=0.0, margin="softmax")
 
 
 # Changing these mid-run would silently change the data order, the training rows or the graph.
 _FIXED_TRAIN = ("batch_size", "seed", "shuffle_buffer", "partitions", "optimizer", "val_split", "val_seed")
 
 
-def check_resume(saved: dict[str, Any], cursor: Cursor, wanted: dict[str, Any], where: str) -> None:
-    """Refuse a resume that cannot continue the saved run exactly, naming every difference. Pure."""
-    wanted = json.loads(json.dumps(wanted))  # compare as saved: tuples become lists
+def check_resume(saved: dict[str, Any], cursor: Cursor, run: TrainRun, where: str) -> None:
+    """Refuse a resume that cannot continue the saved run (its ``config.json``) exactly, naming
+    every difference. Pure."""
+    wanted = run.to_json()
     diffs = []
     if saved["shards_run_id"] != wanted["shards_run_id"]:
         diffs.append(f"  shards: checkpoint trained on run {saved['shards_run_id']}, now {wanted['shards_run_id']}")
@@ -231,7 +310,7 @@ def check_resume(saved: dict[str, Any], cursor: Cursor, wanted: dict[str, Any], 
         )
 
 
-def lr_schedule(train: Mapping[str, Any], train_rows: int) -> dict[str, Any]:
+def lr_schedule(train: Mapping[str, Any], train_rows: int) -> Schedule:
     """The learning-rate schedule of a run, from its options (``asdict(TrainConfig)``) and its
     training rows: linear warm-up from 1% of ``lr``, then cosine to 1% over the planned run
     (the whole batches of ``epochs`` epochs), or constant. ``max_steps`` only stops the run
@@ -241,13 +320,13 @@ def lr_schedule(train: Mapping[str, Any], train_rows: int) -> dict[str, Any]:
     total = max(1, train["epochs"] * (train_rows // train["batch_size"]))
     warmup = min(train["warmup_steps"], max(total - 1, 0))
     cosine = train["lr_schedule"] == "cosine"
-    return {"kind": train["lr_schedule"], "lr": train["lr"], "warmup_steps": warmup,
-            "decay_steps": max(total - warmup, 1) if cosine else None, "train_rows": train_rows}
+    return Schedule(kind=train["lr_schedule"], lr=train["lr"], warmup_steps=warmup,
+                    decay_steps=max(total - warmup, 1) if cosine else None, train_rows=train_rows)
 
 
 def _schedule_diff(saved: Mapping[str, Any], wanted_train: Mapping[str, Any]) -> str | None:
     """Why the options would change the recorded schedule, or None when they do not."""
-    now = lr_schedule(wanted_train, saved["train_rows"])
+    now = asdict(lr_schedule(wanted_train, saved["train_rows"]))
     if now == dict(saved):
         return None
     def span(s):

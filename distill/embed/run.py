@@ -128,7 +128,7 @@ class Run:
 
 def resolve_run(cfg: EmbedConfig, phases: Phases | None = None) -> Run:
     """Check listing, teacher and options; fingerprint them. No Ray, no output written."""
-    from distill.listing import listing_fingerprint, read_listing_info
+    from distill.embed.listing import listing_fingerprint, read_listing_info
     from distill.teacher import inspect_teacher, teacher_fingerprint
 
     phases = phases or Phases()
@@ -149,6 +149,7 @@ def resolve_run(cfg: EmbedConfig, phases: Phases | None = None) -> Run:
         "rows": info.rows,
         "num_classes": info.num_classes,
         "label_names": list(info.label_names) if info.label_names else None,
+        "unlabelled": info.unlabelled,  # rows of no identity (label -1): counted, not part of the run id
         "teacher": os.path.abspath(cfg.teacher),
         "teacher_fingerprint": teacher_fp,
         "teacher_signature": {"name": spec.signature, "input": spec.input_name, "output": spec.output_name},
@@ -325,78 +326,111 @@ def _drive(cfg: EmbedConfig, run: Run, ledger: Ledger, owner: str, phases: Phase
     makes every decision. Returns (shards, rows) finished by this driver and the signal that
     stopped it early (SIGTERM / SIGINT: nothing new is leased or submitted, the shards in
     flight get ``--stop-grace`` seconds), or None."""
-    import ray
-    from tqdm import tqdm
-
-    from distill.listing import ListingReader
-    from distill.shards.dispatch import Dispatcher, Forget, MarkDone, Release, Replace, Submit
-    from distill.workers.embed_actor import EmbedTask, EmbedWorker
-
     _init_ray(cfg)
     phases.mark("ray.init" if not cfg.address else "connect to Ray")
-    workers, cpus = _resolve_resources(cfg)
-    task = EmbedTask(
-        teacher=run.spec, pre=cfg.preprocessing, out=cfg.out, run_id=run.run_id, batch_size=cfg.batch_size,
-        flip=cfg.flip, views=cfg.views, dtype=cfg.dtype, images=cfg.images, paths=run.paths, rec=run.rec,
-        threads=max(1, int(cpus)), decode_threads=cfg.decode_threads or max(4, int(cpus)),
-    )
-    actor_cls = ray.remote(EmbedWorker).options(
-        num_cpus=cpus, num_gpus=cfg.gpus_per_worker, resources=dict(cfg.worker_resources) or None,
-        max_restarts=0, max_task_retries=0,
-        # Threaded: a shard's Parquet encode + write overlaps the next shard's teacher batches.
-        max_concurrency=PER_ACTOR_QUEUE,
-    )
-    d = Dispatcher(workers, PER_ACTOR_QUEUE, cfg.max_attempts)
-    actors = [actor_cls.remote(task) for _ in range(workers)]
-    starting = {a.ready.remote(): i for i, a in enumerate(actors)}  # ready ref -> slot
-    streams: dict[Any, int] = {}  # generator -> shard
-    stream_of: dict[int, Any] = {}
-    records: dict[int, ShardRecord] = {}
-    reader = ListingReader(cfg.listing)
-    total = run.identity["rows"]
-    beat = _Heartbeat(ledger, owner, cfg.lease_seconds)
-    beat.start()
-    rows_here = 0
-    actor_started = False
-    last_manifest = time.monotonic()
-    storage = open_storage(cfg.out)
+    driver = _Driver(cfg, run, ledger, owner, phases)
+    stop = StopRequest("the teacher pass").install()  # (over Ray's abort-on-SIGTERM handler)
+    try:
+        driver.loop(stop)
+    finally:
+        stop.restore()
+        driver.close()
+    d = driver.dispatcher
+    if d.failed:
+        details = "; ".join(f"shard {k}: {why}" for k, why in sorted(d.failed.items())[:5])
+        raise ShardsFailed(
+            f"{len(d.failed)} shard(s) failed {cfg.max_attempts} times and were left pending ({details}). "
+            "Fix the cause and rerun the same command: finished shards are kept."
+        )
+    return d.done, driver.rows_here, stop.signum
 
-    def rows_done_overall(state) -> int:
-        return sum(shard_at(k, total, cfg.shard_size).rows for k in state.done)
 
-    def apply(actions) -> None:
-        nonlocal rows_here, last_manifest
+class _Driver:
+    """The state the Ray shell keeps: the actors, the shard streams in flight, the records of
+    finished shards waiting to be marked done, the heartbeat and the progress bar. Every
+    decision is the ``Dispatcher``'s; each method here turns one kind of Ray event into its
+    events, or carries out the actions it returns."""
+
+    def __init__(self, cfg: EmbedConfig, run: Run, ledger: Ledger, owner: str, phases: Phases):
+        import ray
+        from tqdm import tqdm
+
+        from distill.embed.listing import ListingReader
+        from distill.shards.dispatch import Dispatcher
+        from distill.workers.embed_actor import EmbedTask, EmbedWorker
+
+        self.cfg, self.run, self.ledger, self.owner, self.phases = cfg, run, ledger, owner, phases
+        workers, cpus = _resolve_resources(cfg)
+        self.task = EmbedTask(
+            teacher=run.spec, pre=cfg.preprocessing, out=cfg.out, run_id=run.run_id, batch_size=cfg.batch_size,
+            flip=cfg.flip, views=cfg.views, dtype=cfg.dtype, images=cfg.images, paths=run.paths, rec=run.rec,
+            threads=max(1, int(cpus)), decode_threads=cfg.decode_threads or max(4, int(cpus)),
+        )
+        self.actor_cls = ray.remote(EmbedWorker).options(
+            num_cpus=cpus, num_gpus=cfg.gpus_per_worker, resources=dict(cfg.worker_resources) or None,
+            max_restarts=0, max_task_retries=0,
+            # Threaded: a shard's Parquet encode + write overlaps the next shard's teacher batches.
+            max_concurrency=PER_ACTOR_QUEUE,
+        )
+        self.dispatcher = Dispatcher(workers, PER_ACTOR_QUEUE, cfg.max_attempts)
+        self.actors = [self.actor_cls.remote(self.task) for _ in range(workers)]
+        self.starting = {a.ready.remote(): i for i, a in enumerate(self.actors)}  # ready ref -> slot
+        self.streams: dict[Any, int] = {}  # generator -> shard
+        self.stream_of: dict[int, Any] = {}
+        self.records: dict[int, ShardRecord] = {}
+        self.reader = ListingReader(cfg.listing)
+        self.total = run.identity["rows"]
+        self.beat = _Heartbeat(ledger, owner, cfg.lease_seconds)
+        self.beat.start()
+        self.rows_here, self.actor_started = 0, False
+        self.last_manifest = time.monotonic()
+        self.storage = open_storage(cfg.out)
+        self.bar = tqdm(total=self.total, initial=self.rows_done(ledger.snapshot()), unit="img", desc="embed",
+                        disable=not cfg.progress, dynamic_ncols=True, smoothing=0.05)
+
+    def rows_done(self, state) -> int:
+        return sum(shard_at(k, self.total, self.cfg.shard_size).rows for k in state.done)
+
+    # -- carrying out the dispatcher's actions
+    def apply(self, actions) -> None:
+        from distill.shards.dispatch import Forget, MarkDone, Release, Replace, Submit
+
         for act in actions:
             if isinstance(act, Submit):
-                shard = shard_at(act.k, total, cfg.shard_size)
-                gen = actors[act.slot].embed_shard.options(num_returns="streaming").remote(
-                    shard, reader.rows(shard.start, shard.stop))
-                streams[gen], stream_of[act.k] = act.k, gen
+                shard = shard_at(act.k, self.total, self.cfg.shard_size)
+                gen = self.actors[act.slot].embed_shard.options(num_returns="streaming").remote(
+                    shard, self.reader.rows(shard.start, shard.stop))
+                self.streams[gen], self.stream_of[act.k] = act.k, gen
             elif isinstance(act, Forget):
-                streams.pop(stream_of.pop(act.k, None), None)
-                bar.update(-act.rows)
+                self.streams.pop(self.stream_of.pop(act.k, None), None)
+                self.bar.update(-act.rows)
             elif isinstance(act, Replace):
-                ray.kill(actors[act.slot], no_restart=True)
-                actors[act.slot] = actor_cls.remote(task)
-                starting[actors[act.slot].ready.remote()] = act.slot
-            elif isinstance(act, MarkDone):
-                record = records.pop(act.k)
-                ledger.complete(owner, record)
-                rows_here += record.rows + len(record.errors)
-                if time.monotonic() - last_manifest > 60:
-                    finalize(storage, ledger, run)
-                    last_manifest = time.monotonic()
-            elif isinstance(act, Release):
-                ledger.release(owner, list(act.ks))
-        beat.track(d.held)
+                import ray
 
-    state = ledger.snapshot()
-    bar = tqdm(total=total, initial=rows_done_overall(state), unit="img", desc="embed", disable=not cfg.progress,
-               dynamic_ncols=True, smoothing=0.05)
-    stop, grace_ends = StopRequest("the teacher pass").install(), None  # (over Ray's abort-on-SIGTERM handler)
-    try:
+                ray.kill(self.actors[act.slot], no_restart=True)
+                self.actors[act.slot] = self.actor_cls.remote(self.task)
+                self.starting[self.actors[act.slot].ready.remote()] = act.slot
+            elif isinstance(act, MarkDone):
+                self.mark_done(act.k)
+            elif isinstance(act, Release):
+                self.ledger.release(self.owner, list(act.ks))
+        self.beat.track(self.dispatcher.held)
+
+    def mark_done(self, k: int) -> None:
+        record = self.records.pop(k)
+        self.ledger.complete(self.owner, record)
+        self.rows_here += record.rows + len(record.errors)
+        if time.monotonic() - self.last_manifest > 60:
+            finalize(self.storage, self.ledger, self.run)
+            self.last_manifest = time.monotonic()
+
+    # -- the loop
+    def loop(self, stop: StopRequest) -> None:
+        import ray
+
+        d, cfg, grace_ends = self.dispatcher, self.cfg, None
         while True:
-            apply(d.lease_lost(beat.take_lost()))
+            self.apply(d.lease_lost(self.beat.take_lost()))
             if stop.requested:
                 if grace_ends is None:
                     grace_ends = time.monotonic() + cfg.stop_grace
@@ -404,93 +438,105 @@ def _drive(cfg: EmbedConfig, run: Run, ledger: Ledger, owner: str, phases: Phase
                     log.warning("stopping: no new shards; %d in flight get up to %.0f s to finish",
                                 len(d.running), cfg.stop_grace)
                 if not d.busy():
-                    break
+                    return
                 if time.monotonic() > grace_ends:
                     log.warning("stop grace over: releasing the %d shard(s) still in flight", len(d.running))
-                    break
+                    return
             elif want := d.wants():
-                apply(d.leased(ledger.acquire(owner, want, cfg.lease_seconds, time.time())))
+                self.apply(d.leased(self.ledger.acquire(self.owner, want, cfg.lease_seconds, time.time())))
+            state = None
             if not d.busy():
                 # Nothing in flight: finished even if a replacement actor can never be placed
                 # (its node died and no other node has the resources).
-                state = ledger.snapshot()
-                if len(state.done) + len(d.failed) >= run.num_shards:
-                    break
-            waiting_on = list(streams) + list(starting)
+                state = self.ledger.snapshot()
+                if len(state.done) + len(d.failed) >= self.run.num_shards:
+                    return
+            waiting_on = list(self.streams) + list(self.starting)
             if not waiting_on:
                 # The rest is leased by other drivers: wait for them, or for their leases to expire.
-                bar.n = rows_done_overall(state)
-                bar.set_postfix_str(f"waiting on {run.num_shards - len(state.done)} shards leased elsewhere")
+                state = state or self.ledger.snapshot()
+                self.bar.n = self.rows_done(state)
+                self.bar.set_postfix_str(f"waiting on {self.run.num_shards - len(state.done)} shards leased elsewhere")
                 time.sleep(min(2.0, cfg.lease_seconds / 3))
                 continue
             ready, _ = ray.wait(waiting_on, num_returns=1, timeout=1.0)
             for item in ready:
-                if item in starting:
-                    slot = starting.pop(item)
-                    try:
-                        ray.get(item)
-                    except ray.exceptions.RayActorError as e:  # its node died while it loaded the teacher
-                        log.warning("a teacher actor died while starting (%s); replacing it", _first_line(e))
-                        apply(d.start_failed(slot, _first_line(e)))
-                        continue
-                    except ray.exceptions.RayError as e:  # the constructor raised: same for every actor
-                        raise TeacherError(f"a teacher actor failed to start: {_first_line(e)}") from e
-                    if not actor_started:  # (TensorFlow import and teacher load in the actor)
-                        phases.mark("teacher actor start")
-                        actor_started = True
-                    apply(d.ready(slot))
-                    continue
-                if item not in streams:  # a stream forgotten with its dead actor
-                    continue
-                k = streams[item]
-                try:
-                    value = ray.get(next(item))
-                except StopIteration:
-                    streams.pop(item, None)
-                    continue
-                except (ray.exceptions.RayError, OSError, ValueError) as e:
-                    fix = storage_fix(e)
-                    if fix is not None:  # a full or read-only output: every shard would fail the same way
-                        raise StorageFull(
-                            f"cannot write shard {k} into {cfg.out}: {_first_line(e)}; {fix}. Kept: the "
-                            f"{len(ledger.snapshot().done)} shard(s) already done; nothing half-written"
-                        ) from e
-                    dead = isinstance(e, ray.exceptions.RayActorError)
-                    log.warning("shard %d attempt %d failed (%s): %s", k, d.attempts.get(k, 0) + 1,
-                                "actor died" if dead else "error", _first_line(e))
-                    apply(d.failed_attempt(k, _first_line(e), actor_died=dead))
-                    continue
-                if isinstance(value, int):
-                    if not phases.reported:
-                        phases.mark("first rows")
-                        phases.reported = True
-                        log.debug("%s", phases.line())
-                    d.progress(k, value)
-                    bar.update(value)
-                    continue
-                records[k] = ShardRecord.from_json(value)
-                streams.pop(item, None)
-                stream_of.pop(k, None)
-                apply(d.finished(k))
-    finally:
-        stop.restore()
-        # Done, stopped, interrupted or crashed: hand back every lease still held (given-up
-        # shards; in-flight ones after a stop or a crash) so a rerun or another driver starts at once.
+                if item in self.starting:
+                    self.actor_ready(item)
+                elif item in self.streams:  # (not a stream forgotten with its dead actor)
+                    self.stream_item(item)
+
+    def actor_ready(self, ref) -> None:
+        import ray
+
+        slot = self.starting.pop(ref)
         try:
-            apply(d.stop())
+            ray.get(ref)
+        except ray.exceptions.RayActorError as e:  # its node died while it loaded the teacher
+            log.warning("a teacher actor died while starting (%s); replacing it", _first_line(e))
+            self.apply(self.dispatcher.start_failed(slot, _first_line(e)))
+            return
+        except ray.exceptions.RayError as e:  # the constructor raised: same for every actor
+            raise TeacherError(f"a teacher actor failed to start: {_first_line(e)}") from e
+        if not self.actor_started:  # (TensorFlow import and teacher load in the actor)
+            self.phases.mark("teacher actor start")
+            self.actor_started = True
+        self.apply(self.dispatcher.ready(slot))
+
+    def stream_item(self, gen) -> None:
+        """The next value of a shard's stream: rows done (progress), its record, or its failure."""
+        import ray
+
+        k = self.streams[gen]
+        try:
+            value = ray.get(next(gen))
+        except StopIteration:
+            self.streams.pop(gen, None)
+            return
+        except (ray.exceptions.RayError, OSError, ValueError) as e:
+            self.attempt_failed(k, e)
+            return
+        if isinstance(value, int):
+            if not self.phases.reported:
+                self.phases.mark("first rows")
+                self.phases.reported = True
+                log.debug("%s", self.phases.line())
+            self.dispatcher.progress(k, value)
+            self.bar.update(value)
+            return
+        self.records[k] = ShardRecord.from_json(value)
+        self.streams.pop(gen, None)
+        self.stream_of.pop(k, None)
+        self.apply(self.dispatcher.finished(k))
+
+    def attempt_failed(self, k: int, e: BaseException) -> None:
+        import ray
+
+        fix = storage_fix(e)
+        if fix is not None:  # a full or read-only output: every shard would fail the same way
+            raise StorageFull(
+                f"cannot write shard {k} into {self.cfg.out}: {_first_line(e)}; {fix}. Kept: the "
+                f"{len(self.ledger.snapshot().done)} shard(s) already done; nothing half-written"
+            ) from e
+        dead = isinstance(e, ray.exceptions.RayActorError)
+        log.warning("shard %d attempt %d failed (%s): %s", k, self.dispatcher.attempts.get(k, 0) + 1,
+                    "actor died" if dead else "error", _first_line(e))
+        self.apply(self.dispatcher.failed_attempt(k, _first_line(e), actor_died=dead))
+
+    def close(self) -> None:
+        """Done, stopped, interrupted or crashed: hand back every lease still held (given-up
+        shards; in-flight ones after a stop or a crash) so a rerun or another driver starts at
+        once; stop the heartbeat and the actors."""
+        import ray
+
+        try:
+            self.apply(self.dispatcher.stop())
         except Exception as e:  # an error in flight matters more; the leases expire anyway
-            log.warning("could not release leases (%s); they expire in %.0f s", _first_line(e), cfg.lease_seconds)
-        beat.stop.set()
-        bar.close()
-        for actor in actors:
+            log.warning("could not release leases (%s); they expire in %.0f s", _first_line(e), self.cfg.lease_seconds)
+        self.beat.stop.set()
+        self.bar.close()
+        for actor in self.actors:
             ray.kill(actor, no_restart=True)
-    if d.failed:
-        details = "; ".join(f"shard {k}: {why}" for k, why in sorted(d.failed.items())[:5])
-        raise ShardsFailed(
-            f"{len(d.failed)} shard(s) failed {cfg.max_attempts} times and were left pending ({details}). "
-            "Fix the cause and rerun the same command: finished shards are kept."
-        )
-    return d.done, rows_here, stop.signum
 
 
 def _first_line(e: BaseException) -> str:

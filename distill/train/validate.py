@@ -49,10 +49,15 @@ class ValSet:
 
 def heldout_classes(counts: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """Sorted class ids to hold out: a seeded ``fraction`` of the classes that have at least
-    two rows (verification needs same-identity pairs), at least two classes, and never all."""
+    two rows (verification needs same-identity pairs), at least two classes, and never all.
+    ``counts`` are rows per class: unlabelled rows (label -1) have no class and never count."""
     present = np.flatnonzero(np.asarray(counts) >= 2)
     if fraction <= 0:
         return np.zeros(0, np.int64)
+    if len(present) < 2:
+        raise BadOption(
+            f"--val-split holds out labelled identities with two or more images, and the shards have {len(present)} "
+            "(rows of no known identity are never held out); validate on other people with --val-folders DIR")
     n = max(2, int(round(fraction * len(present))))
     if n >= len(np.flatnonzero(np.asarray(counts) > 0)):
         raise BadOption(
@@ -77,7 +82,7 @@ def pick_samples(sample_labels: np.ndarray, heldout: np.ndarray, max_images: int
 
 
 def pairs_for(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from distill.evaluate import all_pairs, sample_pairs
+    from distill.metrics import all_pairs, sample_pairs
 
     if len(labels) <= ALL_PAIRS_MAX:
         i, j, same = all_pairs(labels)
@@ -91,7 +96,7 @@ def pairs_for(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np
 def score(student: np.ndarray, val: ValSet) -> dict[str, float]:
     """Verification ROC-AUC and best accuracy of the student's embeddings over the pairs, and
     the mean teacher-student cosine when the teacher's embeddings are known. Pure."""
-    from distill.evaluate import best_accuracy, l2_normalise, mean_cosine, roc_auc
+    from distill.metrics import best_accuracy, l2_normalise, mean_cosine, roc_auc
 
     e = l2_normalise(student)
     i, j, same = val.pairs
@@ -116,31 +121,20 @@ def is_better(new: dict[str, float], best: dict[str, float] | None) -> bool:
 
 def from_shards(shards, sample_ids: np.ndarray, seed: int) -> ValSet:
     """The held-out rows' stored pixels (decoded as the teacher saw them) and plain embeddings."""
-    import pyarrow.parquet as pq
-
     from distill.images import decode_rgb
-    from distill.shards.storage import open_storage
+    from distill.shards.reader import ShardReader, embeddings
 
-    storage = open_storage(shards.location, create=False)
-    offsets = shards.offsets
-    images, labels, teacher = [], [], []
-    for k in np.unique(np.searchsorted(offsets, sample_ids, side="right") - 1):
-        want = sample_ids[(sample_ids >= offsets[k]) & (sample_ids < offsets[k + 1])] - offsets[k]
-        with storage.open_input(shards.names[k]) as f:
-            t = pq.read_table(f, columns=["label", "embedding", "image"]).take(want)
-        labels.append(t.column("label").to_numpy())
-        emb = t.column("embedding").combine_chunks().values.to_numpy(zero_copy_only=False)
-        teacher.append(emb.reshape(len(want), shards.embedding_dim).astype(np.float32))
-        images.extend(decode_rgb(b) for b in t.column("image").to_pylist())
-    lab = np.concatenate(labels)
-    return ValSet(f"{len(lab)} held-out images of {len(np.unique(lab))} identities", np.stack(images), lab,
-                  np.concatenate(teacher), pairs_for(lab, seed))
+    t = ShardReader(shards).read_rows(np.sort(sample_ids), ["label", "embedding", "image"])
+    lab = t.column("label").to_numpy()
+    images = np.stack([decode_rgb(b) for b in t.column("image").to_pylist()])
+    return ValSet(f"{len(lab)} held-out images of {len(np.unique(lab))} identities", images, lab,
+                  embeddings(t.column("embedding"), shards.embedding_dim), pairs_for(lab, seed))
 
 
 def from_folders(root: str, shards, max_images: int, seed: int) -> ValSet:
     """An identity folder tree, resized to the student's input; teacher embeddings from the
     shards' own teacher when it is on this machine."""
-    from distill.evaluate import scan_folders
+    from distill.evaluate.run import scan_folders
     from distill.images import UnreadableImage, decode_rgb, fit, read_file
 
     paths, labels, names = scan_folders(root)
@@ -186,9 +180,8 @@ class Validator:
         self._full = self._model = None
 
     def embed(self, state: dict) -> np.ndarray:
-        from distill.checkpoints import assign_model
-        from distill.stream import PIXEL_MEAN, PIXEL_SCALE
-        from distill.student import build_student, embedding_model
+        from distill.train.checkpoints import assign_model
+        from distill.train.student import build_student, embedding_model
 
         if self._model is None:
             self._full = build_student(self.spec)
@@ -196,7 +189,7 @@ class Validator:
         assign_model(self._full, state)
         x = self.val.images
         return np.concatenate([
-            self._model((x[a:a + self.batch].astype(np.float32) - PIXEL_MEAN) / PIXEL_SCALE, training=False).numpy()
+            self._model(x[a:a + self.batch], training=False).numpy()
             for a in range(0, len(x), self.batch)
         ])
 

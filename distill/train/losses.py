@@ -5,7 +5,7 @@ is 0 is neither computed nor logged.
 
 - ``ce`` is softmax cross-entropy of the classifier head. With ``margin`` ``arcface`` or
   ``teacher`` the logits are cosines and get the ArcFace additive angular margin and scale
-  here; ``teacher`` means the class centres are the teacher's (``distill.centres``).
+  here; ``teacher`` means the class centres are the teacher's (``distill.train.centres``).
 - ``mse`` is the distillation term, by ``distill``:
   ``mse``    mean squared error per dimension of the raw embeddings (dominated by the teacher's
              norm: mobilefacenet's raw norm is ~70, so this term is ~24 at the start);
@@ -41,13 +41,16 @@ COSINE_MARGINS = ("arcface", "teacher")  # heads whose logits are cosines
 
 @dataclass(frozen=True)
 class LossSpec:
-    ce_weight: float = 1.0
+    """The objective. Its defaults are the default recipe (docs/QUALITY.md): ``distill train``'s
+    options take theirs from here, so the recipe is stated once."""
+
+    ce_weight: float = 0.0
     mse_weight: float = 1.0
-    distill: str = "mse"
+    distill: str = "nmse"
     margin: str = "softmax"
-    arc_scale: float = 64.0
-    arc_margin: float = 0.5
-    contrast_weight: float = 0.0
+    arc_scale: float = 32.0
+    arc_margin: float = 0.3
+    contrast_weight: float = 1.0
     contrast_temperature: float = 0.1
 
     def __post_init__(self) -> None:
@@ -96,6 +99,29 @@ def contrast_loss(student_unit, teacher_unit, temperature: float):
     return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=first + tf.range(n), logits=logits)
 
 
+def classifier_loss(logits, labels, spec: LossSpec, class_bias=None):
+    """Cross-entropy of the labelled rows (label >= 0), averaged over the labelled rows of the
+    global batch; unlabelled rows (label -1: faces of no known identity) take no part. Summed
+    across replicas it is the plain mean over the global batch's labelled rows, whatever the
+    number of workers; 0 for a batch with none."""
+    import tensorflow as tf
+
+    labelled = labels >= 0
+    safe = tf.where(labelled, labels, tf.zeros_like(labels))  # (any class: the row is masked out below)
+    logits = tf.cast(logits, tf.float32)
+    if spec.margin in COSINE_MARGINS:
+        logits = arcface_logits(logits, safe, spec.arc_scale, spec.arc_margin)
+    if class_bias is not None:
+        logits = logits + class_bias
+    ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=safe, logits=logits)
+    ce = tf.where(labelled, ce, tf.zeros_like(ce))
+    count = tf.reduce_sum(tf.cast(labelled, tf.float32))
+    ctx = tf.distribute.get_replica_context()
+    if ctx is not None and ctx.num_replicas_in_sync > 1:
+        count = ctx.all_reduce(tf.distribute.ReduceOp.SUM, count)
+    return tf.reduce_sum(ce) / tf.maximum(count, 1.0)
+
+
 def loss_parts(embedding, logits, teacher, labels, spec: LossSpec, global_batch_size: int | None = None,
                class_bias=None) -> dict:
     """Named loss parts of one (replica's) batch, each averaged over the global batch.
@@ -113,13 +139,7 @@ def loss_parts(embedding, logits, teacher, labels, spec: LossSpec, global_batch_
     # identities would cost a forward and backward pass of its own for nothing.
     parts, loss = {}, 0.0
     if spec.ce_weight:
-        logits = tf.cast(logits, tf.float32)
-        if spec.margin in COSINE_MARGINS:
-            logits = arcface_logits(logits, labels, spec.arc_scale, spec.arc_margin)
-        if class_bias is not None:
-            logits = logits + class_bias
-        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-        parts["ce"] = tf.nn.compute_average_loss(ce, global_batch_size=global_batch_size)
+        parts["ce"] = classifier_loss(logits, labels, spec, class_bias)
         loss += spec.ce_weight * parts["ce"]
     if spec.mse_weight:
         if spec.distill == "mse":

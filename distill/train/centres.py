@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from distill.errors import BadInput
+from distill.shards.format import UNLABELLED
 
 log = logging.getLogger(__name__)
 
@@ -68,56 +69,57 @@ def accumulate(sums: np.ndarray, counts: np.ndarray, labels: np.ndarray, embeddi
 
 def scan_shards(shards, centres: bool, cache_dir: str | None = None) -> ShardScan:
     """One streaming pass over the shards (columns ``label``[, ``embedding``]), cached by run id."""
-    import pyarrow.parquet as pq
     from tqdm import tqdm
 
-    from distill.shards.storage import open_storage
+    from distill.shards.reader import ShardReader, embeddings
 
     cache = os.path.join(cache_dir, SCAN_CACHE) if cache_dir else None
     if cache and os.path.exists(cache):
         with np.load(cache) as z:
             if str(z["run_id"]) == shards.run_id and (not centres or "sums" in z.files):
                 return ShardScan(z["labels"], z["sums"] if "sums" in z.files else None, z["counts"])
-    storage = open_storage(shards.location, create=False)
     labels = np.empty(shards.total_rows, np.int64)
     sums = np.zeros((shards.num_classes, shards.embedding_dim), np.float64) if centres else None
     counts = np.zeros(shards.num_classes, np.int64)
-    columns = ["label", "embedding"] if centres else ["label"]
     at = 0
-    for name in tqdm(shards.names, desc="scan shards", unit="shard", leave=False, disable=len(shards.names) < 50):
-        with storage.open_input(name) as f:
-            pf = pq.ParquetFile(f)
-            for g in range(pf.num_row_groups):
-                t = pf.read_row_group(g, columns=columns)
-                lab = t.column("label").to_numpy()
-                if len(lab) and (lab.min() < 0 or lab.max() >= shards.num_classes):
-                    raise BadInput(f"{storage.uri(name)} has labels outside 0..{shards.num_classes - 1}; "
-                                     "the shard directory does not match its manifest: rerun `distill embed`")
-                labels[at:at + len(lab)] = lab
-                at += len(lab)
-                if centres:
-                    emb = t.column("embedding").combine_chunks().values.to_numpy(zero_copy_only=False)
-                    accumulate(sums, counts, lab, emb.reshape(len(lab), shards.embedding_dim))
-                else:
-                    np.add.at(counts, lab, 1)
+    with tqdm(total=len(shards.names), desc="scan shards", unit="shard", leave=False,
+              disable=len(shards.names) < 50) as bar:
+        for k, _, t in ShardReader(shards).scan(["label", "embedding"] if centres else ["label"], bar.update):
+            lab = t.column("label").to_numpy()
+            if len(lab) and (lab.min() < UNLABELLED or lab.max() >= shards.num_classes):
+                raise BadInput(f"{shards.location}/{shards.names[k]} has labels outside 0..{shards.num_classes - 1} "
+                               "(and -1: unlabelled); the shard directory does not match its manifest: rerun "
+                               "`distill embed`")
+            labels[at:at + len(lab)] = lab
+            at += len(lab)
+            known = lab >= 0  # unlabelled rows belong to no class
+            if centres:
+                accumulate(sums, counts, lab[known], embeddings(t.column("embedding"), shards.embedding_dim)[known])
+            else:
+                np.add.at(counts, lab[known], 1)
     if at != shards.total_rows:
         raise BadInput(f"the shards in {shards.location} hold {at} rows, the manifest says {shards.total_rows}; "
                          "rerun `distill embed`")
     scan = ShardScan(labels, sums, counts)
     if cache:
+        import io
+
+        from distill.shards.storage import write_file_atomic
+
         os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{cache}.tmp-{os.getpid()}.npz"
-        extra = {"sums": sums} if centres else {}
-        np.savez(tmp, run_id=np.array(shards.run_id), labels=labels, counts=counts, **extra)
-        os.replace(tmp, cache)
+        buf = io.BytesIO()
+        np.savez(buf, run_id=np.array(shards.run_id), labels=labels, counts=counts, **({"sums": sums} if centres else {}))
+        write_file_atomic(cache, buf.getvalue(), durable=False)
     return scan
 
 
 def adaptive_update(centres: np.ndarray, student: np.ndarray, teacher: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """AdaDistill's centre rule for one batch (see the module docstring). Pure; [C, D] in and out."""
+    """AdaDistill's centre rule for one batch (see the module docstring); unlabelled rows
+    (label -1) move no centre. Pure; [C, D] in and out."""
     c = np.asarray(centres, np.float64)
-    s, t = unit(student), unit(teacher)
     labels = np.asarray(labels, np.int64)
+    known = labels >= 0
+    s, t, labels = unit(np.asarray(student)[known]), unit(np.asarray(teacher)[known]), labels[known]
     alpha = np.clip(np.sum(s * t, 1) * np.sum(unit(c[labels]) * t, 1), 1e-6, 1.0)
     moved = alpha[:, None] * c[labels] + (1 - alpha[:, None]) * t
     out = c.copy()
@@ -130,6 +132,8 @@ def adaptive_update_tf(centres, student, teacher, labels):
     """The same rule in TensorFlow on [D, C] centres (the classifier's layout); returns new centres."""
     import tensorflow as tf
 
+    known = labels >= 0  # unlabelled rows move no centre
+    student, teacher, labels = (tf.boolean_mask(x, known) for x in (student, teacher, labels))
     c = tf.transpose(centres)  # [C, D]
     s = tf.math.l2_normalize(tf.cast(student, tf.float32), -1)
     t = tf.math.l2_normalize(tf.cast(teacher, tf.float32), -1)

@@ -30,39 +30,62 @@ from typing import Any, Callable
 import numpy as np
 
 from distill.errors import BadInput, BadOption, DistillError, IncompatibleRun
+from distill.metrics import (
+    FARS,
+    MIN_FALSE_ACCEPTS,
+    all_pairs,
+    best_accuracy,
+    best_distance_threshold,
+    far_key,
+    kfold_accuracy,
+    l2_normalise,
+    mean_cosine,
+    roc_auc,
+    sample_pairs,
+    tar_table,
+)
+from distill.options import add_options, config_from_args, option
 from distill.teacher import CHANNEL_ORDERS, Preprocessing
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 # All pairs of 2,000 images is ~2M scores: still one matrix product. Above that, sample.
 ALL_PAIRS_MAX_IMAGES = 2000
 DEFAULT_SAMPLED_PAIRS = 20000
-# insightface's verification.py: np.arange(0, 4, 0.01) over squared L2 of unit vectors.
-BIN_THRESHOLDS = np.arange(0, 4, 0.01)
-BIN_FOLDS = 10
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    model: str
-    folders: str | None = None
-    bin: str | None = None
-    teacher: str | None = None
-    pairs: int | None = None  # None: all pairs up to ALL_PAIRS_MAX_IMAGES images, else a sample of this many
-    seed: int = 0
-    out: str | None = None
-    batch_size: int = 64
-    flip: bool = False  # folder mode: add the flipped image's embedding (always on for .bin)
+    """The options of ``distill evaluate`` (the CLI is derived from these fields)."""
+
+    model: str = option(help="`distill export` output (RUN/export; uint8 input) or a teacher SavedModel (float32)",
+                        positional=True)
+    folders: str | None = option(None, "identity folder tree: one sub-folder of images per person", metavar="DIR",
+                                 group="data (one of)")
+    bin: str | None = option(None, "insightface verification set (lfw.bin, cfp_fp.bin, agedb_30.bin)", metavar="FILE",
+                             group="data (one of)")
+    teacher: str | None = option(None, "teacher SavedModel: also evaluate it and the teacher-student cosine",
+                                 metavar="DIR")
+    pairs: int | None = option(None, f"sample this many pairs (half same); default: all pairs up to "
+                               f"{ALL_PAIRS_MAX_IMAGES} images, else {DEFAULT_SAMPLED_PAIRS}", metavar="N")
+    seed: int = option(0, "seed of the pair sample")
+    out: str | None = option(None, "write the results as JSON here", metavar="FILE")
+    batch_size: int = option(64, "images per model call")
+    flip: bool = option(False, "folder mode: add the mirrored image's embedding (.bin always does)")
     # How float32 (teacher) models are fed. None: as the shard manifest recorded it (``shards``,
     # or the shards an exported MODEL was trained on, when they were embedded by ``teacher``),
     # else Preprocessing's defaults. Given and different from the record: an error.
-    pixel_mean: float | None = None
-    pixel_scale: float | None = None
-    channel_order: str | None = None
-    signature: str = "serving_default"
-    shards: str | None = None  # the teacher's run: preprocessing, signature and output as it recorded them
-    progress: bool = True
+    pixel_mean: float | None = option(None, "float32 (teacher) models: x' = (x - mean) / scale; default: as the shards "
+                                      "recorded (--shards, or those an exported MODEL was trained on), else 127.5",
+                                      group="teacher input conventions")
+    pixel_scale: float | None = option(None, "default: as recorded, else 128", group="teacher input conventions")
+    channel_order: str | None = option(None, "default: as recorded, else RGB", choices=CHANNEL_ORDERS,
+                                       group="teacher input conventions")
+    signature: str = option("serving_default", "signature of MODEL", group="teacher input conventions")
+    shards: str | None = option(None, "the teacher's shard directory (RUN/shards): feed the teacher as its manifest "
+                                "recorded (preprocessing, signature, output); --teacher defaults to its teacher",
+                                metavar="DIR", group="teacher input conventions")
+    progress: bool = option(True, "progress bars")
 
     def __post_init__(self) -> None:
         if (self.folders is None) == (self.bin is None):
@@ -71,168 +94,6 @@ class EvaluateConfig:
             raise BadOption(f"--pairs must be at least 2 (half same, half different), got {self.pairs}")
         if self.batch_size < 1:
             raise BadOption(f"--batch-size must be positive, got {self.batch_size}")
-
-
-# ---------------------------------------------------------------------------------------
-# Pure parts: pairs, ROC-AUC, best accuracy, k-fold thresholds.
-#
-# Written here rather than taken from scikit-learn (roc_auc_score, KFold), on purpose: it is
-# not otherwise a dependency (tens of MB, and its own SciPy pin, on every GPU node) for ~60
-# lines; the ROC-AUC must be exact over up to ~2M pairs with ties counted half (one sort, no
-# threshold grid), and the folds must reproduce insightface's verification.py, which uses
-# KFold(shuffle=False): tests/unit/test_evaluate.py checks both against brute force and
-# against sklearn's documented fold layout.
-
-
-def all_pairs(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every unordered pair i < j, and whether it is the same identity."""
-    labels = np.asarray(labels)
-    i, j = np.triu_indices(len(labels), k=1)
-    return i, j, labels[i] == labels[j]
-
-
-def sample_pairs(labels: np.ndarray, n_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A seeded sample of ``n_pairs`` pairs, half same-identity and half different.
-
-    Same pairs: a random image from a class with at least two images and another image of
-    its class; different pairs: two random images with different labels. Pairs are drawn
-    with replacement (big folders make repeats rare); the result depends only on the inputs.
-    """
-    labels = np.asarray(labels)
-    if n_pairs < 2:
-        raise ValueError(f"need at least 2 pairs, got {n_pairs}")
-    rng = np.random.default_rng(seed)
-    classes, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-    if len(classes) < 2:
-        raise BadInput("verification needs at least two identities (folders)")
-    if counts.max() < 2:
-        raise BadInput("verification needs an identity with at least two images")
-    members = np.argsort(inverse, kind="stable")  # images grouped by class
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    n_same = n_pairs // 2
-    n_diff = n_pairs - n_same
-
-    eligible = np.flatnonzero(counts[inverse] >= 2)
-    si = eligible[rng.integers(0, len(eligible), n_same)]
-    c = inverse[si]
-    # Pick another member of the same class: a random offset 1..count-1 from si's position.
-    pos = np.empty(len(labels), np.int64)
-    pos[members] = np.arange(len(labels)) - starts[inverse[members]]
-    offset = rng.integers(1, counts[c])  # high is exclusive: 1..count-1
-    sj = members[starts[c] + (pos[si] + offset) % counts[c]]
-
-    # Different pairs by rejection: redraw the partners that share a label. With at least
-    # two classes each round keeps a fixed fraction, so this ends in a few rounds.
-    di = rng.integers(0, len(labels), n_diff)
-    dj = rng.integers(0, len(labels), n_diff)
-    for _ in range(10_000):
-        clash = np.flatnonzero(labels[di] == labels[dj])
-        if len(clash) == 0:
-            break
-        dj[clash] = rng.integers(0, len(labels), len(clash))
-    else:
-        raise BadInput("could not sample different-identity pairs: nearly all images share one identity")
-    i = np.concatenate([si, di])
-    j = np.concatenate([sj, dj])
-    return i, j, labels[i] == labels[j]
-
-
-def roc_auc(scores: np.ndarray, same: np.ndarray) -> float:
-    """Exact ROC-AUC (higher score = more likely same), ties counted half (Mann-Whitney U)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    same = np.asarray(same, dtype=bool)
-    n_pos = int(same.sum())
-    n_neg = len(same) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("ROC-AUC needs both same and different pairs")
-    order = np.argsort(scores, kind="mergesort")
-    s = scores[order]
-    # Average 1-based rank over each run of tied scores.
-    distinct = np.concatenate([[True], s[1:] != s[:-1]])
-    run_id = np.cumsum(distinct) - 1
-    run_start = np.flatnonzero(distinct)
-    run_end = np.concatenate([run_start[1:], [len(s)]])
-    avg_rank = (run_start + run_end + 1) / 2.0
-    ranks = np.empty(len(s))
-    ranks[order] = avg_rank[run_id]
-    u = ranks[same].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
-
-
-def best_accuracy(scores: np.ndarray, same: np.ndarray) -> tuple[float, float]:
-    """Best accuracy of ``score >= threshold`` over every threshold, and that threshold.
-
-    Only cuts between distinct scores count, so tied scores always fall on the same side.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    same = np.asarray(same, dtype=bool)
-    if len(scores) == 0:
-        raise ValueError("no pairs to score")
-    order = np.argsort(-scores, kind="mergesort")
-    s = scores[order]
-    y = same[order]
-    n_neg = len(y) - int(y.sum())
-    tp = np.cumsum(y)
-    fp = np.cumsum(~y)
-    cut = np.concatenate([s[1:] != s[:-1], [True]])  # a cut after position i is allowed
-    acc = (tp + (n_neg - fp)) / len(y)
-    acc = np.where(cut, acc, -1.0)
-    k = int(np.argmax(acc))
-    none_same = n_neg / len(y)  # threshold above every score
-    if none_same > acc[k]:
-        return float(none_same), float(np.nextafter(s[0], np.inf))
-    return float(acc[k]), float(s[k])
-
-
-def fold_bounds(n: int, folds: int) -> list[tuple[int, int]]:
-    """Contiguous folds as sklearn's ``KFold(shuffle=False)`` makes them (insightface uses it):
-    the first ``n % folds`` folds get one extra item."""
-    if n < folds:
-        raise ValueError(f"{n} pairs cannot make {folds} folds")
-    sizes = [n // folds + (1 if k < n % folds else 0) for k in range(folds)]
-    ends = np.cumsum(sizes)
-    return [(int(e - s), int(e)) for s, e in zip(sizes, ends)]
-
-
-def kfold_accuracy(
-    distances: np.ndarray, same: np.ndarray, thresholds: np.ndarray = BIN_THRESHOLDS, folds: int = BIN_FOLDS
-) -> tuple[np.ndarray, np.ndarray]:
-    """insightface's protocol: per fold, the threshold with the best accuracy of
-    ``distance < t`` on the other folds (first best on ties) is scored on this fold.
-
-    Returns (accuracy per fold, chosen threshold per fold).
-    """
-    distances = np.asarray(distances, dtype=np.float64)
-    same = np.asarray(same, dtype=bool)
-    thresholds = np.asarray(thresholds, dtype=np.float64)
-    bounds = fold_bounds(len(distances), folds)
-    correct = (distances[None, :] < thresholds[:, None]) == same[None, :]  # [T, n]
-    per_fold = np.stack([correct[:, a:b].sum(axis=1) for a, b in bounds], axis=1)  # [T, folds]
-    total = per_fold.sum(axis=1)
-    accs = np.empty(folds)
-    chosen = np.empty(folds)
-    for k, (a, b) in enumerate(bounds):
-        train_acc = (total - per_fold[:, k]) / (len(distances) - (b - a))
-        best = int(np.argmax(train_acc))
-        chosen[k] = thresholds[best]
-        accs[k] = per_fold[best, k] / (b - a)
-    return accs, chosen
-
-
-def best_distance_threshold(distances: np.ndarray, same: np.ndarray, thresholds: np.ndarray = BIN_THRESHOLDS) -> float:
-    """The threshold of the grid that is best over all pairs (reported beside the folds)."""
-    correct = (np.asarray(distances)[None, :] < np.asarray(thresholds)[:, None]) == np.asarray(same, bool)[None, :]
-    return float(thresholds[int(np.argmax(correct.mean(axis=1)))])
-
-
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean row-wise cosine of two embedding matrices (each row L2-normalised first)."""
-    return float(np.mean(np.sum(l2_normalise(a) * l2_normalise(b), axis=1)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -564,25 +425,27 @@ def remap_pairs(
 
 
 def scan_folders(root: str) -> tuple[list[str], np.ndarray, list[str]]:
-    """(image paths, labels, identity names) of a folder tree; labels follow sorted names."""
+    """(image paths, labels, identity names) of an identity folder tree (``distill.folders``:
+    the rules ``distill listing`` follows); labels follow sorted names."""
+    from distill.folders import scan_identities
+
     if not os.path.isdir(root):
         raise FileNotFoundError(f"--folders {root} is not a directory; pass a folder with one sub-folder per identity")
-    names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    paths, labels = [], []
-    for label, name in enumerate(names):
-        files = sorted(f for f in os.listdir(os.path.join(root, name)) if f.lower().endswith(IMAGE_EXTENSIONS))
-        paths += [os.path.join(root, name, f) for f in files]
-        labels += [label] * len(files)
-    if len(names) < 2 or not paths:
-        raise BadInput(f"--folders {root} needs at least two identity sub-folders with images ({len(names)} found)")
-    return paths, np.asarray(labels, np.int64), names
+    tree = scan_identities(root)
+    paths = [p for files in tree.files for p in files]
+    labels = np.concatenate([np.full(len(f), k, np.int64) for k, f in enumerate(tree.files)] or [np.zeros(0, np.int64)])
+    if len(tree.names) < 2 or not paths:
+        raise BadInput(f"--folders {root} needs at least two identity sub-folders with images ({len(tree.names)} found)")
+    if tree.skipped:
+        log.info("--folders %s: skipped %d file(s) that are not images", root, tree.skipped)
+    return paths, labels, list(tree.names)
 
 
-def _verification(emb: np.ndarray, i: np.ndarray, j: np.ndarray, same: np.ndarray) -> dict[str, float]:
+def _verification(emb: np.ndarray, i: np.ndarray, j: np.ndarray, same: np.ndarray) -> dict[str, Any]:
     e = l2_normalise(emb)
     scores = np.sum(e[i] * e[j], axis=1)
     acc, thr = best_accuracy(scores, same)
-    return {"auc": roc_auc(scores, same), "best_accuracy": acc, "threshold": thr}
+    return {"auc": roc_auc(scores, same), "best_accuracy": acc, "threshold": thr, "tar_at_far": tar_table(scores, same)}
 
 
 def _evaluate_folders(cfg: EvaluateConfig, models: dict[str, Embedder]) -> dict[str, Any]:
@@ -617,6 +480,7 @@ def _evaluate_folders(cfg: EvaluateConfig, models: dict[str, Embedder]) -> dict[
         "identities": int(len(np.unique(labels[embedded]))),
         "pairs": int(len(same)),
         "same_pairs": int(same.sum()),
+        "impostor_pairs": int((~same).sum()),
         # All pairs are mostly "different": best accuracy is read against this majority rate.
         "chance_accuracy": float(max(same.mean(), 1 - same.mean())),
         "sampled": sampled,
@@ -647,9 +511,11 @@ def _evaluate_bin(cfg: EvaluateConfig, models: dict[str, Embedder], blobs: list[
             "fold_thresholds": [float(t) for t in thresholds],
             "best_threshold": best_distance_threshold(dist, same),
             "auc": roc_auc(-dist, same),
+            "tar_at_far": tar_table(-dist, same),
             "images_per_second": 2 * len(blobs) / max(seconds[role], 1e-9),
         }
-    results["dataset"] = {"kind": "bin", "path": cfg.bin, "pairs": int(len(same)), "same_pairs": int(same.sum())}
+    results["dataset"] = {"kind": "bin", "path": cfg.bin, "pairs": int(len(same)), "same_pairs": int(same.sum()),
+                          "impostor_pairs": int((~same).sum())}
     results["mean_cosine"] = _cosine(embeddings)
     return results
 
@@ -664,6 +530,16 @@ def _cosine(embeddings: dict[str, np.ndarray]) -> float | None:
     return mean_cosine(a, b)
 
 
+def _tar_head() -> str:
+    return " ".join(f"{'TAR@' + far_key(f):>11}" for f in FARS)
+
+
+def _tar_cells(r: dict[str, Any]) -> str:
+    """TAR at each FAR, or '-' where the impostor pairs are too few to support it."""
+    tars = r.get("tar_at_far") or {}
+    return " ".join(f"{tars[far_key(f)]:>11.4f}" if tars.get(far_key(f)) is not None else f"{'-':>11}" for f in FARS)
+
+
 def format_table(results: dict[str, Any]) -> str:
     """Plain-text table of a results dict (either kind of dataset)."""
     ds = results["dataset"]
@@ -674,32 +550,45 @@ def format_table(results: dict[str, Any]) -> str:
             f"{ds['path']}: {ds['images']} images, {ds['identities']} identities, "
             f"{ds['pairs']} pairs ({how}, {ds['same_pairs']} same; always-different scores {ds['chance_accuracy']:.4f})"
         )
-        lines.append(f"{'model':<10} {'kind':<8} {'ROC-AUC':>8} {'best acc':>9} {'threshold':>10} {'img/s':>8}")
+        lines.append(f"{'model':<10} {'kind':<8} {'ROC-AUC':>8} {'best acc':>9} {'threshold':>10} {_tar_head()} {'img/s':>8}")
         for role, r in results["models"].items():
             kind = results["kinds"][role]
             lines.append(
                 f"{role:<10} {kind:<8} {r['auc']:>8.4f} {r['best_accuracy']:>9.4f} {r['threshold']:>10.4f} "
-                f"{r['images_per_second']:>8.1f}"
+                f"{_tar_cells(r)} {r['images_per_second']:>8.1f}"
             )
     else:
         lines.append(f"{ds['path']}: {ds['pairs']} pairs ({ds['same_pairs']} same), 10-fold, flip")
-        lines.append(f"{'model':<10} {'kind':<8} {'accuracy':>17} {'threshold':>10} {'ROC-AUC':>8} {'img/s':>8}")
+        lines.append(f"{'model':<10} {'kind':<8} {'accuracy':>17} {'threshold':>10} {'ROC-AUC':>8} {_tar_head()} {'img/s':>8}")
         for role, r in results["models"].items():
             kind = results["kinds"][role]
             acc = f"{r['accuracy_mean']:.4f} +- {r['accuracy_std']:.4f}"
             lines.append(
-                f"{role:<10} {kind:<8} {acc:>17} {r['best_threshold']:>10.2f} {r['auc']:>8.4f} {r['images_per_second']:>8.1f}"
+                f"{role:<10} {kind:<8} {acc:>17} {r['best_threshold']:>10.2f} {r['auc']:>8.4f} {_tar_cells(r)} "
+                f"{r['images_per_second']:>8.1f}"
             )
     if results.get("mean_cosine") is not None:
         lines.append(f"mean teacher-student cosine: {results['mean_cosine']:.4f}")
+    n = ds.get("impostor_pairs")
+    if n is not None and any(n * f < MIN_FALSE_ACCEPTS for f in FARS):
+        lines.append(f"TAR@FAR: '-' where {n} impostor pairs are too few (a FAR f needs {MIN_FALSE_ACCEPTS}/f of them; "
+                     "more pairs: --pairs N)")
     return "\n".join(lines)
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Embed, score, print nothing; returns the results dict (and writes ``cfg.out``)."""
-    # A bad or hostile .bin is refused before any model is loaded.
+    from distill.startup import import_tensorflow_quietly
+
+    # Bad paths, and a bad or hostile .bin, are refused before any model is loaded.
+    resolve_model_dir(cfg.model)
+    if cfg.folders and not os.path.isdir(cfg.folders):
+        raise FileNotFoundError(f"--folders {cfg.folders} is not a directory; pass a folder with one sub-folder per identity")
     verification_set = load_bin(cfg.bin) if cfg.bin else None
     record, teacher = teacher_record(cfg)
+    if teacher:
+        resolve_model_dir(teacher)
+    import_tensorflow_quietly()
     pre = choose_preprocessing(record, {k: getattr(cfg, k) for k in PREPROCESSING_OPTIONS})
     if record is not None:
         log.info("teacher preprocessing as %s recorded it: %s, signature %s -> %s", record.manifest,
@@ -724,14 +613,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    # Temp + rename: a reader never sees half a results file.
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    from distill.shards.storage import write_file_atomic
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_file_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")  # a reader never sees half of it
 
 
 def add_cli(sub) -> None:
@@ -741,48 +626,12 @@ def add_cli(sub) -> None:
         description="Evaluate an exported student (or a teacher) SavedModel on an identity folder tree "
         "or an insightface verification .bin.",
     )
-    p.add_argument("model", help="`distill export` output (RUN/export; uint8 input) or a teacher SavedModel (float32)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--folders", metavar="DIR", help="identity folder tree: one sub-folder of images per person")
-    src.add_argument("--bin", metavar="FILE", help="insightface verification set (lfw.bin, cfp_fp.bin, agedb_30.bin)")
-    p.add_argument("--teacher", metavar="DIR", help="teacher SavedModel: also evaluate it and the teacher-student cosine")
-    p.add_argument(
-        "--pairs",
-        type=int,
-        default=None,
-        help=f"sample this many pairs (half same); default: all pairs up to {ALL_PAIRS_MAX_IMAGES} images, "
-        f"else {DEFAULT_SAMPLED_PAIRS}",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the pair sample")
-    p.add_argument("--out", metavar="FILE", help="write the results as JSON here")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--flip", action="store_true", help="folder mode: add the mirrored image's embedding (.bin always does)")
-    p.add_argument("--shards", metavar="DIR", help="the teacher's shard directory (RUN/shards): feed the teacher "
-                   "as its manifest recorded (preprocessing, signature, output); --teacher defaults to its teacher")
-    p.add_argument("--pixel-mean", type=float, help="float32 (teacher) models: x' = (x - mean) / scale; default: as "
-                   "the shards recorded (--shards, or those an exported MODEL was trained on), else 127.5")
-    p.add_argument("--pixel-scale", type=float, help="default: as recorded, else 128")
-    p.add_argument("--channel-order", choices=CHANNEL_ORDERS, help="default: as recorded, else RGB")
-    p.add_argument("--signature", default="serving_default", help="signature of MODEL")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_options(p, EvaluateConfig)
     p.set_defaults(func=_main)
 
 
 def _main(args) -> int:
-    cfg = EvaluateConfig(
-        model=args.model,
-        folders=args.folders,
-        bin=args.bin,
-        teacher=args.teacher,
-        pairs=args.pairs,
-        seed=args.seed,
-        out=args.out,
-        batch_size=args.batch_size,
-        flip=args.flip,
-        pixel_mean=args.pixel_mean, pixel_scale=args.pixel_scale, channel_order=args.channel_order,
-        signature=args.signature, shards=args.shards,
-        progress=args.progress,
-    )
+    cfg = config_from_args(EvaluateConfig, args)
     results = run_evaluate(cfg)
     print(format_table(results))
     if cfg.out:

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from distill.options import add_options, config_from_args, option
 from distill.shards.ledger import LedgerState
 from distill.shards.plan import shard_at, shard_name
 
@@ -19,11 +20,14 @@ RECENT_SECONDS = 300.0
 
 @dataclass(frozen=True)
 class StatusConfig:
-    shards: str
-    ledger: str = "file"
-    errors: bool = False
-    as_json: bool = False
-    verify: bool = False  # read every done shard and check its size and sha256 against its record
+    """The options of ``distill status`` (the CLI is derived from these fields)."""
+
+    shards: str = option(help="shard directory given to `distill embed --out`", positional=True)
+    ledger: str = option("file", "the ledger embed used: 'file' or redis://...")
+    errors: bool = option(False, "list every unreadable row with its reason")
+    as_json: bool = option(False, "print JSON instead of text", flag="--json")
+    verify: bool = option(False, "read every done shard and check its size and sha256 against its record; exit 1 "
+                          "when one does not match")
 
 
 def summarize(manifest: Mapping[str, Any], state: LedgerState, now: float) -> dict[str, Any]:
@@ -48,14 +52,15 @@ def summarize(manifest: Mapping[str, Any], state: LedgerState, now: float) -> di
     rate = recent or overall
     remaining = total_rows - processed
     leases = sorted(
-        ({"shard": shard_name(k), "owner": l.owner, "expires_in": round(l.expires - now, 1)}
-         for k, l in state.leases.items() if k not in state.done and l.expires > now),
+        ({"shard": shard_name(k), "owner": lease.owner, "expires_in": round(lease.expires - now, 1)}
+         for k, lease in state.leases.items() if k not in state.done and lease.expires > now),
         key=lambda d: d["shard"],
     )
     return {
         "out": manifest.get("out"),
         "run_id": manifest["run_id"],
         "rows_total": total_rows,
+        "rows_unlabelled": int(manifest.get("unlabelled") or 0),  # listing rows of no identity (label -1)
         "rows_done": rows_done,
         "errors": errors,
         "shards_total": state.num_shards,
@@ -72,7 +77,7 @@ def summarize(manifest: Mapping[str, Any], state: LedgerState, now: float) -> di
 def format_status(s: Mapping[str, Any], manifest: Mapping[str, Any], error_rows: list | None = None) -> str:
     pct = 100.0 * (s["rows_done"] + s["errors"]) / max(1, s["rows_total"])
     lines = [
-        f"run {s['run_id']}: {manifest['rows']} rows, {manifest['num_classes']} classes, "
+        f"run {s['run_id']}: {manifest['rows']} rows ({_labelled(manifest)}), {manifest['num_classes']} classes, "
         f"teacher dim {manifest['embedding_dim']} ({'flip on' if manifest['flip'] else 'flip off'}, {manifest['dtype']})",
         f"shards: {s['shards_done']} done, {s['shards_leased']} leased, {s['shards_pending']} pending of {s['shards_total']}"
         + ("  [complete]" if s["complete"] else ""),
@@ -101,6 +106,12 @@ def format_status(s: Mapping[str, Any], manifest: Mapping[str, Any], error_rows:
     elif s["errors"]:
         lines.append("        (--errors lists the unreadable rows)")
     return "\n".join(lines)
+
+
+def _labelled(manifest: Mapping[str, Any]) -> str:
+    """Labelled and unlabelled listing rows: the classifier terms train on the labelled ones only."""
+    unlabelled = int(manifest.get("unlabelled") or 0)
+    return f"{manifest['rows'] - unlabelled} labelled, {unlabelled} unlabelled"
 
 
 def _hms(seconds: float) -> str:
@@ -155,19 +166,14 @@ def format_verify(v: Mapping[str, Any]) -> str:
 def add_cli(sub) -> None:
     p = sub.add_parser("status", help="progress of a teacher pass: shards, rows, errors, speed",
                        description="Show shards done/leased/pending, rows, unreadable rows and throughput.")
-    p.add_argument("shards", help="shard directory given to `distill embed --out`")
-    p.add_argument("--ledger", default="file", help="the ledger embed used: 'file' (default) or redis://...")
-    p.add_argument("--errors", action="store_true", help="list every unreadable row with its reason")
-    p.add_argument("--json", dest="as_json", action="store_true", help="print JSON instead of text")
-    p.add_argument("--verify", action="store_true", help="read every done shard and check its size and sha256 "
-                   "against its record; exit 1 when one does not match")
+    add_options(p, StatusConfig)
     p.set_defaults(func=_main)
 
 
 def _main(a) -> int:
     from distill.shards.manifest import load_manifest
 
-    cfg = StatusConfig(a.shards, a.ledger, a.errors, a.as_json, a.verify)
+    cfg = config_from_args(StatusConfig, a)
     s = run_status(cfg)
     if cfg.as_json:
         print(json.dumps(s, indent=1))

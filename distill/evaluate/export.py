@@ -3,7 +3,7 @@
 Owns the deployable model. From the latest (or a given) checkpoint it rebuilds the trained
 graph, keeps the embedding path only (no classifier) and writes a SavedModel whose
 ``serving_default`` takes ``images``: uint8 RGB [N, H, W, 3] and returns ``embeddings``:
-float32 [N, D], L2-normalised, with the ``(x - 127.5) / 128`` scaling inside the graph.
+float32 [N, D], L2-normalised; the student's own first layer scales the pixels.
 Optionally TFLite files: float16 weights, and dynamic-range int8.
 
 Export checks itself before publishing: on real shard images the reloaded SavedModel must
@@ -26,6 +26,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from distill.errors import BadInput, BadOption, CheckFailed
+from distill.metrics import l2_normalise
+from distill.options import add_options, config_from_args, option
+from distill.shards.storage import publish_dir
 
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
 TFLITE_KINDS = ("float16", "int8")
@@ -33,15 +36,20 @@ TFLITE_KINDS = ("float16", "int8")
 
 @dataclass(frozen=True)
 class ExportConfig:
-    student: str  # the training output directory (RUN/student)
-    out: str
-    tflite: bool = False
-    checkpoint: str | None = None  # default: the latest in STUDENT/checkpoints
-    best: bool = False  # STUDENT/best: the epoch that scored best on validation
-    shards: str | None = None  # images for the check; default: the shards the student trained on
-    check_rows: int = 64
-    tolerance: float = 1e-4
-    tflite_min_cosine: float = 0.99
+    """The options of ``distill export`` (the CLI is derived from these fields)."""
+
+    student: str = option(help="training output directory (RUN/student)", positional=True)
+    out: str = option(help="export directory (RUN/export); replaced as a whole", required=True)
+    tflite: bool = option(False, "also write float16 and dynamic-range int8 TFLite files")
+    checkpoint: str | None = option(None, "a checkpoint directory (default: the latest in STUDENT/checkpoints)",
+                                    metavar="DIR")
+    best: bool = option(False, "export STUDENT/best, the epoch that scored best on the held-out people (train with "
+                        "--val-split or --val-folders)")
+    shards: str | None = option(None, "shard directory for the check images (default: the one trained on)",
+                                metavar="DIR")
+    check_rows: int = option(64, "images the self-check compares on")
+    tolerance: float = option(1e-4, "max abs difference allowed, SavedModel vs trained model")
+    tflite_min_cosine: float = option(0.99, "min cosine allowed, TFLite vs trained model")
 
     def __post_init__(self) -> None:
         if self.check_rows <= 0:
@@ -68,10 +76,6 @@ class ExportReport:
     seconds: float = 0.0
 
 
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def cosine_agreement(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     """Row-wise cosine between two embedding batches: min and mean. Pure."""
     cos = np.sum(l2_normalise(a) * l2_normalise(b), axis=1)
@@ -80,28 +84,13 @@ def cosine_agreement(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 
 def check_images(location: str, n: int, size: tuple[int, int]) -> np.ndarray:
     """Up to ``n`` real training images, uint8 [n, H, W, 3], from the first shards."""
-    import pyarrow.parquet as pq
     import tensorflow as tf
 
-    from distill.shards.storage import open_storage
-    from distill.stream import decode_stored, open_shards
+    from distill.shards.reader import ShardReader, open_shards
+    from distill.train.stream import decode_stored
 
-    shards = open_shards(location)
-    storage = open_storage(location, create=False)
-    out: list[np.ndarray] = []
-    for name in shards.names:
-        with storage.open_input(name) as f:
-            pf = pq.ParquetFile(f)
-            for g in range(pf.num_row_groups):
-                for data in pf.read_row_group(g, columns=["image"]).column("image").to_pylist():
-                    out.append(decode_stored(tf.constant(data)).numpy())
-                    if len(out) == n:
-                        break
-                if len(out) == n:
-                    break
-        if len(out) == n:
-            break
-    images = np.stack(out)
+    blobs = ShardReader(open_shards(location)).first(n, ["image"]).column("image").to_pylist()
+    images = np.stack([decode_stored(tf.constant(data)).numpy() for data in blobs])
     if images.shape[1:3] != tuple(size):
         raise BadInput(f"the shards in {location} hold {images.shape[1]}x{images.shape[2]} images, the student "
                          f"takes {size[0]}x{size[1]}; pass the shards it was trained on with --shards")
@@ -118,13 +107,10 @@ def write_saved_model(embedding_model, size: tuple[int, int], path: str) -> None
     import keras
     import tensorflow as tf
 
-    from distill.stream import PIXEL_MEAN, PIXEL_SCALE
-
     h, w = size
 
     def serve(images):
-        x = (tf.cast(images, tf.float32) - PIXEL_MEAN) / PIXEL_SCALE
-        e = tf.cast(embedding_model(x, training=False), tf.float32)
+        e = tf.cast(embedding_model(tf.cast(images, tf.float32), training=False), tf.float32)
         return {OUTPUT_NAME: tf.math.l2_normalize(e, axis=1)}
 
     archive = keras.export.ExportArchive()
@@ -162,26 +148,34 @@ def run_tflite(path: str, images: np.ndarray) -> np.ndarray:
     return runner(**{INPUT_NAME: images})[OUTPUT_NAME]
 
 
-def run_export(cfg: ExportConfig) -> ExportReport:
-    import tensorflow as tf
+def choose_checkpoint(cfg: ExportConfig) -> str:
+    """The checkpoint to export: ``--checkpoint``, ``STUDENT/best`` with ``--best``, else the latest."""
+    from distill.train.checkpoints import BEST, latest_checkpoint
 
-    from distill.checkpoints import BEST, latest_checkpoint, read_checkpoint, restore
-    from distill.student import StudentSpec, build_student, embedding_model
-
-    t0 = time.perf_counter()
     if cfg.best:
         ckpt = os.path.join(cfg.student, BEST)
         if not os.path.isfile(os.path.join(ckpt, "cursor.json")):
             raise FileNotFoundError(f"no {ckpt}: it is written by `distill train` with --val-split or --val-folders; "
                                     "train with one, or export the latest checkpoint (drop --best)")
-    else:
-        ckpt = cfg.checkpoint or latest_checkpoint(cfg.student)
+        return ckpt
+    ckpt = cfg.checkpoint or latest_checkpoint(cfg.student)
     if ckpt is None:
         raise FileNotFoundError(
             f"no checkpoint in {os.path.join(cfg.student, 'checkpoints')}: run `distill train SHARDS --out {cfg.student}` first"
         )
+    return ckpt
+
+
+def run_export(cfg: ExportConfig) -> ExportReport:
+    from distill.startup import import_tensorflow_quietly
+    from distill.train.checkpoints import read_checkpoint, restore
+    from distill.train.student import StudentSpec, build_student, embedding_model
+
+    t0 = time.perf_counter()
+    ckpt = choose_checkpoint(cfg)
     config, cursor = read_checkpoint(ckpt)
     spec = StudentSpec.from_json(config["student"])
+    import_tensorflow_quietly()  # (the checkpoint is found and read: now the slow part)
     model = build_student(spec)
     restore(model, None, ckpt)
     emb_model = embedding_model(model)
@@ -192,9 +186,7 @@ def run_export(cfg: ExportConfig) -> ExportReport:
             raise
         raise FileNotFoundError(f"{e}. The self-check reads real images from the shards the student trained on; "
                                 "if they moved, pass --shards DIR") from None
-    from distill.stream import PIXEL_MEAN, PIXEL_SCALE
-
-    want = l2_normalise(emb_model((images.astype(np.float32) - PIXEL_MEAN) / PIXEL_SCALE, training=False).numpy())
+    want = l2_normalise(emb_model(images, training=False).numpy())
 
     out = os.path.abspath(cfg.out)
     parent = os.path.dirname(out)
@@ -202,63 +194,65 @@ def run_export(cfg: ExportConfig) -> ExportReport:
     stage = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
     os.chmod(stage, 0o755)  # mkdtemp makes it private; the export is for others to read
     try:
-        sm_dir = os.path.join(stage, "saved_model")
-        write_saved_model(emb_model, spec.input_size, sm_dir)
-        loaded = tf.saved_model.load(sm_dir)
-        got = loaded.signatures["serving_default"](**{INPUT_NAME: tf.constant(images)})[OUTPUT_NAME].numpy()
-        diff = float(np.max(np.abs(got - want)))
-        if not diff <= cfg.tolerance:
-            raise CheckFailed(f"the exported SavedModel differs from the trained model by {diff:.3g} (max abs, "
-                             f"normalised embeddings) > --tolerance {cfg.tolerance}; nothing was published")
-        tflite, cosines = {}, {}
-        if cfg.tflite:
-            for kind in TFLITE_KINDS:
-                path = os.path.join(stage, f"student_{kind}.tflite")
-                with open(path, "wb") as f:
-                    f.write(_tflite(sm_dir, kind))
-                agree = cosine_agreement(run_tflite(path, images), want)
-                if not agree["min"] >= cfg.tflite_min_cosine:  # NaN fails too
-                    raise CheckFailed(f"TFLite {kind} agrees with the trained model only to cosine {agree['min']:.4f} "
-                                     f"(min over {len(images)} images) < --tflite-min-cosine {cfg.tflite_min_cosine}")
-                tflite[kind] = os.path.join(out, os.path.basename(path))
-                cosines[kind] = agree
+        diff, tflite, cosines = _write_and_check(cfg, emb_model, spec, images, want, stage)
         report = ExportReport(
             out=out, saved_model=os.path.join(out, "saved_model"), checkpoint=ckpt, step=cursor.step,
             embedding_dim=spec.embedding_dim, input_size=spec.input_size, check_rows=len(images),
-            max_abs_diff=diff, tolerance=cfg.tolerance, tflite=tflite, tflite_cosine=cosines,
+            max_abs_diff=diff, tolerance=cfg.tolerance,
+            tflite={k: os.path.join(out, os.path.basename(p)) for k, p in tflite.items()}, tflite_cosine=cosines,
             seconds=time.perf_counter() - t0,
         )
-        doc = {
-            "config": asdict(cfg), "report": asdict(report), "student": config["student"],
-            "signature": {"name": "serving_default", "input": {"name": INPUT_NAME, "dtype": "uint8",
-                          "shape": [None, *spec.input_size, 3], "channels": "RGB"},
-                          "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [None, spec.embedding_dim],
-                                     "l2_normalised": True},
-                          "preprocessing": "(x - 127.5) / 128, inside the graph"},
-        }
-        if os.path.isfile(os.path.join(ckpt, "val.json")):
-            with open(os.path.join(ckpt, "val.json")) as f:
-                doc["validation"] = json.load(f)
-        with open(os.path.join(stage, "export.json"), "w") as f:
-            json.dump(doc, f, indent=1)
+        _write_report(cfg, report, config, spec, ckpt, stage)
         # The weights exported, as a checkpoint: `distill train --init EXPORT` starts from them.
         shutil.copytree(ckpt, os.path.join(stage, "checkpoint"))
-        _publish(stage, out)
+        publish_dir(stage, out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return report
 
 
-def _publish(stage: str, out: str) -> None:
-    """Swap the staged directory in; a previous export is moved aside first, then removed."""
-    old = None
-    if os.path.exists(out):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=os.path.dirname(out))
-        os.rename(out, os.path.join(old, "x"))
-    os.rename(stage, out)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+def _write_and_check(cfg: ExportConfig, emb_model, spec, images: np.ndarray, want: np.ndarray, stage: str):
+    """The SavedModel (and TFLite files) in ``stage``, each checked against the trained model's
+    normalised embeddings ``want`` of ``images``. Returns (max abs diff, TFLite paths, cosines)."""
+    import tensorflow as tf
+
+    sm_dir = os.path.join(stage, "saved_model")
+    write_saved_model(emb_model, spec.input_size, sm_dir)
+    loaded = tf.saved_model.load(sm_dir)
+    got = loaded.signatures["serving_default"](**{INPUT_NAME: tf.constant(images)})[OUTPUT_NAME].numpy()
+    diff = float(np.max(np.abs(got - want)))
+    if not diff <= cfg.tolerance:
+        raise CheckFailed(f"the exported SavedModel differs from the trained model by {diff:.3g} (max abs, "
+                          f"normalised embeddings) > --tolerance {cfg.tolerance}; nothing was published")
+    tflite, cosines = {}, {}
+    for kind in TFLITE_KINDS if cfg.tflite else ():
+        path = os.path.join(stage, f"student_{kind}.tflite")
+        with open(path, "wb") as f:
+            f.write(_tflite(sm_dir, kind))
+        agree = cosine_agreement(run_tflite(path, images), want)
+        if not agree["min"] >= cfg.tflite_min_cosine:  # NaN fails too
+            raise CheckFailed(f"TFLite {kind} agrees with the trained model only to cosine {agree['min']:.4f} "
+                              f"(min over {len(images)} images) < --tflite-min-cosine {cfg.tflite_min_cosine}")
+        tflite[kind], cosines[kind] = path, agree
+    return diff, tflite, cosines
+
+
+def _write_report(cfg: ExportConfig, report: ExportReport, config: dict, spec, ckpt: str, stage: str) -> None:
+    """``export.json``: the options, the figures, the student and the serving signature."""
+    doc = {
+        "config": asdict(cfg), "report": asdict(report), "student": config["student"],
+        "signature": {"name": "serving_default", "input": {"name": INPUT_NAME, "dtype": "uint8",
+                      "shape": [None, *spec.input_size, 3], "channels": "RGB"},
+                      "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [None, spec.embedding_dim],
+                                 "l2_normalised": True},
+                      "preprocessing": "(x - 127.5) / 128, the student's first layer"},
+    }
+    if os.path.isfile(os.path.join(ckpt, "val.json")):
+        with open(os.path.join(ckpt, "val.json")) as f:
+            doc["validation"] = json.load(f)
+    with open(os.path.join(stage, "export.json"), "w") as f:
+        json.dump(doc, f, indent=1)
 
 
 def add_cli(subparsers) -> None:
@@ -267,22 +261,12 @@ def add_cli(subparsers) -> None:
         description="SavedModel with serving_default: images uint8 [N,H,W,3] RGB -> embeddings float32 [N,D], "
                     "L2-normalised. Checked against the trained model on real shard images before publishing.",
     )
-    p.add_argument("student", help="training output directory (RUN/student)")
-    p.add_argument("--out", required=True, help="export directory (RUN/export); replaced as a whole")
-    p.add_argument("--tflite", action="store_true", help="also write float16 and dynamic-range int8 TFLite files")
-    p.add_argument("--checkpoint", help="a checkpoint directory (default: the latest in STUDENT/checkpoints)")
-    p.add_argument("--best", action="store_true",
-                   help="export STUDENT/best, the epoch that scored best on the held-out people (train with --val-split "
-                        "or --val-folders)")
-    p.add_argument("--shards", help="shard directory for the check images (default: the one trained on)")
-    p.add_argument("--check-rows", type=int, default=64, help="images the self-check compares on")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs diff allowed, SavedModel vs trained")
-    p.add_argument("--tflite-min-cosine", type=float, default=0.99, help="min cosine allowed, TFLite vs trained")
+    add_options(p, ExportConfig)
     p.set_defaults(func=_main)
 
 
 def _main(args) -> int:
-    cfg = ExportConfig(**{f: getattr(args, f) for f in ExportConfig.__dataclass_fields__})
+    cfg = config_from_args(ExportConfig, args)
     r = run_export(cfg)
     h, w = r.input_size
     print(f"exported step {r.step} from {r.checkpoint}")

@@ -74,16 +74,17 @@ def rebuild_summary(records: Iterable[ShardRecord], num_shards: int, where: str)
 def show_lines(state: LedgerState, now: float, where: str, max_leases: int = 20) -> list[str]:
     c = state.counts(now)
     lines = [f"{where}: {c['done']} done, {c['leased']} leased, {c['pending']} pending of {state.num_shards} shards"]
-    live = sorted((l for k, l in state.leases.items() if k not in state.done and l.expires > now), key=lambda l: l.k)
-    for l in live[:max_leases]:
-        lines.append(f"  shard {l.k:>6}  {l.owner}  expires in {l.expires - now:.0f}s")
+    live = sorted((lease for k, lease in state.leases.items() if k not in state.done and lease.expires > now),
+                  key=lambda lease: lease.k)
+    for lease in live[:max_leases]:
+        lines.append(f"  shard {lease.k:>6}  {lease.owner}  expires in {lease.expires - now:.0f}s")
     if len(live) > max_leases:
         lines.append(f"  ... and {len(live) - max_leases} more leases")
     return lines
 
 
 def live_owners(state: LedgerState, now: float) -> list[str]:
-    return sorted({l.owner for k, l in state.leases.items() if k not in state.done and l.expires > now})
+    return sorted({lease.owner for k, lease in state.leases.items() if k not in state.done and lease.expires > now})
 
 
 # ---------------------------------------------------------------- the command

@@ -1,0 +1,291 @@
+"""Student quality at scale: trained on thousands of identities, judged on people nobody trained on.
+
+Data (``../shared/data``): ``celeba/`` (8,216 aligned faces of 4,741 CelebA people) split by
+identity with a fixed seed (``distill.train.validate.heldout_classes`` over the identities with
+two or more images, the split ``--val-split`` makes): the students train on the other CelebA
+people plus ``utkface/`` (16,000 faces with no identity labels, listed as a flat folder), and
+are judged on the held-out CelebA people, on **all 12 glint12 people** and on ORL (40 people,
+grey 92x112), with the teacher (the real mobilefacenet) scored on the same pairs.
+
+Every row is the real CLI, side by side: ``distill listing`` of the sources, one ``distill
+embed`` per number of teacher views the rows need (its minutes are the teacher pass's cost),
+then per recipe ``distill train`` (validating on glint12 at every epoch end: the curve),
+``distill export`` and ``distill evaluate`` of the *last* checkpoint on the three unseen sets
+(choosing the epoch on them would flatter them). Reported: ROC-AUC, TAR at FAR 1e-3 (where the
+impostor pairs support it), teacher-student cosine, samples seen, training and CPU minutes,
+teacher-pass minutes. Each row's result is kept in ``bench/results/quality_scale/<row>.json``
+and reused by later runs (``--rerun NAME`` trains it again); ``--report`` only prints the
+table and redraws the curves: ``docs/quality_scale.png`` (unseen AUC and cosine against
+samples seen, one line per recipe) and ``docs/quality_identities.png`` (against the number of
+training identities at equal samples).
+
+    python bench/quality_scale.py [--only NAME,...] [--rerun NAME,...] [--report]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    GLINT12,
+    MOBILEFACENET,
+    ORL,
+    ROOT,
+    SHARED,
+    add_idle_args,
+    distill_cmd,
+    loadavg,
+    print_header,
+    run_child,
+    settle,
+    table,
+)
+
+CELEBA, UTKFACE = SHARED / "data" / "celeba", SHARED / "data" / "utkface"
+HELDOUT_FRACTION, SPLIT_SEED = 0.3, 0  # of the CelebA identities with 2+ images
+RESULTS = ROOT / "bench" / "results" / "quality_scale"
+EVAL_PAIRS = 200_000  # glint12 (4,811 images): 100,000 impostor pairs, enough for TAR at FAR 1e-3 and 1e-4
+
+
+@dataclass(frozen=True)
+class Row:
+    """One student: its data (CelebA identities used, UTKFace or not, teacher views stored), its
+    `distill train` options and its budget in epochs over its training rows."""
+
+    name: str
+    options: tuple[str, ...] = ()
+    epochs: float = 16
+    views: int = 4
+    identities: int | None = None  # CelebA training identities (None: all of them)
+    utkface: bool = True
+    group: str = "recipe"  # "recipe": the recipe table; "identities": the identity curve
+    tags: tuple[str, ...] = field(default=())
+
+    @property
+    def data(self) -> str:
+        ids = "all" if self.identities is None else str(self.identities)
+        return f"celeba-{ids}{'+utk' if self.utkface else ''}-v{self.views}"
+
+
+ROWS: tuple[Row, ...] = ()  # (filled in below, once measured: see docs/QUALITY.md)
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:60]
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def celeba_split(work: Path) -> tuple[list[str], list[str]]:
+    """(training identities, held-out identities) of celeba/: the held-out ones are a seeded
+    ``HELDOUT_FRACTION`` of the identities with two or more images."""
+    import numpy as np
+
+    from distill.folders import scan_identities
+    from distill.train.validate import heldout_classes
+
+    tree = scan_identities(str(CELEBA))
+    counts = np.array([len(f) for f in tree.files])
+    held = set(heldout_classes(counts, HELDOUT_FRACTION, SPLIT_SEED).tolist())
+    names = list(tree.names)
+    return [n for k, n in enumerate(names) if k not in held], [n for k, n in enumerate(names) if k in held]
+
+
+def link_folder(out: Path, names: list[str], src: Path) -> Path:
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for n in names:
+        (out / n).symlink_to(src / n)
+    return out
+
+
+def shards_for(row: Row, work: Path, train_ids: list[str], guard) -> tuple[Path, dict]:
+    """The shard directory of a row's data (made once, shared by every row with the same data),
+    and its teacher pass: wall minutes and the images embedded."""
+    import numpy as np
+
+    root = work / row.data
+    done = root / "teacher-pass.json"
+    if done.exists():
+        return root / "shards", json.loads(done.read_text())
+    ids = train_ids
+    if row.identities is not None:
+        rng = np.random.default_rng(SPLIT_SEED)
+        ids = sorted(rng.choice(train_ids, size=row.identities, replace=False).tolist())
+    people = link_folder(root / "celeba", ids, CELEBA)
+    sources = [people] + ([UTKFACE] if row.utkface else [])
+    run_child(distill_cmd("listing", *sources, "--out", root / "listing.parquet"), timeout=600)
+    if (root / "shards").exists():
+        shutil.rmtree(root / "shards")
+    load = settle(guard, f"the teacher pass of {row.data}").label()
+    print(f"[{time.strftime('%H:%M:%S')}] teacher pass {row.data} (load {load})", file=sys.stderr, flush=True)
+    emb = run_child(distill_cmd("embed", root / "listing.parquet", "--teacher", MOBILEFACENET, "--out", root / "shards",
+                                "--views", row.views, "--no-progress"), timeout=4 * 3600, sample_cpu=10)
+    manifest = json.loads((root / "shards" / "manifest.json").read_text())
+    info = {"data": row.data, "seconds": emb.seconds, "cpu_seconds": emb.cpu_series[-1][1] if emb.cpu_series else None,
+            "images": manifest["rows_done"], "views": row.views, "identities": len(ids),
+            "unlabelled": manifest.get("unlabelled", 0), "load_at_start": load}
+    done.write_text(json.dumps(info, indent=1))
+    return root / "shards", info
+
+
+# ---------------------------------------------------------------------------- one row
+
+
+def train_row(row: Row, shards: Path, teacher_pass: dict, unseen: dict[str, Path], guard, work: Path) -> dict:
+    out = work / "rows" / slug(row.name)
+    student, export = out / "student", out / "export"
+    for d in (student, export):
+        if d.exists():
+            shutil.rmtree(d)
+    rows_total = json.loads((shards / "manifest.json").read_text())["rows"]
+    epochs = max(1, round(row.epochs))
+    load = settle(guard, row.name).label()
+    print(f"[{time.strftime('%H:%M:%S')}] {row.name}: {epochs} epochs of {rows_total} rows (load {load})",
+          file=sys.stderr, flush=True)
+    train = run_child(distill_cmd("train", shards, "--out", student, "--epochs", epochs, "--val-folders",
+                                  unseen["glint12"], "--no-progress", *row.options),
+                      timeout=6 * 3600, sample_cpu=10)
+    run_child(distill_cmd("export", student, "--out", export), timeout=1800)
+    scores = {}
+    for name, folder in unseen.items():
+        path = out / f"eval-{name}.json"
+        run_child(distill_cmd("evaluate", export, "--folders", folder, "--teacher", MOBILEFACENET, "--pairs",
+                              EVAL_PAIRS, "--out", path, "--no-progress"), timeout=3600)
+        scores[name] = summary(json.loads(path.read_text()))
+    records = [json.loads(line) for line in (student / "metrics.jsonl").read_text().splitlines()]
+    epochs_recs = [r for r in records if r["kind"] == "epoch"]
+    return {
+        "name": row.name, "group": row.group, "options": list(row.options), "data": row.data,
+        "identities": teacher_pass["identities"], "utkface": row.utkface, "views": row.views,
+        "epochs": epochs, "samples_seen": epochs_recs[-1]["seen"] if epochs_recs else 0,
+        "train_seconds": sum(r["seconds"] for r in epochs_recs), "wall_seconds": train.seconds,
+        "cpu_seconds": train.cpu_series[-1][1] if train.cpu_series else None,
+        "teacher_pass": teacher_pass, "load_at_start": load,
+        "curve": [(r["seen"], r.get("val_auc"), r.get("val_cos")) for r in records if r["kind"] in ("val", "epoch")],
+        "scores": scores,
+    }
+
+
+def summary(r: dict) -> dict:
+    m = r["models"]
+    return {"student_auc": m["model"]["auc"], "teacher_auc": m["teacher"]["auc"],
+            "student_tar": m["model"]["tar_at_far"].get("1e-03"), "teacher_tar": m["teacher"]["tar_at_far"].get("1e-03"),
+            "cosine": r["mean_cosine"], "images": r["dataset"]["images"], "identities": r["dataset"]["identities"],
+            "pairs": r["dataset"]["pairs"], "impostor_pairs": r["dataset"]["impostor_pairs"]}
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def fmt(x, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def report(results: list[dict]) -> None:
+    rows = []
+    for r in results:
+        s, tp = r["scores"], r["teacher_pass"]
+        rows.append([
+            r["name"], f"{r['identities']:,}{' + utk' if r['utkface'] else ''}", r["views"],
+            f"{r['samples_seen']:,}", f"{r['train_seconds'] / 60:.1f}", f"{(r['cpu_seconds'] or 0) / 60:.1f}",
+            f"{tp['seconds'] / 60:.1f}",
+            *(f"{fmt(s[k]['student_auc'])} / {fmt(s[k]['student_tar'])} / {fmt(s[k]['cosine'])}"
+              for k in ("glint12", "celeba-heldout", "orl")),
+        ])
+    print(table(["recipe", "training people", "views", "samples seen", "train min", "CPU min", "teacher pass min",
+                 "glint12: AUC / TAR@1e-3 / cos", "held-out CelebA: AUC / TAR@1e-3 / cos", "ORL: AUC / TAR@1e-3 / cos"],
+                rows))
+    if results:
+        s = results[0]["scores"]
+        print("\nTeacher on the same pairs: " + ", ".join(
+            f"{k} AUC {fmt(s[k]['teacher_auc'])} / TAR@1e-3 {fmt(s[k]['teacher_tar'])} ({s[k]['images']:,} images, "
+            f"{s[k]['identities']} people, {s[k]['pairs']:,} pairs)" for k in ("glint12", "celeba-heldout", "orl")))
+
+
+def plot(results: list[dict], png: Path, png_ids: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recipes = [r for r in results if r["group"] == "recipe"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for r in recipes:
+        pts = [(s, a, c) for s, a, c in r["curve"] if a is not None]
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=r["name"])
+        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker=".", label=r["name"])
+    for ax, what in zip(axes, ("ROC-AUC", "teacher-student cosine")):
+        ax.set_xlabel("samples seen")
+        ax.set_ylabel(f"{what}, glint12 (never trained on)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle("Trained on CelebA (+ UTKFace), validated on the 12 glint12 people at every epoch end")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    ids = sorted((r for r in results if r["group"] == "identities"), key=lambda r: r["identities"] + r["utkface"] * 1e6)
+    if ids:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        x = [r["identities"] + (0.5 if r["utkface"] else 0) for r in ids]
+        for key, label in (("student_auc", "ROC-AUC"), ("cosine", "teacher-student cosine")):
+            ax.plot(x, [r["scores"]["glint12"][key] for r in ids], marker="o", label=f"glint12 {label}")
+            ax.plot(x, [r["scores"]["celeba-heldout"][key] for r in ids], marker="s", ls="--",
+                    label=f"held-out CelebA {label}")
+        ax.set_xscale("log")
+        ax.set_xticks(x, [f"{r['identities']:,}" + ("\n+ UTKFace" if r["utkface"] else "") for r in ids])
+        ax.set_xlabel("CelebA training identities (equal samples seen)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(png_ids, dpi=110)
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/distill-bench-scale"))
+    ap.add_argument("--only", default="", help="comma-separated row names (default: all)")
+    ap.add_argument("--rerun", default="", help="comma-separated row names to train again even if a result is kept")
+    ap.add_argument("--report", action="store_true", help="print the table of the kept results and redraw the curves")
+    ap.add_argument("--png", type=Path, default=ROOT / "docs" / "quality_scale.png")
+    ap.add_argument("--png-identities", type=Path, default=ROOT / "docs" / "quality_identities.png")
+    add_idle_args(ap)
+    a = ap.parse_args()
+    chosen = [r for r in ROWS if not a.only or r.name in a.only.split(",")]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if not a.report:
+        print_header("Student quality at scale (CelebA + UTKFace; judged on glint12, held-out CelebA, ORL)")
+        a.work.mkdir(parents=True, exist_ok=True)
+        train_ids, held_ids = celeba_split(a.work)
+        unseen = {"glint12": GLINT12, "celeba-heldout": link_folder(a.work / "celeba-heldout", held_ids, CELEBA),
+                  "orl": ORL}
+        print(f"CelebA split: {len(train_ids)} training identities, {len(held_ids)} held out", file=sys.stderr)
+        rerun = set(a.rerun.split(",")) if a.rerun else set()
+        for row in chosen:
+            kept = RESULTS / f"{slug(row.name)}.json"
+            if kept.exists() and row.name not in rerun:
+                continue
+            shards, teacher_pass = shards_for(row, a.work, train_ids, a)
+            kept.write_text(json.dumps(train_row(row, shards, teacher_pass, unseen, a, a.work), indent=1))
+        print(f"\nload average at the end: {loadavg()}")
+    results = [json.loads((RESULTS / f"{slug(r.name)}.json").read_text()) for r in chosen
+               if (RESULTS / f"{slug(r.name)}.json").exists()]
+    plot(results, a.png, a.png_identities)
+    report(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
