@@ -19,7 +19,7 @@ table and redraws the curves: ``docs/quality_scale.png`` (unseen AUC and cosine 
 samples seen, one line per recipe) and ``docs/quality_identities.png`` (against the number of
 training identities at equal samples).
 
-    python bench/quality_scale.py [--only NAME,...] [--rerun NAME,...] [--report]
+    python bench/quality_scale.py [--only "NAME;NAME"] [--rerun "NAME;..."] [--report] [--embed-only]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -62,12 +62,12 @@ class Row:
 
     name: str
     options: tuple[str, ...] = ()
-    epochs: float = 16
+    samples: int = 90_000  # the budget: whole epochs over the training rows, as near this as they come
     views: int = 4
     identities: int | None = None  # CelebA training identities (None: all of them)
     utkface: bool = True
     group: str = "recipe"  # "recipe": the recipe table; "identities": the identity curve
-    tags: tuple[str, ...] = field(default=())
+    validate: bool = True  # validate on glint12 at every epoch end (the curve); off for many tiny epochs
 
     @property
     def data(self) -> str:
@@ -75,7 +75,30 @@ class Row:
         return f"celeba-{ids}{'+utk' if self.utkface else ''}-v{self.views}"
 
 
-ROWS: tuple[Row, ...] = ()  # (filled in below, once measured: see docs/QUALITY.md)
+# Budgets: about 15 minutes of training on this machine's 2 cores for the recipe rows (epochs
+# over the ~22,500 training rows from each student's measured speed), 30 for the defaults' row;
+# the identity rows see equal samples.
+MFN80 = ("--student", "mobilefacenet", "--resolution", "80")
+ROWS: tuple[Row, ...] = (
+    Row("MobileFaceNet at 80 px, 4 views", MFN80, samples=90_000, views=4),
+    Row("MobileNetV2 0.5, no views (the earlier defaults)", ("--view-prob", "0"), samples=240_000, views=0),
+    Row("MobileNetV2 0.5, 4 views", (), samples=240_000, views=4),
+    Row("MobileFaceNet at 112 px, 4 views", ("--student", "mobilefacenet"), samples=45_000, views=4),
+    Row("MobileFaceNet at 64 px, 4 views", ("--student", "mobilefacenet", "--resolution", "64"), samples=160_000,
+        views=4),
+    Row("MobileFaceNet at 80 px, no views", (*MFN80, "--view-prob", "0"), samples=90_000, views=0),
+    Row("MobileFaceNet at 80 px, 4 views, + ArcFace 0.1 on the labelled rows",
+        (*MFN80, "--ce-weight", "0.1", "--margin", "arcface"), samples=90_000, views=4),
+    Row("MobileFaceNet at 80 px, 2 views", MFN80, samples=90_000, views=2),
+    Row("MobileFaceNet at 80 px, 4 views, 30 minutes", MFN80, samples=180_000, views=4),
+    # The identity curve: equal samples, CelebA people only (no curve: many tiny epochs).
+    Row("MobileFaceNet at 80 px, 4 views, CelebA only (no UTKFace)", MFN80, samples=90_000, views=4, utkface=False,
+        group="identities", validate=False),
+    Row("MobileFaceNet at 80 px, 4 views, 1,000 CelebA people", MFN80, samples=90_000, views=4, identities=1000,
+        utkface=False, group="identities", validate=False),
+    Row("MobileFaceNet at 80 px, 4 views, 300 CelebA people", MFN80, samples=90_000, views=4, identities=300,
+        utkface=False, group="identities", validate=False),
+)
 
 
 def slug(text: str) -> str:
@@ -149,13 +172,13 @@ def train_row(row: Row, shards: Path, teacher_pass: dict, unseen: dict[str, Path
         if d.exists():
             shutil.rmtree(d)
     rows_total = json.loads((shards / "manifest.json").read_text())["rows"]
-    epochs = max(1, round(row.epochs))
+    epochs = max(1, round(row.samples / rows_total))
     load = settle(guard, row.name).label()
     print(f"[{time.strftime('%H:%M:%S')}] {row.name}: {epochs} epochs of {rows_total} rows (load {load})",
           file=sys.stderr, flush=True)
-    train = run_child(distill_cmd("train", shards, "--out", student, "--epochs", epochs, "--val-folders",
-                                  unseen["glint12"], "--no-progress", *row.options),
-                      timeout=6 * 3600, sample_cpu=10)
+    val = ["--val-folders", unseen["glint12"]] if row.validate else []
+    train = run_child(distill_cmd("train", shards, "--out", student, "--epochs", epochs, *val, "--no-progress",
+                                  *row.options), timeout=6 * 3600, sample_cpu=10)
     run_child(distill_cmd("export", student, "--out", export), timeout=1800)
     scores = {}
     for name, folder in unseen.items():
@@ -168,7 +191,7 @@ def train_row(row: Row, shards: Path, teacher_pass: dict, unseen: dict[str, Path
     return {
         "name": row.name, "group": row.group, "options": list(row.options), "data": row.data,
         "identities": teacher_pass["identities"], "utkface": row.utkface, "views": row.views,
-        "epochs": epochs, "samples_seen": epochs_recs[-1]["seen"] if epochs_recs else 0,
+        "epochs": epochs, "samples_seen": epochs_recs[-1]["seen"] if epochs_recs else 0, "rows": rows_total,
         "train_seconds": sum(r["seconds"] for r in epochs_recs), "wall_seconds": train.seconds,
         "cpu_seconds": train.cpu_series[-1][1] if train.cpu_series else None,
         "teacher_pass": teacher_pass, "load_at_start": load,
@@ -220,6 +243,8 @@ def plot(results: list[dict], png: Path, png_ids: Path) -> None:
     import matplotlib.pyplot as plt
 
     recipes = [r for r in results if r["group"] == "recipe"]
+    if not recipes:
+        return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     for r in recipes:
         pts = [(s, a, c) for s, a, c in r["curve"] if a is not None]
@@ -233,7 +258,9 @@ def plot(results: list[dict], png: Path, png_ids: Path) -> None:
     fig.suptitle("Trained on CelebA (+ UTKFace), validated on the 12 glint12 people at every epoch end")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
-    ids = sorted((r for r in results if r["group"] == "identities"), key=lambda r: r["identities"] + r["utkface"] * 1e6)
+    # The identity curve: its own rows, and the recipe row they vary (all CelebA people + UTKFace).
+    ids = sorted((r for r in results if r["group"] == "identities" or r["name"] == ROWS[0].name),
+                 key=lambda r: r["identities"] + r["utkface"] * 1e6)
     if ids:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         x = [r["identities"] + (0.5 if r["utkface"] else 0) for r in ids]
@@ -256,15 +283,18 @@ def plot(results: list[dict], png: Path, png_ids: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("/tmp/distill-bench-scale"))
-    ap.add_argument("--only", default="", help="comma-separated row names (default: all)")
-    ap.add_argument("--rerun", default="", help="comma-separated row names to train again even if a result is kept")
+    ap.add_argument("--only", default="", help="row names separated by ';' (default: all)")
+    ap.add_argument("--rerun", default="", help="row names separated by ';' to train again even if a result is kept")
     ap.add_argument("--report", action="store_true", help="print the table of the kept results and redraw the curves")
+    ap.add_argument("--embed-only", action="store_true", help="only the teacher passes the chosen rows need")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where each row's result is kept")
     ap.add_argument("--png", type=Path, default=ROOT / "docs" / "quality_scale.png")
     ap.add_argument("--png-identities", type=Path, default=ROOT / "docs" / "quality_identities.png")
     add_idle_args(ap)
     a = ap.parse_args()
-    chosen = [r for r in ROWS if not a.only or r.name in a.only.split(",")]
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    chosen = [r for r in ROWS if not a.only or r.name in a.only.split(";")]
+    results_dir = a.results
+    results_dir.mkdir(parents=True, exist_ok=True)
     if not a.report:
         print_header("Student quality at scale (CelebA + UTKFace; judged on glint12, held-out CelebA, ORL)")
         a.work.mkdir(parents=True, exist_ok=True)
@@ -272,16 +302,19 @@ def main() -> int:
         unseen = {"glint12": GLINT12, "celeba-heldout": link_folder(a.work / "celeba-heldout", held_ids, CELEBA),
                   "orl": ORL}
         print(f"CelebA split: {len(train_ids)} training identities, {len(held_ids)} held out", file=sys.stderr)
-        rerun = set(a.rerun.split(",")) if a.rerun else set()
+        rerun = set(a.rerun.split(";")) if a.rerun else set()
         for row in chosen:
-            kept = RESULTS / f"{slug(row.name)}.json"
+            kept = results_dir / f"{slug(row.name)}.json"
             if kept.exists() and row.name not in rerun:
                 continue
             shards, teacher_pass = shards_for(row, a.work, train_ids, a)
+            if a.embed_only:
+                print(f"{row.data}: {teacher_pass['images']} images, {teacher_pass['seconds'] / 60:.1f} min")
+                continue
             kept.write_text(json.dumps(train_row(row, shards, teacher_pass, unseen, a, a.work), indent=1))
         print(f"\nload average at the end: {loadavg()}")
-    results = [json.loads((RESULTS / f"{slug(r.name)}.json").read_text()) for r in chosen
-               if (RESULTS / f"{slug(r.name)}.json").exists()]
+    results = [json.loads((results_dir / f"{slug(r.name)}.json").read_text()) for r in chosen
+               if (results_dir / f"{slug(r.name)}.json").exists()]
     plot(results, a.png, a.png_identities)
     report(results)
     return 0

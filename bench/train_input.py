@@ -60,7 +60,7 @@ def child_ratio(a) -> dict:
     from distill.train.student import build_student
 
     cfg = TrainConfig(shards=a.shards, out=a.out, batch_size=a.batch_size, shuffle_buffer=a.shuffle_buffer,
-                      width=a.width)
+                      width=a.width, student=a.student, resolution=a.resolution, view_prob=a.view_prob)
     shards = open_shards(a.shards)
     config = resolve(cfg, shards)
     strategy = tf.distribute.get_strategy()
@@ -78,7 +78,8 @@ def child_ratio(a) -> dict:
             plan = plan_epoch(shards.rows, seed=0, epoch=epoch, world_size=1, rank=0, buffer=cfg.shuffle_buffer,
                               global_batch=cfg.batch_size)
             epoch += 1
-            yield from make_dataset(shards, plan, seed=0, flip=config.flip, replica_batch=cfg.batch_size)
+            yield from make_dataset(shards, plan, seed=0, flip=config.flip, replica_batch=cfg.batch_size,
+                                    view_prob=config.view_prob)
 
     live = stream()
     memory = [next(live) for _ in range(a.memory_batches)]  # decoded once, then reused
@@ -100,18 +101,28 @@ def child_ratio(a) -> dict:
         s = run(live, a.phase_steps)
         m = run(None, a.phase_steps)
         phases.append((*s, *m))
-    # The stream alone, no model: how many batches/s the input can deliver, and its CPU.
-    plan = plan_epoch(shards.rows, seed=0, epoch=epoch, world_size=1, rank=0, buffer=cfg.shuffle_buffer,
-                      global_batch=cfg.batch_size)
-    alone_it = iter(make_dataset(shards, plan, seed=0, flip=config.flip, replica_batch=cfg.batch_size))
-    for _ in range(2):
-        next(alone_it)
-    n = min(a.phase_steps * 2, plan.steps - 2)
-    t0, c0 = time.perf_counter(), time.process_time()
-    for _ in range(n):
-        next(alone_it)
-    alone = (n / (time.perf_counter() - t0), (time.process_time() - c0) / n)
-    return {"phases": phases, "alone": alone, "epochs_started": epoch,
+    # The stream alone, no model: how many batches/s the input can deliver, and its CPU, with
+    # tf.data given 1, 2, ... threads (each op one thread inside): does the input scale?
+    alone = {}
+    for threads in [0] + [int(x) for x in a.alone_threads.split(",") if x]:
+        plan = plan_epoch(shards.rows, seed=0, epoch=epoch, world_size=1, rank=0, buffer=cfg.shuffle_buffer,
+                          global_batch=cfg.batch_size)
+        ds = make_dataset(shards, plan, seed=0, flip=config.flip, replica_batch=cfg.batch_size,
+                          view_prob=config.view_prob)
+        if threads:
+            opts = tf.data.Options()
+            opts.threading.private_threadpool_size = threads
+            opts.threading.max_intra_op_parallelism = 1
+            ds = ds.with_options(opts)
+        alone_it = iter(ds)
+        for _ in range(3):
+            next(alone_it)
+        n = min(a.phase_steps * 2, plan.steps - 3)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(n):
+            next(alone_it)
+        alone[threads] = (n / (time.perf_counter() - t0), (time.process_time() - c0) / n)
+    return {"phases": phases, "alone": alone[0], "alone_threads": alone, "epochs_started": epoch,
             "images_bytes_mean": float(np.mean([len(x) for x in _sample_images(a.shards)])),
             "student_params": int(model.count_params())}
 
@@ -147,6 +158,43 @@ def make_shards(work: Path, head: RayHead, teacher: Path, images: Path, n_shards
     return out
 
 
+def ratio_section(a, shards: Path, work: Path) -> None:
+    """1. streamed vs in-memory steps/s on ``shards``, and the stream alone by thread count."""
+    load = settle(a, "the streamed / in-memory phases").label()
+    res = run_child(this_script_cmd(
+        "train_input.py", "--child", "ratio", "--shards", shards, "--out", work / "ratio-out",
+        "--batch-size", a.batch_size, "--shuffle-buffer", a.shuffle_buffer, *(["--width", a.width] if a.width else []),
+        "--student", a.student, *(["--resolution", a.resolution] if a.resolution else []), "--view-prob", a.view_prob,
+        "--alone-threads", a.alone_threads, "--warmup-steps", a.warmup_steps, "--phase-steps", a.phase_steps,
+        "--rounds", a.rounds, "--memory-batches", a.memory_batches))
+    r = res.json()
+    rows = [[i + 1, f"{s:.3f}", f"{m:.3f}", f"**{s / m:.2f}**", f"{sc:.2f} / {mc:.2f}"]
+            for i, (s, sc, m, mc) in enumerate(r["phases"])]
+    ratio = median([s / m for s, _, m, _ in r["phases"]])
+    input_cpu = median([sc - mc for _, sc, _, mc in r["phases"]])
+    step_cpu = median([mc for *_, mc in r["phases"]])
+    alone_rate, alone_cpu = r["alone"]
+    res_text = f" at {a.resolution} px" if a.resolution else ""
+    print(f"Student {a.student}{res_text} ({r['student_params']:,} parameters), batch {a.batch_size}, shards {shards}, "
+          f"stored JPEG {r['images_bytes_mean']:.0f} B mean, flip on, views with probability {a.view_prob}, "
+          f"shuffle buffer {a.shuffle_buffer}; {a.phase_steps} steps per phase after {a.warmup_steps} "
+          f"warm-up steps each; load avg at start {load}\n")
+    print(table(["round", "streamed steps/s", "in-memory steps/s", "streamed / in-memory",
+                 "CPU s per step: streamed / in-memory"], rows))
+    print(f"\nmedian streamed / in-memory: **{ratio:.2f}**. The stream alone (no model) delivers "
+          f"{alone_rate:.1f} batches/s ({alone_rate * a.batch_size:.0f} img/s) using {alone_cpu:.3f} CPU s per batch "
+          f"({1000 * alone_cpu / a.batch_size:.2f} ms/img); beside the model it adds {input_cpu:.3f} CPU s per step to "
+          f"the step's {step_cpu:.2f}, so on these 2 shared cores a ratio of about "
+          f"{step_cpu / (step_cpu + max(input_cpu, 0)):.2f} is the CPU the input needs, not waiting on it. "
+          f"Epochs started: {r['epochs_started']}.\n")
+    threads = {int(k): v for k, v in r["alone_threads"].items() if int(k)}
+    if threads:
+        print(table(["tf.data threads", "stream alone img/s", "img/s per thread", "CPU ms per image"],
+                    [[n, f"{rate * a.batch_size:.0f}", f"{rate * a.batch_size / n:.0f}",
+                      f"{1000 * cpu / a.batch_size:.2f}"] for n, (rate, cpu) in sorted(threads.items())]))
+        print()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shard-size", type=int, default=64)
@@ -155,7 +203,13 @@ def main(argv=None) -> int:
                    help="shard set for the steps/s ratio (big enough that the phases stay in one epoch)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shuffle-buffer", type=int, default=256)
-    p.add_argument("--width", type=float, default=0.5, help="student width (the CLI's default)")
+    p.add_argument("--width", type=float, default=None, help="student width (default: the CLI's)")
+    p.add_argument("--student", default="mobilenetv2", help="student backbone (distill train --student)")
+    p.add_argument("--resolution", type=int, default=None, help="student working resolution (distill train --resolution)")
+    p.add_argument("--view-prob", type=float, default=0.0, help="train on the stored views this often (shards with views)")
+    p.add_argument("--alone-threads", default="1,2", help="tf.data thread counts for the stream-alone rates")
+    p.add_argument("--ratio-only", metavar="SHARDS",
+                   help="only the streamed / in-memory ratio and the stream alone, on these (real) shards")
     p.add_argument("--dim", type=int, default=512, help="teacher embedding dim (IResNet-100's)")
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--phase-steps", type=int, default=12)
@@ -174,46 +228,24 @@ def main(argv=None) -> int:
         print(json.dumps(child_build_teacher(a)))
         return 0
 
-    counts = sorted({int(x) for x in a.shard_counts.split(",")} | {a.ratio_shards})
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
     print_header("Training input")
+    if a.ratio_only:
+        ratio_section(a, Path(a.ratio_only), work)
+        return 0
+    counts = sorted({int(x) for x in a.shard_counts.split(",")} | {a.ratio_shards})
     images = make_face_jpegs(work / "images", max(counts) * a.shard_size)
     teacher = work / f"tiny-{a.dim}"
     run_child(this_script_cmd("train_input.py", "--child", "build-teacher", "--out", teacher, "--dim", a.dim))
     with RayHead() as head:
         sets = {n: make_shards(work, head, teacher, images, n, a) for n in counts}
-
-    # 1. streamed vs in-memory steps/s
-    load = settle(a, "the streamed / in-memory phases").label()
-    res = run_child(this_script_cmd(
-        "train_input.py", "--child", "ratio", "--shards", sets[a.ratio_shards], "--out", work / "ratio-out",
-        "--batch-size", a.batch_size, "--shuffle-buffer", a.shuffle_buffer, "--width", a.width,
-        "--warmup-steps", a.warmup_steps, "--phase-steps", a.phase_steps, "--rounds", a.rounds,
-        "--memory-batches", a.memory_batches))
-    r = res.json()
-    rows = [[i + 1, f"{s:.3f}", f"{m:.3f}", f"**{s / m:.2f}**", f"{sc:.2f} / {mc:.2f}"]
-            for i, (s, sc, m, mc) in enumerate(r["phases"])]
-    ratio = median([s / m for s, _, m, _ in r["phases"]])
-    input_cpu = median([sc - mc for _, sc, _, mc in r["phases"]])
-    step_cpu = median([mc for *_, mc in r["phases"]])
-    alone_rate, alone_cpu = r["alone"]
-    print(f"Student MobileNetV2 width {a.width} ({r['student_params']:,} parameters), batch {a.batch_size}, "
-          f"{a.ratio_shards} shards x {a.shard_size} rows, stored JPEG {r['images_bytes_mean']:.0f} B mean, "
-          f"flip on, shuffle buffer {a.shuffle_buffer}; {a.phase_steps} steps per phase after {a.warmup_steps} "
-          f"warm-up steps each; load avg at start {load}\n")
-    print(table(["round", "streamed steps/s", "in-memory steps/s", "streamed / in-memory",
-                 "CPU s per step: streamed / in-memory"], rows))
-    print(f"\nmedian streamed / in-memory: **{ratio:.2f}**. The stream alone (no model) delivers "
-          f"{alone_rate:.1f} batches/s ({alone_rate * a.batch_size:.0f} img/s) using {alone_cpu:.3f} CPU s per batch "
-          f"({1000 * alone_cpu / a.batch_size:.2f} ms/img); beside the model it adds {input_cpu:.3f} CPU s per step to "
-          f"the step's {step_cpu:.2f}, so on these 2 shared cores a ratio of about "
-          f"{step_cpu / (step_cpu + max(input_cpu, 0)):.2f} is the CPU the input needs, not waiting on it. "
-          f"Epochs started: {r['epochs_started']}.\n")
+    ratio_section(a, sets[a.ratio_shards], work)
 
     # 2. peak RSS over one epoch as the shard count grows; then the largest set cut to the smaller
     # sets' step counts, which separates what more shards cost from what more steps cost.
     counts = sorted(int(x) for x in a.shard_counts.split(","))
+    width = ["--width", a.width] if a.width else []
     runs = [(n, None) for n in counts] + [(counts[-1], n * a.shard_size // a.batch_size) for n in counts[:-1]]
     rows = []
     for n, max_steps in runs:
@@ -222,7 +254,7 @@ def main(argv=None) -> int:
         shutil.rmtree(out, ignore_errors=True)
         extra = ["--max-steps", max_steps] if max_steps else []
         res = run_child(distill_cmd("train", sets[n], "--out", out, "--epochs", 1, "--batch-size", a.batch_size,
-                                    "--shuffle-buffer", a.shuffle_buffer, "--width", a.width, "--no-progress",
+                                    "--shuffle-buffer", a.shuffle_buffer, *width, "--no-progress",
                                     "--checkpoint-every", 1_000_000, *extra))
         m = re.search(r"trained to step (\d+) .* in ([\d.]+)s, ([\d.]+) images/s", res.stdout)
         shard_bytes = sum(f.stat().st_size for f in sets[n].glob("part-*.parquet"))

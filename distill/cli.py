@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 
+from distill import __version__
 from distill.errors import DistillError, Stopped, storage_fix
 
 # Order is the order `distill --help` lists them in: the pipeline's order.
@@ -36,10 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `distill demo` to see the whole pipeline on synthetic data, no downloads needed.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"distill {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for mod in STAGES:
         importlib.import_module(mod).add_cli(sub)
+    _verbose_after_the_verb(parser)
     return parser
+
+
+def _verbose_after_the_verb(parser: argparse.ArgumentParser) -> None:
+    """``distill embed -v ...`` as well as ``distill -v embed ...``, for every verb (and ``ledger``'s)."""
+    for action in parser._subparsers._group_actions if parser._subparsers else ():
+        for verb in action.choices.values():
+            verb.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+            _verbose_after_the_verb(verb)
 
 
 def main(argv: list[str] | None = None) -> int:

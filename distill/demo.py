@@ -15,6 +15,7 @@ same directory is refused rather than mixed.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 
 from distill.errors import BadOption, CheckFailed, IncompatibleRun
+from distill.startup import show_progress
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ class DemoConfig:
     shard_size: int = 256
     seed: int = 0
     address: str | None = None
-    progress: bool = True
+    progress: bool | None = None  # progress bars: None = on a terminal only
 
     def __post_init__(self) -> None:
         for name in ("teacher_epochs", "epochs", "batch_size", "embedding_dim", "shard_size"):
@@ -200,7 +202,7 @@ def _teacher(cfg: DemoConfig, p: dict[str, str]) -> dict[str, Any]:
         return {"images": 0, "output": p["teacher"], "note": "found complete"}
     report = train_synthetic_teacher(
         p["train_data"], p["teacher"], embedding_dim=cfg.embedding_dim, epochs=cfg.teacher_epochs, seed=cfg.seed,
-        size=cfg.size, verbose=2 if cfg.progress else 0,
+        size=cfg.size, verbose=2 if show_progress(cfg.progress) else 0,
     )
     return {
         "images": report.epochs * report.images,
@@ -410,7 +412,8 @@ def add_cli(sub) -> None:
         shown = f"default {default}" + (f", --quick {quick}" if quick is not None else "")
         p.add_argument(f"--{name}", type=kind, default=None, help=f"{what} ({shown})")
     p.add_argument("--address", help="an existing Ray cluster for the embed stage (default: start a local one)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: on a terminal only)")
     p.set_defaults(func=_main)
 
 

@@ -16,6 +16,14 @@ import time
 from typing import Callable
 
 
+def show_progress(progress: bool | None) -> bool:
+    """Progress bars: as asked (``--progress`` / ``--no-progress``), else only when stderr is a
+    terminal, so the logs of ``ray job submit``, nohup or CI hold no carriage-return frames."""
+    import sys
+
+    return progress if progress is not None else sys.stderr.isatty()
+
+
 def process_age() -> float | None:
     """Seconds since this process started (Linux ``/proc``), or None where that is unknown."""
     try:

@@ -17,7 +17,7 @@ import secrets
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
-from distill.errors import BadOption
+from distill.errors import BadOption, storage_fix
 
 TEMP_PREFIX = "."
 TEMP_MARK = ".tmp-"
@@ -67,7 +67,7 @@ class LocalStorage:
 
     def __post_init__(self) -> None:
         if self.create:
-            os.makedirs(self.path, exist_ok=True)
+            make_dir(self.path)
         elif not os.path.isdir(self.path):
             raise FileNotFoundError(f"{self.path} is not a directory")
 
@@ -186,6 +186,20 @@ class ArrowStorage:
     def mtime(self, name: str) -> float:
         mt = self.fs.get_file_info(self._p(name)).mtime
         return mt.timestamp() if mt else 0.0
+
+
+def make_dir(path: str, option: str = "--out") -> str:
+    """Create the directory ``path`` (and its parents) for the ``option`` that named it; one
+    that cannot be made (a file in the way, no permission, a read-only disk) is refused in one
+    line naming the option and the reason. Returns the path."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        fix = storage_fix(e)
+        raise BadOption(f"{option} {path}: cannot create that directory ({e.strerror or e}"
+                        + (f": {e.filename}" if e.filename and e.filename != path else "") + ")"
+                        + (f"; {fix}" if fix else "")) from None
+    return path
 
 
 def write_file_atomic(path: str, data: bytes | str, durable: bool = True) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from distill.errors import BadInput
 from distill.options import add_options, config_from_args, option
+from distill.startup import show_progress
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class ExportNpyConfig:
     shards: str = option(help="shard directory made by `distill embed`", positional=True)
     out: str = option(help="output directory", required=True)
     partial: bool = option(False, "export the done shards of an unfinished run (default: refuse it)")
-    progress: bool = option(True, "progress bar")
+    progress: bool | None = option(None, "progress bars (default: on a terminal only, so logs hold no bar frames)")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ def run_export_npy(cfg: ExportNpyConfig) -> ExportNpyReport:
 
     from distill.shards.manifest import load_manifest
     from distill.shards.reader import ShardReader, ShardSet, embeddings
+    from distill.shards.storage import make_dir
 
     manifest = load_manifest(cfg.shards)
     shards = ShardSet.from_manifest(cfg.shards, manifest)
@@ -46,11 +48,11 @@ def run_export_npy(cfg: ExportNpyConfig) -> ExportNpyReport:
     if not shards.complete and not cfg.partial:
         raise BadInput(f"the run in {cfg.shards} is not complete: {len(shards.names)} of {total} shards are done. "
                        "Finish it (rerun its `distill embed` command), or pass --partial to export the done ones")
-    os.makedirs(cfg.out, exist_ok=True)
+    make_dir(cfg.out)
     reader = ShardReader(shards)
     ks = [s["k"] for s in sorted(manifest["shards"], key=lambda s: s["k"])]
     rows = 0
-    for pos in tqdm(range(len(ks)), desc="export-npy", unit="shard", disable=not cfg.progress):
+    for pos in tqdm(range(len(ks)), desc="export-npy", unit="shard", disable=not show_progress(cfg.progress)):
         with reader.open(pos) as f:
             cols = [c for c in ("index", "path", "embedding") if c in f.columns]
             t = f.read(0, f.rows, cols)

@@ -48,6 +48,7 @@ import numpy as np
 from distill.errors import BadInput, BadOption
 from distill.options import add_options, config_from_args, option
 from distill.shards.format import UNLABELLED
+from distill.shards.storage import make_dir
 
 log = logging.getLogger(__name__)
 
@@ -547,7 +548,7 @@ def build_listing(cfg: ListingConfig) -> ListingInfo:
     out = os.path.abspath(cfg.out)
     if os.path.isdir(out):
         raise BadOption(f"--out {out} is a directory; give a file path such as {os.path.join(out, 'listing.parquet')}")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    make_dir(os.path.dirname(out))
     sink = _ListingWriter(out, cfg.row_group_rows)
     try:
         parts: list[tuple[SourcePart, tuple[str, ...] | None]] = []

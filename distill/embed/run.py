@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from distill.shards.manifest import build_manifest, check_compatible, read_manif
 from distill.shards.plan import num_shards, parse_shard_name, shard_at, shard_name
 from distill.shards.reconcile import adopt_file, plan_reconcile, shard_files
 from distill.shards.storage import Storage, is_temp_name, open_storage, redact
-from distill.startup import Phases
+from distill.startup import Phases, show_progress
 from distill.stopping import StopRequest
 from distill.teacher import CHANNEL_ORDERS, Preprocessing, TeacherError, TeacherSpec
 from distill.views import ViewSpec
@@ -74,9 +75,11 @@ class EmbedConfig:
     verify: bool = option(False, "before anything else, read every done shard and check its sha256 against its "
                           "record (sizes are always checked); a shard that does not match is removed and re-embedded",
                           group="ledger")
+    max_error_fraction: float = option(0.5, "exit non-zero (1) when more than this share of the rows was unreadable: "
+                                       "the shards are kept, but such a run is rarely what was meant", group="ledger")
     stop_grace: float = option(30.0, "on SIGTERM / SIGINT: lease nothing new, give the shards in flight this many "
                                "seconds, release the rest, write the manifest of what is done", group="ledger")
-    progress: bool = option(True, "progress bar")
+    progress: bool | None = option(None, "progress bars (default: on a terminal only, so logs hold no bar frames)")
 
     def __post_init__(self) -> None:
         if self.dtype not in EMBEDDING_DTYPES:
@@ -87,6 +90,8 @@ class EmbedConfig:
             raise BadOption(f"--lease-seconds must be >= 3 (heartbeats renew at a third of it), got {self.lease_seconds}")
         if self.shard_size < 1 or self.batch_size < 1:
             raise BadOption("--shard-size and --batch-size must be positive")
+        if not 0 <= self.max_error_fraction <= 1:
+            raise BadOption(f"--max-error-fraction is a share of the rows in [0, 1], got {self.max_error_fraction}")
         if self.stop_grace < 0:
             raise BadOption(f"--stop-grace must be >= 0 seconds, got {self.stop_grace}")
         if self.decode_threads is not None and self.decode_threads < 1:
@@ -242,8 +247,16 @@ def run_embed(cfg: EmbedConfig) -> EmbedReport:
     t0 = time.perf_counter()
     phases = Phases()
     run = resolve_run(cfg, phases)
-    storage = open_output(cfg, run)
-    ledger = open_ledger(cfg.ledger, cfg.out, run.num_shards, run.run_id)
+    # A ledger elsewhere (Redis) is reached before anything is written to --out: a bad URL or
+    # an unreachable server leaves --out as it was.
+    ledger = None if cfg.ledger in ("", "file") else open_ledger(cfg.ledger, cfg.out, run.num_shards, run.run_id)
+    try:
+        storage = open_output(cfg, run)
+        ledger = ledger or open_ledger(cfg.ledger, cfg.out, run.num_shards, run.run_id)
+    except BaseException:
+        if ledger is not None:
+            ledger.close()
+        raise
     owner = new_owner()
     rows_this_run = shards_this_run = 0
     stopped_by = None
@@ -386,7 +399,7 @@ class _Driver:
         self.last_manifest = time.monotonic()
         self.storage = open_storage(cfg.out)
         self.bar = tqdm(total=self.total, initial=self.rows_done(ledger.snapshot()), unit="img", desc="embed",
-                        disable=not cfg.progress, dynamic_ncols=True, smoothing=0.05)
+                        disable=not show_progress(cfg.progress), dynamic_ncols=True, smoothing=0.05)
 
     def rows_done(self, state) -> int:
         return sum(shard_at(k, self.total, self.cfg.shard_size).rows for k in state.done)
@@ -645,8 +658,9 @@ def config_from_args(a) -> EmbedConfig:
 
 
 def _main(a) -> int:
+    cfg = config_from_args(a)
     try:
-        r = run_embed(config_from_args(a))
+        r = run_embed(cfg)
     except ShardsFailed as e:
         print(f"distill embed: {e}")
         return 1
@@ -657,5 +671,13 @@ def _main(a) -> int:
         f"({r.images_per_second:.1f} img/s) -> {r.out}"
     )
     if r.errors:
-        print(f"  see `distill status {a.out} --errors` for the unreadable rows")
+        print(f"  see `distill status {cfg.out} --errors` for the unreadable rows")
+    if r.complete and r.errors > cfg.max_error_fraction * r.rows_total:
+        from distill.shards.manifest import load_manifest
+
+        first = "; ".join(f"{e['path']}: {e['reason']}" for e in load_manifest(cfg.out)["errors"][:3])
+        print(f"distill embed: error: {r.errors} of {r.rows_total} rows ({100 * r.errors / r.rows_total:.0f}%) were "
+              f"unreadable, more than --max-error-fraction {cfg.max_error_fraction:g} (the first: {first}). The "
+              "shards are kept; fix the source, or pass --max-error-fraction 1 to accept the run", file=sys.stderr)
+        return 1
     return 0 if r.complete else 1

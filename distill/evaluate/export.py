@@ -28,7 +28,7 @@ import numpy as np
 from distill.errors import BadInput, BadOption, CheckFailed
 from distill.metrics import l2_normalise
 from distill.options import add_options, config_from_args, option
-from distill.shards.storage import publish_dir
+from distill.shards.storage import make_dir, publish_dir
 
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
 TFLITE_KINDS = ("float16", "int8")
@@ -190,7 +190,7 @@ def run_export(cfg: ExportConfig) -> ExportReport:
 
     out = os.path.abspath(cfg.out)
     parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
+    make_dir(parent)
     stage = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
     os.chmod(stage, 0o755)  # mkdtemp makes it private; the export is for others to read
     try:

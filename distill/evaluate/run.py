@@ -45,6 +45,7 @@ from distill.metrics import (
     tar_table,
 )
 from distill.options import add_options, config_from_args, option
+from distill.startup import show_progress
 from distill.teacher import CHANNEL_ORDERS, Preprocessing
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class EvaluateConfig:
     shards: str | None = option(None, "the teacher's shard directory (RUN/shards): feed the teacher as its manifest "
                                 "recorded (preprocessing, signature, output); --teacher defaults to its teacher",
                                 metavar="DIR", group="teacher input conventions")
-    progress: bool = option(True, "progress bars")
+    progress: bool | None = option(None, "progress bars (default: on a terminal only, so logs hold no bar frames)")
 
     def __post_init__(self) -> None:
         if (self.folders is None) == (self.bin is None):
@@ -365,7 +366,7 @@ def embed_all(
     name_of: Callable[[int], str],
     batch_size: int,
     flip: bool,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, float], list[int]]:
     """Raw embeddings of images ``0..n-1`` by every model, in one streaming pass.
 
@@ -382,7 +383,7 @@ def embed_all(
     out: dict[str, list[np.ndarray]] = {role: [] for role in models}
     seconds = {role: 0.0 for role in models}
     bad: list[int] = []
-    with tqdm(total=n, desc="embed " + "+".join(models), unit="img", leave=False, disable=not progress) as bar:
+    with tqdm(total=n, desc="embed " + "+".join(models), unit="img", leave=False, disable=not show_progress(progress)) as bar:
         for a in range(0, n, batch_size):
             images = []
             for k in range(a, min(a + batch_size, n)):
@@ -613,9 +614,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    from distill.shards.storage import write_file_atomic
+    from distill.shards.storage import make_dir, write_file_atomic
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    make_dir(os.path.dirname(os.path.abspath(path)))
     write_file_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")  # a reader never sees half of it
 
 

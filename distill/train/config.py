@@ -38,70 +38,71 @@ class TrainConfig:
     shards: str = option(help="shard directory written by `distill embed` (RUN/shards)", positional=True)
     out: str = option(help="student directory (RUN/student): checkpoints, metrics.jsonl, tb/", required=True)
     # -- schedule
-    epochs: int = option(20, "passes over the training rows")
-    batch_size: int = option(64, "global batch, over all workers and replicas; each epoch drops the rows that do not fill one")
-    lr: float = option(2e-3, "peak learning rate, for the global batch whatever the worker count")
-    optimizer: str = option("adam", "adam (AdamW when --weight-decay is set) or sgd (momentum 0.9, Nesterov)", choices=OPTIMIZERS)
-    lr_schedule: str = option("cosine", "cosine decay to 1%% of --lr over the run, or constant", choices=SCHEDULES)
-    warmup_steps: int = option(100, "linear warm-up from 1%% of --lr over this many steps (0: none)")
-    weight_decay: float = option(0.0, "decoupled weight decay (BatchNorm, biases and class centres exempt)")
+    epochs: int = option(20, "passes over the training rows", group="schedule")
+    batch_size: int = option(64, "global batch, over all workers and replicas; each epoch drops the rows that do not fill one", group="schedule")
+    lr: float = option(2e-3, "peak learning rate, for the global batch whatever the worker count", group="schedule")
+    optimizer: str = option("adam", "adam (AdamW when --weight-decay is set) or sgd (momentum 0.9, Nesterov)", choices=OPTIMIZERS, group="schedule")
+    lr_schedule: str = option("cosine", "cosine decay to 1%% of --lr over the run, or constant", choices=SCHEDULES, group="schedule")
+    warmup_steps: int = option(100, "linear warm-up from 1%% of --lr over this many steps (0: none)", group="schedule")
+    weight_decay: float = option(0.0, "decoupled weight decay (BatchNorm, biases and class centres exempt)", group="schedule")
     max_steps: int | None = option(None, "stop after this many global steps (smoke runs, tests, a run in parts); the "
-                                   "learning-rate schedule still spans --epochs, so a rerun with a larger value goes on")
+                                   "learning-rate schedule still spans --epochs, so a rerun with a larger value goes on", group="schedule")
     # -- objective
     distill_loss: str = option(RECIPE.distill, "distillation term: nmse (||s/|s| - t/|t|||^2 = 2 - 2 cos, the MSE of the "
                                "directions), cosine (1 - cos) or mse (raw values: dominated by the teacher's norm)",
-                               choices=DISTILL_LOSSES)
-    mse_weight: float = option(RECIPE.mse_weight, "weight of the distillation term")
-    ce_weight: float = option(RECIPE.ce_weight, "weight of the identity classifier's cross-entropy")
+                               choices=DISTILL_LOSSES, group="objective")
+    mse_weight: float = option(RECIPE.mse_weight, "weight of the distillation term", group="objective")
+    ce_weight: float = option(RECIPE.ce_weight, "weight of the identity classifier's cross-entropy", group="objective")
     contrast_weight: float = option(RECIPE.contrast_weight, "weight of contrastive distillation: each student embedding must pick its own "
-                                    "teacher target out of the global batch's (InfoNCE on cosines; 0: off)")
-    contrast_temperature: float = option(RECIPE.contrast_temperature, "temperature of the contrastive term")
+                                    "teacher target out of the global batch's (InfoNCE on cosines; 0: off)", group="objective")
+    contrast_temperature: float = option(RECIPE.contrast_temperature, "temperature of the contrastive term", group="objective")
     margin: str = option(RECIPE.margin, "classifier: softmax, arcface (learned centres) or teacher (ArcFace whose "
-                         "class centres are the teacher's, AdaDistill-style)", choices=MARGINS)
-    arc_scale: float = option(RECIPE.arc_scale, "ArcFace scale s (arcface and teacher margins)")
-    arc_margin: float = option(RECIPE.arc_margin, "ArcFace additive angular margin m, radians")
+                         "class centres are the teacher's, AdaDistill-style)", choices=MARGINS, group="objective")
+    arc_scale: float = option(RECIPE.arc_scale, "ArcFace scale s (arcface and teacher margins)", group="objective")
+    arc_margin: float = option(RECIPE.arc_margin, "ArcFace additive angular margin m, radians", group="objective")
     centre_update: str = option("adaptive", "teacher margin: centres fixed at the teacher's class means, or moved "
-                                "each step by AdaDistill's rule", choices=CENTRE_UPDATES)
-    flip: bool = option(True, "random horizontal flip (towards the teacher's embedding_flip)")
+                                "each step by AdaDistill's rule", choices=CENTRE_UPDATES, group="objective")
+    flip: bool = option(True, "random horizontal flip (towards the teacher's embedding_flip)", group="objective")
     view_prob: float = option(0.75, "when the shards hold views (`distill embed --views K`): chance that a sample "
-                              "trains on one of its views instead of the plain image")
+                              "trains on one of its views instead of the plain image", group="objective")
     # -- student
     student: str = option("mobilenetv2", "backbone: mobilenetv2 (Keras' MobileNetV2) or mobilefacenet (the face "
-                          "recognition mobile net: stride 16, PReLU, ~1M parameters)", choices=ARCHS)
-    width: float | None = option(None, "width multiplier (default: 0.5 for mobilenetv2, its alpha; 1.0 for mobilefacenet)")
+                          "recognition mobile net: stride 16, PReLU, ~1M parameters)", choices=ARCHS, group="student")
+    width: float | None = option(None, "width multiplier (default: 0.5 for mobilenetv2, its alpha; 1.0 for mobilefacenet)", group="student")
     resolution: int | None = option(None, "the student's working resolution: it takes the shards' images (112x112) and "
-                                    "resizes them inside the model to this side, fewer FLOPs per image (default: none)")
-    head: str = option("gdc", "embedding head: global depthwise conv, or GAP+BN+Dropout+Dense", choices=HEADS)
-    embedding_dim: int | None = option(None, "student embedding dim (default: the teacher's)")
+                                    "resizes them inside the model to this side, fewer FLOPs per image (none, or not "
+                                    "below the images' side: the images as they are)", group="student")
+    head: str = option("gdc", "embedding head: global depthwise conv, or GAP+BN+Dropout+Dense", choices=HEADS, group="student")
+    embedding_dim: int | None = option(None, "student embedding dim (default: the teacher's)", group="student")
     init: str | None = option(None, "start from these weights: a student dir, checkpoint or best/ dir (matching "
-                              "variables by name), or a Keras MobileNetV2 weights file (.h5) for the backbone", metavar="PATH")
+                              "variables by name), or a Keras MobileNetV2 weights file (.h5) for the backbone", metavar="PATH", group="student")
     backbone_weights: str | None = option(None, "start the backbone from Keras' ImageNet weights (downloads them)",
-                                          choices=BACKBONE_WEIGHTS)
+                                          choices=BACKBONE_WEIGHTS, group="student")
     # -- validation
     val_split: float = option(0.0, "hold out this fraction of the identities (seeded) and score the student on "
-                              "them at every epoch end; the best epoch is kept in OUT/best")
-    val_folders: str | None = option(None, "or score on this identity folder tree of other people", metavar="DIR")
-    val_images: int = option(500, "images to validate on, at most")
-    val_seed: int = option(0, "seed of the held-out identities and of the validation images")
+                              "them at every epoch end; the best epoch is kept in OUT/best", group="validation")
+    val_folders: str | None = option(None, "or score on this identity folder tree of other people", metavar="DIR", group="validation")
+    val_images: int = option(500, "images to validate on, at most", group="validation")
+    val_seed: int = option(0, "seed of the held-out identities and of the validation images", group="validation")
     # -- data and checkpoints
-    seed: int = option(0, "fixes the data order, flips, views and initial weights")
-    shuffle_buffer: int = option(4096, "rows in the shuffle buffer, shared by the partitions (bounds memory)")
+    seed: int = option(0, "fixes the data order, flips, views and initial weights", group="data and checkpoints")
+    shuffle_buffer: int = option(4096, "rows in the shuffle buffer, shared by the partitions (bounds memory)", group="data and checkpoints")
     partitions: int = option(DEFAULT_PARTITIONS, "canonical partitions of the epoch order: a run continues with any "
-                             "worker count that divides it (fixed for a run; a worker holds a row group per partition it reads)")
-    checkpoint_every: int = option(200, "steps between checkpoints (also at each epoch end)")
-    keep_checkpoints: int = option(3, "checkpoints kept (plus the best, with validation)")
+                             "worker count that divides it (fixed for a run; a worker holds a row group per partition it reads)", group="data and checkpoints")
+    checkpoint_every: int = option(200, "steps between checkpoints (also at each epoch end)", group="data and checkpoints")
+    keep_checkpoints: int = option(3, "checkpoints kept (plus the best, with validation)", group="data and checkpoints")
     verify_shards: bool = option(True, "before training, check every shard's size and sha256 against the manifest "
-                                 "(each file is read once; OUT/shards-verified.json remembers what was)")
+                                 "(each file is read once; OUT/shards-verified.json remembers what was)", group="data and checkpoints")
     # -- where it runs
-    workers: int = option(1, "Ray Train workers (1: train in this process)")
-    use_gpu: bool = option(False, "train on GPUs (all local ones, or one per Ray worker)")
-    address: str | None = option(None, "Ray cluster address for --workers > 1 (default: start a local one)")
-    mixed_precision: bool = option(False, "float16 compute with loss scaling (GPUs only)")
-    run_name: str = option("train", "Ray Train run name (a rerun with the same name resumes)")
+    workers: int = option(1, "Ray Train workers (1: train in this process)", group="where it runs")
+    use_gpu: bool = option(False, "train on GPUs (all local ones, or one per Ray worker)", group="where it runs")
+    address: str | None = option(None, "Ray cluster address for --workers > 1 (default: start a local one)", group="where it runs")
+    mixed_precision: bool = option(False, "float16 compute with loss scaling (GPUs only)", group="where it runs")
+    run_name: str = option("train", "Ray Train run name (a rerun with the same name resumes)", group="where it runs")
     # -- logs
-    log_every: int = option(10, "steps between metrics.jsonl records")
-    trace_samples: bool = option(False, "debugging aid: append each step's listing indices to OUT/trace.jsonl")
-    progress: bool = option(True, "progress bars")
+    log_every: int = option(10, "steps between metrics.jsonl records", group="logs")
+    trace_samples: bool = option(False, "debugging aid: append each step's listing indices to OUT/trace.jsonl", group="logs")
+    progress: bool | None = option(None, "progress bars (default: on a terminal only, so logs hold no bar frames)", group="logs")
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints", "workers", "log_every",
@@ -235,7 +236,7 @@ def resolve(cfg: TrainConfig, shards) -> TrainRun:
         embedding_dim=cfg.embedding_dim or shards.embedding_dim,
         num_classes=shards.num_classes,
         width=cfg.width or DEFAULT_WIDTH[cfg.student], head=cfg.head, margin=loss.margin, arch=cfg.student,
-        resolution=cfg.resolution if cfg.resolution and tuple(shards.input_size) != (cfg.resolution,) * 2 else None,
+        resolution=working_resolution(cfg.resolution, shards.input_size),
     )
     if student.embedding_dim != shards.embedding_dim and (loss.mse_weight > 0 or loss.contrast_weight > 0
                                                           or loss.margin == "teacher"):
@@ -254,6 +255,13 @@ def resolve(cfg: TrainConfig, shards) -> TrainRun:
         view_prob=cfg.view_prob if shards.views is not None else 0.0, shards_run_id=shards.run_id,
         teacher_norm=shards.teacher_norm,
     )
+
+
+def working_resolution(resolution: int | None, input_size: tuple[int, int]) -> int | None:
+    """The student's working side: ``--resolution`` when it is below the images' side, else
+    None (the images as they are: a smaller set, such as the demo's 64 px faces, is not scaled
+    up). Pure."""
+    return resolution if resolution and resolution < min(input_size) else None
 
 
 def unlabelled_loss(cfg: TrainConfig, shards) -> LossSpec:

@@ -24,6 +24,7 @@ import numpy as np
 
 from distill.errors import BadInput, BadOption, Stopped
 from distill.shards.storage import write_file_atomic
+from distill.startup import show_progress
 from distill.stopping import StopRequest, read_request
 from distill.train.checkpoints import Cursor, read_best_val, read_checkpoint, restore, snapshot, write_best
 from distill.train.config import Schedule, TrainConfig, check_resume, resolve, should_checkpoint
@@ -424,7 +425,7 @@ class _Run:
 
         batches = iter(self.strategy.distribute_datasets_from_function(dataset_fn))
         bar = tqdm(total=plan.steps, initial=plan.start_step, desc=f"epoch {self.cursor.epoch + 1}/{cfg.epochs}",
-                   unit="step", disable=rank != 0 or not cfg.progress, dynamic_ncols=True)
+                   unit="step", disable=rank != 0 or not show_progress(cfg.progress), dynamic_ncols=True)
         sums: dict[str, float] = {}
         n_steps, t_epoch, t_log, since_log = 0, time.perf_counter(), time.perf_counter(), 0
         epoch_samples = plan.steps * cfg.batch_size
@@ -473,7 +474,7 @@ class _Run:
             line = (f"epoch {self.cursor.epoch}/{cfg.epochs}: cos {rec.get('cos', float('nan')):.3f} | held-out auc "
                     f"{val['val_auc']:.4f}" + (f" cos {val['val_cos']:.3f}" if "val_cos" in val else "")
                     + (" (best)" if val.get("best") else ""))
-            tqdm.write(line) if cfg.progress else log.info(line)
+            tqdm.write(line) if show_progress(cfg.progress) else log.info(line)
         self.runlog.record(rec)
         self.save(state, val)
         self._stop_if_asked()

@@ -22,7 +22,8 @@ from dataclasses import replace
 
 from distill.errors import BadInput, BadOption
 from distill.options import add_options, config_from_args
-from distill.startup import import_tensorflow_quietly
+from distill.shards.storage import make_dir
+from distill.startup import import_tensorflow_quietly, show_progress
 from distill.train.checkpoints import LocalCheckpoints, latest_checkpoint, read_checkpoint
 from distill.train.config import TrainConfig, TrainReport, check_resume, resolve
 
@@ -31,7 +32,7 @@ __all__ = ["TrainConfig", "TrainReport", "run_train", "add_cli"]
 VERIFIED = "shards-verified.json"
 
 
-def check_shards(location: str, out: str, progress: bool = True) -> None:
+def check_shards(location: str, out: str, progress: bool | None = None) -> None:
     """Refuse damaged shards before any training: every file's size and sha256 against the
     manifest, each file read once (``OUT/shards-verified.json`` keeps what was verified)."""
     from tqdm import tqdm
@@ -43,7 +44,7 @@ def check_shards(location: str, out: str, progress: bool = True) -> None:
     expected = from_manifest(load_manifest(location))
     cache_path = os.path.join(out, VERIFIED)
     with tqdm(total=sum(e.bytes for e in expected), unit="B", unit_scale=True, desc="verify shards",
-              disable=not progress, dynamic_ncols=True, leave=False) as bar:
+              disable=not show_progress(progress), dynamic_ncols=True, leave=False) as bar:
         storage = open_storage(location, create=False)
         bad, verified = check(storage, expected, checksum=True, cache=read_cache(cache_path), progress=bar.update)
     if bad:
@@ -78,7 +79,7 @@ def run_train(cfg: TrainConfig) -> TrainReport:
     if latest is not None:  # (whichever worker count wrote it: a run goes on with any)
         saved, cursor = read_checkpoint(latest)
         check_resume(saved, cursor, config, latest)
-    os.makedirs(cfg.out, exist_ok=True)
+    make_dir(cfg.out)
     if cfg.verify_shards:
         check_shards(cfg.shards, cfg.out, cfg.progress)
     import_tensorflow_quietly()  # (options, paths and shards are checked: now the slow part)
@@ -96,18 +97,45 @@ def run_train(cfg: TrainConfig) -> TrainReport:
 # ---------------------------------------------------------------- CLI
 
 
+def saved_options(student_dir: str) -> dict:
+    """The options of the run in ``student_dir``, as its newest checkpoint saved them."""
+    from dataclasses import asdict
+
+    from distill.train.config import TrainRun
+
+    latest = latest_checkpoint(student_dir)
+    if latest is None:
+        raise FileNotFoundError(f"--resume {student_dir}: no checkpoint there to resume; start the run with "
+                                f"`distill train SHARDS --out {student_dir}`")
+    return asdict(TrainRun.from_json(read_checkpoint(latest)[0]).train)
+
+
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser(
-        "train", help="train the MobileNet student on the shards",
-        description="Stream the shards into a MobileNetV2 student: loss = mse_weight * distill(student, teacher) + "
-                    "ce_weight * CE(identities). Rerun the same command to resume after an interruption.",
+        "train", help="train the student on the shards",
+        description="Stream the shards into a student (MobileNetV2 or MobileFaceNet). The loss is "
+                    "mse_weight x distillation (nmse: 2 - 2 cos to the teacher's embedding) + contrast_weight x "
+                    "contrastive distillation (each embedding picks its own teacher target out of the batch's) + "
+                    "ce_weight x the identity classifier on the labelled rows. Rerun the same command (or "
+                    "`distill train --resume OUT`) to resume after an interruption.",
     )
-    add_options(p, TrainConfig)
+    add_options(p, TrainConfig, config_file=True)
+    p.add_argument("--resume", metavar="OUT", default=None,
+                   help="go on with the run in OUT (its student directory) with the options it was started with; "
+                        "flags given as well win where they may (e.g. --workers, --max-steps)")
     p.set_defaults(func=_main)
 
 
 def _main(args) -> int:
-    cfg = config_from_args(TrainConfig, args)
+    from distill.options import dump_toml
+
+    if args.resume and args.config:
+        raise BadOption("pass --resume OUT (the run's own options) or --config FILE, not both")
+    base = saved_options(args.resume) if args.resume else None
+    cfg = config_from_args(TrainConfig, args, base=base, base_name=f"the run in {args.resume}")
+    if args.print_config:
+        print(dump_toml(cfg), end="")
+        return 0
     r = run_train(cfg)
     parts = "  ".join(f"{k} {v:.4f}" for k, v in r.final.items())
     print(f"trained to step {r.steps} ({r.epochs_done} epochs done) in {r.seconds:.1f}s, "

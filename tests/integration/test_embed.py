@@ -247,6 +247,20 @@ def test_corrupt_and_missing_files_are_recorded_not_fatal(tmp_path, tiny_teacher
     assert "4 unreadable" in st.stdout and "missing file" in st.stdout
 
 
+def test_a_run_of_mostly_unreadable_rows_is_not_a_silent_success(tmp_path, tiny_teacher, ray_address):
+    lst = tmp_path / "list.txt"
+    lst.write_text("".join(f"{tmp_path / 'gone'}/{i}.jpg\t0\n" for i in range(5)) + f"{ORL / 's1' / '1.pgm'}\t0\n")
+    run_cli("listing", lst, "--out", tmp_path / "listing.parquet")
+    out = tmp_path / "shards"
+    r = run_cli(*embed_args(tmp_path / "listing.parquet", tiny_teacher, out, ray_address), check=False)
+    assert r.returncode == 1 and "5 of 6 rows (83%) were unreadable, more than --max-error-fraction 0.5" in r.stderr
+    assert "missing file" in r.stderr and "Traceback" not in r.stderr
+    assert json.loads((out / "manifest.json").read_text())["complete"]  # (kept: what was readable is done)
+    again = run_cli(*embed_args(tmp_path / "listing.parquet", tiny_teacher, out, ray_address),
+                    "--max-error-fraction", "1")
+    assert again.returncode == 0
+
+
 def test_rec_source_with_a_corrupt_record(tmp_path, tiny_teacher, ray_address):
     from PIL import Image
 

@@ -123,9 +123,10 @@ def test_resume_after_sigkill_covers_every_sample_once_in_order(killed_and_resum
     assert any(n.startswith("events") for n in os.listdir(out / "tb"))
 
 
-def test_sigterm_checkpoints_the_step_it_stopped_at_and_the_rerun_goes_on_from_there(embedded_run, tmp_path):
+def test_sigterm_checkpoints_the_step_it_stopped_at_and_resume_goes_on_from_there(embedded_run, tmp_path):
     """A preemption notice: the step in flight finishes, a checkpoint is written at it (none
-    was due for 1000 steps), exit 143 with the resume command; the rerun loses no step."""
+    was due for 1000 steps), exit 143 with the resume command; `distill train --resume OUT`
+    (the saved options, nothing retyped) loses no step."""
     out = tmp_path / "student"
     spe = sum(open_shards(str(embedded_run)).rows) // BATCH
     args = [*train_args(embedded_run, out)[:-1], "--checkpoint-every", 1000, "--epochs", 1, "--no-progress"]
@@ -145,7 +146,7 @@ def test_sigterm_checkpoints_the_step_it_stopped_at_and_the_rerun_goes_on_from_t
     assert f"stopped at step {stopped_at[0]} " in err and "rerun the same command" in err and "Traceback" not in err
     assert [r["step"] for r in jsonl(trace)] == list(range(1, stopped_at[0] + 1))
 
-    again = distill(*args)
+    again = distill("train", "--resume", out)  # the run's own options: nothing retyped
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"ckpt-{stopped_at[0]:09d}" in again.stderr
     # Every step exactly once over both runs (nothing redone, nothing skipped), in the planned order.
@@ -163,6 +164,17 @@ def test_incompatible_rerun_is_refused_before_training(killed_and_resumed):
     assert other.returncode == 2 and "Traceback" not in other.stderr
     assert "--batch-size: checkpoint has 32, now 16" in other.stderr and "new --out" in other.stderr
     assert sorted(os.listdir(out / "checkpoints")) == before
+
+
+def test_a_user_error_inside_a_ray_train_worker_reaches_the_cli_as_one_line(ray_address, tmp_path):
+    # The driver's checks pass; the workers find no whole batch in an epoch (a BadOption they raise).
+    shards = write_toy_shards(tmp_path / "shards", rows=64, shard_size=32, size=32, dim=8)
+    r = distill("train", shards, "--out", tmp_path / "student", "--batch-size", 128, "--workers", 2,
+                "--address", ray_address, "--width", 0.35, "--no-progress")
+    assert r.returncode == 2, r.stderr[-3000:]
+    own = own_lines(r.stderr)
+    assert own[-1].startswith("distill train: error: an epoch has no whole batch"), r.stderr[-3000:]
+    assert not [line for line in own if "Traceback" in line], r.stderr[-3000:]
 
 
 def test_refuses_shards_without_images(tmp_path):

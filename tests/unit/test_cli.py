@@ -118,3 +118,42 @@ def test_a_bad_option_or_path_is_refused_before_tensorflow_or_ray_is_imported(tm
     r = subprocess.run([sys.executable, "-c", code, json.dumps(argv)], capture_output=True, text=True, timeout=120)
     assert r.stdout.split() == ["2", "False", "False"], r.stderr[-2000:]
     assert "error:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_version_and_verbose_after_the_verb(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--version"])
+    assert capsys.readouterr().out.startswith("distill ")
+    p = build_parser()
+    assert p.parse_args(["status", "x", "-v"]).verbose and p.parse_args(["-v", "status", "x"]).verbose
+    assert p.parse_args(["ledger", "show", "x", "-v"]).verbose and not p.parse_args(["status", "x"]).verbose
+
+
+def test_progress_bars_only_on_a_terminal_unless_asked():
+    from distill.startup import show_progress
+
+    assert show_progress(None) is sys.stderr.isatty()  # (under pytest's capture: not a terminal, no bars)
+    assert show_progress(True) and not show_progress(False)
+    args = build_parser().parse_args(["train", "s", "--out", "o", "--progress"])
+    assert args.progress is True and not hasattr(build_parser().parse_args(["train", "s", "--out", "o"]), "progress")
+
+
+def test_an_out_that_cannot_be_made_and_a_ledger_that_cannot_be_reached_leave_nothing_behind(tmp_path):
+    from conftest import MOBILEFACENET, ORL
+
+    from distill.cli import main
+
+    (tmp_path / "afile").write_text("in the way")
+    listing = tmp_path / "l.parquet"
+    assert main(["listing", str(ORL), "--out", str(listing)]) == 0
+    code = "import sys, json; from distill.cli import main; sys.exit(main(json.loads(sys.argv[1])))"
+    for argv, says in (
+        (["listing", str(ORL), "--out", str(tmp_path / "afile" / "l.parquet")], "--out"),
+        (["embed", str(listing), "--teacher", str(MOBILEFACENET), "--out", str(tmp_path / "afile" / "shards")], "--out"),
+        (["embed", str(listing), "--teacher", str(MOBILEFACENET), "--out", str(tmp_path / "shards"),
+          "--ledger", "redis://127.0.0.1:1/0"], "cannot connect to the Redis ledger"),
+    ):
+        r = subprocess.run([sys.executable, "-c", code, json.dumps(argv)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "shards").exists()  # the unreachable ledger was found before anything was written

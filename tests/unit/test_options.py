@@ -7,13 +7,13 @@ import dataclasses
 
 import pytest
 
-from distill.options import add_options, config_from_args
+from distill.options import add_options, config_from_args, dump_toml, load_config_file
 from distill.train.config import TrainConfig
 
 
-def _parser():
+def _parser(config_file: bool = True):
     p = argparse.ArgumentParser()
-    add_options(p, TrainConfig)
+    add_options(p, TrainConfig, config_file=config_file)
     return p
 
 
@@ -32,7 +32,9 @@ def test_every_kind_of_field_parses():
     with pytest.raises(SystemExit):
         _parser().parse_args(["s", "--out", "o", "--margin", "cosface"])  # choices come from the module's list
     with pytest.raises(SystemExit):
-        _parser().parse_args(["s"])  # --out is required
+        _parser(config_file=False).parse_args(["s"])  # --out is required
+    with pytest.raises(ValueError, match="give --out"):  # ... from the command line or the --config file
+        config_from_args(TrainConfig, _parser().parse_args(["s"]))
 
 
 def test_help_states_each_default():
@@ -53,3 +55,35 @@ def test_embed_options_default_to_the_config_and_the_dataclasses_it_holds():
     cfg = config_from_args(args)
     assert (cfg.images, cfg.flip, cfg.shard_size, cfg.preprocessing.channel_order, cfg.worker_resources) == (
         False, False, 8, "BGR", (("tpu", 2.0),))
+
+
+def test_a_config_file_round_trips_through_print_config(tmp_path):
+    cfg = TrainConfig("RUN/shards", "RUN/student", epochs=3, lr=0.01, student="mobilefacenet", resolution=80,
+                      flip=False, val_folders="/v", margin="arcface")
+    text = dump_toml(cfg)
+    (tmp_path / "c.toml").write_text(text)
+    back = config_from_args(TrainConfig, _parser().parse_args(["--config", str(tmp_path / "c.toml")]))
+    assert back == cfg and dump_toml(back) == text
+    (tmp_path / "c.yaml").write_text("shards: RUN/shards\nout: RUN/student\nepochs: 3\nlr: 1\n")
+    assert load_config_file(TrainConfig, str(tmp_path / "c.yaml"))["lr"] == 1.0  # an int where a float goes
+
+
+@pytest.mark.parametrize("text,match", [
+    ("epochz = 3\n", r"unknown option 'epochz' \(did you mean 'epochs'\?\)"),
+    ("epochs = 'ten'\n", "epochs = 'ten' is not an int"),
+    ("flip = 1\n", "flip = 1 is not a bool"),
+    ("margin = 'cosface'\n", "is not one of softmax, arcface, teacher"),
+    ("epochs = [\n", "not valid TOML"),
+])
+def test_a_config_file_is_refused_naming_the_key(tmp_path, text, match):
+    (tmp_path / "c.toml").write_text(text)
+    with pytest.raises(ValueError, match=match):
+        load_config_file(TrainConfig, str(tmp_path / "c.toml"))
+
+
+def test_a_flag_beside_the_file_wins_and_says_so(tmp_path, caplog):
+    (tmp_path / "c.toml").write_text('shards = "s"\nout = "o"\nepochs = 3\nlr = 0.01\n')
+    with caplog.at_level("INFO"):
+        cfg = config_from_args(TrainConfig, _parser().parse_args(["--config", str(tmp_path / "c.toml"), "--epochs", "5"]))
+    assert (cfg.epochs, cfg.lr, cfg.out) == (5, 0.01, "o")
+    assert "--epochs 5 overrides epochs = 3" in caplog.text

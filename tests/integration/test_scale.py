@@ -1,0 +1,92 @@
+"""Many people, labelled and not: a CelebA + UTKFace subset listed as two sources, embedded by
+the real mobilefacenet teacher, distilled into a MobileFaceNet student that gets closer to the
+teacher on people it never saw, resumed mid-epoch, and exported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import GLINT12, MOBILEFACENET, run_cli
+from support import SHARED
+
+pytestmark = pytest.mark.integration
+
+CELEBA, UTKFACE = SHARED / "data" / "celeba", SHARED / "data" / "utkface"
+PEOPLE, UNLABELLED, BATCH, EPOCHS = 150, 400, 32, 8
+
+
+def _link(src: Path, names: list[str], dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for n in names:
+        (dst / n).symlink_to(src / n)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, ray_address):
+    """Listing and shards of 80 CelebA people (their folders) and 160 UTKFace faces (a flat
+    folder: unlabelled), embedded with 2 views by the real teacher."""
+    if not (CELEBA.is_dir() and UTKFACE.is_dir()):
+        pytest.skip("../shared/data/celeba and utkface are not here")
+    root = tmp_path_factory.mktemp("mixed")
+    people = sorted(p.name for p in CELEBA.iterdir())
+    people = [p for p in people if len(list((CELEBA / p).iterdir())) >= 2][:PEOPLE]
+    _link(CELEBA, people, root / "celeba")
+    _link(UTKFACE, sorted(p.name for p in UTKFACE.iterdir())[:UNLABELLED], root / "utk")
+    out = run_cli("listing", root / "celeba", root / "utk", "--out", root / "listing.parquet").stdout
+    assert f"{UNLABELLED} rows unlabelled" in out and f"{PEOPLE} classes" in out
+    run_cli("embed", root / "listing.parquet", "--teacher", MOBILEFACENET, "--out", root / "shards", "--views", 2,
+            "--shard-size", 128, "--address", ray_address, "--no-progress")
+    status = run_cli("status", root / "shards").stdout
+    assert f"{UNLABELLED} unlabelled" in status
+    held = _link(GLINT12, sorted(p.name for p in GLINT12.iterdir())[:4], root / "unseen-full")
+    unseen = root / "unseen"  # 4 glint12 people, 12 images each: people no student here trains on
+    for p in held.iterdir():
+        (unseen / p.name).mkdir(parents=True)
+        for f in sorted(p.iterdir())[:12]:
+            (unseen / p.name / f.name).symlink_to(f.resolve())
+    return root
+
+
+def _train(mixed: Path, out: Path, *extra):
+    return run_cli("train", mixed / "shards", "--out", out, "--student", "mobilefacenet", "--resolution", 64,
+                   "--epochs", EPOCHS, "--batch-size", BATCH, "--lr", 4e-3, "--warmup-steps", 10, "--ce-weight", 0.1,
+                   "--margin", "arcface", "--val-folders", mixed / "unseen", "--val-images", 48, "--shuffle-buffer", 128,
+                   "--checkpoint-every", 1000, "--trace-samples", "--no-progress", *extra)
+
+
+def test_a_mobilefacenet_student_gets_closer_to_the_teacher_on_unseen_people_and_resumes(mixed, tmp_path):
+    out = tmp_path / "student"
+    rows = json.loads((mixed / "shards" / "manifest.json").read_text())["rows"]
+    steps = EPOCHS * (rows // BATCH)
+    # In two parts, the first stopping mid-epoch; the second goes on at the next sample.
+    first = _train(mixed, out, "--max-steps", steps // 2 + 1)
+    assert "trained to step" in first.stdout
+    second = _train(mixed, out)
+    assert f"step {steps // 2 + 1}" in second.stderr  # resumed where the first part stopped
+    trace = [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()]
+    assert [t["step"] for t in trace] == list(range(1, steps + 1))
+    for epoch in range(EPOCHS):  # every sample of every epoch once, unlabelled ones included
+        seen = [i for t in trace if t["epoch"] == epoch for i in t["index"]]
+        assert len(seen) == len(set(seen)) == (rows // BATCH) * BATCH
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if "val_cos" in r]
+    assert val[0]["step"] == 0 and len(val) == EPOCHS + 1  # the start, and each epoch end
+    assert val[-1]["val_cos"] > val[0]["val_cos"] + 0.03, [r["val_cos"] for r in val]
+    assert any("ce" in r for r in records if r["kind"] == "step")  # the classifier ran on the labelled rows
+    config = json.loads(next((out / "checkpoints").iterdir()).joinpath("config.json").read_text())
+    assert (config["student"]["arch"], config["student"]["resolution"], config["student"]["num_classes"]) == (
+        "mobilefacenet", 64, PEOPLE)
+
+    export = run_cli("export", out, "--out", tmp_path / "export", "--tflite").stdout
+    assert "images uint8 [N,112,112,3] -> embeddings float32 [N,192]" in export and "tflite int8" in export
+    report = json.loads((tmp_path / "export" / "export.json").read_text())
+    assert report["student"]["arch"] == "mobilefacenet"
+    assert min(c["min"] for c in report["report"]["tflite_cosine"].values()) >= 0.99
+    scored = run_cli("evaluate", tmp_path / "export", "--folders", mixed / "unseen", "--teacher", MOBILEFACENET,
+                     "--out", tmp_path / "eval.json", "--no-progress")
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert np.isfinite(result["mean_cosine"]) and result["models"]["teacher"]["auc"] > 0.9, scored.stdout
