@@ -155,29 +155,89 @@ class RecFiles:
 
 # ---------------------------------------------------------------------------- pure decisions
 
-def parse_list_line(line: str, lineno: int, where: str) -> tuple[str, int | None] | None:
-    """``(path, label or None)`` for a data line, None for a blank or ``#`` line."""
+LIST_FORMATS = (
+    "`path<TAB>label` (label an int; -1: no known identity)",
+    "a bare `path` (label: its folder's name)",
+    "insightface face2rec2 .lst: `aligned<TAB>path<TAB>label`, optionally followed by a bbox and 5 landmarks",
+    "MXNet im2rec .lst: `index<TAB>label<TAB>path`",
+)
+DIALECTS = ("path", "path_label", "face2rec2", "im2rec")
+
+
+def _is_int(text: str) -> bool:
+    return text.strip().lstrip("+-").isdigit()
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def list_dialect(line: str, lineno: int, where: str) -> str:
+    """Which list format a data line is in (a file's first data line decides for the file). Pure."""
+    fields = line.rstrip("\r\n").split("\t")
+    if len(fields) == 1:
+        return "path"
+    if len(fields) >= 3 and fields[0].strip() in ("0", "1") and _is_int(fields[2]) and not _is_number(fields[1]) \
+            and len(fields) in (3, 7, 17) and all(_is_number(f) for f in fields[3:]):
+        return "face2rec2"
+    if len(fields) >= 3 and _is_int(fields[0]) and not _is_number(fields[-1]) and all(_is_number(f) for f in fields[1:-1]):
+        if len(fields) > 3:
+            raise BadInput(f"{where}:{lineno}: an im2rec line with {len(fields) - 2} labels; distill needs one identity "
+                           "label per image (`index<TAB>label<TAB>path`)")
+        return "im2rec"
+    return "path_label"
+
+
+def parse_list_line(line: str, lineno: int, where: str, dialect: str | None = None) -> tuple[str, int | None] | None:
+    """``(path, label or None)`` of a data line in ``dialect`` (default: the line's own), None
+    for a blank or ``#`` line. A line that does not fit is refused with its number and the
+    formats the listing reads."""
     text = line.rstrip("\r\n")
     stripped = text.strip()
     if not stripped or stripped.startswith("#"):
         return None
-    if "\t" not in text:
+    dialect = dialect or list_dialect(text, lineno, where)
+    fields = text.split("\t")
+    if dialect == "path":
+        if len(fields) != 1:
+            raise BadInput(f"{where}:{lineno}: has a label but earlier lines do not; give every line a `<TAB>label`, "
+                           "or none")
         return stripped, None
-    path, _, label = text.rpartition("\t")
-    path, label = path.strip(), label.strip()
+    if dialect == "path_label" and len(fields) == 1:
+        raise BadInput(f"{where}:{lineno}: has no label but earlier lines do; give every line a `<TAB>label`, or none")
+    if dialect == "face2rec2":
+        if not (len(fields) in (3, 7, 17) and fields[0].strip() in ("0", "1")):
+            raise _not_the_format(where, lineno, "a face2rec2 `aligned<TAB>path<TAB>label[...]` line, as the file's first")
+        path, label = fields[1].strip(), fields[2].strip()
+    elif dialect == "im2rec":
+        if len(fields) != 3 or not _is_int(fields[0]):
+            raise _not_the_format(where, lineno, "an im2rec `index<TAB>label<TAB>path` line, as the file's first")
+        path, label = fields[2].strip(), fields[1].strip()
+        if _is_number(label) and float(label).is_integer():
+            label = str(int(float(label)))  # im2rec writes labels as floats: 3.000000
+    else:
+        path, _, label = text.rpartition("\t")  # (a path may hold tabs: the label is the last field)
+        path, label = path.strip(), label.strip()
     if not path:
-        raise BadInput(f"{where}:{lineno}: empty path before the tab; expected `path<TAB>label` or `path`")
+        raise BadInput(f"{where}:{lineno}: empty path; the listing reads " + "; ".join(LIST_FORMATS))
     try:
         value = int(label)
     except ValueError:
-        raise BadInput(
-            f"{where}:{lineno}: label {label!r} is not an integer; expected `path<TAB>label` with an int label, "
-            "or a bare `path` (label = its folder name)"
-        ) from None
+        raise BadInput(f"{where}:{lineno}: label {label!r} is not an integer; the listing reads "
+                       + "; ".join(LIST_FORMATS)) from None
     if value < UNLABELLED:
         raise BadInput(f"{where}:{lineno}: label {value} is negative; labels are class numbers 0..C-1, "
                        f"or {UNLABELLED} for a face of no known identity")
     return path, value
+
+
+def _not_the_format(where: str, lineno: int, expected: str) -> BadInput:
+    return BadInput(f"{where}:{lineno}: not {expected}; one file holds one format. The listing reads "
+                    + "; ".join(LIST_FORMATS))
 
 
 def resolve_list_path(base: str, path: str) -> str:
@@ -419,23 +479,18 @@ def _say_skipped(skipped: int, root: str) -> None:
 
 
 def _list_lines(path: str) -> Iterator[tuple[int, str, int | None]]:
-    """(line number, absolute path, label or None) of every data line, checking consistency."""
+    """(line number, absolute path, label or None) of every data line, in the format the
+    file's first data line is in (``list_dialect``)."""
     base = os.path.dirname(path)
-    labelled = None
+    dialect = None
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, 1):
-            parsed = parse_list_line(line, lineno, path)
+            if dialect is None and line.strip() and not line.strip().startswith("#"):
+                dialect = list_dialect(line, lineno, path)
+            parsed = parse_list_line(line, lineno, path, dialect)
             if parsed is None:
                 continue
             p, label = parsed
-            if labelled is None:
-                labelled = label is not None
-            elif labelled != (label is not None):
-                raise BadInput(
-                    f"{path}:{lineno}: "
-                    + ("has no label but earlier lines do" if labelled else "has a label but earlier lines do not")
-                    + "; give every line a `<TAB>label`, or none"
-                )
             yield lineno, resolve_list_path(base, p), label
 
 

@@ -22,6 +22,7 @@ from distill.embed.listing import (
     add_cli,
     build_listing,
     covering_row_groups,
+    list_dialect,
     listing_fingerprint,
     looks_binary,
     parent_name,
@@ -184,6 +185,44 @@ def test_parse_list_line():
         parse_list_line("a.jpg\t-2", 2, "f")
     with pytest.raises(ValueError, match=r"f:3: empty path"):
         parse_list_line("\t4", 3, "f")
+
+
+def test_insightface_and_mxnet_lst_lines_are_read_as_they_are_meant():
+    # face2rec2: aligned<TAB>path<TAB>label, optionally a bbox and 5 landmarks after it.
+    assert parse_list_line("1\ta/b.jpg\t7\n", 1, "f") == ("a/b.jpg", 7)
+    bbox = "\t".join(["10", "20", "90", "110"])
+    points = "\t".join(str(38.5 + i) for i in range(10))
+    assert parse_list_line(f"0\tx/y.png\t3\t{bbox}\t{points}\n", 2, "f") == ("x/y.png", 3)
+    assert list_dialect(f"1\tx.jpg\t3\t{bbox}", 1, "f") == "face2rec2"
+    # MXNet im2rec: index<TAB>label<TAB>path, labels written as floats.
+    assert parse_list_line("42\t5.000000\timages/p.jpg\n", 3, "f") == ("images/p.jpg", 5)
+    assert list_dialect("0\t1.0\tp.jpg", 1, "f") == "im2rec"
+    assert list_dialect("p.jpg\t3", 1, "f") == "path_label" and list_dialect("p.jpg", 1, "f") == "path"
+    with pytest.raises(ValueError, match=r"f:4: an im2rec line with 2 labels"):
+        list_dialect("0\t1.0\t2.0\tp.jpg", 4, "f")
+    with pytest.raises(ValueError, match=r"f:5: label '2.5' is not an integer.*face2rec2 .lst.*im2rec .lst"):
+        parse_list_line("9\t2.5\tp.jpg", 5, "f")
+    # One file, one format: a line of another is refused with its number and the formats read.
+    with pytest.raises(ValueError, match=r"f:6: not an im2rec .* line, as the file's first; one file holds one format"):
+        parse_list_line("p.jpg\t3", 6, "f", dialect="im2rec")
+
+
+def test_lst_files_list_with_their_paths_and_labels(tmp_path):
+    (tmp_path / "img").mkdir()
+    face2rec = tmp_path / "train.lst"
+    face2rec.write_text("1\timg/a.jpg\t0\n1\timg/b.jpg\t0\n1\timg/c.jpg\t2\n")
+    info = build_listing(ListingConfig((str(face2rec),), str(tmp_path / "f.parquet")))
+    t = _table(tmp_path / "f.parquet")
+    assert t["path"] == [str(tmp_path / "img" / n) for n in ("a.jpg", "b.jpg", "c.jpg")] and t["label"] == [0, 0, 2]
+    assert info.num_classes == 3
+    im2rec = tmp_path / "im2rec.lst"
+    im2rec.write_text("0\t1.000000\timg/a.jpg\n1\t0.000000\timg/b.jpg\n")
+    build_listing(ListingConfig((str(im2rec),), str(tmp_path / "i.parquet")))
+    t = _table(tmp_path / "i.parquet")
+    assert t["path"] == [str(tmp_path / "img" / n) for n in ("a.jpg", "b.jpg")] and t["label"] == [1, 0]
+    im2rec.write_text("0\t1.000000\timg/a.jpg\nimg/b.jpg\t0\n")
+    with pytest.raises(ValueError, match="im2rec.lst:2: not an im2rec"):
+        build_listing(ListingConfig((str(im2rec),), str(tmp_path / "j.parquet")))
 
 
 def test_resolve_list_path_and_parent_name():
