@@ -51,12 +51,12 @@ VAL_SPLIT, VAL_SEED, SEED = 0.34, 0, 0
 PLAIN = ["--view-prob", "0"]
 NO_CONTRAST = ["--contrast-weight", "0"]
 RECIPES = {
-    "softmax only (no teacher)": ["--mse-weight", "0", "--ce-weight", "1", *NO_CONTRAST, *PLAIN],
+    "softmax only (no teacher)": ["--distill-weight", "0", "--ce-weight", "1", *NO_CONTRAST, *PLAIN],
     "raw MSE + softmax 1/1 (the first defaults)": ["--distill-loss", "mse", "--ce-weight", "1", *NO_CONTRAST, *PLAIN],
     "nMSE": [*NO_CONTRAST, *PLAIN],
     "nMSE + views (the previous defaults)": NO_CONTRAST,
     "nMSE + contrast": PLAIN,
-    "contrast + views": ["--mse-weight", "0"],
+    "contrast + views": ["--distill-weight", "0"],
     "nMSE + contrast + teacher-centre ArcFace 0.1 + views": ["--margin", "teacher", "--ce-weight", "0.1"],
     "nMSE + contrast + views, width 0.35": ["--width", "0.35"],
     "nMSE + contrast + views, width 1.0": ["--width", "1.0"],

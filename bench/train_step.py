@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import add_idle_args, loadavg, print_header, settle, table  # noqa: E402
 
 EMORE_CLASSES = 85742
-VARIANTS = {  # name -> (ce_weight, mse_weight, contrast_weight)
+VARIANTS = {  # name -> (ce_weight, distill_weight, contrast_weight)
     "nMSE (previous defaults)": (0.0, 1.0, 0.0),
     "nMSE + contrast (defaults)": (0.0, 1.0, 1.0),
     "nMSE + contrast, classifier computed at weight 1e-9 (before: every step)": (1e-9, 1.0, 1.0),
@@ -50,7 +50,7 @@ def build(classes: int, weights: tuple[float, float, float], batch: int, dim: in
     optimizer = keras.optimizers.Adam(1e-3)
     optimizer.build(model.trainable_variables)
     ce, mse, con = weights
-    spec = LossSpec(ce_weight=ce, mse_weight=mse, distill="nmse", contrast_weight=con)
+    spec = LossSpec(ce_weight=ce, distill_weight=mse, distill="nmse", contrast_weight=con)
     step = _make_step(model, optimizer, tf.distribute.get_strategy(), spec, batch, False)
     return step, model.count_params()
 

@@ -4,8 +4,8 @@ A config field declared with ``option(default, "help")`` becomes ``--field-name`
 default, that help (the default appended) and a type read off the annotation: ``int``,
 ``float``, ``str`` (optionally ``| None``), ``bool`` (``--x`` / ``--no-x``) or
 ``tuple[X, ...]`` (one or more values). ``choices``, ``flag`` (the option's spelling, when not
-``--field-name``), ``metavar`` and ``positional`` refine it; ``group`` puts an option in a named
-help section. Fields without ``option`` metadata are not options (a stage adds those itself,
+``--field-name``), ``aliases`` (old names, still read), ``metavar`` and ``positional`` refine
+it; ``group`` puts an option in a named help section. Fields without ``option`` metadata are not options (a stage adds those itself,
 with defaults read off the dataclasses they hold).
 
 The parser records only the options the user gave (argparse defaults are suppressed), so
@@ -32,9 +32,10 @@ _META = "distill.option"
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices=None, flag: str | None = None,
-           metavar: str | None = None, positional: bool = False, required: bool = False, group: str | None = None):
+           metavar: str | None = None, positional: bool = False, required: bool = False, group: str | None = None,
+           aliases: tuple[str, ...] = ()):
     meta = {_META: {"help": help, "choices": choices, "flag": flag, "metavar": metavar,
-                    "positional": positional, "required": required, "group": group}}
+                    "positional": positional, "required": required, "group": group, "aliases": aliases}}
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -108,7 +109,7 @@ def add_options(parser: argparse.ArgumentParser, cls, *, config_file: bool = Fal
             kwargs.update(type=kind, metavar=meta["metavar"], choices=meta["choices"], **many)
             if (meta["required"] or not has_default) and not config_file:
                 kwargs["required"] = True
-        parser.add_argument(flag_of(f), **kwargs)
+        parser.add_argument(flag_of(f), *(f"--{a.replace('_', '-')}" for a in meta["aliases"]), **kwargs)
     if config_file:
         target.add_argument("--config", metavar="FILE", default=None,
                             help="read the options from this TOML or YAML file (the option names, with _ for -); "
@@ -185,9 +186,11 @@ def check_values(cls, data: Mapping[str, Any], where: str) -> dict[str, Any]:
     import difflib
 
     fields = {f.name: f for f in option_fields(cls)}
+    renamed = {a: f.name for f in fields.values() for a in f.metadata[_META]["aliases"]}
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
+        name = renamed.get(name, name)  # an option's old name
         if name not in fields:
             near = difflib.get_close_matches(name, fields, n=1)
             raise BadOption(f"{where}: unknown option {key!r}" + (f" (did you mean {near[0]!r}?)" if near else "")

@@ -51,7 +51,8 @@ class TrainConfig:
     distill_loss: str = option(RECIPE.distill, "distillation term: nmse (||s/|s| - t/|t|||^2 = 2 - 2 cos, the MSE of the "
                                "directions), cosine (1 - cos) or mse (raw values: dominated by the teacher's norm)",
                                choices=DISTILL_LOSSES, group="objective")
-    mse_weight: float = option(RECIPE.mse_weight, "weight of the distillation term", group="objective")
+    distill_weight: float = option(RECIPE.distill_weight, "weight of the distillation term (--mse-weight: its old "
+                                   "name)", group="objective", aliases=("mse_weight",))
     ce_weight: float = option(RECIPE.ce_weight, "weight of the identity classifier's cross-entropy", group="objective")
     contrast_weight: float = option(RECIPE.contrast_weight, "weight of contrastive distillation: each student embedding must pick its own "
                                     "teacher target out of the global batch's (InfoNCE on cosines; 0: off)", group="objective")
@@ -151,8 +152,8 @@ class TrainConfig:
         self.loss_spec()  # validates early
 
     def loss_spec(self) -> LossSpec:
-        return LossSpec(self.ce_weight, self.mse_weight, self.distill_loss, self.margin, self.arc_scale, self.arc_margin,
-                        self.contrast_weight, self.contrast_temperature)
+        return LossSpec(self.ce_weight, self.distill_weight, self.distill_loss, self.margin, self.arc_scale,
+                        self.arc_margin, self.contrast_weight, self.contrast_temperature)
 
     @property
     def validates(self) -> bool:
@@ -218,9 +219,10 @@ class TrainRun:
     def from_json(cls, d: Mapping[str, Any]) -> "TrainRun":
         """A saved run (options this version no longer has are dropped; ones it added take their defaults)."""
         known = {f.name for f in fields(TrainConfig)}
+        train = {"distill_weight" if k == "mse_weight" else k: v for k, v in d["train"].items()}  # (the old name)
         return cls(
-            train=TrainConfig(**{k: v for k, v in d["train"].items() if k in known}),
-            student=StudentSpec.from_json(d["student"]), loss=LossSpec(**d["loss"]), flip=d["flip"],
+            train=TrainConfig(**{k: v for k, v in train.items() if k in known}),
+            student=StudentSpec.from_json(d["student"]), loss=LossSpec.from_json(d["loss"]), flip=d["flip"],
             view_prob=d.get("view_prob", 0.0), shards_run_id=d["shards_run_id"], teacher_norm=d.get("teacher_norm"),
             schedule=Schedule(**d["schedule"]) if d.get("schedule") else None,
         )
@@ -238,7 +240,7 @@ def resolve(cfg: TrainConfig, shards) -> TrainRun:
         width=cfg.width or DEFAULT_WIDTH[cfg.student], head=cfg.head, margin=loss.margin, arch=cfg.student,
         resolution=working_resolution(cfg.resolution, shards.input_size),
     )
-    if student.embedding_dim != shards.embedding_dim and (loss.mse_weight > 0 or loss.contrast_weight > 0
+    if student.embedding_dim != shards.embedding_dim and (loss.distill_weight > 0 or loss.contrast_weight > 0
                                                           or loss.margin == "teacher"):
         why = "the teacher's class centres live" if loss.margin == "teacher" else "the distillation term compares them"
         raise BadOption(
@@ -270,11 +272,11 @@ def unlabelled_loss(cfg: TrainConfig, shards) -> LossSpec:
     loss = cfg.loss_spec()
     if not loss.ce_weight and loss.margin == "softmax":
         return loss
-    if not (loss.mse_weight or loss.contrast_weight):
+    if not (loss.distill_weight or loss.contrast_weight):
         raise BadOption(
             f"the shards in {shards.location} hold no labelled rows (every image is of no known identity), so the "
             "classifier (--ce-weight, --margin) has nothing to learn and it is the only term asked for; distil "
-            "instead (--mse-weight, --contrast-weight), or list identity folders with `distill listing`")
+            "instead (--distill-weight, --contrast-weight), or list identity folders with `distill listing`")
     log.warning("the shards in %s hold no labelled rows (every image is of no known identity): the classifier term "
                 "is off, the student learns from the teacher's embeddings only", shards.location)
     return replace(loss, ce_weight=0.0, margin="softmax")

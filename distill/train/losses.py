@@ -1,12 +1,12 @@
-"""The training objective, as named parts: ``ce``, ``mse``, ``contrast``, ``loss`` (and ``cos``, logged).
+"""The training objective, as named parts: ``distill``, ``contrast``, ``ce``, ``loss`` (and ``cos``, logged).
 
-``loss = ce_weight * ce + mse_weight * mse + contrast_weight * contrast``; a part whose weight
+``loss = distill_weight * distill + contrast_weight * contrast + ce_weight * ce``; a part whose weight
 is 0 is neither computed nor logged.
 
 - ``ce`` is softmax cross-entropy of the classifier head. With ``margin`` ``arcface`` or
   ``teacher`` the logits are cosines and get the ArcFace additive angular margin and scale
   here; ``teacher`` means the class centres are the teacher's (``distill.train.centres``).
-- ``mse`` is the distillation term, by ``distill``:
+- ``distill`` is the distillation term, by ``LossSpec.distill``:
   ``mse``    mean squared error per dimension of the raw embeddings (dominated by the teacher's
              norm: mobilefacenet's raw norm is ~70, so this term is ~24 at the start);
   ``nmse``   squared distance of the L2-normalised embeddings, ``2 - 2 cos``: MSE on the
@@ -16,7 +16,7 @@ is 0 is neither computed nor logged.
 - ``contrast`` is contrastive distillation (InfoNCE over the teacher's embeddings, as in CRD):
   each student embedding must pick its own teacher target out of every target of the global
   batch, ``-log softmax_j(cos(s_i, t_j) / T)[i]``. The other targets are mostly *other images
-  of the same people*: where ``mse`` is met by knowing who a face is (a few identity directions
+  of the same people*: where ``distill`` is met by knowing who a face is (a few identity directions
   carry most of the targets' variance), this term needs what tells two photos of one person
   apart in the teacher's space, which is what carries over to people the student never saw.
   Every replica gathers the whole global batch's targets, so the term is the same for any
@@ -45,7 +45,7 @@ class LossSpec:
     options take theirs from here, so the recipe is stated once."""
 
     ce_weight: float = 0.0
-    mse_weight: float = 1.0
+    distill_weight: float = 1.0
     distill: str = "nmse"
     margin: str = "softmax"
     arc_scale: float = 32.0
@@ -56,16 +56,24 @@ class LossSpec:
     def __post_init__(self) -> None:
         if self.distill not in DISTILL_LOSSES:
             raise BadOption(f"--distill-loss must be one of {', '.join(DISTILL_LOSSES)}, got {self.distill!r}")
-        weights = (self.ce_weight, self.mse_weight, self.contrast_weight)
+        weights = (self.ce_weight, self.distill_weight, self.contrast_weight)
         if min(weights) < 0 or sum(weights) == 0:
             raise BadOption(
-                f"--ce-weight {self.ce_weight}, --mse-weight {self.mse_weight} and --contrast-weight "
+                f"--ce-weight {self.ce_weight}, --distill-weight {self.distill_weight} and --contrast-weight "
                 f"{self.contrast_weight} must be >= 0 and not all 0"
             )
         if self.contrast_temperature <= 0:
             raise BadOption(f"--contrast-temperature must be > 0 (e.g. 0.1), got {self.contrast_temperature}")
         if self.arc_scale <= 0 or not 0 <= self.arc_margin < math.pi / 2:
             raise BadOption(f"--arc-scale must be > 0 and --arc-margin in [0, pi/2), got {self.arc_scale}, {self.arc_margin}")
+
+    @classmethod
+    def from_json(cls, d: dict) -> "LossSpec":
+        """A saved spec; runs saved before the rename have ``mse_weight`` for ``distill_weight``."""
+        d = dict(d)
+        if "mse_weight" in d:
+            d["distill_weight"] = d.pop("mse_weight")
+        return cls(**d)
 
 
 def arcface_logits(cosine, labels, scale: float, margin: float):
@@ -141,15 +149,15 @@ def loss_parts(embedding, logits, teacher, labels, spec: LossSpec, global_batch_
     if spec.ce_weight:
         parts["ce"] = classifier_loss(logits, labels, spec, class_bias)
         loss += spec.ce_weight * parts["ce"]
-    if spec.mse_weight:
+    if spec.distill_weight:
         if spec.distill == "mse":
             dist = tf.reduce_mean(tf.square(embedding - teacher), axis=-1)
         elif spec.distill == "nmse":
             dist = 2.0 - 2.0 * cos
         else:
             dist = 1.0 - cos
-        parts["mse"] = tf.nn.compute_average_loss(dist, global_batch_size=global_batch_size)
-        loss += spec.mse_weight * parts["mse"]
+        parts["distill"] = tf.nn.compute_average_loss(dist, global_batch_size=global_batch_size)
+        loss += spec.distill_weight * parts["distill"]
     if spec.contrast_weight:
         con = contrast_loss(s_unit, t_unit, spec.contrast_temperature)
         parts["contrast"] = tf.nn.compute_average_loss(con, global_batch_size=global_batch_size)

@@ -114,7 +114,7 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train the student on the shards",
         description="Stream the shards into a student (MobileNetV2 or MobileFaceNet). The loss is "
-                    "mse_weight x distillation (nmse: 2 - 2 cos to the teacher's embedding) + contrast_weight x "
+                    "distill_weight x distillation (nmse: 2 - 2 cos to the teacher's embedding) + contrast_weight x "
                     "contrastive distillation (each embedding picks its own teacher target out of the batch's) + "
                     "ce_weight x the identity classifier on the labelled rows. Rerun the same command (or "
                     "`distill train --resume OUT`) to resume after an interruption.",

@@ -26,7 +26,7 @@ def test_gradient_reaches_the_student_only_and_pulls_it_towards_the_teacher():
     student, logits, teacher, labels = _batch()
     with tf.GradientTape(persistent=True) as tape:
         tape.watch([student, teacher])
-        parts = loss_parts(student, logits, teacher, labels, LossSpec(ce_weight=0.0, mse_weight=1.0, distill="mse", contrast_weight=0.0))
+        parts = loss_parts(student, logits, teacher, labels, LossSpec(ce_weight=0.0, distill_weight=1.0, distill="mse", contrast_weight=0.0))
     assert tape.gradient(parts["loss"], teacher) is None  # the teacher is a constant target
     g = tape.gradient(parts["loss"], student).numpy()
     np.testing.assert_allclose(g, 2 * (student - teacher).numpy() / student.numpy().size, rtol=1e-5)
@@ -34,18 +34,18 @@ def test_gradient_reaches_the_student_only_and_pulls_it_towards_the_teacher():
 
 def test_parts_are_named_and_weighted():
     student, logits, teacher, labels = _batch(1)
-    p = loss_parts(student, logits, teacher, labels, LossSpec(ce_weight=0.3, mse_weight=2.0, distill="mse", contrast_weight=0.0))
-    assert set(p) == {"loss", "ce", "mse", "cos"}
-    np.testing.assert_allclose(float(p["mse"]), np.mean((student.numpy() - teacher.numpy()) ** 2), rtol=1e-6)
+    p = loss_parts(student, logits, teacher, labels, LossSpec(ce_weight=0.3, distill_weight=2.0, distill="mse", contrast_weight=0.0))
+    assert set(p) == {"loss", "ce", "distill", "cos"}
+    np.testing.assert_allclose(float(p["distill"]), np.mean((student.numpy() - teacher.numpy()) ** 2), rtol=1e-6)
     ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
     np.testing.assert_allclose(float(p["ce"]), float(ce), rtol=1e-6)
-    np.testing.assert_allclose(float(p["loss"]), 0.3 * float(p["ce"]) + 2.0 * float(p["mse"]), rtol=1e-6)
+    np.testing.assert_allclose(float(p["loss"]), 0.3 * float(p["ce"]) + 2.0 * float(p["distill"]), rtol=1e-6)
 
 
 def test_cosine_distill_ignores_scale_and_global_batch_averages():
     student, logits, teacher, labels = _batch(2)
     spec = LossSpec(distill="cosine", ce_weight=0.0, contrast_weight=0.0)
-    assert float(loss_parts(3.0 * teacher, logits, teacher, labels, spec)["mse"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(loss_parts(3.0 * teacher, logits, teacher, labels, spec)["distill"]) == pytest.approx(0.0, abs=1e-6)
     local = loss_parts(student, logits, teacher, labels, spec)
     half = loss_parts(student, logits, teacher, labels, spec, global_batch_size=8)  # this replica holds half of 8
     np.testing.assert_allclose(float(half["loss"]), float(local["loss"]) / 2, rtol=1e-6)
@@ -54,9 +54,9 @@ def test_cosine_distill_ignores_scale_and_global_batch_averages():
 def test_normalised_mse_is_two_minus_two_cos_and_ignores_either_norm():
     student, logits, teacher, labels = _batch(3)
     spec = LossSpec(distill="nmse", ce_weight=0.0)
-    base = float(loss_parts(student, logits, teacher, labels, spec)["mse"])
-    assert float(loss_parts(5.0 * student, logits, 70.0 * teacher, labels, spec)["mse"]) == pytest.approx(base, rel=1e-5)
-    cos = float(loss_parts(student, logits, teacher, labels, LossSpec(distill="cosine"))["mse"])
+    base = float(loss_parts(student, logits, teacher, labels, spec)["distill"])
+    assert float(loss_parts(5.0 * student, logits, 70.0 * teacher, labels, spec)["distill"]) == pytest.approx(base, rel=1e-5)
+    cos = float(loss_parts(student, logits, teacher, labels, LossSpec(distill="cosine"))["distill"])
     assert base == pytest.approx(2 * cos, rel=1e-5)
     u = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
     want = np.mean(np.sum((u(student.numpy()) - u(teacher.numpy())) ** 2, axis=1))
@@ -72,7 +72,7 @@ def test_the_classifier_skips_unlabelled_rows():
     logits = 0.5 * tf.tanh(logits)  # cosine-like, so the ArcFace head is not saturated either
     labels = tf.constant([2, -1, 0, -1, 1, 2], tf.int64)  # -1: a face of no known identity
     for margin in ("softmax", "arcface"):
-        spec = LossSpec(ce_weight=1.0, mse_weight=0.0, contrast_weight=0.0, margin=margin, arc_scale=8.0, arc_margin=0.2)
+        spec = LossSpec(ce_weight=1.0, distill_weight=0.0, contrast_weight=0.0, margin=margin, arc_scale=8.0, arc_margin=0.2)
         got = float(loss_parts(student, logits, teacher, labels, spec)["ce"])
         keep = np.array([0, 2, 4, 5])
         want = float(loss_parts(tf.gather(student, keep), tf.gather(logits, keep), tf.gather(teacher, keep),
@@ -84,13 +84,13 @@ def test_the_classifier_skips_unlabelled_rows():
         g = tape.gradient(ce, logits).numpy()
         assert np.all(g[[1, 3]] == 0) and np.all(np.abs(g[keep]).sum(axis=1) > 0)
     none = tf.fill([6], tf.constant(-1, tf.int64))
-    assert float(loss_parts(student, logits, teacher, none, LossSpec(ce_weight=1.0, mse_weight=1.0))["ce"]) == 0.0
+    assert float(loss_parts(student, logits, teacher, none, LossSpec(ce_weight=1.0, distill_weight=1.0))["ce"]) == 0.0
 
 
 def test_class_bias_takes_classes_out_of_the_softmax():
     student, logits, teacher, labels = _batch(4, c=3)
     labels = tf.constant([0, 1, 0, 1], tf.int64)
-    spec = LossSpec(ce_weight=1.0, mse_weight=0.0)
+    spec = LossSpec(ce_weight=1.0, distill_weight=0.0)
     masked = loss_parts(student, logits, teacher, labels, spec, class_bias=tf.constant([0.0, 0.0, -1e4]))
     two = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits[:, :2]))
     assert float(masked["ce"]) == pytest.approx(float(two), rel=1e-5)
@@ -109,7 +109,7 @@ def test_bad_loss_options_say_which():
     with pytest.raises(ValueError, match="--distill-loss"):
         LossSpec(distill="kl")
     with pytest.raises(ValueError, match="not all 0"):
-        LossSpec(ce_weight=0, mse_weight=0, contrast_weight=0)
+        LossSpec(ce_weight=0, distill_weight=0, contrast_weight=0)
 
 
 def _infonce(s: np.ndarray, t: np.ndarray, temperature: float) -> np.ndarray:
@@ -121,21 +121,21 @@ def _infonce(s: np.ndarray, t: np.ndarray, temperature: float) -> np.ndarray:
 
 def test_contrast_picks_each_target_out_of_the_batch_and_only_trains_the_student():
     student, logits, teacher, labels = _batch(5, n=6)
-    spec = LossSpec(ce_weight=0.0, mse_weight=0.5, distill="nmse", contrast_weight=2.0, contrast_temperature=0.2)
+    spec = LossSpec(ce_weight=0.0, distill_weight=0.5, distill="nmse", contrast_weight=2.0, contrast_temperature=0.2)
     with tf.GradientTape(persistent=True) as tape:
         tape.watch([student, teacher])
         p = loss_parts(student, logits, teacher, labels, spec)
-    assert set(p) == {"loss", "mse", "contrast", "cos"}  # ce (weight 0) is not computed
+    assert set(p) == {"loss", "distill", "contrast", "cos"}  # ce (weight 0) is not computed
     want = _infonce(student.numpy(), teacher.numpy(), 0.2).mean()
     assert float(p["contrast"]) == pytest.approx(want, rel=1e-5)
-    assert float(p["loss"]) == pytest.approx(0.5 * float(p["mse"]) + 2.0 * want, rel=1e-5)
+    assert float(p["loss"]) == pytest.approx(0.5 * float(p["distill"]) + 2.0 * want, rel=1e-5)
     assert tape.gradient(p["loss"], teacher) is None
     # Scale-free on both sides; the student's own target is the one it should be closest to.
     again = loss_parts(7.0 * student, logits, 70.0 * teacher, labels, spec)
     assert float(again["contrast"]) == pytest.approx(float(p["contrast"]), rel=1e-5)
     matched = loss_parts(teacher, logits, teacher, labels, spec)
     assert float(matched["contrast"]) < float(p["contrast"])
-    assert set(loss_parts(student, logits, teacher, labels, LossSpec(ce_weight=0.0, contrast_weight=0.0))) == {"loss", "mse", "cos"}  # off: not computed
+    assert set(loss_parts(student, logits, teacher, labels, LossSpec(ce_weight=0.0, contrast_weight=0.0))) == {"loss", "distill", "cos"}  # off: not computed
 
 
 def test_contrast_over_replicas_is_the_global_batch_term():
@@ -151,14 +151,14 @@ def test_contrast_over_replicas_is_the_global_batch_term():
         s, t = (rng.normal(size=(8, 5)).astype(np.float32) for _ in range(2))
         logits = rng.normal(size=(8, 2)).astype(np.float32)
         lab = np.array([0, 1, -1, 0, -1, -1, 1, 1], np.int64)  # unlabelled rows spread unevenly over the replicas
-        spec = LossSpec(ce_weight=0.5, mse_weight=1.0, distill="nmse", contrast_weight=1.0)
+        spec = LossSpec(ce_weight=0.5, distill_weight=1.0, distill="nmse", contrast_weight=1.0)
         one = loss_parts(s, logits, t, lab, spec, 8)
         st = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         ds = st.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((s, logits, t, lab)).batch(8))
         fn = lambda a, l, b, c: loss_parts(a, l, b, c, spec, 8)
         for batch in ds:
             two = {k: float(st.reduce("SUM", v, axis=None)) for k, v in st.run(fn, args=batch).items()}
-        for k in ("contrast", "mse", "ce", "loss"):
+        for k in ("contrast", "distill", "ce", "loss"):
             assert abs(two[k] - float(one[k])) < 1e-5 * max(1.0, abs(float(one[k]))), (k, two[k], float(one[k]))
         print("ok")
     """)
@@ -171,5 +171,5 @@ def test_bad_contrast_options_say_which():
     with pytest.raises(ValueError, match="--contrast-temperature"):
         LossSpec(contrast_weight=1.0, contrast_temperature=0.0)
     with pytest.raises(ValueError, match="not all 0"):
-        LossSpec(ce_weight=0, mse_weight=0, contrast_weight=0)
-    assert LossSpec(ce_weight=0, mse_weight=0, contrast_weight=1.0).contrast_weight == 1.0
+        LossSpec(ce_weight=0, distill_weight=0, contrast_weight=0)
+    assert LossSpec(ce_weight=0, distill_weight=0, contrast_weight=1.0).contrast_weight == 1.0

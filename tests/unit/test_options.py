@@ -87,3 +87,10 @@ def test_a_flag_beside_the_file_wins_and_says_so(tmp_path, caplog):
         cfg = config_from_args(TrainConfig, _parser().parse_args(["--config", str(tmp_path / "c.toml"), "--epochs", "5"]))
     assert (cfg.epochs, cfg.lr, cfg.out) == (5, 0.01, "o")
     assert "--epochs 5 overrides epochs = 3" in caplog.text
+
+
+def test_the_distillation_weight_keeps_its_old_name(tmp_path):
+    cfg = config_from_args(TrainConfig, _parser().parse_args(["s", "--out", "o", "--mse-weight", "0.5"]))
+    assert cfg.distill_weight == 0.5 and cfg.loss_spec().distill_weight == 0.5
+    (tmp_path / "c.toml").write_text('shards = "s"\nout = "o"\nmse_weight = 0.25\n')
+    assert load_config_file(TrainConfig, str(tmp_path / "c.toml")) == {"shards": "s", "out": "o", "distill_weight": 0.25}

@@ -36,7 +36,7 @@ def test_resume_with_the_same_command_is_accepted_and_options_that_do_not_touch_
     cfg = TrainConfig(shards=shards.location, out="o", batch_size=16)
     saved = _saved(cfg, shards)
     check_resume(saved, _cursor(shards_run_id=shards.run_id), resolve(cfg, shards), "ckpt")
-    check_resume(saved, _cursor(), resolve(replace(cfg, mse_weight=3.0, checkpoint_every=7), shards), "ckpt")
+    check_resume(saved, _cursor(), resolve(replace(cfg, distill_weight=3.0, checkpoint_every=7), shards), "ckpt")
     # --max-steps stops early and does not shape the schedule: a run can be trained in parts.
     for steps in (5, 50, 10_000):
         check_resume(saved, _cursor(), resolve(replace(cfg, max_steps=steps), shards), "ckpt")
@@ -96,7 +96,7 @@ def test_shards_with_no_labelled_row_turn_the_classifier_off_and_say_so(tmp_path
     assert (config.loss.ce_weight, config.loss.margin) == (0.0, "softmax")
     assert config.student.num_classes == 0
     with pytest.raises(ValueError, match="no labelled rows.*only term"):
-        resolve(TrainConfig(shards=free.location, out="o", ce_weight=1.0, mse_weight=0.0, contrast_weight=0.0), free)
+        resolve(TrainConfig(shards=free.location, out="o", ce_weight=1.0, distill_weight=0.0, contrast_weight=0.0), free)
     mixed = open_shards(str(write_toy_shards(tmp_path / "mixed", rows=32, shard_size=16, unlabelled=0.5)))
     assert resolve(TrainConfig(shards=mixed.location, out="o", ce_weight=1.0), mixed).loss.ce_weight == 1.0
 
@@ -137,6 +137,10 @@ def test_the_resolved_run_round_trips_through_its_checkpoint_form(shards):
     assert TrainRun.from_json(saved) == run
     older = {**saved, "train": {**{k: v for k, v in saved["train"].items() if k != "student"}, "gone_option": 1}}
     assert TrainRun.from_json(older).train.student == "mobilenetv2"  # an option it did not have: its default
+    renamed = {**saved, "train": {**{k: v for k, v in saved["train"].items() if k != "distill_weight"}, "mse_weight": 0.0},
+               "loss": {**{k: v for k, v in saved["loss"].items() if k != "distill_weight"}, "mse_weight": 0.0}}
+    back = TrainRun.from_json(renamed)  # a run saved before --mse-weight became --distill-weight
+    assert back.train.distill_weight == 0.0 and back.loss.distill_weight == 0.0
 
 
 def test_checkpoints_are_renamed_into_place_and_only_the_last_few_kept(tmp_path):
