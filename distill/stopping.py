@@ -55,6 +55,7 @@ class StopRequest:
         self.signum: int | None = None
         self.on_request = on_request  # called (in the handler) with the first signal's number
         self._previous: dict[int, object] = {}
+        self._depth = 0  # nested installs (a command's, then its loop's): the outermost restores
 
     @property
     def requested(self) -> bool:
@@ -70,12 +71,40 @@ class StopRequest:
             self.on_request(signum)
 
     def install(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for s in SIGNALS:
-                self._previous[s] = signal.signal(s, self._handle)
+        """Handle SIGTERM / SIGINT from now on (again over a library's handlers). Installs nest:
+        the matching ``restore`` of the outermost puts back the handlers from before it."""
+        self._depth += 1
+        self._handle_signals()
         return self
 
+    def _handle_signals(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for s in SIGNALS:
+                previous = signal.signal(s, self._handle)
+                self._previous.setdefault(s, previous)
+
+    def hold_during(self, start: Callable[[], object]):
+        """Run ``start`` (a library's start-up), then handle SIGTERM / SIGINT here again. A
+        library handler that turns the signal into ``SystemExit(signum)`` meanwhile is caught
+        and recorded as the request (the caller checks ``requested`` before starting any
+        work); ``start_ray`` keeps Ray from putting its handlers in at all."""
+        if threading.current_thread() is not threading.main_thread():
+            return start()
+        try:
+            return start()
+        except SystemExit as e:
+            if e.code not in {int(s) for s in SIGNALS}:
+                raise
+            self._handle(int(e.code), None)
+            return None
+        finally:
+            self._handle_signals()
+
     def restore(self) -> None:
+        self._depth = max(0, self._depth - 1)
+        if self._depth:
+            self._handle_signals()  # (an inner user is done; the outer one still wants them)
+            return
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()
@@ -85,3 +114,32 @@ class StopRequest:
 
     def __exit__(self, *exc) -> None:
         self.restore()
+
+
+def start_ray(stop: StopRequest, **init_kwargs) -> None:
+    """``ray.init(**init_kwargs)`` with ``stop``'s handlers kept throughout: a SIGTERM / SIGINT
+    during start-up is a stop request, and start-up completes (the caller then stops before
+    any work, and Ray shuts down whole at exit).
+
+    From the main thread, ``ray.init`` (and the local node it starts) put in SIGTERM handlers
+    that exit from wherever start-up was, leaving Ray's agent processes behind. They go through
+    one function, which is made a no-op while Ray starts. Neither blocking the signals (threads
+    already running, pyarrow's, take them; the processes Ray starts inherit the mask) nor
+    starting Ray from a helper thread (its local processes die with the thread that started
+    them) would do.
+    """
+    import ray
+
+    try:
+        from ray._private import utils as ray_utils
+
+        ray_default = ray_utils.set_sigterm_handler
+    except (ImportError, AttributeError):  # (another Ray: hold_during still catches its exit)
+        ray_utils = ray_default = None
+    if ray_default is not None and threading.current_thread() is threading.main_thread():
+        ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        stop.hold_during(lambda: ray.init(**init_kwargs))
+    finally:
+        if ray_default is not None:
+            ray_utils.set_sigterm_handler = ray_default

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from distill.errors import BadOption, DistillError, Stopped
 
 if TYPE_CHECKING:
+    from distill.stopping import StopRequest
     from distill.train.checkpoints import Cursor
     from distill.train.config import TrainConfig
 
@@ -101,18 +102,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         store.cleanup()
 
 
-def run_ray(cfg: "TrainConfig") -> dict[str, Any]:
-    """Train with ``cfg.workers`` Ray Train workers; returns the loop's summary (rank 0)."""
+def run_ray(cfg: "TrainConfig", stop: "StopRequest | None" = None) -> dict[str, Any]:
+    """Train with ``cfg.workers`` Ray Train workers; returns the loop's summary (rank 0).
+    ``stop``: the caller's stop request (installed), else one of its own."""
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
-    from distill.stopping import StopRequest, clear_request, read_request, write_request
+    from distill.stopping import StopRequest, clear_request, read_request, start_ray, write_request
     from distill.train.checkpoints import LocalCheckpoints, read_checkpoint
 
+    stop = stop or StopRequest("training")
     connected_here = not ray.is_initialized()
     if connected_here:
-        ray.init(address=cfg.address, log_to_driver=True)
+        # (a signal while Ray starts is a stop request, not Ray's exit)
+        start_ray(stop, address=cfg.address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    if stop.requested:
+        raise Stopped("stopped before the first step (nothing trained, nothing to save); rerun the same command to "
+                      "start", stop.signum)
     resources = ray.cluster_resources()
     need = {"CPU": cfg.workers, **({"GPU": cfg.workers} if cfg.use_gpu else {})}
     for kind, n in need.items():
@@ -126,7 +133,7 @@ def run_ray(cfg: "TrainConfig") -> dict[str, Any]:
     # they agree on the step (distill.train.loop), checkpoint it and return; then this says so.
     os.makedirs(cfg.out, exist_ok=True)
     clear_request(cfg.out)  # (a request left by an earlier run's stop is not this run's)
-    stop = StopRequest("training", on_request=lambda signum: write_request(cfg.out, signum))
+    stop.on_request = lambda signum: write_request(cfg.out, signum)
     trainer = TensorflowTrainer(
         train_loop_per_worker=train_loop_per_worker,
         train_loop_config={"train": asdict(cfg)},

@@ -272,7 +272,7 @@ def _load_init(model, spec: StudentSpec, cfg: TrainConfig) -> str:
 class _Run:
     """One invocation of the loop on one rank: setup, epochs of steps from the cursor, saves."""
 
-    def __init__(self, cfg: TrainConfig, strategy, rank: int, world_size: int, store):
+    def __init__(self, cfg: TrainConfig, strategy, rank: int, world_size: int, store, stop: StopRequest | None = None):
         from distill.shards.reader import open_shards
 
         self.cfg, self.strategy, self.rank, self.world_size, self.store = cfg, strategy, rank, world_size, store
@@ -292,6 +292,9 @@ class _Run:
         if norm and rank == 0:
             log.info("targets: raw teacher norm %.2f +- %.2f over %d rows; the %s term compares %s", norm["mean"],
                      norm["std"], norm["rows"], cfg.distill_loss, "raw values" if cfg.distill_loss == "mse" else "directions")
+        from distill.train.stream import check_decoder
+
+        check_decoder(self.shards)  # (a few images: the student's pixels are the teacher's, or say why not)
         self.prep = prepare(cfg, self.shards, rank, self.resolved.student)
         self.resolved = self.resolved.with_schedule(self.prep.train_rows)
         self._build(latest)
@@ -300,7 +303,7 @@ class _Run:
         self.last: dict[str, float] = {}
         self.trained, self.t_start = 0, time.perf_counter()
         self.best = read_best_val(cfg.out) if rank == 0 else None
-        self.stop = StopRequest("training")
+        self.stop = stop or StopRequest("training")
 
     def _build(self, latest: str | None) -> None:
         from distill.train.student import build_student
@@ -480,13 +483,16 @@ class _Run:
         self._stop_if_asked()
 
 
-def train_loop(cfg: TrainConfig, strategy, *, rank: int, world_size: int, store) -> dict[str, Any]:
+def train_loop(cfg: TrainConfig, strategy, *, rank: int, world_size: int, store,
+               stop: StopRequest | None = None) -> dict[str, Any]:
     """The loop every mode runs: restore, then epochs of steps from the cursor on.
 
     ``world_size``/``rank`` count input pipelines (one per worker process); the global batch
     splits evenly over all replicas. ``store`` saves and finds checkpoints (local or Ray).
+    ``stop``: the caller's stop request, when it has one from before (a signal during
+    start-up is then honoured at the first step).
     """
-    return _Run(cfg, strategy, rank, world_size, store).run()
+    return _Run(cfg, strategy, rank, world_size, store, stop).run()
 
 
 def _lr(optimizer) -> float:

@@ -20,9 +20,9 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-from distill.errors import BadInput, BadOption
+from distill.errors import BadInput, BadOption, Stopped
 from distill.options import add_options, config_from_args
-from distill.shards.storage import make_dir
+from distill.shards.storage import is_uri, local_path, make_dir
 from distill.startup import import_tensorflow_quietly, show_progress
 from distill.train.checkpoints import LocalCheckpoints, latest_checkpoint, read_checkpoint
 from distill.train.config import TrainConfig, TrainReport, check_resume, resolve
@@ -70,9 +70,17 @@ def _local_strategy(cfg: TrainConfig):
 
 def run_train(cfg: TrainConfig) -> TrainReport:
     """Train (or resume) to ``cfg.epochs`` / ``cfg.max_steps``; the public entry point."""
+    from distill.stopping import StopRequest
+
+    # SIGTERM / SIGINT from the first moment on stop cleanly, start-up included.
+    with StopRequest("training") as stop:
+        return _run_train(cfg, stop)
+
+
+def _run_train(cfg: TrainConfig, stop) -> TrainReport:
     from distill.shards.reader import open_shards
 
-    cfg = replace(cfg, out=os.path.abspath(cfg.out), shards=cfg.shards if "://" in cfg.shards else os.path.abspath(cfg.shards))
+    cfg = replace(cfg, out=local_path(cfg.out, "--out"), shards=cfg.shards if is_uri(cfg.shards) else os.path.abspath(cfg.shards))
     # Refuse bad shards, options or an incompatible resume before TensorFlow or Ray start.
     config = resolve(cfg, open_shards(cfg.shards))
     latest = latest_checkpoint(cfg.out)
@@ -83,14 +91,18 @@ def run_train(cfg: TrainConfig) -> TrainReport:
     if cfg.verify_shards:
         check_shards(cfg.shards, cfg.out, cfg.progress)
     import_tensorflow_quietly()  # (options, paths and shards are checked: now the slow part)
+    if stop.requested:
+        raise Stopped("stopped before the first step (nothing trained, nothing to save); rerun the same command to "
+                      "start", stop.signum)
     if cfg.workers > 1:
         from distill.workers.train_worker import run_ray
 
-        summary = run_ray(cfg)
+        summary = run_ray(cfg, stop)
     else:
         from distill.train.loop import train_loop
 
-        summary = train_loop(cfg, _local_strategy(cfg), rank=0, world_size=1, store=LocalCheckpoints(cfg.out, cfg.keep_checkpoints))
+        summary = train_loop(cfg, _local_strategy(cfg), rank=0, world_size=1,
+                             store=LocalCheckpoints(cfg.out, cfg.keep_checkpoints), stop=stop)
     return TrainReport(out=cfg.out, checkpoint=latest_checkpoint(cfg.out) or "", **summary)
 
 

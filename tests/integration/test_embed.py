@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import MOBILEFACENET, ORL, run_cli
-from support import command_lines, process_tree
+from support import CHILD_ENV, command_lines, process_tree
 
 pytestmark = pytest.mark.integration
 
@@ -214,6 +214,23 @@ def test_sigterm_stops_cleanly_and_the_rerun_is_byte_identical(tmp_path, subset_
     r = run_cli(*args)
     assert r.returncode == 0
     assert shard_bytes(out) == shard_bytes(reference_run)
+
+
+def test_sigterm_during_start_up_stops_cleanly_too(tmp_path, tiny_teacher, orl_listing):
+    """A preemption notice while the driver is still starting its own local Ray (ray.init
+    installs Ray's handler, which would abort with a stack trace, exit 134): the same clean
+    stop, exit 143, and the rerun goes on."""
+    out = tmp_path / "shards"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen([sys.executable, "-m", "distill", "embed", str(orl_listing), "--teacher", str(tiny_teacher),
+                             "--out", str(out), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**env, **CHILD_ENV})
+    time.sleep(3.0)  # inside ray.init (or before it: either way, before any shard)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    assert "rerun the same command to resume" in err
+    assert "*** SIGTERM received" not in err and "Traceback" not in err
 
 
 def test_corrupt_and_missing_files_are_recorded_not_fatal(tmp_path, tiny_teacher, ray_address):
