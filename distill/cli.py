@@ -19,6 +19,7 @@ from distill.errors import DistillError, Stopped, storage_fix
 
 # Order is the order `distill --help` lists them in: the pipeline's order.
 STAGES = (
+    "distill.embed.align",
     "distill.embed.listing",
     "distill.embed.run",
     "distill.embed.status",

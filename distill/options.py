@@ -104,7 +104,8 @@ def add_options(parser: argparse.ArgumentParser, cls, *, config_file: bool = Fal
         kwargs: dict[str, Any] = {"dest": f.name, "help": text, "default": argparse.SUPPRESS}
         if kind is bool:
             kwargs.update(action=argparse.BooleanOptionalAction)
-            kwargs["help"] = f"{text} (default: {'on' if f.default else 'off'})"
+            if f.default is not None:  # (None: the stage decides, and its help says how)
+                kwargs["help"] = f"{text} (default: {'on' if f.default else 'off'})"
         else:
             kwargs.update(type=kind, metavar=meta["metavar"], choices=meta["choices"], **many)
             if (meta["required"] or not has_default) and not config_file:

@@ -38,10 +38,19 @@ IDENTITY_FIELDS = (
 )
 # Identity fields added after the first format: absent (None) they leave a run's id as it was.
 OPTIONAL_FIELDS = frozenset({"views"})
+# ``distill align`` runs (identity "kind": "align") write the same manifest over their own
+# fields: what decides the aligned pixels.
+ALIGN_IDENTITY_FIELDS = ("kind", "listing_fingerprint", "rows", "detector", "landmarks_fingerprint", "size",
+                         "all_faces", "quality", "shard_size")
+
+
+def identity_fields(identity: Mapping[str, Any]) -> tuple[str, ...]:
+    """The fields that make a run what it is: the teacher pass's, or an align run's."""
+    return ALIGN_IDENTITY_FIELDS if identity.get("kind") == "align" else IDENTITY_FIELDS
 
 
 def run_id(identity: Mapping[str, Any]) -> str:
-    fields = {k: identity.get(k) for k in IDENTITY_FIELDS}
+    fields = {k: identity.get(k) for k in identity_fields(identity)}
     fields = {k: v for k, v in fields.items() if not (k in OPTIONAL_FIELDS and v is None)}
     canon = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
@@ -51,7 +60,7 @@ def check_compatible(existing: Mapping[str, Any], wanted: Mapping[str, Any], whe
     """Raise IncompatibleRun naming every field that differs, and what to do."""
     diffs = [
         f"  {k}: directory has {existing.get(k)!r}, this command has {wanted.get(k)!r}"
-        for k in IDENTITY_FIELDS
+        for k in identity_fields(wanted)
         if existing.get(k) != wanted.get(k)
     ]
     if diffs:

@@ -22,7 +22,7 @@ import os
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -306,7 +306,7 @@ def read_idx(path: str, block_bytes: int = 1 << 22) -> Iterator[tuple[np.ndarray
 
 def write_insightface_rec(
     folder: str,
-    images_by_identity: Sequence[Sequence[bytes]],
+    images_by_identity: Sequence[Sequence[bytes | Callable[[], bytes]]],
     height: int = 112,
     width: int = 112,
 ) -> None:
@@ -314,7 +314,8 @@ def write_insightface_rec(
 
     Key 0 is the header record (labels ``[first_identity_key, end_identity_key]``), keys
     1..N the images (label = identity, in identity order), then one record per identity
-    whose labels are its ``[start, end)`` image keys.
+    whose labels are its ``[start, end)`` image keys. An image may be a callable that returns
+    its bytes: it is read only when packed.
     """
     os.makedirs(folder, exist_ok=True)
     n = sum(len(imgs) for imgs in images_by_identity)
@@ -326,7 +327,7 @@ def write_insightface_rec(
         for label, imgs in enumerate(images_by_identity):
             start = key
             for img in imgs:
-                w.write(key, pack(IRHeader(0, float(label), key, 0), img))
+                w.write(key, pack(IRHeader(0, float(label), key, 0), img() if callable(img) else img))
                 key += 1
             ranges.append((start, key))
         for i, (start, stop) in enumerate(ranges):

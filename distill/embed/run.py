@@ -27,8 +27,8 @@ from distill.shards.manifest import build_manifest, check_compatible, read_manif
 from distill.shards.plan import num_shards, parse_shard_name, shard_at, shard_name
 from distill.shards.reconcile import adopt_file, plan_reconcile, shard_files
 from distill.shards.storage import Storage, is_temp_name, open_storage, redact
-from distill.startup import Phases, show_progress
-from distill.stopping import StopRequest
+from distill.startup import Phases, show_progress, versions
+from distill.stopping import StopRequest, start_ray
 from distill.teacher import CHANNEL_ORDERS, Preprocessing, TeacherError, TeacherSpec
 from distill.views import ViewSpec
 
@@ -55,8 +55,8 @@ class EmbedConfig:
         None, "CPUs per actor, and the teacher's threads (default: 1 with GPUs, else the cluster's CPUs / workers)",
         group="Ray")
     worker_resources: tuple[tuple[str, float], ...] = ()
-    address: str | None = option(None, "existing Ray cluster (e.g. auto, ray://head:10001); default: start a local one",
-                                 group="Ray")
+    address: str | None = option(None, "existing Ray cluster (e.g. auto, ray://head:10001); default: RAY_ADDRESS when "
+                                 "it is set (`ray job submit` sets it), else start a local one", group="Ray")
     decode_threads: int | None = option(
         None, "threads per actor that read, decode and preprocess images (default: the actor's CPUs, at least 4)",
         group="Ray")
@@ -155,6 +155,7 @@ def resolve_run(cfg: EmbedConfig, phases: Phases | None = None) -> Run:
         "num_classes": info.num_classes,
         "label_names": list(info.label_names) if info.label_names else None,
         "unlabelled": info.unlabelled,  # rows of no identity (label -1): counted, not part of the run id
+        "versions": versions(),  # what the bytes were made with (not part of the run id)
         "teacher": os.path.abspath(cfg.teacher),
         "teacher_fingerprint": teacher_fp,
         "teacher_signature": {"name": spec.signature, "input": spec.input_name, "output": spec.output_name},
@@ -189,7 +190,13 @@ def _spec_from_manifest(cfg: EmbedConfig, teacher_fp: str) -> TeacherSpec | None
 
 def open_output(cfg: EmbedConfig, run: Run) -> Storage:
     """The output storage, refusing one that holds another run's shards."""
-    storage = open_storage(cfg.out)
+    return open_output_at(cfg.out, run)
+
+
+def open_output_at(location: str, run: Run) -> Storage:
+    """The shard storage at ``location`` with the run's manifest: refused when it holds another
+    run's, written (no shards yet) when it holds none."""
+    storage = open_storage(location)
     existing = read_manifest(storage)
     if existing is not None:
         check_compatible(existing, run.identity, storage.root)
@@ -233,6 +240,30 @@ def reconcile(storage: Storage, ledger: Ledger, owner: str, run: Run, lease_seco
                 storage.remove(name)
 
 
+def warn_if_not_aligned(listing: str, height: int, width: int, sample: int = 8) -> None:
+    """Say once, before the pass, when the listing's first images are not the teacher's size:
+    they will be resized, not aligned, which a face-recognition teacher is badly hurt by."""
+    from PIL import Image
+
+    from distill.embed.listing import ListingReader
+
+    with ListingReader(listing) as reader:
+        paths = [p for p in reader.rows(0, min(sample, len(reader))).path if p]
+    sizes = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:  # (the header only)
+                sizes.append(im.size)
+        except OSError:
+            continue  # unreadable: the pass records it
+    other = [s for s in sizes if s != (width, height)]
+    if other:
+        w, h = other[0]
+        log.warning("%d of the first %d images are not the teacher's %dx%d (e.g. %dx%d): they are resized to it, not "
+                    "aligned. If they are photos rather than aligned face crops, align them first: `distill align "
+                    "SOURCE --out ALIGNED`, then list ALIGNED", len(other), len(sizes), width, height, w, h)
+
+
 def finalize(storage: Storage, ledger: Ledger, run: Run) -> dict:
     state = ledger.snapshot()
     manifest = build_manifest(run.identity, state.done.values(), run.num_shards)
@@ -244,6 +275,13 @@ def finalize(storage: Storage, ledger: Ledger, run: Run) -> dict:
 
 
 def run_embed(cfg: EmbedConfig) -> EmbedReport:
+    # SIGTERM / SIGINT from the first moment on stop cleanly (a preemption notice can come
+    # during start-up too): nothing new is started, what is done is kept and written down.
+    with StopRequest("the teacher pass") as stop:
+        return _run_embed(cfg, stop)
+
+
+def _run_embed(cfg: EmbedConfig, stop: StopRequest) -> EmbedReport:
     t0 = time.perf_counter()
     phases = Phases()
     run = resolve_run(cfg, phases)
@@ -264,13 +302,16 @@ def run_embed(cfg: EmbedConfig) -> EmbedReport:
         reconcile(storage, ledger, owner, run, cfg.lease_seconds, verify=cfg.verify)
         phases.mark("output and ledger")
         state = ledger.snapshot()
-        if len(state.done) < run.num_shards:
+        if len(state.done) < run.num_shards and not stop.requested:
             log.info(
                 "embedding %d rows into %s: %d of %d shards done, ledger: %s",
                 run.identity["rows"], storage.root, len(state.done), run.num_shards, ledger.describe(),
             )
-            shards_this_run, rows_this_run, stopped_by = _drive(cfg, run, ledger, owner, phases)
+            warn_if_not_aligned(cfg.listing, run.spec.height, run.spec.width)
+            shards_this_run, rows_this_run, stopped_by = _drive(cfg, run, ledger, owner, phases, storage, cfg.listing,
+                                                                stop)
         manifest = finalize(storage, ledger, run)
+        stopped_by = stopped_by or stop.signum
         if stopped_by is not None:
             raise Stopped(
                 f"stopped: {manifest['rows_done']}/{run.identity['rows']} rows in {len(manifest['shards'])}/"
@@ -334,19 +375,46 @@ class _Heartbeat(threading.Thread):
                 log.warning("lost leases on shards %s to another driver", sorted(lost))
 
 
-def _drive(cfg: EmbedConfig, run: Run, ledger: Ledger, owner: str, phases: Phases) -> tuple[int, int, int | None]:
+@dataclass(frozen=True)
+class Job:
+    """What the actors of a sharded pass run: the worker class (a plain class, wrapped in
+    ``ray.remote`` here), the task it is built with, and its generator method over one shard
+    (rows done after each batch, then the shard's done record)."""
+
+    worker: type
+    task: Any
+    method: str
+    name: str  # for the progress bar and the stop message
+
+
+def embed_job(cfg: EmbedConfig, run: Run, cpus: float) -> Job:
+    from distill.workers.embed_actor import EmbedTask, EmbedWorker
+
+    task = EmbedTask(
+        teacher=run.spec, pre=cfg.preprocessing, out=cfg.out, run_id=run.run_id, batch_size=cfg.batch_size,
+        flip=cfg.flip, views=cfg.views, dtype=cfg.dtype, images=cfg.images, paths=run.paths, rec=run.rec,
+        threads=max(1, int(cpus)), decode_threads=cfg.decode_threads or max(4, int(cpus)),
+    )
+    return Job(EmbedWorker, task, "embed_shard", "embed")
+
+
+def _drive(cfg, run: Run, ledger: Ledger, owner: str, phases: Phases, storage: Storage, listing: str,
+           stop: StopRequest, job_of=embed_job) -> tuple[int, int, int | None]:
     """Lease, dispatch, collect: the Ray shell around ``shards.dispatch.Dispatcher``, which
-    makes every decision. Returns (shards, rows) finished by this driver and the signal that
-    stopped it early (SIGTERM / SIGINT: nothing new is leased or submitted, the shards in
+    makes every decision, for the teacher pass (``embed_job``) or another sharded pass over a
+    listing (``distill align``). Returns (shards, rows) finished by this driver and the signal
+    that stopped it early (SIGTERM / SIGINT: nothing new is leased or submitted, the shards in
     flight get ``--stop-grace`` seconds), or None."""
-    _init_ray(cfg)
+    _init_ray(cfg, stop)  # (a signal meanwhile: a stop request, not Ray's exit)
     phases.mark("ray.init" if not cfg.address else "connect to Ray")
-    driver = _Driver(cfg, run, ledger, owner, phases)
-    stop = StopRequest("the teacher pass").install()  # (over Ray's abort-on-SIGTERM handler)
+    if stop.requested:  # during start-up: nothing was leased or started
+        return 0, 0, stop.signum
+    workers, cpus = _resolve_resources(cfg)
+    job = job_of(cfg, run, cpus)
+    driver = _Driver(cfg, run, ledger, owner, phases, storage, listing, job, workers, cpus)
     try:
         driver.loop(stop)
     finally:
-        stop.restore()
         driver.close()
     d = driver.dispatcher
     if d.failed:
@@ -364,22 +432,17 @@ class _Driver:
     decision is the ``Dispatcher``'s; each method here turns one kind of Ray event into its
     events, or carries out the actions it returns."""
 
-    def __init__(self, cfg: EmbedConfig, run: Run, ledger: Ledger, owner: str, phases: Phases):
+    def __init__(self, cfg, run: Run, ledger: Ledger, owner: str, phases: Phases, storage: Storage, listing: str,
+                 job: Job, workers: int, cpus: float):
         import ray
         from tqdm import tqdm
 
         from distill.embed.listing import ListingReader
         from distill.shards.dispatch import Dispatcher
-        from distill.workers.embed_actor import EmbedTask, EmbedWorker
 
         self.cfg, self.run, self.ledger, self.owner, self.phases = cfg, run, ledger, owner, phases
-        workers, cpus = _resolve_resources(cfg)
-        self.task = EmbedTask(
-            teacher=run.spec, pre=cfg.preprocessing, out=cfg.out, run_id=run.run_id, batch_size=cfg.batch_size,
-            flip=cfg.flip, views=cfg.views, dtype=cfg.dtype, images=cfg.images, paths=run.paths, rec=run.rec,
-            threads=max(1, int(cpus)), decode_threads=cfg.decode_threads or max(4, int(cpus)),
-        )
-        self.actor_cls = ray.remote(EmbedWorker).options(
+        self.task, self.method = job.task, job.method
+        self.actor_cls = ray.remote(job.worker).options(
             num_cpus=cpus, num_gpus=cfg.gpus_per_worker, resources=dict(cfg.worker_resources) or None,
             max_restarts=0, max_task_retries=0,
             # Threaded: a shard's Parquet encode + write overlaps the next shard's teacher batches.
@@ -391,14 +454,14 @@ class _Driver:
         self.streams: dict[Any, int] = {}  # generator -> shard
         self.stream_of: dict[int, Any] = {}
         self.records: dict[int, ShardRecord] = {}
-        self.reader = ListingReader(cfg.listing)
+        self.reader = ListingReader(listing)
         self.total = run.identity["rows"]
         self.beat = _Heartbeat(ledger, owner, cfg.lease_seconds)
         self.beat.start()
         self.rows_here, self.actor_started = 0, False
         self.last_manifest = time.monotonic()
-        self.storage = open_storage(cfg.out)
-        self.bar = tqdm(total=self.total, initial=self.rows_done(ledger.snapshot()), unit="img", desc="embed",
+        self.storage = storage
+        self.bar = tqdm(total=self.total, initial=self.rows_done(ledger.snapshot()), unit="img", desc=job.name,
                         disable=not show_progress(cfg.progress), dynamic_ncols=True, smoothing=0.05)
 
     def rows_done(self, state) -> int:
@@ -411,7 +474,7 @@ class _Driver:
         for act in actions:
             if isinstance(act, Submit):
                 shard = shard_at(act.k, self.total, self.cfg.shard_size)
-                gen = self.actors[act.slot].embed_shard.options(num_returns="streaming").remote(
+                gen = getattr(self.actors[act.slot], self.method).options(num_returns="streaming").remote(
                     shard, self.reader.rows(shard.start, shard.stop))
                 self.streams[gen], self.stream_of[act.k] = act.k, gen
             elif isinstance(act, Forget):
@@ -557,17 +620,20 @@ def _first_line(e: BaseException) -> str:
     return text[-1][:300] if text else type(e).__name__
 
 
-def _init_ray(cfg: EmbedConfig) -> None:
+def _init_ray(cfg: EmbedConfig, stop: StopRequest) -> None:
     import ray
 
     if ray.is_initialized():
         return
     env = {"TF_CPP_MIN_LOG_LEVEL": "2"}
-    if cfg.address:
-        log.info("connecting to Ray at %s", redact(cfg.address))
-        ray.init(address=cfg.address, runtime_env={"env_vars": env}, logging_level=logging.WARNING, log_to_driver=False)
+    address = cfg.address or os.environ.get("RAY_ADDRESS")  # (what `ray job submit` sets)
+    if address:
+        log.info("connecting to Ray at %s", redact(address))
+        start_ray(stop, address=address, runtime_env={"env_vars": env}, logging_level=logging.WARNING,
+                  log_to_driver=False)
     else:
-        ray.init(include_dashboard=False, runtime_env={"env_vars": env}, logging_level=logging.WARNING, log_to_driver=False)
+        start_ray(stop, include_dashboard=False, runtime_env={"env_vars": env}, logging_level=logging.WARNING,
+                  log_to_driver=False)
 
 
 def _resolve_resources(cfg: EmbedConfig) -> tuple[int, float]:

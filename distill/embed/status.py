@@ -76,12 +76,20 @@ def summarize(manifest: Mapping[str, Any], state: LedgerState, now: float) -> di
 
 def format_status(s: Mapping[str, Any], manifest: Mapping[str, Any], error_rows: list | None = None) -> str:
     pct = 100.0 * (s["rows_done"] + s["errors"]) / max(1, s["rows_total"])
+    if manifest.get("kind") == "align":
+        what = (f"align run {s['run_id']}: {manifest['rows']} photos, {manifest['size']}x{manifest['size']} crops by "
+                f"{manifest['detector']}" + (", every face" if manifest.get("all_faces") else ", the main face"))
+        done = f"rows:   {s['rows_done']} faces written, {s['errors']} photos without one, of {s['rows_total']} photos"
+    else:
+        what = (f"run {s['run_id']}: {manifest['rows']} rows ({_labelled(manifest)}), {manifest['num_classes']} classes, "
+                f"teacher dim {manifest['embedding_dim']} ({'flip on' if manifest['flip'] else 'flip off'}, "
+                f"{manifest['dtype']})")
+        done = f"rows:   {s['rows_done']} embedded, {s['errors']} unreadable, of {s['rows_total']} ({pct:.1f}%)"
     lines = [
-        f"run {s['run_id']}: {manifest['rows']} rows ({_labelled(manifest)}), {manifest['num_classes']} classes, "
-        f"teacher dim {manifest['embedding_dim']} ({'flip on' if manifest['flip'] else 'flip off'}, {manifest['dtype']})",
+        what,
         f"shards: {s['shards_done']} done, {s['shards_leased']} leased, {s['shards_pending']} pending of {s['shards_total']}"
         + ("  [complete]" if s["complete"] else ""),
-        f"rows:   {s['rows_done']} embedded, {s['errors']} unreadable, of {s['rows_total']} ({pct:.1f}%)",
+        done,
     ]
     views = manifest.get("views")
     if views:

@@ -217,9 +217,9 @@ def test_sigterm_stops_cleanly_and_the_rerun_is_byte_identical(tmp_path, subset_
 
 
 def test_sigterm_during_start_up_stops_cleanly_too(tmp_path, tiny_teacher, orl_listing):
-    """A preemption notice while the driver is still starting its own local Ray (ray.init
-    installs Ray's handler, which would abort with a stack trace, exit 134): the same clean
-    stop, exit 143, and the rerun goes on."""
+    """A preemption notice while the driver is still starting its own local Ray (ray.init's
+    own handler would exit mid-start-up, leaving Ray's agent processes behind): the same clean
+    stop, exit 143, saying how to resume."""
     out = tmp_path / "shards"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen([sys.executable, "-m", "distill", "embed", str(orl_listing), "--teacher", str(tiny_teacher),

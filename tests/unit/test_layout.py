@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-EMBED = ["distill/embed", "workers/embed_actor.py"]
+EMBED = ["distill/embed", "workers/embed_actor.py", "workers/align_actor.py"]
 TRAIN = ["distill/train", "workers/train_worker.py"]
 
 
