@@ -158,7 +158,7 @@ class Campaign:
 
     def train_cmd(self, out: Path, *extra) -> list[str]:
         return distill_cmd("train", self.toy, "--out", out, "--epochs", TRAIN_EPOCHS, "--batch-size", TRAIN_BATCH,
-                           "--width", 0.35, "--checkpoint-every", 5, "--trace-samples", "--shuffle-buffer", 64,
+                           "--student", "mobilenetv2", "--width", 0.35, "--checkpoint-every", 5, "--trace-samples", "--shuffle-buffer", 64,
                            "--no-progress", "--no-verify-shards", *extra)
 
     # ------------------------------------------------------------------ the teacher pass

@@ -50,7 +50,7 @@ class DemoConfig:
     epochs: int = 8
     batch_size: int = 32
     lr: float = 5e-3
-    width: float = 0.5
+    width: float | None = None  # the default student's
     views: int = 2  # teacher views per image (`distill embed --views`)
     shard_size: int = 256
     seed: int = 0
@@ -61,7 +61,7 @@ class DemoConfig:
         for name in ("teacher_epochs", "epochs", "batch_size", "embedding_dim", "shard_size"):
             if getattr(self, name) < 1:
                 raise BadOption(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.width <= 0:
+        if self.lr <= 0 or (self.width is not None and self.width <= 0):
             raise BadOption(f"--lr and --width must be positive, got {self.lr}, {self.width}")
         if self.views < 0 or self.seed < 0:
             raise BadOption(f"--views and --seed must be >= 0, got {self.views}, {self.seed}")
@@ -403,7 +403,7 @@ def add_cli(sub) -> None:
         ("epochs", int, "student epochs"),
         ("batch-size", int, "student batch size"),
         ("lr", float, "student learning rate"),
-        ("width", float, "student MobileNetV2 width"),
+        ("width", float, "student width"),
         ("shard-size", int, "rows per shard"),
         ("seed", int, "seed of data, teacher and student"),
     ):
@@ -411,7 +411,7 @@ def add_cli(sub) -> None:
         quick = QUICK.get(name.replace("-", "_"))
         shown = f"default {default}" + (f", --quick {quick}" if quick is not None else "")
         p.add_argument(f"--{name}", type=kind, default=None, help=f"{what} ({shown})")
-    p.add_argument("--address", help="an existing Ray cluster for the embed stage (default: start a local one)")
+    p.add_argument("--address", help="an existing Ray cluster for the embed stage (default: RAY_ADDRESS when it is set, else start a local one)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bars (default: on a terminal only)")
     p.set_defaults(func=_main)

@@ -15,6 +15,27 @@ import tempfile
 import time
 from typing import Callable
 
+VERSIONED = (("distill", ("distill",)), ("tensorflow", ("tensorflow", "tensorflow-cpu")), ("keras", ("keras",)),
+             ("pillow", ("pillow",)), ("pyarrow", ("pyarrow",)), ("ray", ("ray",)), ("numpy", ("numpy",)))
+
+
+def versions() -> dict[str, str]:
+    """The versions the bit-exact claims depend on (decoders, kernels, formats), read from the
+    installed packages' metadata: nothing is imported for it."""
+    from importlib import metadata
+
+    out = {}
+    for name, dists in VERSIONED:
+        for d in dists:
+            try:
+                out[name] = metadata.version(d)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+        else:
+            out[name] = "not installed"
+    return out
+
 
 def show_progress(progress: bool | None) -> bool:
     """Progress bars: as asked (``--progress`` / ``--no-progress``), else only when stderr is a

@@ -67,12 +67,12 @@ class TrainConfig:
     view_prob: float = option(0.75, "when the shards hold views (`distill embed --views K`): chance that a sample "
                               "trains on one of its views instead of the plain image", group="objective")
     # -- student
-    student: str = option("mobilenetv2", "backbone: mobilenetv2 (Keras' MobileNetV2) or mobilefacenet (the face "
-                          "recognition mobile net: stride 16, PReLU, ~1M parameters)", choices=ARCHS, group="student")
+    student: str = option("mobilefacenet", "backbone: mobilefacenet (the face recognition mobile net: stride 16, PReLU, "
+                          "~1M parameters) or mobilenetv2 (Keras' MobileNetV2)", choices=ARCHS, group="student")
     width: float | None = option(None, "width multiplier (default: 0.5 for mobilenetv2, its alpha; 1.0 for mobilefacenet)", group="student")
-    resolution: int | None = option(None, "the student's working resolution: it takes the shards' images (112x112) and "
-                                    "resizes them inside the model to this side, fewer FLOPs per image (none, or not "
-                                    "below the images' side: the images as they are)", group="student")
+    resolution: int | None = option(64, "the student's working resolution: it takes the shards' images (112x112) and "
+                                    "resizes them inside the model to this side: fewer FLOPs per image, more samples per "
+                                    "CPU minute (a side not below the images': the images as they are)", group="student")
     head: str = option("gdc", "embedding head: global depthwise conv, or GAP+BN+Dropout+Dense", choices=HEADS, group="student")
     embedding_dim: int | None = option(None, "student embedding dim (default: the teacher's)", group="student")
     init: str | None = option(None, "start from these weights: a student dir, checkpoint or best/ dir (matching "
@@ -97,7 +97,8 @@ class TrainConfig:
     # -- where it runs
     workers: int = option(1, "Ray Train workers (1: train in this process)", group="where it runs")
     use_gpu: bool = option(False, "train on GPUs (all local ones, or one per Ray worker)", group="where it runs")
-    address: str | None = option(None, "Ray cluster address for --workers > 1 (default: start a local one)", group="where it runs")
+    address: str | None = option(None, "Ray cluster address for --workers > 1 (default: RAY_ADDRESS when it is set, "
+                                 "as `ray job submit` sets it; else start a local one)", group="where it runs")
     mixed_precision: bool = option(False, "float16 compute with loss scaling (GPUs only)", group="where it runs")
     run_name: str = option("train", "Ray Train run name (a rerun with the same name resumes)", group="where it runs")
     # -- logs
@@ -213,6 +214,9 @@ class TrainRun:
              "teacher_norm": self.teacher_norm}
         if self.schedule is not None:
             d["schedule"] = asdict(self.schedule)
+        from distill.startup import versions
+
+        d["versions"] = versions()  # what it was trained with (informational: resume compares the rest)
         return json.loads(json.dumps(d))  # as saved: tuples become lists
 
     @classmethod
@@ -220,6 +224,9 @@ class TrainRun:
         """A saved run (options this version no longer has are dropped; ones it added take their defaults)."""
         known = {f.name for f in fields(TrainConfig)}
         train = {"distill_weight" if k == "mse_weight" else k: v for k, v in d["train"].items()}  # (the old name)
+        # Runs saved before --student and --resolution trained the student they saved, whatever today's defaults.
+        train.setdefault("student", d["student"].get("arch", "mobilenetv2"))
+        train.setdefault("resolution", d["student"].get("resolution"))
         return cls(
             train=TrainConfig(**{k: v for k, v in train.items() if k in known}),
             student=StudentSpec.from_json(d["student"]), loss=LossSpec.from_json(d["loss"]), flip=d["flip"],

@@ -223,6 +223,28 @@ def decode_stored(data):
     )
 
 
+def check_decoder(shards: ShardSet, n: int = 8) -> None:
+    """The student's decoder must give the teacher's pixels: on the first ``n`` stored images
+    TensorFlow's decode (``decode_stored``) against Pillow's (what the teacher saw). A library
+    version whose decoder differs is refused before training, naming both versions."""
+    import numpy as np
+    import tensorflow as tf
+
+    from distill.images import decode_rgb
+    from distill.shards.reader import ShardReader
+    from distill.startup import versions
+
+    table = ShardReader(shards).first(n, ["index", "image"])
+    for index, data in zip(table.column("index").to_pylist(), table.column("image").to_pylist()):
+        if not np.array_equal(decode_stored(tf.constant(data)).numpy(), decode_rgb(data)):
+            v = versions()
+            raise BadInput(
+                f"TensorFlow {v['tensorflow']} decodes the stored image of listing row {index} differently from "
+                f"Pillow {v['pillow']}, which decoded what the teacher saw: the student would train on other pixels "
+                "than its targets'. Install the TensorFlow and Pillow versions the shards were made with (their "
+                f"manifest's `versions` in {shards.location}), or re-embed with these")
+
+
 def make_dataset(
     shards: ShardSet, plan: EpochPlan, *, seed: int, flip: bool, replica_batch: int, view_prob: float = 0.0,
     chunk: int = 256,

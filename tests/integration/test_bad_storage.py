@@ -82,7 +82,7 @@ def test_train_on_a_full_disk_stops_in_one_line_and_takes_no_half_checkpoint(mou
     shards = write_toy_shards(tmp_path / "shards", rows=64, shard_size=32, size=32, dim=8)
     disk = mount("full", "64k")  # metrics fit; a checkpoint (~1.7 MB of weights) does not
     out = disk.path / "student"
-    r = run_cli("train", shards, "--out", out, "--epochs", 1, "--batch-size", 16, "--width", 0.35, "--no-progress",
+    r = run_cli("train", shards, "--out", out, "--epochs", 1, "--batch-size", 16, "--student", "mobilenetv2", "--width", 0.35, "--no-progress",
                 check=False)
     assert r.returncode == 2, r.stderr[-3000:]
     assert "No space left on device" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]

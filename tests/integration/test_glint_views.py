@@ -94,7 +94,7 @@ def test_student_views_are_bit_identical_to_the_teachers(glint_views, tiny_teach
 
 
 def _train(shards: Path, out: Path, *extra):
-    return run_cli("train", shards, "--out", out, "--epochs", 6, "--batch-size", 16, "--width", 0.35, "--lr", 5e-3,
+    return run_cli("train", shards, "--out", out, "--epochs", 6, "--batch-size", 16, "--student", "mobilenetv2", "--width", 0.35, "--lr", 5e-3,
                    "--warmup-steps", 5, "--val-split", 0.34, "--val-images", 40, "--shuffle-buffer", 64,
                    "--checkpoint-every", 1000, "--log-every", 1, "--trace-samples", "--no-progress", *extra)
 
@@ -134,5 +134,5 @@ def test_training_with_views_and_validation_learns_keeps_its_best_and_resumes(gl
     assert os.path.isfile(tmp_path / "export" / "checkpoint" / "state.npz")
     # An export is a starting point: --init takes it (by variable name).
     again = run_cli("train", shards, "--out", tmp_path / "again", "--init", tmp_path / "export", "--max-steps", 1,
-                    "--batch-size", 16, "--width", 0.35, "--no-progress")
+                    "--batch-size", 16, "--student", "mobilenetv2", "--width", 0.35, "--no-progress")
     assert "initialised:" in again.stderr

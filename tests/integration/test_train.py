@@ -56,7 +56,7 @@ def listing_index(shard_dir: Path) -> np.ndarray:
 
 
 def train_args(shards: Path, out: Path, *extra) -> list:
-    return ["train", shards, "--out", out, "--epochs", 2, "--batch-size", BATCH, "--width", 0.35,
+    return ["train", shards, "--out", out, "--epochs", 2, "--batch-size", BATCH, "--student", "mobilenetv2", "--width", 0.35,
             "--checkpoint-every", 3, "--log-every", 1, "--trace-samples", "--shuffle-buffer", BUFFER,
             "--seed", SEED, "--no-progress", *extra]
 
@@ -170,7 +170,7 @@ def test_a_user_error_inside_a_ray_train_worker_reaches_the_cli_as_one_line(ray_
     # The driver's checks pass; the workers find no whole batch in an epoch (a BadOption they raise).
     shards = write_toy_shards(tmp_path / "shards", rows=64, shard_size=32, size=32, dim=8)
     r = distill("train", shards, "--out", tmp_path / "student", "--batch-size", 128, "--workers", 2,
-                "--address", ray_address, "--width", 0.35, "--no-progress")
+                "--address", ray_address, "--student", "mobilenetv2", "--width", 0.35, "--no-progress")
     assert r.returncode == 2, r.stderr[-3000:]
     own = own_lines(r.stderr)
     assert own[-1].startswith("distill train: error: an epoch has no whole batch"), r.stderr[-3000:]
@@ -191,7 +191,7 @@ def test_sigterm_stops_two_ray_workers_at_one_step_and_one_process_goes_on_from_
     shards = write_toy_shards(tmp_path / "shards", rows=128, shard_size=32, classes=4, size=32, dim=8)
     out = tmp_path / "student"
     # The recipe is spelled out: this is about the workers, not about the default recipe.
-    args = ["train", shards, "--out", out, "--epochs", 4, "--batch-size", 16, "--width", 0.35, "--lr", 3e-3,
+    args = ["train", shards, "--out", out, "--epochs", 4, "--batch-size", 16, "--student", "mobilenetv2", "--width", 0.35, "--lr", 3e-3,
             "--lr-schedule", "constant", "--warmup-steps", 0, "--distill-loss", "mse", "--ce-weight", 1,
             "--log-every", 1, "--checkpoint-every", 100, "--shuffle-buffer", 64, "--trace-samples", "--no-progress"]
     first = subprocess.Popen([sys.executable, "-m", "distill", *map(str, [*args, "--workers", 2, "--address", ray_address])],

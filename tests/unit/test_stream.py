@@ -230,3 +230,17 @@ def test_excluded_rows_never_train_and_the_rest_train_once():
         later = plan_epoch(rows, seed=2, epoch=1, world_size=world, rank=0, buffer=16, global_batch=4 * world,
                            samples=3 * 4 * world, exclude=exclude)
         assert np.array_equal(later.order, full.order[3 * 4:])
+
+
+def test_the_decoder_check_passes_on_the_teachers_pixels_and_names_versions_when_they_differ(tmp_path, monkeypatch):
+    pytest.importorskip("tensorflow")
+    import distill.images
+    from distill.train.stream import check_decoder
+
+    shards = open_shards(str(write_toy_shards(tmp_path / "s", rows=16, shard_size=8)))
+    check_decoder(shards)  # the same pixels: nothing to say
+    real = distill.images.decode_rgb
+    # Another Pillow whose decode differed by one level somewhere (a library we cannot install here).
+    monkeypatch.setattr(distill.images, "decode_rgb", lambda data: real(data) ^ np.uint8(1))
+    with pytest.raises(ValueError, match=r"TensorFlow .* decodes the stored image of listing row 0 .* Pillow"):
+        check_decoder(shards)

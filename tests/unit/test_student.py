@@ -84,9 +84,9 @@ def test_init_copies_a_keras_backbone_file_by_layer_name_and_says_so(tmp_path):
     path = tmp_path / "backbone.weights.h5"
     src.save_weights(path)
     model = build_student(spec)
-    said = _load_init(model, spec, TrainConfig("s", "o", init=str(path)))
+    said = _load_init(model, spec, TrainConfig("s", "o", student="mobilenetv2", init=str(path)))
     assert "backbone from" in said
     np.testing.assert_array_equal(model.get_layer("Conv1").get_weights()[0], src.get_layer("Conv1").get_weights()[0])
     with pytest.raises(ValueError, match="--init"):
         _load_init(build_student(StudentSpec((64, 64), 8, 3, width=0.5)), StudentSpec((64, 64), 8, 3, width=0.5),
-                   TrainConfig("s", "o", init=str(path)))  # a file of another width
+                   TrainConfig("s", "o", student="mobilenetv2", init=str(path)))  # a file of another width

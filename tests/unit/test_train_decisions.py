@@ -13,7 +13,7 @@ from toy_shards import write_toy_shards
 from distill.errors import IncompatibleRun
 from distill.shards.reader import open_shards
 from distill.train.checkpoints import Cursor, LocalCheckpoints, read_checkpoint
-from distill.train.config import Schedule, TrainConfig, TrainRun, check_resume, lr_schedule, resolve
+from distill.train.config import Schedule, TrainConfig, TrainRun, check_resume, lr_schedule, resolve, working_resolution
 from distill.train.loop import _trim_jsonl
 
 
@@ -102,9 +102,11 @@ def test_shards_with_no_labelled_row_turn_the_classifier_off_and_say_so(tmp_path
 
 
 def test_the_student_is_chosen_and_its_width_defaults_per_backbone(shards):
-    mfn = resolve(TrainConfig(shards=shards.location, out="o", student="mobilefacenet"), shards).student
-    assert (mfn.arch, mfn.width) == ("mobilefacenet", 1.0)
-    assert resolve(TrainConfig(shards=shards.location, out="o"), shards).student.width == 0.5
+    mfn = resolve(TrainConfig(shards=shards.location, out="o"), shards).student
+    assert (mfn.arch, mfn.width) == ("mobilefacenet", 1.0)  # the default student
+    assert mfn.resolution is None  # the default --resolution 64 is not below these 32 px shards' side: as they are
+    assert resolve(TrainConfig(shards=shards.location, out="o", student="mobilenetv2"), shards).student.width == 0.5
+    assert working_resolution(64, (112, 112)) == 64 and working_resolution(112, (112, 112)) is None
     with pytest.raises(ValueError, match="--student"):
         TrainConfig(shards="s", out="o", student="resnet")
     with pytest.raises(ValueError, match="MobileNetV2 weights"):
@@ -131,12 +133,15 @@ def test_schedule_spans_the_planned_run():
 
 
 def test_the_resolved_run_round_trips_through_its_checkpoint_form(shards):
-    run = resolve(TrainConfig(shards=shards.location, out="o", batch_size=16, student="mobilefacenet"), shards)
+    run = resolve(TrainConfig(shards=shards.location, out="o", batch_size=16, student="mobilenetv2"), shards)
     run = run.with_schedule(64)
     saved = json.loads(json.dumps(run.to_json()))
     assert TrainRun.from_json(saved) == run
-    older = {**saved, "train": {**{k: v for k, v in saved["train"].items() if k != "student"}, "gone_option": 1}}
-    assert TrainRun.from_json(older).train.student == "mobilenetv2"  # an option it did not have: its default
+    older = {**saved, "train": {**{k: v for k, v in saved["train"].items() if k not in ("student", "resolution")},
+                                "gone_option": 1},
+             "student": {k: v for k, v in saved["student"].items() if k not in ("arch", "resolution")}}
+    back = TrainRun.from_json(older)  # saved before --student: the MobileNetV2 it trained, not today's default
+    assert (back.train.student, back.train.resolution, back.student.arch) == ("mobilenetv2", None, "mobilenetv2")
     renamed = {**saved, "train": {**{k: v for k, v in saved["train"].items() if k != "distill_weight"}, "mse_weight": 0.0},
                "loss": {**{k: v for k, v in saved["loss"].items() if k != "distill_weight"}, "mse_weight": 0.0}}
     back = TrainRun.from_json(renamed)  # a run saved before --mse-weight became --distill-weight
