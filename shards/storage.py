@@ -188,6 +188,19 @@ class ArrowStorage:
         return mt.timestamp() if mt else 0.0
 
 
+def local_path(path: str, option: str) -> str:
+    """``path`` made absolute, for an option whose stage reads and writes the local file system
+    only: an object-store URI is refused in one line (``os.path`` would quietly make
+    ``./s3:/bucket/...`` of it and nothing would reach the bucket)."""
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    if is_uri(path):
+        raise BadOption(f"{option} {redact(path)}: this command reads and writes local paths only (on a cluster, a "
+                        "file system every node mounts); of the stages, only `distill embed --out` and `distill "
+                        "train SHARDS` take object-store URIs so far")
+    return os.path.abspath(path)
+
+
 def make_dir(path: str, option: str = "--out") -> str:
     """Create the directory ``path`` (and its parents) for the ``option`` that named it; one
     that cannot be made (a file in the way, no permission, a read-only disk) is refused in one

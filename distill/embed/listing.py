@@ -48,7 +48,7 @@ import numpy as np
 from distill.errors import BadInput, BadOption
 from distill.options import add_options, config_from_args, option
 from distill.shards.format import UNLABELLED
-from distill.shards.storage import make_dir
+from distill.shards.storage import local_path, make_dir
 
 log = logging.getLogger(__name__)
 
@@ -600,7 +600,7 @@ def build_listing(cfg: ListingConfig) -> ListingInfo:
                         "pack on its own, or unpack all but one into folders")
     if len({src for _, src, _ in resolved}) < len(resolved):
         raise BadOption(f"a source is given twice: {' '.join(cfg.sources)}; each image must be listed once")
-    out = os.path.abspath(cfg.out)
+    out = local_path(cfg.out, "--out")
     if os.path.isdir(out):
         raise BadOption(f"--out {out} is a directory; give a file path such as {os.path.join(out, 'listing.parquet')}")
     make_dir(os.path.dirname(out))

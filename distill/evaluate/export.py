@@ -4,7 +4,9 @@ Owns the deployable model. From the latest (or a given) checkpoint it rebuilds t
 graph, keeps the embedding path only (no classifier) and writes a SavedModel whose
 ``serving_default`` takes ``images``: uint8 RGB [N, H, W, 3] and returns ``embeddings``:
 float32 [N, D], L2-normalised; the student's own first layer scales the pixels.
-Optionally TFLite files: float16 weights, and dynamic-range int8.
+Optionally TFLite files: float16 weights, and int8: dynamic range (int8 weights) or, with
+``--tflite-int8 full``, integer-only (int8 weights and activations, calibrated on the shards'
+own images, none of them among the images it is then checked on).
 
 Export checks itself before publishing: on real shard images the reloaded SavedModel must
 match the trained model's normalised embeddings within ``--tolerance`` (max abs diff), and
@@ -28,7 +30,7 @@ import numpy as np
 from distill.errors import BadInput, BadOption, CheckFailed
 from distill.metrics import l2_normalise
 from distill.options import add_options, config_from_args, option
-from distill.shards.storage import make_dir, publish_dir
+from distill.shards.storage import local_path, make_dir, publish_dir
 
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
 TFLITE_KINDS = ("float16", "int8")
@@ -40,7 +42,12 @@ class ExportConfig:
 
     student: str = option(help="training output directory (RUN/student)", positional=True)
     out: str = option(help="export directory (RUN/export); replaced as a whole", required=True)
-    tflite: bool = option(False, "also write float16 and dynamic-range int8 TFLite files")
+    tflite: bool = option(False, "also write float16 and int8 TFLite files")
+    tflite_int8: str = option("dynamic", "the int8 file: dynamic (int8 weights, float activations) or full (int8 "
+                              "weights and activations, integer-only ops: phones' NPUs and DSPs; calibrated on "
+                              "--calibration-rows of the shards' images)", choices=("dynamic", "full"))
+    calibration_rows: int = option(256, "shard images that calibrate --tflite-int8 full (taken after the check images, "
+                                   "so the check is on images calibration never saw)")
     checkpoint: str | None = option(None, "a checkpoint directory (default: the latest in STUDENT/checkpoints)",
                                     metavar="DIR")
     best: bool = option(False, "export STUDENT/best, the epoch that scored best on the held-out people (train with "
@@ -50,10 +57,15 @@ class ExportConfig:
     check_rows: int = option(64, "images the self-check compares on")
     tolerance: float = option(1e-4, "max abs difference allowed, SavedModel vs trained model")
     tflite_min_cosine: float = option(0.99, "min cosine allowed, TFLite vs trained model")
+    full_int8_min_cosine: float = option(0.9, "min cosine allowed, --tflite-int8 full vs trained model")
 
     def __post_init__(self) -> None:
+        local_path(self.student, "STUDENT")
+        local_path(self.out, "--out")
         if self.check_rows <= 0:
             raise BadOption(f"--check-rows must be positive, got {self.check_rows}")
+        if self.tflite_int8 == "full" and self.calibration_rows <= 0:
+            raise BadOption(f"--calibration-rows must be positive, got {self.calibration_rows}")
         if os.path.abspath(self.out) == os.path.abspath(self.student):
             raise BadOption("--out must differ from the student directory (export replaces --out as a whole)")
         if self.best and self.checkpoint:
@@ -73,6 +85,8 @@ class ExportReport:
     tolerance: float
     tflite: dict[str, str] = field(default_factory=dict)
     tflite_cosine: dict[str, dict[str, float]] = field(default_factory=dict)
+    int8: str = "dynamic"  # the int8 file's kind
+    calibration_rows: int = 0  # images that calibrated a full-integer int8 file
     seconds: float = 0.0
 
 
@@ -121,13 +135,19 @@ def write_saved_model(embedding_model, size: tuple[int, int], path: str) -> None
     archive.write_out(path, verbose=False)
 
 
-def _tflite(saved_model: str, kind: str) -> bytes:
+def _tflite(saved_model: str, kind: str, calibration: np.ndarray | None = None) -> bytes:
+    """The TFLite flatbuffer: float16 weights, or int8 weights (dynamic range), or with
+    ``calibration`` images integer-only (int8 weights and activations; the uint8 input and the
+    float32 embeddings stay as the SavedModel's)."""
     import tensorflow as tf
 
     conv = tf.lite.TFLiteConverter.from_saved_model(saved_model, signature_keys=["serving_default"])
     conv.optimizations = [tf.lite.Optimize.DEFAULT]  # alone: dynamic-range int8 weights
     if kind == "float16":
         conv.target_spec.supported_types = [tf.float16]
+    if calibration is not None:
+        conv.representative_dataset = lambda: ({INPUT_NAME: image[None]} for image in calibration)
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     return conv.convert()
 
 
@@ -179,28 +199,34 @@ def run_export(cfg: ExportConfig) -> ExportReport:
     model = build_student(spec)
     restore(model, None, ckpt)
     emb_model = embedding_model(model)
+    full = cfg.tflite and cfg.tflite_int8 == "full"
     try:
-        images = check_images(cfg.shards or config["train"]["shards"], cfg.check_rows, spec.input_size)
+        images = check_images(cfg.shards or config["train"]["shards"],
+                              cfg.check_rows + (cfg.calibration_rows if full else 0), spec.input_size)
     except FileNotFoundError as e:
         if cfg.shards:
             raise
         raise FileNotFoundError(f"{e}. The self-check reads real images from the shards the student trained on; "
                                 "if they moved, pass --shards DIR") from None
+    images, calibration = images[:cfg.check_rows], images[cfg.check_rows:]
+    if full and not len(calibration):
+        raise BadInput(f"the shards hold only {len(images)} images: none left after the {cfg.check_rows} check images "
+                       "to calibrate --tflite-int8 full; lower --check-rows")
     want = l2_normalise(emb_model(images, training=False).numpy())
 
-    out = os.path.abspath(cfg.out)
+    out = local_path(cfg.out, "--out")
     parent = os.path.dirname(out)
     make_dir(parent)
     stage = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
     os.chmod(stage, 0o755)  # mkdtemp makes it private; the export is for others to read
     try:
-        diff, tflite, cosines = _write_and_check(cfg, emb_model, spec, images, want, stage)
+        diff, tflite, cosines = _write_and_check(cfg, emb_model, spec, images, want, stage, calibration)
         report = ExportReport(
             out=out, saved_model=os.path.join(out, "saved_model"), checkpoint=ckpt, step=cursor.step,
             embedding_dim=spec.embedding_dim, input_size=spec.input_size, check_rows=len(images),
             max_abs_diff=diff, tolerance=cfg.tolerance,
             tflite={k: os.path.join(out, os.path.basename(p)) for k, p in tflite.items()}, tflite_cosine=cosines,
-            seconds=time.perf_counter() - t0,
+            int8=cfg.tflite_int8, calibration_rows=len(calibration), seconds=time.perf_counter() - t0,
         )
         _write_report(cfg, report, config, spec, ckpt, stage)
         # The weights exported, as a checkpoint: `distill train --init EXPORT` starts from them.
@@ -212,7 +238,8 @@ def run_export(cfg: ExportConfig) -> ExportReport:
     return report
 
 
-def _write_and_check(cfg: ExportConfig, emb_model, spec, images: np.ndarray, want: np.ndarray, stage: str):
+def _write_and_check(cfg: ExportConfig, emb_model, spec, images: np.ndarray, want: np.ndarray, stage: str,
+                     calibration: np.ndarray):
     """The SavedModel (and TFLite files) in ``stage``, each checked against the trained model's
     normalised embeddings ``want`` of ``images``. Returns (max abs diff, TFLite paths, cosines)."""
     import tensorflow as tf
@@ -228,20 +255,27 @@ def _write_and_check(cfg: ExportConfig, emb_model, spec, images: np.ndarray, wan
     tflite, cosines = {}, {}
     for kind in TFLITE_KINDS if cfg.tflite else ():
         path = os.path.join(stage, f"student_{kind}.tflite")
+        full = kind == "int8" and cfg.tflite_int8 == "full"
         with open(path, "wb") as f:
-            f.write(_tflite(sm_dir, kind))
+            f.write(_tflite(sm_dir, kind, calibration if full else None))
         agree = cosine_agreement(run_tflite(path, images), want)
-        if not agree["min"] >= cfg.tflite_min_cosine:  # NaN fails too
-            raise CheckFailed(f"TFLite {kind} agrees with the trained model only to cosine {agree['min']:.4f} "
-                              f"(min over {len(images)} images) < --tflite-min-cosine {cfg.tflite_min_cosine}")
+        least, option_name = ((cfg.full_int8_min_cosine, "--full-int8-min-cosine") if full else
+                              (cfg.tflite_min_cosine, "--tflite-min-cosine"))
+        if not agree["min"] >= least:  # NaN fails too
+            raise CheckFailed(f"TFLite {'full-integer ' if full else ''}{kind} agrees with the trained model only to "
+                              f"cosine {agree['min']:.4f} (min over {len(images)} images) < {option_name} {least}; "
+                              "nothing was published")
         tflite[kind], cosines[kind] = path, agree
     return diff, tflite, cosines
 
 
 def _write_report(cfg: ExportConfig, report: ExportReport, config: dict, spec, ckpt: str, stage: str) -> None:
     """``export.json``: the options, the figures, the student and the serving signature."""
+    from distill.startup import versions
+
     doc = {
-        "config": asdict(cfg), "report": asdict(report), "student": config["student"],
+        "config": asdict(cfg), "report": asdict(report), "student": config["student"], "versions": versions(),
+        "trained_with": config.get("versions"),
         "signature": {"name": "serving_default", "input": {"name": INPUT_NAME, "dtype": "uint8",
                       "shape": [None, *spec.input_size, 3], "channels": "RGB"},
                       "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [None, spec.embedding_dim],
@@ -275,6 +309,7 @@ def _main(args) -> int:
     print(f"  check        max abs diff {r.max_abs_diff:.2e} on {r.check_rows} shard images (tolerance {r.tolerance:g})")
     for kind, path in r.tflite.items():
         c = r.tflite_cosine[kind]
-        print(f"  tflite {kind:<7} {path}  cosine min {c['min']:.5f} mean {c['mean']:.5f}")
+        what = f" (full integer, calibrated on {r.calibration_rows} images)" if kind == "int8" and r.int8 == "full" else ""
+        print(f"  tflite {kind:<7} {path}  cosine min {c['min']:.5f} mean {c['mean']:.5f}{what}")
     print(f"  report       {os.path.join(r.out, 'export.json')}")
     return 0

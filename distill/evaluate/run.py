@@ -61,16 +61,17 @@ class EvaluateConfig:
 
     model: str = option(help="`distill export` output (RUN/export; uint8 input) or a teacher SavedModel (float32)",
                         positional=True)
-    folders: str | None = option(None, "identity folder tree: one sub-folder of images per person", metavar="DIR",
-                                 group="data (one of)")
-    bin: str | None = option(None, "insightface verification set (lfw.bin, cfp_fp.bin, agedb_30.bin)", metavar="FILE",
-                             group="data (one of)")
+    folders: str | None = option(None, "identity folder tree: one sub-folder of images per person (several: "
+                                 "comma-separated)", metavar="DIR[,DIR...]", group="data (one or more; one model load)")
+    bin: str | None = option(None, "insightface verification set (lfw.bin,cfp_fp.bin,agedb_30.bin: several, "
+                             "comma-separated)", metavar="FILE[,FILE...]", group="data (one or more; one model load)")
     teacher: str | None = option(None, "teacher SavedModel: also evaluate it and the teacher-student cosine",
                                  metavar="DIR")
     pairs: int | None = option(None, f"sample this many pairs (half same); default: all pairs up to "
                                f"{ALL_PAIRS_MAX_IMAGES} images, else {DEFAULT_SAMPLED_PAIRS}", metavar="N")
     seed: int = option(0, "seed of the pair sample")
     out: str | None = option(None, "write the results as JSON here", metavar="FILE")
+    json: bool = option(False, "print the results as JSON on stdout instead of the tables")
     batch_size: int = option(64, "images per model call")
     flip: bool = option(False, "folder mode: add the mirrored image's embedding (.bin always does)")
     # How float32 (teacher) models are fed. None: as the shard manifest recorded it (``shards``,
@@ -89,12 +90,21 @@ class EvaluateConfig:
     progress: bool | None = option(None, "progress bars (default: on a terminal only, so logs hold no bar frames)")
 
     def __post_init__(self) -> None:
-        if (self.folders is None) == (self.bin is None):
-            raise BadOption("pass exactly one of --folders DIR (identity folder tree) or --bin FILE (insightface .bin)")
+        if not self.targets:
+            raise BadOption("pass --folders DIR (identity folder tree) and/or --bin FILE (insightface .bin); each takes "
+                            "several, comma-separated")
+        if len(set(self.targets)) < len(self.targets):
+            raise BadOption("a verification set is given twice: " + ", ".join(p for _, p in self.targets))
         if self.pairs is not None and self.pairs < 2:
             raise BadOption(f"--pairs must be at least 2 (half same, half different), got {self.pairs}")
         if self.batch_size < 1:
             raise BadOption(f"--batch-size must be positive, got {self.batch_size}")
+
+    @property
+    def targets(self) -> tuple[tuple[str, str], ...]:
+        """(kind, path) of every verification set, in the order given: folders, then .bin files."""
+        split = lambda text: [p.strip() for p in (text or "").split(",") if p.strip()]  # noqa: E731
+        return tuple(("folders", p) for p in split(self.folders)) + tuple(("bin", p) for p in split(self.bin))
 
 
 # ---------------------------------------------------------------------------------------
@@ -446,13 +456,14 @@ def _verification(emb: np.ndarray, i: np.ndarray, j: np.ndarray, same: np.ndarra
     e = l2_normalise(emb)
     scores = np.sum(e[i] * e[j], axis=1)
     acc, thr = best_accuracy(scores, same)
-    return {"auc": roc_auc(scores, same), "best_accuracy": acc, "threshold": thr, "tar_at_far": tar_table(scores, same)}
+    return {"auc": roc_auc(scores, same), "best_accuracy": acc, "threshold": thr, "tar_at_far": tar_table(scores, same),
+            "same_cosine": float(scores[same].mean()), "different_cosine": float(scores[~same].mean())}
 
 
-def _evaluate_folders(cfg: EvaluateConfig, models: dict[str, Embedder]) -> dict[str, Any]:
+def _evaluate_folders(cfg: EvaluateConfig, models: dict[str, Embedder], folders: str) -> dict[str, Any]:
     from distill.images import read_file
 
-    paths, labels, _ = scan_folders(cfg.folders)
+    paths, labels, _ = scan_folders(folders)
     if cfg.pairs is None and len(paths) <= ALL_PAIRS_MAX_IMAGES:
         i, j, same = all_pairs(labels)
         sampled = False
@@ -467,7 +478,7 @@ def _evaluate_folders(cfg: EvaluateConfig, models: dict[str, Embedder]) -> dict[
     embedded = np.delete(needed, bad)
     i, j, same = remap_pairs(i, j, same, embedded, len(paths))
     if same.all() or not same.any():
-        raise BadInput(f"--folders {cfg.folders}: need both same-identity and different-identity pairs")
+        raise BadInput(f"--folders {folders}: need both same-identity and different-identity pairs")
     results: dict[str, Any] = {"models": {}}
     for role, emb in embeddings.items():
         r = _verification(emb, i, j, same)
@@ -475,7 +486,7 @@ def _evaluate_folders(cfg: EvaluateConfig, models: dict[str, Embedder]) -> dict[
         results["models"][role] = r
     results["dataset"] = {
         "kind": "folders",
-        "path": cfg.folders,
+        "path": folders,
         "images": int(len(embedded)),
         "skipped": int(len(bad)),
         "identities": int(len(np.unique(labels[embedded]))),
@@ -492,12 +503,13 @@ def _evaluate_folders(cfg: EvaluateConfig, models: dict[str, Embedder]) -> dict[
     return results
 
 
-def _evaluate_bin(cfg: EvaluateConfig, models: dict[str, Embedder], blobs: list[bytes], same: np.ndarray) -> dict[str, Any]:
+def _evaluate_bin(cfg: EvaluateConfig, models: dict[str, Embedder], path: str, blobs: list[bytes],
+                  same: np.ndarray) -> dict[str, Any]:
     raw, seconds, bad = embed_all(
-        models, len(blobs), blobs.__getitem__, lambda k: f"{cfg.bin} image {k}", cfg.batch_size, True, cfg.progress
+        models, len(blobs), blobs.__getitem__, lambda k: f"{path} image {k}", cfg.batch_size, True, cfg.progress
     )
     if bad:
-        raise BadInput(f"{cfg.bin}: {len(bad)} images cannot be decoded (first: #{bad[0]}); the protocol needs every pair")
+        raise BadInput(f"{path}: {len(bad)} images cannot be decoded (first: #{bad[0]}); the protocol needs every pair")
     results: dict[str, Any] = {"models": {}}
     embeddings = {}
     for role, e in raw.items():
@@ -515,7 +527,7 @@ def _evaluate_bin(cfg: EvaluateConfig, models: dict[str, Embedder], blobs: list[
             "tar_at_far": tar_table(-dist, same),
             "images_per_second": 2 * len(blobs) / max(seconds[role], 1e-9),
         }
-    results["dataset"] = {"kind": "bin", "path": cfg.bin, "pairs": int(len(same)), "same_pairs": int(same.sum()),
+    results["dataset"] = {"kind": "bin", "path": path, "pairs": int(len(same)), "same_pairs": int(same.sum()),
                           "impostor_pairs": int((~same).sum())}
     results["mean_cosine"] = _cosine(embeddings)
     return results
@@ -578,14 +590,17 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Embed, score, print nothing; returns the results dict (and writes ``cfg.out``)."""
+    """Embed, score, print nothing; returns the results (and writes ``cfg.out``): for one
+    verification set its results dict, for several ``{"targets": [one dict each, in order]}``.
+    The models are loaded once for all of them."""
     from distill.startup import import_tensorflow_quietly
 
     # Bad paths, and a bad or hostile .bin, are refused before any model is loaded.
     resolve_model_dir(cfg.model)
-    if cfg.folders and not os.path.isdir(cfg.folders):
-        raise FileNotFoundError(f"--folders {cfg.folders} is not a directory; pass a folder with one sub-folder per identity")
-    verification_set = load_bin(cfg.bin) if cfg.bin else None
+    for kind, path in cfg.targets:
+        if kind == "folders" and not os.path.isdir(path):
+            raise FileNotFoundError(f"--folders {path} is not a directory; pass a folder with one sub-folder per identity")
+    bins = {path: load_bin(path) for kind, path in cfg.targets if kind == "bin"}
     record, teacher = teacher_record(cfg)
     if teacher:
         resolve_model_dir(teacher)
@@ -598,25 +613,32 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if teacher:
         models["teacher"] = Embedder(teacher, pre, record.signature if record else "serving_default",
                                      record.output if record else None)
-    t0 = time.perf_counter()
-    if verification_set is None:
-        results = _evaluate_folders(cfg, models)
-    else:
-        results = _evaluate_bin(cfg, models, *verification_set)
-    results["seconds"] = time.perf_counter() - t0
-    results["paths"] = {role: m.path for role, m in models.items()}
-    results["kinds"] = {role: m.kind for role, m in models.items()}
-    results["preprocessing"] = pre.to_json()
-    results["preprocessing_from"] = record.manifest if record else None
+    every = []
+    for kind, path in cfg.targets:
+        t0 = time.perf_counter()
+        results = _evaluate_folders(cfg, models, path) if kind == "folders" else _evaluate_bin(cfg, models, path,
+                                                                                             *bins[path])
+        results["seconds"] = time.perf_counter() - t0
+        results["paths"] = {role: m.path for role, m in models.items()}
+        results["kinds"] = {role: m.kind for role, m in models.items()}
+        results["preprocessing"] = pre.to_json()
+        results["preprocessing_from"] = record.manifest if record else None
+        every.append(results)
+    results = every[0] if len(every) == 1 else {"targets": every}
     if cfg.out:
         _write_json(cfg.out, results)
     return results
 
 
-def _write_json(path: str, obj: Any) -> None:
-    from distill.shards.storage import make_dir, write_file_atomic
+def each_target(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-set results of ``run_evaluate``'s answer, one set or several."""
+    return results["targets"] if "targets" in results else [results]
 
-    make_dir(os.path.dirname(os.path.abspath(path)))
+
+def _write_json(path: str, obj: Any) -> None:
+    from distill.shards.storage import local_path, make_dir, write_file_atomic
+
+    make_dir(os.path.dirname(local_path(path, "--out")))
     write_file_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")  # a reader never sees half of it
 
 
@@ -624,8 +646,8 @@ def add_cli(sub) -> None:
     p = sub.add_parser(
         "evaluate",
         help="verification ROC-AUC / accuracy of a student or teacher, and teacher-student cosine",
-        description="Evaluate an exported student (or a teacher) SavedModel on an identity folder tree "
-        "or an insightface verification .bin.",
+        description="Evaluate an exported student (or a teacher) SavedModel on identity folder trees and/or "
+        "insightface verification .bin files (several in one call: one model load).",
     )
     add_options(p, EvaluateConfig)
     p.set_defaults(func=_main)
@@ -634,7 +656,10 @@ def add_cli(sub) -> None:
 def _main(args) -> int:
     cfg = config_from_args(EvaluateConfig, args)
     results = run_evaluate(cfg)
-    print(format_table(results))
+    if cfg.json:
+        print(json.dumps(results, indent=2, sort_keys=True))
+        return 0
+    print("\n\n".join(format_table(r) for r in each_target(results)))
     if cfg.out:
         print(f"results: {cfg.out}")
     return 0

@@ -81,7 +81,8 @@ def test_folders_student_and_teacher(tmp_path, wrapped_student):
     assert full["dataset"]["pairs"] == 30 * 29 // 2
 
 
-def test_bin_protocol_via_cli(tmp_path, wrapped_student):
+def _tiny_bin(path):
+    """A verification .bin in insightface's layout: 20 ORL pairs, alternating same / different."""
     from PIL import Image
 
     def jpeg(p, k):
@@ -98,8 +99,12 @@ def test_bin_protocol_via_cli(tmp_path, wrapped_student):
         else:
             bins += [jpeg(p, 1), jpeg(p % 10 + 11, 2)]
             issame.append(False)
-    path = tmp_path / "tiny.bin"
     path.write_bytes(pickle.dumps((bins, issame), protocol=2))
+    return path
+
+
+def test_bin_protocol_via_cli(tmp_path, wrapped_student):
+    path = _tiny_bin(tmp_path / "tiny.bin")
     out = tmp_path / "bin.json"
     proc = subprocess.run(
         [sys.executable, "-m", "distill", "evaluate", wrapped_student, "--bin", str(path), "--teacher", TEACHER,
@@ -115,6 +120,31 @@ def test_bin_protocol_via_cli(tmp_path, wrapped_student):
     assert m["accuracy_mean"] >= 0.8 and m["auc"] > 0.9
     assert 0.0 <= m["best_threshold"] < 4.0
     assert r["mean_cosine"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_several_sets_in_one_call_one_model_load_json_on_stdout(tmp_path, wrapped_student):
+    a = _orl_folders(tmp_path / "a", people=3, per_person=4)
+    b = tmp_path / "b"
+    os.makedirs(b)
+    for p in (7, 8, 9):  # other people than a's
+        shutil.copytree(os.path.join(ORL, f"s{p}"), b / f"s{p}")
+    tiny = _tiny_bin(tmp_path / "tiny.bin")
+    proc = subprocess.run([sys.executable, "-m", "distill", "evaluate", wrapped_student, "--folders", f"{a},{b}",
+                           "--bin", str(tiny), "--teacher", TEACHER, "--json", "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    every = json.loads(proc.stdout)["targets"]  # stdout is the JSON alone
+    assert [(t["dataset"]["kind"], t["dataset"]["path"]) for t in every] == [
+        ("folders", str(a)), ("folders", str(b)), ("bin", str(tiny))]
+    assert every[0]["dataset"]["images"] == 12 and every[1]["dataset"]["images"] == 30
+    alone = run_evaluate(EvaluateConfig(model=wrapped_student, folders=str(b), progress=False))
+    assert every[1]["models"]["model"]["auc"] == pytest.approx(alone["models"]["model"]["auc"], abs=1e-9)
+    assert len(every[2]["models"]["model"]["fold_accuracies"]) == 10
+    assert all(t["mean_cosine"] == pytest.approx(1.0, abs=1e-4) for t in every)
+
+    twice = subprocess.run([sys.executable, "-m", "distill", "evaluate", wrapped_student, "--folders", f"{a},{a}"],
+                           capture_output=True, text=True, timeout=600)
+    assert twice.returncode == 2 and "given twice" in twice.stderr
 
 
 def test_malicious_bin_via_cli_is_refused_cleanly(tmp_path, wrapped_student):

@@ -17,7 +17,7 @@ def exported(embedded_run, tmp_path_factory):
     from distill.train.run import TrainConfig, run_train
 
     root = tmp_path_factory.mktemp("export")
-    train = run_train(TrainConfig(shards=str(embedded_run), out=str(root / "student"), batch_size=8, width=0.35,
+    train = run_train(TrainConfig(shards=str(embedded_run), out=str(root / "student"), batch_size=8, student="mobilenetv2", width=0.35,
                                   max_steps=40, progress=False))  # enough steps for BN statistics to settle
     report = run_export(ExportConfig(student=str(root / "student"), out=str(root / "export"), tflite=True,
                                      check_rows=16))
@@ -66,3 +66,38 @@ def test_tflite_files_run_and_agree(exported):
     assert doc["report"]["embedding_dim"] == 32 and doc["report"]["input_size"] == [112, 112]
     assert doc["signature"]["input"]["name"] == "images" and doc["report"]["max_abs_diff"] <= 1e-4
     assert all(c["min"] >= 0.99 for c in doc["report"]["tflite_cosine"].values())
+
+
+def test_a_mobilefacenet_student_exports_full_integer_tflite_calibrated_on_other_images(embedded_run, tmp_path):
+    """The default student (MobileFaceNet at 64 px), through the CLI: an integer-only int8 file
+    (int8 activations, the uint8 input and float32 embeddings kept), checked on images its
+    calibration never saw."""
+    import subprocess
+    import sys
+
+    from distill.evaluate.export import check_images, cosine_agreement, run_tflite
+    from distill.train.run import TrainConfig, run_train
+
+    run_train(TrainConfig(shards=str(embedded_run), out=str(tmp_path / "student"), batch_size=8, max_steps=30,
+                          progress=False))
+    proc = subprocess.run([sys.executable, "-m", "distill", "export", tmp_path / "student", "--out", tmp_path / "export",
+                           "--tflite", "--tflite-int8", "full", "--check-rows", "16", "--calibration-rows", "48"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "full integer, calibrated on 48 images" in proc.stdout
+    doc = json.loads((tmp_path / "export" / "export.json").read_text())
+    assert doc["student"]["arch"] == "mobilefacenet" and doc["report"]["int8"] == "full"
+    assert doc["report"]["calibration_rows"] == 48 and doc["report"]["tflite_cosine"]["int8"]["min"] >= 0.9
+
+    import tensorflow as tf
+
+    path = str(tmp_path / "export" / "student_int8.tflite")
+    interpreter = tf.lite.Interpreter(model_path=path)
+    kinds = {d["dtype"] for d in interpreter.get_tensor_details()}
+    assert np.int8 in kinds  # activations are int8, not only the weights
+    (inp,) = interpreter.get_input_details()
+    (out,) = interpreter.get_output_details()
+    assert inp["dtype"] == np.uint8 and out["dtype"] == np.float32
+    images = check_images(str(embedded_run), 80, (112, 112))[64:]  # beyond the check's and calibration's rows
+    ref = run_tflite(str(tmp_path / "export" / "student_float16.tflite"), images)
+    assert cosine_agreement(run_tflite(path, images), ref)["min"] > 0.9

@@ -292,11 +292,13 @@ def test_bin_with_wrong_shape_says_what_it_expected():
 # --- config, folders, table --------------------------------------------------------------
 
 
-def test_config_needs_exactly_one_dataset():
-    with pytest.raises(ValueError, match="exactly one"):
+def test_config_needs_a_dataset_and_takes_several_in_order():
+    with pytest.raises(ValueError, match="--folders DIR .* and/or --bin FILE"):
         EvaluateConfig(model="m")
-    with pytest.raises(ValueError, match="exactly one"):
-        EvaluateConfig(model="m", folders="d", bin="b")
+    cfg = EvaluateConfig(model="m", folders="d, e", bin="lfw.bin,cfp_fp.bin")
+    assert cfg.targets == (("folders", "d"), ("folders", "e"), ("bin", "lfw.bin"), ("bin", "cfp_fp.bin"))
+    with pytest.raises(ValueError, match="given twice: lfw.bin, lfw.bin"):
+        EvaluateConfig(model="m", bin="lfw.bin,lfw.bin")
     with pytest.raises(ValueError, match="--pairs"):
         EvaluateConfig(model="m", folders="d", pairs=1)
 

@@ -6,9 +6,10 @@ import pyarrow.fs as pafs
 import pytest
 from test_manifest_format import make_shard
 
+from distill.errors import BadOption
 from distill.shards.format import verify_shard
 from distill.shards.reconcile import records_from_files
-from distill.shards.storage import ArrowStorage, LocalStorage, is_temp_name, open_storage
+from distill.shards.storage import ArrowStorage, LocalStorage, is_temp_name, local_path, open_storage
 
 
 @pytest.fixture(params=["local", "arrow"])
@@ -49,3 +50,14 @@ def test_uris_open_arrow_storage_and_bad_ones_explain(tmp_path):
     assert isinstance(st, LocalStorage) and os.path.isdir(tmp_path / "x")
     with pytest.raises(ValueError, match="cannot open storage nosuch://"):
         open_storage("nosuch://bucket/dir")
+
+
+def test_local_only_options_refuse_object_store_uris_instead_of_writing_a_local_s3_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BadOption, match=r"--out s3://bucket/student: this command reads and writes local paths only"):
+        local_path("s3://bucket/student", "--out")
+    with pytest.raises(BadOption, match=r"gs://b/x"):
+        local_path("gs://b/x", "STUDENT")
+    assert local_path("run/student", "--out") == str(tmp_path / "run" / "student")
+    assert local_path("file:///data/run", "--out") == "/data/run"
+    assert not (tmp_path / "s3:").exists()
