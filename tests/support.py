@@ -148,3 +148,29 @@ def build_tiny_teacher(out: Path, dim: int = 512, size: int = 112, seed: int = 0
     export_keras_teacher(keras.Model(inp, keras.layers.Dense(dim)(x)), str(tmp))
     os.replace(tmp, out)
     return out
+
+
+def write_tiny_bin(path: Path, pairs: int = 20) -> Path:
+    """A verification .bin in insightface's layout (a pickle of JPEG bytes and is-same flags):
+    ORL pairs, alternating same person / two different people."""
+    import io
+    import pickle
+
+    from PIL import Image
+
+    def jpeg(p, k):
+        buf = io.BytesIO()
+        Image.open(ORL / f"s{p}" / f"{k}.pgm").convert("RGB").save(buf, format="JPEG", quality=95)
+        return buf.getvalue()
+
+    bins, issame = [], []
+    for n in range(pairs):
+        p = n % 10 + 1
+        if n % 2 == 0:
+            bins += [jpeg(p, 1 + n % 5), jpeg(p, 6 + n % 5)]
+            issame.append(True)
+        else:
+            bins += [jpeg(p, 1), jpeg(p % 10 + 11, 2)]
+            issame.append(False)
+    path.write_bytes(pickle.dumps((bins, issame), protocol=2))
+    return path

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
@@ -85,6 +86,14 @@ class TrainConfig:
     val_folders: str | None = option(None, "or score on this identity folder tree of other people", metavar="DIR", group="validation")
     val_images: int = option(500, "images to validate on, at most", group="validation")
     val_seed: int = option(0, "seed of the held-out identities and of the validation images", group="validation")
+    val_bin: str | None = option(None, "and/or insightface verification sets (lfw.bin,cfp_fp.bin,agedb_30.bin; "
+                                 "comma-separated), scored as insightface does: 10-fold accuracy of the "
+                                 "flip-summed embeddings, and ROC-AUC", metavar="FILE[,FILE...]", group="validation")
+    val_every: int = option(0, "also validate every N steps (0: at epoch ends only; one emore epoch is thousands "
+                            "of steps)", group="validation")
+    best_by: str | None = option(None, "the figure that chooses OUT/best: 'held-out' (the ROC-AUC of --val-split / "
+                                 "--val-folders) or a --val-bin set's name (lfw: its 10-fold accuracy); default: "
+                                 "held-out when there is one, else the first set", group="validation")
     # -- data and checkpoints
     seed: int = option(0, "fixes the data order, flips, views and initial weights", group="data and checkpoints")
     shuffle_buffer: int = option(4096, "rows in the shuffle buffer, shared by the partitions (bounds memory)", group="data and checkpoints")
@@ -142,6 +151,14 @@ class TrainConfig:
             raise BadOption(f"--val-split is a fraction of the identities in [0, 1), got {self.val_split}")
         if self.val_split and self.val_folders:
             raise BadOption("pass --val-split F (hold out identities of the shards) or --val-folders DIR, not both")
+        if self.val_every < 0:
+            raise BadOption(f"--val-every must be >= 0 (0: at epoch ends only), got {self.val_every}")
+        if self.val_every and not self.validates:
+            raise BadOption("--val-every needs something to validate on: --val-split, --val-folders or --val-bin")
+        names = [name for name, _ in self.val_bins]
+        if len(set(names)) < len(names):
+            raise BadOption(f"--val-bin names its sets by file name, and two are called the same: {', '.join(names)}")
+        _ = self.best_key  # (validates --best-by)
         if self.batch_size % self.workers:
             raise BadOption(f"--batch-size {self.batch_size} must be a multiple of --workers {self.workers}")
         check_partitions(self.partitions, self.workers)
@@ -158,7 +175,29 @@ class TrainConfig:
 
     @property
     def validates(self) -> bool:
-        return bool(self.val_split or self.val_folders)
+        return bool(self.val_split or self.val_folders or self.val_bin)
+
+    @property
+    def val_bins(self) -> tuple[tuple[str, str], ...]:
+        """(name, path) of each --val-bin set: lfw.bin is "lfw"."""
+        paths = [p.strip() for p in (self.val_bin or "").split(",") if p.strip()]
+        return tuple((os.path.splitext(os.path.basename(p))[0], p) for p in paths)
+
+    @property
+    def best_key(self) -> str | None:
+        """The metrics key that chooses OUT/best (None: nothing to validate on)."""
+        held_out = bool(self.val_split or self.val_folders)
+        names = [name for name, _ in self.val_bins]
+        choice = self.best_by or ("held-out" if held_out else (names[0] if names else None))
+        if choice is None:
+            return None
+        if choice == "held-out" and held_out:
+            return "val_auc"
+        if choice in names:
+            return f"val_{choice}_acc"
+        known = (["held-out"] if held_out else []) + names
+        raise BadOption(f"--best-by {choice}: this run validates on {', '.join(known) or 'nothing'}; pass one of "
+                        "those (a --val-bin set is named by its file name: lfw.bin is lfw)")
 
 
 @dataclass(frozen=True)

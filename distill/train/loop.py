@@ -70,9 +70,9 @@ class RunLog:
             for k in ("loss", "distill", "contrast", "ce", "cos", "images_per_sec", "lr"):
                 if k in rec:
                     tf.summary.write(f"{prefix}/{k}", tf.constant(rec[k], tf.float32), metadata=meta)
-            for k in ("val_auc", "val_cos", "val_accuracy"):
-                if k in rec:
-                    tf.summary.write(f"val/{k[4:]}", tf.constant(rec[k], tf.float32), metadata=meta)
+            for k, v in rec.items():  # held-out auc, cos, accuracy; each --val-bin set's acc and auc
+                if k.startswith("val_") and k != "val_seconds" and isinstance(v, float):
+                    tf.summary.write(f"val/{k[4:]}", tf.constant(v, tf.float32), metadata=meta)
         self.tb.flush()
 
     def trace_step(self, step: int, epoch: int, index: np.ndarray) -> None:
@@ -121,7 +121,7 @@ class Prepared:
 
 def prepare(cfg: TrainConfig, shards, rank: int, student: StudentSpec) -> Prepared:
     from distill.train.centres import scan_shards
-    from distill.train.validate import Validator, from_folders, from_shards, heldout_classes, pick_samples
+    from distill.train.validate import Validator, from_bin, from_folders, from_shards, heldout_classes, pick_samples
 
     teacher_head = student.margin == "teacher"
     prep, val = Prepared(train_rows=shards.total_rows), None
@@ -143,10 +143,13 @@ def prepare(cfg: TrainConfig, shards, rank: int, student: StudentSpec) -> Prepar
                 val = from_shards(shards, pick_samples(scan.labels, heldout, cfg.val_images, cfg.val_seed), cfg.val_seed)
     if rank == 0 and cfg.val_folders:
         val = from_folders(cfg.val_folders, shards, cfg.val_images, cfg.val_seed)
-    if val is None:
+    bins = tuple(from_bin(name, path, shards.input_size) for name, path in cfg.val_bins) if rank == 0 else ()
+    if val is None and not bins:
         return prep
-    log.info("validating at every epoch end on %s", val.source)
-    return replace(prep, validator=Validator(val, student))
+    validator = Validator(val, student, bins)
+    log.info("validating at every epoch end%s on %s; OUT/best by %s",
+             f" and every {cfg.val_every} steps" if cfg.val_every else "", validator.source, cfg.best_key)
+    return replace(prep, validator=validator)
 
 
 # ---------------------------------------------------------------- what the step needs
@@ -359,12 +362,26 @@ class _Run:
         t0 = time.perf_counter()
         val = self.prep.validator(state)
         val["val_seconds"] = round(time.perf_counter() - t0, 3)
-        if keep_best and is_better(val, self.best):
+        if keep_best and is_better(val, self.best, self.cfg.best_key):
             write_best(self.cfg.out, state, self.resolved.to_json(), self.cursor, {**val, "epochs_done": self.cursor.epoch,
                                                                        "step": self.cursor.step})
             self.best = val
             val["best"] = True
         return val
+
+    def _validate_mid_epoch(self, bar) -> None:
+        """``--val-every``: validate (and keep the best) at this step, inside the epoch."""
+        from tqdm import tqdm
+
+        state = snapshot(self.model, self.optimizer)  # (every rank: a collective)
+        val = self.validate(state)
+        if val:
+            c = self.cursor
+            self.runlog.record({"kind": "val", "epoch": c.epoch, "step": c.step, "samples": c.samples,
+                                "seen": c.step * self.cfg.batch_size, **val})
+            line = f"step {c.step}: {val_line(val)}"
+            bar.clear()
+            tqdm.write(line) if show_progress(self.cfg.progress) else log.info(line)
 
     # -- the loop
     def run(self) -> dict[str, Any]:
@@ -456,6 +473,8 @@ class _Run:
                 self.runlog.record({"kind": "step", "epoch": self.cursor.epoch, "step": self.cursor.step,
                                     "samples": self.cursor.samples, **parts, "lr": _lr(self.optimizer), "images_per_sec": ips})
                 t_log, since_log = now, 0
+            if cfg.val_every and self.cursor.step % cfg.val_every == 0 and self.cursor.samples < epoch_samples:
+                self._validate_mid_epoch(bar)  # (at the epoch's last step the epoch end's covers it)
             if should_checkpoint(self.cursor.step, cfg.checkpoint_every) and self.cursor.samples < epoch_samples:
                 self.save()  # (at the epoch's last step the epoch-end checkpoint below covers it)
             if self.stop.requested and self.cursor.samples < epoch_samples:
@@ -474,13 +493,22 @@ class _Run:
         val = self.validate(state)
         if val:
             rec.update(val)
-            line = (f"epoch {self.cursor.epoch}/{cfg.epochs}: cos {rec.get('cos', float('nan')):.3f} | held-out auc "
-                    f"{val['val_auc']:.4f}" + (f" cos {val['val_cos']:.3f}" if "val_cos" in val else "")
-                    + (" (best)" if val.get("best") else ""))
+            line = f"epoch {self.cursor.epoch}/{cfg.epochs}: cos {rec.get('cos', float('nan')):.3f} | {val_line(val)}"
             tqdm.write(line) if show_progress(cfg.progress) else log.info(line)
         self.runlog.record(rec)
         self.save(state, val)
         self._stop_if_asked()
+
+
+def val_line(val: dict[str, float]) -> str:
+    """The validation figures as the log shows them. Pure."""
+    parts = []
+    if "val_auc" in val:
+        parts.append(f"held-out auc {val['val_auc']:.4f}" + (f" cos {val['val_cos']:.3f}" if "val_cos" in val else ""))
+    for key in sorted(k for k in val if k.endswith("_acc") and k != "val_accuracy"):
+        name = key[len("val_"):-len("_acc")]
+        parts.append(f"{name} acc {val[key]:.4f} auc {val[f'val_{name}_auc']:.4f}")
+    return ", ".join(parts) + (" (best)" if val.get("best") else "")
 
 
 def train_loop(cfg: TrainConfig, strategy, *, rank: int, world_size: int, store,

@@ -11,9 +11,13 @@ Two sources, chosen by ``distill train``:
   the teacher the shards were made with (its path, signature and preprocessing come from the
   manifest; if it is not on this machine only the verification figures are scored).
 
-At every epoch end ``score`` gives the mean teacher-student cosine and the verification
-ROC-AUC and best accuracy over same/different pairs of the held-out images (the
-``distill evaluate`` functions). Everything that decides is pure NumPy, tested without
+- ``--val-bin lfw.bin,...``: insightface verification sets, beside either, scored as
+  insightface scores them (``score_bin``: 10-fold accuracy of the flip-summed embeddings).
+
+At every epoch end (and every ``--val-every`` steps) ``score`` gives the mean teacher-student
+cosine and the verification ROC-AUC and best accuracy over same/different pairs of the
+held-out images (the ``distill evaluate`` functions), and ``score_bin`` each set's figures;
+``--best-by`` names the one that chooses ``OUT/best``. Everything that decides is pure NumPy, tested without
 TensorFlow. Hands on: ``ValSet`` to the loop, ``score``'s dict to metrics.jsonl and the
 progress bar; the best epoch's checkpoint is kept in ``OUT/best``.
 """
@@ -41,6 +45,15 @@ class ValSet:
     labels: np.ndarray  # int64 [n]
     teacher: np.ndarray | None  # raw teacher embeddings [n, D], when known
     pairs: tuple[np.ndarray, np.ndarray, np.ndarray]  # (i, j, same)
+
+
+@dataclass(frozen=True)
+class BinSet:
+    """An insightface verification set: images 2k and 2k+1 are pair k."""
+
+    name: str  # lfw.bin: "lfw"; its figures are val_<name>_acc, val_<name>_auc
+    images: np.ndarray  # uint8 [2n, H, W, 3]
+    same: np.ndarray  # bool [n]
 
 
 # ---------------------------------------------------------------------------------------
@@ -108,11 +121,24 @@ def score(student: np.ndarray, val: ValSet) -> dict[str, float]:
     return out
 
 
-def is_better(new: dict[str, float], best: dict[str, float] | None) -> bool:
-    """The best epoch is the one with the highest ROC-AUC on the held-out people (cosine breaks ties)."""
-    if best is None:
+def score_bin(embedding: np.ndarray, flipped: np.ndarray, val: BinSet) -> dict[str, float]:
+    """insightface's figures for a verification set: each image's embedding is the sum of its
+    own and its mirror's, L2-normalised; pairs by squared distance; the 10-fold accuracy
+    (mean) and the ROC-AUC. Pure."""
+    from distill.metrics import kfold_accuracy, l2_normalise, roc_auc
+
+    e = l2_normalise(embedding + flipped)
+    dist = np.sum((e[0::2] - e[1::2]) ** 2, axis=1)
+    accs, _ = kfold_accuracy(dist, val.same)
+    return {f"val_{val.name}_acc": float(accs.mean()), f"val_{val.name}_auc": roc_auc(-dist, val.same)}
+
+
+def is_better(new: dict[str, float], best: dict[str, float] | None, key: str = "val_auc") -> bool:
+    """The best validation is the one highest on ``key`` (``--best-by``; the held-out cosine
+    breaks ties). A best kept by another key, or none, is beaten."""
+    if best is None or key not in best:
         return True
-    return (new["val_auc"], new.get("val_cos", 0.0)) > (best["val_auc"], best.get("val_cos", 0.0))
+    return (new[key], new.get("val_cos", 0.0)) > (best[key], best.get("val_cos", 0.0))
 
 
 # ---------------------------------------------------------------------------------------
@@ -153,6 +179,21 @@ def from_folders(root: str, shards, max_images: int, seed: int) -> ValSet:
                   _teacher_embeddings(shards, pixels), pairs_for(lab, seed))
 
 
+def from_bin(name: str, path: str, input_size: tuple[int, int]) -> BinSet:
+    """A .bin (through ``distill evaluate``'s restricted unpickler), decoded and fitted to the
+    student's input; every image must decode, as the protocol needs every pair."""
+    from distill.evaluate.run import load_bin
+    from distill.images import UnreadableImage, decode_rgb, fit
+
+    blobs, same = load_bin(path)
+    h, w = input_size
+    try:
+        images = np.stack([fit(decode_rgb(b), h, w) for b in blobs])
+    except UnreadableImage as e:
+        raise BadInput(f"--val-bin {path}: an image cannot be decoded ({e.reason}); the protocol needs every pair") from None
+    return BinSet(name, images, np.asarray(same, bool))
+
+
 def _teacher_embeddings(shards, pixels: np.ndarray) -> np.ndarray | None:
     from distill.teacher import Preprocessing, Teacher, TeacherError, inspect_teacher
 
@@ -173,13 +214,19 @@ def _teacher_embeddings(shards, pixels: np.ndarray) -> np.ndarray | None:
 
 class Validator:
     """Scores snapshots of the training model with a model of its own, built outside any
-    distribution strategy, so validating on rank 0 needs no other rank."""
+    distribution strategy, so validating on rank 0 needs no other rank: on the held-out people
+    (``val``) and on each verification set (``bins``)."""
 
-    def __init__(self, val: ValSet, spec, batch: int = 128):
-        self.val, self.spec, self.batch = val, spec, batch
+    def __init__(self, val: ValSet | None, spec, bins: tuple[BinSet, ...] = (), batch: int = 128):
+        self.val, self.spec, self.bins, self.batch = val, spec, bins, batch
         self._full = self._model = None
 
-    def embed(self, state: dict) -> np.ndarray:
+    @property
+    def source(self) -> str:
+        return "; ".join(([self.val.source] if self.val else [])
+                         + [f"{b.name} ({len(b.same)} pairs)" for b in self.bins])
+
+    def load(self, state: dict) -> None:
         from distill.train.checkpoints import assign_model
         from distill.train.student import build_student, embedding_model
 
@@ -187,11 +234,16 @@ class Validator:
             self._full = build_student(self.spec)
             self._model = embedding_model(self._full)  # shares the full model's layers
         assign_model(self._full, state)
-        x = self.val.images
+
+    def embed(self, x: np.ndarray) -> np.ndarray:
         return np.concatenate([
             self._model(x[a:a + self.batch], training=False).numpy()
             for a in range(0, len(x), self.batch)
         ])
 
     def __call__(self, state: dict) -> dict[str, float]:
-        return score(self.embed(state), self.val)
+        self.load(state)
+        out = score(self.embed(self.val.images), self.val) if self.val is not None else {}
+        for b in self.bins:
+            out.update(score_bin(self.embed(b.images), self.embed(b.images[:, :, ::-1]), b))
+        return out

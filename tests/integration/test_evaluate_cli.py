@@ -7,7 +7,6 @@ teacher-student cosine has a known answer: 1.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
@@ -18,6 +17,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import MOBILEFACENET, ORL
+from support import write_tiny_bin
 
 from distill.evaluate.run import EvaluateConfig, run_evaluate
 
@@ -81,30 +81,8 @@ def test_folders_student_and_teacher(tmp_path, wrapped_student):
     assert full["dataset"]["pairs"] == 30 * 29 // 2
 
 
-def _tiny_bin(path):
-    """A verification .bin in insightface's layout: 20 ORL pairs, alternating same / different."""
-    from PIL import Image
-
-    def jpeg(p, k):
-        buf = io.BytesIO()
-        Image.open(os.path.join(ORL, f"s{p}", f"{k}.pgm")).convert("RGB").save(buf, format="JPEG", quality=95)
-        return buf.getvalue()
-
-    bins, issame = [], []
-    for n in range(20):  # 20 pairs: alternating same person / two different people
-        p = n % 10 + 1
-        if n % 2 == 0:
-            bins += [jpeg(p, 1 + n % 5), jpeg(p, 6 + n % 5)]
-            issame.append(True)
-        else:
-            bins += [jpeg(p, 1), jpeg(p % 10 + 11, 2)]
-            issame.append(False)
-    path.write_bytes(pickle.dumps((bins, issame), protocol=2))
-    return path
-
-
 def test_bin_protocol_via_cli(tmp_path, wrapped_student):
-    path = _tiny_bin(tmp_path / "tiny.bin")
+    path = write_tiny_bin(tmp_path / "tiny.bin")
     out = tmp_path / "bin.json"
     proc = subprocess.run(
         [sys.executable, "-m", "distill", "evaluate", wrapped_student, "--bin", str(path), "--teacher", TEACHER,
@@ -128,7 +106,7 @@ def test_several_sets_in_one_call_one_model_load_json_on_stdout(tmp_path, wrappe
     os.makedirs(b)
     for p in (7, 8, 9):  # other people than a's
         shutil.copytree(os.path.join(ORL, f"s{p}"), b / f"s{p}")
-    tiny = _tiny_bin(tmp_path / "tiny.bin")
+    tiny = write_tiny_bin(tmp_path / "tiny.bin")
     proc = subprocess.run([sys.executable, "-m", "distill", "evaluate", wrapped_student, "--folders", f"{a},{b}",
                            "--bin", str(tiny), "--teacher", TEACHER, "--json", "--no-progress"],
                           capture_output=True, text=True, timeout=600)

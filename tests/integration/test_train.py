@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import own_lines
+from conftest import run_cli
+from support import own_lines, write_tiny_bin
 from toy_shards import write_toy_shards
 
 from distill.shards.reader import open_shards
@@ -234,3 +235,26 @@ def test_sigterm_stops_two_ray_workers_at_one_step_and_one_process_goes_on_from_
     cursor = json.loads((out / "checkpoints" / "ckpt-000000032" / "cursor.json").read_text())
     assert (cursor["world_size"], cursor["step"], cursor["epoch"]) == (1, 32, 4)
     assert any((out / "ray" / "train").glob("checkpoint_*"))  # the workers' checkpoints, where Ray Train keeps them
+
+
+def test_verification_sets_every_n_steps_choose_the_best_and_the_run_still_resumes(embedded_run, tmp_path):
+    """--val-bin: insightface's 10-fold figures every --val-every steps and at the epoch end, in
+    metrics.jsonl and TensorBoard; OUT/best by the named set; a rerun resumes as before."""
+    tiny = write_tiny_bin(tmp_path / "orlpairs.bin")
+    out = tmp_path / "student"
+    args = ("train", embedded_run, "--out", out, "--student", "mobilenetv2", "--width", "0.35", "--batch-size", "16",
+            "--epochs", "1", "--val-bin", tiny, "--val-every", "10", "--no-progress", "--no-verify-shards")
+    r = run_cli(*args, "--max-steps", "20")
+    assert "validating at every epoch end and every 10 steps on orlpairs (20 pairs); OUT/best by val_orlpairs_acc" in r.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    vals = [rec for rec in records if rec["kind"] == "val"]
+    assert [v["step"] for v in vals] == [0, 10, 20]  # the start, then every 10 steps
+    for v in vals:
+        assert 0.0 <= v["val_orlpairs_acc"] <= 1.0 and 0.0 <= v["val_orlpairs_auc"] <= 1.0
+    best = json.loads((out / "best" / "val.json").read_text())
+    assert best["val_orlpairs_acc"] == max(v["val_orlpairs_acc"] for v in vals[1:])
+    assert list((out / "tb").iterdir())
+    run_cli(*args)  # the rest of the epoch (25 steps of 16 over 400 rows), resumed from step 20
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epoch = [rec for rec in records if rec["kind"] == "epoch"]
+    assert len(epoch) == 1 and epoch[0]["step"] == 25 and "val_orlpairs_acc" in epoch[0]

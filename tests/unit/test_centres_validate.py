@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from distill.train.centres import ShardScan, accumulate, adaptive_update, unit
-from distill.train.validate import ValSet, heldout_classes, is_better, pairs_for, pick_samples, score
+from distill.train.validate import BinSet, ValSet, heldout_classes, is_better, pairs_for, pick_samples, score, score_bin
 
 
 def test_centres_are_the_mean_direction_of_each_class():
@@ -105,3 +105,30 @@ def test_score_reads_verification_and_teacher_agreement():
     bad = score(np.random.default_rng(2).normal(size=(20, 6)), val)
     assert bad["val_auc"] < 0.8 and abs(bad["val_cos"]) < 0.5
     assert is_better(good, bad) and not is_better(bad, good) and is_better(bad, None)
+
+
+def test_score_bin_is_insightfaces_protocol_on_flip_summed_embeddings():
+    from distill.metrics import kfold_accuracy, roc_auc
+
+    rng = np.random.default_rng(3)
+    n = 60
+    same = np.arange(n) % 2 == 0
+    a = rng.normal(size=(n, 8))
+    b = np.where(same[:, None], a + rng.normal(0, 0.3, (n, 8)), rng.normal(size=(n, 8)))
+    emb = np.empty((2 * n, 8))
+    emb[0::2], emb[1::2] = a, b
+    flipped = emb + rng.normal(0, 0.1, emb.shape)
+    got = score_bin(emb, flipped, BinSet("lfw", np.zeros((2 * n, 4, 4, 3), np.uint8), same))
+    # By hand: sum, normalise, squared distance per pair, 10 folds.
+    e = emb + flipped
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    dist = ((e[0::2] - e[1::2]) ** 2).sum(1)
+    assert got["val_lfw_acc"] == pytest.approx(kfold_accuracy(dist, same)[0].mean())
+    assert got["val_lfw_auc"] == pytest.approx(roc_auc(-dist, same)) and got["val_lfw_auc"] > 0.95
+
+
+def test_the_best_is_chosen_by_the_named_figure_and_a_best_kept_by_another_is_beaten():
+    lfw_good = {"val_auc": 0.80, "val_lfw_acc": 0.99}
+    auc_good = {"val_auc": 0.90, "val_lfw_acc": 0.95}
+    assert is_better(lfw_good, auc_good, "val_lfw_acc") and not is_better(lfw_good, auc_good, "val_auc")
+    assert is_better({"val_lfw_acc": 0.5}, {"val_auc": 0.99}, "val_lfw_acc")  # (the best was kept by another figure)

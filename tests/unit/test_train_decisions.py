@@ -124,6 +124,21 @@ def test_config_refuses_bad_options_with_the_flag_name():
         TrainConfig(shards="s", out="o", checkpoint_every=0)
 
 
+def test_validation_sets_are_named_by_file_and_best_by_picks_one_of_them():
+    cfg = TrainConfig(shards="s", out="o", val_bin="/data/lfw.bin, /data/cfp_fp.bin", val_every=500)
+    assert cfg.val_bins == (("lfw", "/data/lfw.bin"), ("cfp_fp", "/data/cfp_fp.bin")) and cfg.validates
+    assert cfg.best_key == "val_lfw_acc"  # no held-out people: the first set
+    assert TrainConfig(shards="s", out="o", val_split=0.1, val_bin="lfw.bin").best_key == "val_auc"
+    assert TrainConfig(shards="s", out="o", val_split=0.1, val_bin="lfw.bin", best_by="lfw").best_key == "val_lfw_acc"
+    assert TrainConfig(shards="s", out="o").best_key is None
+    with pytest.raises(ValueError, match="--best-by agedb_30: this run validates on held-out, lfw"):
+        TrainConfig(shards="s", out="o", val_split=0.1, val_bin="lfw.bin", best_by="agedb_30")
+    with pytest.raises(ValueError, match="two are called the same: lfw, lfw"):
+        TrainConfig(shards="s", out="o", val_bin="a/lfw.bin,b/lfw.bin")
+    with pytest.raises(ValueError, match="--val-every needs something to validate on"):
+        TrainConfig(shards="s", out="o", val_every=100)
+
+
 def test_schedule_spans_the_planned_run():
     train = asdict(TrainConfig(shards="s", out="o", epochs=3, batch_size=10, warmup_steps=5))
     assert lr_schedule(train, 105) == Schedule(kind="cosine", lr=0.002, warmup_steps=5, decay_steps=25, train_rows=105)
