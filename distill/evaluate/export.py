@@ -4,7 +4,7 @@ Owns the deployable model. From the latest (or a given) checkpoint it rebuilds t
 graph, keeps the embedding path only (no classifier) and writes a SavedModel whose
 ``serving_default`` takes ``images``: uint8 RGB [N, H, W, 3] and returns ``embeddings``:
 float32 [N, D], L2-normalised; the student's own first layer scales the pixels.
-Optionally TFLite files: float16 weights, and int8: dynamic range (int8 weights) or, with
+Optionally ``student.onnx`` (tf2onnx, checked with onnxruntime) and TFLite files: float16 weights, and int8: dynamic range (int8 weights) or, with
 ``--tflite-int8 full``, integer-only (int8 weights and activations, calibrated on the shards'
 own images, none of them among the images it is then checked on).
 
@@ -34,6 +34,7 @@ from distill.shards.storage import local_path, make_dir, publish_dir
 
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
 TFLITE_KINDS = ("float16", "int8")
+ONNX_FILE = "student.onnx"
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ class ExportConfig:
     tflite_int8: str = option("dynamic", "the int8 file: dynamic (int8 weights, float activations) or full (int8 "
                               "weights and activations, integer-only ops: phones' NPUs and DSPs; calibrated on "
                               "--calibration-rows of the shards' images)", choices=("dynamic", "full"))
+    onnx: bool = option(False, "also write student.onnx (tf2onnx from the SavedModel; dynamic batch), checked with "
+                        "onnxruntime like the SavedModel; needs pip install 'distill[onnx]'")
+    onnx_opset: int = option(17, "ONNX opset of student.onnx")
     calibration_rows: int = option(256, "shard images that calibrate --tflite-int8 full (taken after the check images, "
                                    "so the check is on images calibration never saw)")
     checkpoint: str | None = option(None, "a checkpoint directory (default: the latest in STUDENT/checkpoints)",
@@ -70,6 +74,13 @@ class ExportConfig:
             raise BadOption("--out must differ from the student directory (export replaces --out as a whole)")
         if self.best and self.checkpoint:
             raise BadOption("pass --best or --checkpoint DIR, not both")
+        if self.onnx:
+            import importlib.util
+
+            missing = [m for m in ("tf2onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+            if missing:
+                raise BadOption(f"--onnx needs {' and '.join(missing)}: pip install 'distill[onnx]' (tf2onnx, "
+                                "onnxruntime), or export without --onnx")
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,9 @@ class ExportReport:
     tolerance: float
     tflite: dict[str, str] = field(default_factory=dict)
     tflite_cosine: dict[str, dict[str, float]] = field(default_factory=dict)
+    onnx: str | None = None  # student.onnx, with --onnx
+    onnx_opset: int | None = None
+    onnx_max_abs_diff: float | None = None  # against the trained model, on the check images
     int8: str = "dynamic"  # the int8 file's kind
     calibration_rows: int = 0  # images that calibrated a full-integer int8 file
     seconds: float = 0.0
@@ -221,12 +235,15 @@ def run_export(cfg: ExportConfig) -> ExportReport:
     os.chmod(stage, 0o755)  # mkdtemp makes it private; the export is for others to read
     try:
         diff, tflite, cosines = _write_and_check(cfg, emb_model, spec, images, want, stage, calibration)
+        onnx_diff = _write_and_check_onnx(cfg, images, want, stage) if cfg.onnx else None
         report = ExportReport(
             out=out, saved_model=os.path.join(out, "saved_model"), checkpoint=ckpt, step=cursor.step,
             embedding_dim=spec.embedding_dim, input_size=spec.input_size, check_rows=len(images),
             max_abs_diff=diff, tolerance=cfg.tolerance,
             tflite={k: os.path.join(out, os.path.basename(p)) for k, p in tflite.items()}, tflite_cosine=cosines,
             int8=cfg.tflite_int8, calibration_rows=len(calibration), seconds=time.perf_counter() - t0,
+            onnx=os.path.join(out, ONNX_FILE) if cfg.onnx else None, onnx_opset=cfg.onnx_opset if cfg.onnx else None,
+            onnx_max_abs_diff=onnx_diff,
         )
         _write_report(cfg, report, config, spec, ckpt, stage)
         # The weights exported, as a checkpoint: `distill train --init EXPORT` starts from them.
@@ -267,6 +284,33 @@ def _write_and_check(cfg: ExportConfig, emb_model, spec, images: np.ndarray, wan
                               "nothing was published")
         tflite[kind], cosines[kind] = path, agree
     return diff, tflite, cosines
+
+
+def _write_and_check_onnx(cfg: ExportConfig, images: np.ndarray, want: np.ndarray, stage: str) -> float:
+    """``student.onnx`` from the staged SavedModel by tf2onnx's converter (in a process of its
+    own: it rewrites TensorFlow graphs), then run by onnxruntime on the check images and held to
+    ``--tolerance`` like the SavedModel. Returns its max abs difference."""
+    import subprocess
+    import sys
+
+    import onnxruntime
+
+    path = os.path.join(stage, ONNX_FILE)
+    proc = subprocess.run([sys.executable, "-m", "tf2onnx.convert", "--saved-model", os.path.join(stage, "saved_model"),
+                           "--signature_def", "serving_default", "--opset", str(cfg.onnx_opset), "--output", path],
+                          capture_output=True, text=True)
+    if proc.returncode != 0 or not os.path.isfile(path):
+        tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-3:]
+        raise CheckFailed(f"tf2onnx could not convert the SavedModel (opset {cfg.onnx_opset}): {' | '.join(tail)}; "
+                          "nothing was published. Try another --onnx-opset, or export without --onnx")
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    got = session.run(None, {inp.name: images})[0]
+    diff = float(np.max(np.abs(got - want)))
+    if not diff <= cfg.tolerance:
+        raise CheckFailed(f"the ONNX model differs from the trained model by {diff:.3g} (max abs, normalised "
+                          f"embeddings) > --tolerance {cfg.tolerance}; nothing was published")
+    return diff
 
 
 def _write_report(cfg: ExportConfig, report: ExportReport, config: dict, spec, ckpt: str, stage: str) -> None:
@@ -311,5 +355,7 @@ def _main(args) -> int:
         c = r.tflite_cosine[kind]
         what = f" (full integer, calibrated on {r.calibration_rows} images)" if kind == "int8" and r.int8 == "full" else ""
         print(f"  tflite {kind:<7} {path}  cosine min {c['min']:.5f} mean {c['mean']:.5f}{what}")
+    if r.onnx:
+        print(f"  onnx         {r.onnx}  opset {r.onnx_opset}, max abs diff {r.onnx_max_abs_diff:.2e} (onnxruntime)")
     print(f"  report       {os.path.join(r.out, 'export.json')}")
     return 0

@@ -68,10 +68,10 @@ def test_tflite_files_run_and_agree(exported):
     assert all(c["min"] >= 0.99 for c in doc["report"]["tflite_cosine"].values())
 
 
-def test_a_mobilefacenet_student_exports_full_integer_tflite_calibrated_on_other_images(embedded_run, tmp_path):
-    """The default student (MobileFaceNet at 64 px), through the CLI: an integer-only int8 file
-    (int8 activations, the uint8 input and float32 embeddings kept), checked on images its
-    calibration never saw."""
+def test_a_mobilefacenet_student_exports_onnx_and_full_integer_tflite(embedded_run, tmp_path):
+    """The default student (MobileFaceNet at 64 px), through the CLI: student.onnx (dynamic
+    batch, run by onnxruntime) and an integer-only int8 TFLite file (int8 activations, the
+    uint8 input and float32 embeddings kept), checked on images its calibration never saw."""
     import subprocess
     import sys
 
@@ -81,15 +81,27 @@ def test_a_mobilefacenet_student_exports_full_integer_tflite_calibrated_on_other
     run_train(TrainConfig(shards=str(embedded_run), out=str(tmp_path / "student"), batch_size=8, max_steps=30,
                           progress=False))
     proc = subprocess.run([sys.executable, "-m", "distill", "export", tmp_path / "student", "--out", tmp_path / "export",
-                           "--tflite", "--tflite-int8", "full", "--check-rows", "16", "--calibration-rows", "48"],
+                           "--tflite", "--tflite-int8", "full", "--check-rows", "16", "--calibration-rows", "48",
+                           "--onnx"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "full integer, calibrated on 48 images" in proc.stdout
     doc = json.loads((tmp_path / "export" / "export.json").read_text())
     assert doc["student"]["arch"] == "mobilefacenet" and doc["report"]["int8"] == "full"
     assert doc["report"]["calibration_rows"] == 48 and doc["report"]["tflite_cosine"]["int8"]["min"] >= 0.9
+    assert doc["report"]["onnx_opset"] == 17 and doc["report"]["onnx_max_abs_diff"] <= 1e-4
+    assert "onnx" in proc.stdout and "onnxruntime" in proc.stdout
 
+    import onnxruntime
     import tensorflow as tf
+
+    session = onnxruntime.InferenceSession(str(tmp_path / "export" / "student.onnx"), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert inp.name == "images" and inp.type == "tensor(uint8)" and not isinstance(inp.shape[0], int)  # any batch
+    loaded = tf.saved_model.load(str(tmp_path / "export" / "saved_model"))
+    five = check_images(str(embedded_run), 69, (112, 112))[64:]
+    want = loaded.signatures["serving_default"](images=tf.constant(five))["embeddings"].numpy()
+    np.testing.assert_allclose(session.run(None, {"images": five})[0], want, atol=1e-4)
 
     path = str(tmp_path / "export" / "student_int8.tflite")
     interpreter = tf.lite.Interpreter(model_path=path)
