@@ -15,7 +15,6 @@ same directory is refused rather than mixed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Callable
 
 from distill.errors import BadOption, CheckFailed, IncompatibleRun
+from distill.options import add_options, option
 from distill.startup import show_progress
 
 log = logging.getLogger(__name__)
@@ -37,25 +37,48 @@ HELDOUT_FIRST = 100_000  # held-out identity numbers: never among the training i
 NOT_IDENTITY = ("out", "address", "progress")
 
 
+# The --quick preset: a smaller, faster configuration (for tests), under the options given.
+QUICK = {
+    "identities": 30,
+    "per_identity": 10,
+    "heldout_identities": 8,
+    "heldout_per_identity": 8,
+    "size": 64,
+    "embedding_dim": 64,
+    "teacher_epochs": 10,
+    "epochs": 12,
+    "batch_size": 16,
+    "lr": 1e-2,
+}
+
+
+def _q(name: str) -> str:
+    return f"; --quick: {QUICK[name]}" if name in QUICK else ""
+
+
 @dataclass(frozen=True)
 class DemoConfig:
-    out: str = "demo-run"
-    identities: int = 40
-    per_identity: int = 20
-    heldout_identities: int = 10
-    heldout_per_identity: int = 10
-    size: int = 112
-    embedding_dim: int = 128
-    teacher_epochs: int = 6
-    epochs: int = 8
-    batch_size: int = 32
-    lr: float = 5e-3
-    width: float | None = None  # the default student's
-    views: int = 2  # teacher views per image (`distill embed --views`)
-    shard_size: int = 256
-    seed: int = 0
-    address: str | None = None
-    progress: bool | None = None  # progress bars: None = on a terminal only
+    """The options of ``distill demo`` (the CLI is derived from these fields)."""
+
+    out: str = option("demo-run", "output directory (a rerun resumes; finished stages are reused)", metavar="DIR")
+    identities: int = option(40, "training identities" + _q("identities"), group="data")
+    per_identity: int = option(20, "images per training identity" + _q("per_identity"), group="data")
+    heldout_identities: int = option(10, "held-out identities (evaluation only)" + _q("heldout_identities"),
+                                     group="data")
+    heldout_per_identity: int = option(10, "images per held-out identity" + _q("heldout_per_identity"), group="data")
+    size: int = option(112, "image size (teacher and student input)" + _q("size"), group="data")
+    embedding_dim: int = option(128, "teacher (and student) embedding dim" + _q("embedding_dim"), group="teacher")
+    teacher_epochs: int = option(6, "epochs of synthetic teacher training" + _q("teacher_epochs"), group="teacher")
+    views: int = option(2, "teacher views per image (`distill embed --views`)", group="teacher")
+    epochs: int = option(8, "student epochs" + _q("epochs"), group="student")
+    batch_size: int = option(32, "student batch size" + _q("batch_size"), group="student")
+    lr: float = option(5e-3, "student learning rate" + _q("lr"), group="student")
+    width: float | None = option(None, "student width (default: the default student's)", group="student")
+    shard_size: int = option(256, "rows per shard", group="teacher")
+    seed: int = option(0, "seed of data, teacher and student")
+    address: str | None = option(None, "an existing Ray cluster for the embed stage (default: RAY_ADDRESS when it is "
+                                 "set, else start a local one)")
+    progress: bool | None = option(None, "progress bars (default: on a terminal only)")
 
     def __post_init__(self) -> None:
         for name in ("teacher_epochs", "epochs", "batch_size", "embedding_dim", "shard_size"):
@@ -82,18 +105,6 @@ class DemoConfig:
 # Measured on 2 busy cores: a student from scratch needs ~200 optimizer steps at a high
 # learning rate before its embeddings separate unseen identities, so --quick keeps the step
 # count and shrinks the images (64 px) and the set instead.
-QUICK = {
-    "identities": 30,
-    "per_identity": 10,
-    "heldout_identities": 8,
-    "heldout_per_identity": 8,
-    "size": 64,
-    "embedding_dim": 64,
-    "teacher_epochs": 10,
-    "epochs": 12,
-    "batch_size": 16,
-    "lr": 1e-2,
-}
 
 
 # ---------------------------------------------------------------------------------------
@@ -389,31 +400,9 @@ def add_cli(sub) -> None:
         description="Make synthetic identities, train a small teacher, then listing -> embed -> train -> export -> "
         "evaluate on held-out identities, and print a summary. Rerun to resume; finished stages are reused.",
     )
-    p.add_argument("--out", default=None, help="output directory (default: demo-run)")
-    p.add_argument("--quick", action="store_true", help="a smaller, faster configuration (~1-2 minutes; for tests)")
-    d = DemoConfig()
-    for name, kind, what in (
-        ("identities", int, "training identities"),
-        ("per-identity", int, "images per training identity"),
-        ("heldout-identities", int, "held-out identities (evaluation only)"),
-        ("heldout-per-identity", int, "images per held-out identity"),
-        ("size", int, "image size (teacher and student input)"),
-        ("embedding-dim", int, "teacher (and student) embedding dim"),
-        ("teacher-epochs", int, "epochs of synthetic teacher training"),
-        ("epochs", int, "student epochs"),
-        ("batch-size", int, "student batch size"),
-        ("lr", float, "student learning rate"),
-        ("width", float, "student width"),
-        ("shard-size", int, "rows per shard"),
-        ("seed", int, "seed of data, teacher and student"),
-    ):
-        default = getattr(d, name.replace("-", "_"))
-        quick = QUICK.get(name.replace("-", "_"))
-        shown = f"default {default}" + (f", --quick {quick}" if quick is not None else "")
-        p.add_argument(f"--{name}", type=kind, default=None, help=f"{what} ({shown})")
-    p.add_argument("--address", help="an existing Ray cluster for the embed stage (default: RAY_ADDRESS when it is set, else start a local one)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bars (default: on a terminal only)")
+    p.add_argument("--quick", action="store_true", help="a smaller, faster configuration (~1-2 minutes; for tests): "
+                   "the --quick values below, under any option given")
+    add_options(p, DemoConfig)
     p.set_defaults(func=_main)
 
 
