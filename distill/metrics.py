@@ -194,6 +194,23 @@ def tar_at_far(scores: np.ndarray, same: np.ndarray, far: float) -> float | None
     return float(np.mean(scores[same] > threshold))
 
 
+def roc_curve(scores: np.ndarray, same: np.ndarray, points: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """(FAR, TAR) at ``points`` false accept rates spaced evenly in log from one impostor pair
+    to all of them, each as ``tar_at_far`` computes it (without its support check). Pure."""
+    scores = np.asarray(scores, dtype=np.float64)
+    same = np.asarray(same, dtype=bool)
+    impostor = np.sort(scores[~same])[::-1]
+    genuine = np.sort(scores[same])
+    if not len(impostor) or not len(genuine):
+        raise ValueError("a ROC curve needs both same and different pairs")
+    far = np.logspace(np.log10(1.0 / len(impostor)), 0.0, points)
+    allowed = np.minimum(np.floor(far * len(impostor)).astype(np.int64), len(impostor) - 1)
+    threshold = impostor[allowed]
+    tar = 1.0 - np.searchsorted(genuine, threshold, side="right") / len(genuine)
+    tar[far >= 1.0] = 1.0  # (accepting every impostor accepts every genuine pair too)
+    return far, tar
+
+
 def far_key(far: float) -> str:
     """The key of a FAR in results: ``1e-03``."""
     return f"{far:.0e}"

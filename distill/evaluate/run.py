@@ -41,10 +41,12 @@ from distill.metrics import (
     l2_normalise,
     mean_cosine,
     roc_auc,
+    roc_curve,
     sample_pairs,
     tar_table,
 )
 from distill.options import add_options, config_from_args, option
+from distill.shards.storage import local_path
 from distill.startup import show_progress
 from distill.teacher import CHANNEL_ORDERS, Preprocessing
 
@@ -72,6 +74,8 @@ class EvaluateConfig:
     seed: int = option(0, "seed of the pair sample")
     out: str | None = option(None, "write the results as JSON here", metavar="FILE")
     json: bool = option(False, "print the results as JSON on stdout instead of the tables")
+    plot: str | None = option(None, "draw the ROC curves (TAR against FAR, log) of the model and the teacher on every "
+                              "set into this PNG", metavar="FILE.png")
     batch_size: int = option(64, "images per model call")
     flip: bool = option(False, "folder mode: add the mirrored image's embedding (.bin always does)")
     # How float32 (teacher) models are fed. None: as the shard manifest recorded it (``shards``,
@@ -95,6 +99,10 @@ class EvaluateConfig:
                             "several, comma-separated")
         if len(set(self.targets)) < len(self.targets):
             raise BadOption("a verification set is given twice: " + ", ".join(p for _, p in self.targets))
+        if self.plot is not None:
+            local_path(self.plot, "--plot")
+            if not self.plot.lower().endswith(".png"):
+                raise BadOption(f"--plot {self.plot}: the ROC curves are drawn as a PNG; name the file FILE.png")
         if self.pairs is not None and self.pairs < 2:
             raise BadOption(f"--pairs must be at least 2 (half same, half different), got {self.pairs}")
         if self.batch_size < 1:
@@ -452,12 +460,16 @@ def scan_folders(root: str) -> tuple[list[str], np.ndarray, list[str]]:
     return paths, labels, list(tree.names)
 
 
+ROC = "_roc"  # (FAR, TAR) arrays in a model's results until the plot takes them out
+
+
 def _verification(emb: np.ndarray, i: np.ndarray, j: np.ndarray, same: np.ndarray) -> dict[str, Any]:
     e = l2_normalise(emb)
     scores = np.sum(e[i] * e[j], axis=1)
     acc, thr = best_accuracy(scores, same)
     return {"auc": roc_auc(scores, same), "best_accuracy": acc, "threshold": thr, "tar_at_far": tar_table(scores, same),
-            "same_cosine": float(scores[same].mean()), "different_cosine": float(scores[~same].mean())}
+            "same_cosine": float(scores[same].mean()), "different_cosine": float(scores[~same].mean()),
+            ROC: roc_curve(scores, same)}
 
 
 def _evaluate_folders(cfg: EvaluateConfig, models: dict[str, Embedder], folders: str) -> dict[str, Any]:
@@ -526,6 +538,7 @@ def _evaluate_bin(cfg: EvaluateConfig, models: dict[str, Embedder], path: str, b
             "auc": roc_auc(-dist, same),
             "tar_at_far": tar_table(-dist, same),
             "images_per_second": 2 * len(blobs) / max(seconds[role], 1e-9),
+            ROC: roc_curve(-dist, same),
         }
     results["dataset"] = {"kind": "bin", "path": path, "pairs": int(len(same)), "same_pairs": int(same.sum()),
                           "impostor_pairs": int((~same).sum())}
@@ -624,6 +637,14 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         results["preprocessing"] = pre.to_json()
         results["preprocessing_from"] = record.manifest if record else None
         every.append(results)
+    curves = [(f"{os.path.basename(r['dataset']['path'].rstrip('/'))}: {role} (AUC {m['auc']:.4f})", *m.pop(ROC))
+              for r in every for role, m in r["models"].items()]
+    if cfg.plot:
+        from distill.evaluate.plot import plot_roc
+        from distill.shards.storage import make_dir
+
+        make_dir(os.path.dirname(os.path.abspath(cfg.plot)), "--plot")
+        plot_roc(curves, cfg.plot, f"ROC: {os.path.basename(cfg.model.rstrip('/'))}")
     results = every[0] if len(every) == 1 else {"targets": every}
     if cfg.out:
         _write_json(cfg.out, results)
@@ -636,7 +657,7 @@ def each_target(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    from distill.shards.storage import local_path, make_dir, write_file_atomic
+    from distill.shards.storage import make_dir, write_file_atomic
 
     make_dir(os.path.dirname(local_path(path, "--out")))
     write_file_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")  # a reader never sees half of it
@@ -662,4 +683,6 @@ def _main(args) -> int:
     print("\n\n".join(format_table(r) for r in each_target(results)))
     if cfg.out:
         print(f"results: {cfg.out}")
+    if cfg.plot:
+        print(f"ROC curves: {cfg.plot}")
     return 0

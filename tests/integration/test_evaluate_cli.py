@@ -108,7 +108,8 @@ def test_several_sets_in_one_call_one_model_load_json_on_stdout(tmp_path, wrappe
         shutil.copytree(os.path.join(ORL, f"s{p}"), b / f"s{p}")
     tiny = write_tiny_bin(tmp_path / "tiny.bin")
     proc = subprocess.run([sys.executable, "-m", "distill", "evaluate", wrapped_student, "--folders", f"{a},{b}",
-                           "--bin", str(tiny), "--teacher", TEACHER, "--json", "--no-progress"],
+                           "--bin", str(tiny), "--teacher", TEACHER, "--json", "--no-progress",
+                           "--plot", str(tmp_path / "plots" / "roc.png")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     every = json.loads(proc.stdout)["targets"]  # stdout is the JSON alone
@@ -119,6 +120,10 @@ def test_several_sets_in_one_call_one_model_load_json_on_stdout(tmp_path, wrappe
     assert every[1]["models"]["model"]["auc"] == pytest.approx(alone["models"]["model"]["auc"], abs=1e-9)
     assert len(every[2]["models"]["model"]["fold_accuracies"]) == 10
     assert all(t["mean_cosine"] == pytest.approx(1.0, abs=1e-4) for t in every)
+    from PIL import Image
+
+    with Image.open(tmp_path / "plots" / "roc.png") as png:  # 3 sets x (student, teacher) on one axis
+        assert png.format == "PNG" and png.size == (760, 520) and len(png.getcolors(1 << 16)) > 8
 
     twice = subprocess.run([sys.executable, "-m", "distill", "evaluate", wrapped_student, "--folders", f"{a},{a}"],
                            capture_output=True, text=True, timeout=600)

@@ -369,3 +369,21 @@ def test_recorded_preprocessing_wins_and_an_option_that_differs_is_refused():
         choose_preprocessing(rec, {**none, "channel_order": "RGB", "pixel_mean": 127.5})
     assert choose_preprocessing(None, none) == Preprocessing()
     assert choose_preprocessing(None, {**none, "pixel_scale": 1.0}) == Preprocessing(127.5, 1.0, "RGB")
+
+
+def test_the_roc_curve_agrees_with_tar_at_far_at_every_point():
+    from distill.evaluate.plot import axis_decades
+    from distill.metrics import roc_curve, tar_at_far
+
+    rng = np.random.default_rng(5)
+    same = rng.random(4000) < 0.3
+    scores = np.where(same, rng.normal(0.6, 0.2, 4000), rng.normal(0.1, 0.2, 4000))
+    far, tar = roc_curve(scores, same, points=40)
+    n_impostor = int((~same).sum())
+    assert far[0] == pytest.approx(1 / n_impostor) and far[-1] == 1.0 and tar[-1] == 1.0
+    assert np.all(np.diff(far) > 0) and np.all(np.diff(tar) >= 0)
+    for f, t in zip(far[:-1], tar[:-1]):
+        want = tar_at_far(scores, same, f) if f * n_impostor >= 10 else None
+        if want is not None:
+            assert t == pytest.approx(want)
+    assert axis_decades(far[0]) == [-4, -3, -2, -1, 0]
