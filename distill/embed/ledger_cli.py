@@ -9,22 +9,37 @@ the live leases. Neither needs Ray or TensorFlow.
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass
 from typing import Iterable
 
 from distill.errors import BadOption
+from distill.options import add_options, config_from_args, option
 from distill.shards.format import ShardRecord
 from distill.shards.ledger import LedgerState
 
 
 @dataclass(frozen=True)
 class LedgerConfig:
-    action: str  # "rebuild" | "show"
-    shards: str  # the shard directory (local path or pyarrow.fs URI) holding manifest.json
-    ledger: str = "file"
-    force: bool = False
+    """The options of ``distill ledger show`` (the CLI is derived from these fields)."""
+
+    shards: str = option(help="shard directory with manifest.json (path, or s3:// gs:// URI)", positional=True)
+    ledger: str = option("file", "'file' (next to the shards) or redis://[:PASSWORD@]HOST:PORT/DB, as given to "
+                         "distill embed")
+
+
+@dataclass(frozen=True)
+class RebuildConfig(LedgerConfig):
+    """The options of ``distill ledger rebuild``."""
+
+    force: bool = option(False, "rebuild even while drivers hold live leases (they lose them)")
+    progress: bool | None = option(None, "progress bar over the shard files (default: on a terminal only)")
+
+
+ACTIONS = {
+    "rebuild": (RebuildConfig, "restore the ledger's done set from the shard files; drops all leases"),
+    "show": (LedgerConfig, "done / leased / pending counts and the live leases"),
+}
 
 
 def add_cli(subparsers) -> None:
@@ -34,24 +49,10 @@ def add_cli(subparsers) -> None:
         description="Show a run's shard ledger, or rebuild it from the shard files (the truth).",
     )
     sub = p.add_subparsers(dest="ledger_action", required=True, metavar="ACTION")
-    for action, help_ in (
-        ("rebuild", "restore the ledger's done set from the shard files; drops all leases"),
-        ("show", "done / leased / pending counts and the live leases"),
-    ):
+    for action, (cls, help_) in ACTIONS.items():
         q = sub.add_parser(action, help=help_, description=help_)
-        q.add_argument("shards", help="shard directory with manifest.json (path, or s3:// gs:// URI)")
-        q.add_argument(
-            "--ledger", default="file",
-            help="'file' (next to the shards, default) or redis://[:PASSWORD@]HOST:PORT/DB, as given to distill embed",
-        )
-        if action == "rebuild":
-            q.add_argument("--force", action="store_true",
-                           help="rebuild even while drivers hold live leases (they lose them)")
-        q.set_defaults(func=lambda a: run(config_from_args(a)))
-
-
-def config_from_args(a: argparse.Namespace) -> LedgerConfig:
-    return LedgerConfig(action=a.ledger_action, shards=a.shards, ledger=a.ledger, force=getattr(a, "force", False))
+        add_options(q, cls)
+        q.set_defaults(func=lambda a, cls=cls: run(config_from_args(cls, a)))
 
 
 # ---------------------------------------------------------------- pure reports
@@ -89,22 +90,24 @@ def live_owners(state: LedgerState, now: float) -> list[str]:
 
 # ---------------------------------------------------------------- the command
 
-def records_with_progress(storage, run_id: str, num_shards: int) -> list[ShardRecord]:
+def records_with_progress(storage, run_id: str, num_shards: int, progress: bool | None) -> list[ShardRecord]:
     """``shards.reconcile.records_from_files`` with a progress bar: verifying reads every
     file whole (about 40 GB for emore), which takes minutes."""
     from tqdm import tqdm
 
     from distill.shards.reconcile import adopt_file, shard_files
+    from distill.startup import show_progress
 
     records = []
-    for k in tqdm(sorted(shard_files(storage, num_shards)), desc="verify shards", unit="shard"):
+    for k in tqdm(sorted(shard_files(storage, num_shards)), desc="verify shards", unit="shard",
+                  disable=not show_progress(progress)):
         r = adopt_file(storage, run_id, k)
         if r is not None:
             records.append(r)
     return records
 
 
-def run(cfg: LedgerConfig) -> int:
+def run(cfg: LedgerConfig | RebuildConfig) -> int:
     from distill.shards.ledger import open_ledger
     from distill.shards.manifest import load_manifest
     from distill.shards.storage import open_storage
@@ -113,7 +116,7 @@ def run(cfg: LedgerConfig) -> int:
     run_id, num_shards = m["run_id"], int(m["num_shards"])
     ledger = open_ledger(cfg.ledger, cfg.shards, num_shards, run_id)
     try:
-        if cfg.action == "show":
+        if not isinstance(cfg, RebuildConfig):  # show
             print("\n".join(show_lines(ledger.snapshot(), time.time(), ledger.describe())))
             return 0
         owners = live_owners(ledger.snapshot(), time.time())
@@ -122,7 +125,7 @@ def run(cfg: LedgerConfig) -> int:
                 f"{ledger.describe()} has live leases held by {', '.join(owners[:5])}; stop those drivers "
                 "first (their shards would be done twice), or pass --force"
             )
-        records = records_with_progress(open_storage(cfg.shards, create=False), run_id, num_shards)
+        records = records_with_progress(open_storage(cfg.shards, create=False), run_id, num_shards, cfg.progress)
         ledger.rebuild(records)
         print(rebuild_summary(records, num_shards, ledger.describe()))
         return 0
