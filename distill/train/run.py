@@ -81,7 +81,11 @@ def _run_train(cfg: TrainConfig, stop) -> TrainReport:
     from distill.shards.reader import open_shards
 
     cfg = replace(cfg, out=local_path(cfg.out, "--out"), shards=cfg.shards if is_uri(cfg.shards) else os.path.abspath(cfg.shards))
-    # Refuse bad shards, options or an incompatible resume before TensorFlow or Ray start.
+    # Refuse bad shards, options, paths or an incompatible resume before TensorFlow or Ray start.
+    for option_name, path, is_there in [("--val-folders", cfg.val_folders, os.path.isdir)] + [
+            ("--val-bin", p, os.path.isfile) for _, p in cfg.val_bins]:
+        if path and not is_there(path):
+            raise BadOption(f"{option_name} {path}: no such {'folder' if is_there is os.path.isdir else 'file'}")
     config = resolve(cfg, open_shards(cfg.shards))
     latest = latest_checkpoint(cfg.out)
     if latest is not None:  # (whichever worker count wrote it: a run goes on with any)

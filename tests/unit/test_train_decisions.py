@@ -182,3 +182,14 @@ def test_trim_drops_records_past_the_checkpoint_and_a_torn_last_line(tmp_path):
     p.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 8)) + '{"step": 8, "lo')
     _trim_jsonl(str(p), 5)
     assert [json.loads(x)["step"] for x in p.read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_validation_paths_that_are_not_there_are_refused_before_tensorflow(tmp_path):
+    import subprocess
+    import sys
+
+    for flag, path in (("--val-bin", tmp_path / "lfw.bin"), ("--val-folders", tmp_path / "people")):
+        proc = subprocess.run([sys.executable, "-m", "distill", "train", tmp_path, "--out", tmp_path / "o", flag, path],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and f"{flag} {path}: no such" in proc.stderr
+        assert not (tmp_path / "o").exists()
