@@ -62,3 +62,20 @@ def test_points_and_detector_specs():
     for bad in ("retinaface", "nosuchmodule:f", "distill.embed.faces:nothing_here"):
         with pytest.raises(ValueError, match="--detector"):
             load_detector(bad)
+
+
+def test_landmark_files_celeba_and_face2rec2_are_read_and_bad_lines_refused_with_their_number():
+    from distill.embed.align import parse_landmarks
+    from distill.errors import BadOption
+
+    celeba = ("2\nlefteye_x lefteye_y righteye_x righteye_y nose_x nose_y leftmouth_x leftmouth_y rightmouth_x "
+              "rightmouth_y\n000001.jpg 69 109 106 113 77 142 73 152 108 154\n000002.jpg 69 110 107 112 81 135 70 151 "
+              "108 153\n")
+    got = parse_landmarks(celeba, "list_landmarks_celeba.txt")
+    assert got["000001.jpg"] == (69, 109, 106, 113, 77, 142, 73, 152, 108, 154) and len(got) == 2
+    lst = "1\tpeople/a/1.jpg\t0\t10 20 90 110\t30 50 70 50 50 70 35 90 65 90\n"
+    assert parse_landmarks(lst, "train.lst") == {"1.jpg": (30, 50, 70, 50, 50, 70, 35, 90, 65, 90)}
+    with pytest.raises(BadOption, match=r"list.txt:5: not a landmarks line"):
+        parse_landmarks(celeba + "000003.jpg 1 2 3\n", "list.txt")
+    with pytest.raises(BadOption, match="holds no landmarks"):
+        parse_landmarks("2\nheader\n", "empty.txt")
