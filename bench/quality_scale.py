@@ -100,6 +100,13 @@ ROWS: tuple[Row, ...] = (
     Row("MobileNetV2 0.5, 4 views", ("--student", "mobilenetv2"), samples=240_000, views=4),
     Row("MobileFaceNet at 64 px, no views, + ArcFace 0.1 on the labelled rows",
         (*MFN64, *PLAIN, "--ce-weight", "0.1", "--margin", "arcface"), samples=160_000, views=0),
+    Row("MobileFaceNet at 64 px, no views, + teacher-centre margin 0.1 on the labelled rows",
+        (*MFN64, *PLAIN, "--ce-weight", "0.1", "--margin", "teacher"), samples=160_000, views=0),
+    Row("MobileFaceNet at 64 px, no views, nMSE only (no contrast)", (*MFN64, *PLAIN, "--contrast-weight", "0"),
+        samples=160_000, views=0),
+    Row("MobileFaceNet at 64 px, no views, lr 0.004", (*MFN64, *PLAIN, "--lr", "0.004"), samples=160_000, views=0),
+    Row("MobileFaceNet at 64 px, no views, batch 128 at lr 0.004", (*MFN64, *PLAIN, "--batch-size", "128", "--lr",
+        "0.004"), samples=160_000, views=0),
     # The identity curve: the default recipe at equal samples on CelebA people only (no curve
     # during training: many tiny epochs).
     Row("MobileFaceNet at 64 px, no views, CelebA only (no UTKFace)", (*MFN64, *PLAIN), samples=160_000, views=0,

@@ -34,7 +34,7 @@ class IncompatibleRun(DistillError, ValueError):
 
 
 class Unreachable(DistillError, ConnectionError):
-    """A service the run needs (the Redis ledger, a Ray cluster) did not answer or refused us."""
+    """A service the run needs (the Redis ledger, a Ray cluster, an object store) did not answer or refused us."""
 
 
 class CheckFailed(DistillError, RuntimeError):

@@ -9,7 +9,8 @@ never requested. In an embed driver it stands in for Ray's own SIGTERM handler, 
 ``*** SIGTERM received ***`` and aborts.
 
 Ray Train workers get no signal of their own: the driver's ``on_request`` writes a stop
-request into OUT (``write_request``; Ray Train keeps OUT where every worker reads it), and the
+request into OUT (``write_request``; Ray Train keeps OUT where every worker reads it: a shared
+file system or an object store), and the
 workers agree on the step to stop at through the training step's all-reduce
 (``distill.train.loop``).
 """
@@ -17,7 +18,6 @@ workers agree on the step to stop at through the training step's all-reduce
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 from typing import Callable
@@ -29,23 +29,26 @@ REQUEST = "STOP"  # in OUT: the signal number that asked Ray Train's workers to 
 
 
 def write_request(out: str, signum: int) -> None:
-    from distill.shards.storage import write_file_atomic
+    from distill.shards.storage import open_storage
 
-    write_file_atomic(os.path.join(out, REQUEST), str(signum))
+    open_storage(out).write_atomic(REQUEST, str(signum).encode())  # (OUT may be s3://...: one object)
 
 
 def read_request(out: str) -> int | None:
+    from distill.shards.storage import open_storage
+
     try:
-        with open(os.path.join(out, REQUEST)) as f:
-            return int(f.read().strip() or signal.SIGTERM)
+        return int(open_storage(out, create=False).read_bytes(REQUEST).decode().strip() or signal.SIGTERM)
     except FileNotFoundError:
         return None
 
 
 def clear_request(out: str) -> None:
+    from distill.shards.storage import open_storage
+
     try:
-        os.unlink(os.path.join(out, REQUEST))
-    except FileNotFoundError:
+        open_storage(out, create=False).remove(REQUEST)
+    except FileNotFoundError:  # (no OUT yet)
         pass
 
 

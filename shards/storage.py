@@ -188,6 +188,17 @@ class ArrowStorage:
         return mt.timestamp() if mt else 0.0
 
 
+# Where an S3-compatible store is, which region, and where local copies of store directories go
+# (``distill.mirror``): forwarded from the driver to the Ray workers it starts (runtime_env), which
+# may run on other nodes. Credentials are not: they belong to the nodes (an instance profile, or
+# the cluster's environment), never to a job's visible config.
+STORE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "DISTILL_CACHE")
+
+
+def store_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in STORE_ENV if os.environ.get(k)}
+
+
 def local_path(path: str, option: str) -> str:
     """``path`` made absolute, for an option whose stage reads and writes the local file system
     only: an object-store URI is refused in one line (``os.path`` would quietly make
@@ -195,9 +206,8 @@ def local_path(path: str, option: str) -> str:
     if path.startswith("file://"):
         path = path[len("file://"):]
     if is_uri(path):
-        raise BadOption(f"{option} {redact(path)}: this command reads and writes local paths only (on a cluster, a "
-                        "file system every node mounts); of the stages, only `distill embed --out` and `distill "
-                        "train SHARDS` take object-store URIs so far")
+        raise BadOption(f"{option} {redact(path)}: this option takes a local path only (on a cluster, a file system "
+                        "every node mounts); see docs/cluster.md for the paths that may be on an object store")
     return os.path.abspath(path)
 
 

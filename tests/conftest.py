@@ -14,12 +14,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from s3_server import S3_CREDENTIALS
 from support import CHILD_ENV, GLINT12, MOBILEFACENET, ORL, ROOT, RayHead, build_tiny_teacher  # noqa: F401  (tests import them from here)
 
 # Every process of the session gets what the benchmarks' children get: quiet TF, no usage
 # stats, and token auth off (Ray turns it on once ~/.ray/auth_token exists; the test
 # clusters are loopback-only and short-lived).
 for _name, _value in CHILD_ENV.items():
+    os.environ.setdefault(_name, _value)
+# Credentials for the loopback S3 server (tests/s3_server.py; it takes any), set before the
+# session's Ray head starts so its workers hold them as a cluster's nodes would; the endpoint
+# reaches them from the driver (``distill.shards.storage.store_env``).
+for _name, _value in S3_CREDENTIALS.items():
     os.environ.setdefault(_name, _value)
 
 

@@ -22,6 +22,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from distill.errors import BadOption, DistillError, Stopped
+from distill.shards.storage import is_uri
 
 if TYPE_CHECKING:
     from distill.stopping import StopRequest
@@ -32,32 +33,45 @@ if TYPE_CHECKING:
 class RayCheckpoints:
     """Checkpoints through Ray Train: persisted under the run's storage path, last few kept."""
 
-    def __init__(self, rank: int, out: str):
-        self.rank, self.out = rank, out
+    def __init__(self, rank: int, out: str, mirror=None, store_uri: str | None = None):
+        self.rank, self.out = rank, out  # (OUT, or this worker's local copy of OUT on an object store)
+        self.mirror = mirror  # rank 0 with OUT on a store: pushes its logs and best/ there
+        self.store_uri = store_uri
         self._restored: str | None = None
         self._source = ""
+        self._tmp: list[str] = []
 
     def latest(self) -> str | None:
         import ray.train
 
-        from distill.train.checkpoints import latest_checkpoint, read_checkpoint
+        from distill.train.checkpoints import latest_checkpoint, read_checkpoint, store_ray_checkpoint
 
-        found = latest_checkpoint(self.out)
+        found = [(p, p) for p in [latest_checkpoint(self.out)] if p]
+        if self.store_uri:  # a killed run's Ray Train checkpoints, on the store
+            self._tmp.append(tempfile.mkdtemp(prefix="distill-ckpt-"))
+            on_store = store_ray_checkpoint(self.store_uri, self._tmp[-1])
+            found += [(on_store, f"{self.store_uri}/ray (Ray Train checkpoint)")] if on_store else []
         ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return found
-        self._source = ckpt.path
-        self._restored = ckpt.to_directory()  # a local copy, wherever the storage is
-        if found is not None and read_checkpoint(found)[1].step > read_checkpoint(self._restored)[1].step:
-            return found  # a later run with another worker count went further
-        return self._restored
+        if ckpt is not None:
+            self._tmp.append(ckpt.to_directory())  # a local copy, wherever the storage is
+            found.append((self._tmp[-1], f"Ray Train checkpoint {ckpt.path}"))
+        if not found:
+            return None
+        # The most steps wins (a later run with another worker count may have gone further).
+        path, self._source = max(found, key=lambda f: read_checkpoint(f[0])[1].step)
+        self._restored = path
+        return path
 
     def describe(self, path: str) -> str:
-        return f"Ray Train checkpoint {self._source}" if path == self._restored else path
+        return self._source if path == self._restored else path
+
+    def sync(self) -> None:
+        if self.mirror is not None:
+            self.mirror.push()
 
     def cleanup(self) -> None:
-        if self._restored:
-            shutil.rmtree(self._restored, ignore_errors=True)
+        for d in self._tmp:
+            shutil.rmtree(d, ignore_errors=True)
 
     def save(self, state, config: dict, cursor: "Cursor", metrics: dict) -> str | None:
         import ray.train
@@ -74,6 +88,7 @@ class RayCheckpoints:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        self.sync()  # (the logs up to this checkpoint, with OUT on an object store)
         return None
 
 
@@ -92,23 +107,32 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tf.config.experimental.set_memory_growth(g, True)
     ctx = ray.train.get_context()
     cfg = TrainConfig(**loop_config["train"])
-    store = RayCheckpoints(ctx.get_world_rank(), cfg.out)
+    rank = ctx.get_world_rank()
+    if is_uri(cfg.out):  # OUT on an object store: each worker works in a local copy of its own
+        from distill.mirror import run_mirror
+
+        mirror = run_mirror(cfg.out, role=f"rank-{rank}")
+        store = RayCheckpoints(rank, mirror.local, mirror if rank == 0 else None, store_uri=cfg.out)
+    else:
+        store = RayCheckpoints(rank, cfg.out)
     # The loop's last checkpoint carries its summary; Ray hands that to the driver.
     try:
-        train_loop(cfg, strategy, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(), store=store)
+        train_loop(cfg, strategy, rank=rank, world_size=ctx.get_world_size(), store=store)
     except Stopped:
         pass  # every worker stopped at the same step, after its checkpoint: the driver says so
     finally:
         store.cleanup()
 
 
-def run_ray(cfg: "TrainConfig", stop: "StopRequest | None" = None) -> dict[str, Any]:
+def run_ray(cfg: "TrainConfig", stop: "StopRequest | None" = None, adopt_into=None) -> dict[str, Any]:
     """Train with ``cfg.workers`` Ray Train workers; returns the loop's summary (rank 0).
-    ``stop``: the caller's stop request (installed), else one of its own."""
+    ``stop``: the caller's stop request (installed), else one of its own. ``adopt_into``: the
+    ``LocalCheckpoints`` the run's last checkpoint is copied into (default: OUT's)."""
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
+    from distill.shards.storage import store_env
     from distill.stopping import StopRequest, clear_request, read_request, start_ray, write_request
     from distill.train.checkpoints import LocalCheckpoints, read_checkpoint
 
@@ -116,7 +140,9 @@ def run_ray(cfg: "TrainConfig", stop: "StopRequest | None" = None) -> dict[str, 
     connected_here = not ray.is_initialized()
     if connected_here:
         # (a signal while Ray starts is a stop request, not Ray's exit)
-        start_ray(stop, address=cfg.address or os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        env = store_env()  # (the workers read and write OUT on an object store too)
+        start_ray(stop, address=cfg.address or os.environ.get("RAY_ADDRESS"), log_to_driver=True,
+                  **({"runtime_env": {"env_vars": env}} if env else {}))
     if stop.requested:
         raise Stopped("stopped before the first step (nothing trained, nothing to save); rerun the same command to "
                       "start", stop.signum)
@@ -131,7 +157,9 @@ def run_ray(cfg: "TrainConfig", stop: "StopRequest | None" = None) -> dict[str, 
             )
     # SIGTERM / SIGINT reach this process only: it asks the workers to stop through OUT, where
     # they agree on the step (distill.train.loop), checkpoint it and return; then this says so.
-    os.makedirs(cfg.out, exist_ok=True)
+    remote = is_uri(cfg.out)
+    if not remote:
+        os.makedirs(cfg.out, exist_ok=True)
     clear_request(cfg.out)  # (a request left by an earlier run's stop is not this run's)
     stop.on_request = lambda signum: write_request(cfg.out, signum)
     trainer = TensorflowTrainer(
@@ -140,7 +168,7 @@ def run_ray(cfg: "TrainConfig", stop: "StopRequest | None" = None) -> dict[str, 
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu),
         run_config=RunConfig(
             name=cfg.run_name,
-            storage_path=os.path.join(cfg.out, "ray"),
+            storage_path=f"{cfg.out}/ray" if remote else os.path.join(cfg.out, "ray"),  # (Ray writes s3:// itself)
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
     )
@@ -163,7 +191,7 @@ def run_ray(cfg: "TrainConfig", stop: "StopRequest | None" = None) -> dict[str, 
     if result.checkpoint is None:
         raise ValueError(f"Ray Train run {cfg.run_name} under {cfg.out}/ray finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
-        saved = LocalCheckpoints(cfg.out, cfg.keep_checkpoints).adopt(d)
+        saved = (adopt_into or LocalCheckpoints(cfg.out, cfg.keep_checkpoints)).adopt(d)
     if signum is not None:
         c = read_checkpoint(saved)[1]
         if c.epoch < cfg.epochs and (cfg.max_steps is None or c.step < cfg.max_steps):

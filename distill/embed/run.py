@@ -26,7 +26,7 @@ from distill.shards.ledger import Ledger, new_owner, open_ledger
 from distill.shards.manifest import build_manifest, check_compatible, read_manifest, run_id, write_manifest
 from distill.shards.plan import num_shards, parse_shard_name, shard_at, shard_name
 from distill.shards.reconcile import adopt_file, plan_reconcile, shard_files
-from distill.shards.storage import Storage, is_temp_name, open_storage, redact
+from distill.shards.storage import Storage, is_temp_name, open_storage, redact, store_env
 from distill.startup import Phases, show_progress, versions
 from distill.stopping import StopRequest, start_ray
 from distill.teacher import CHANNEL_ORDERS, Preprocessing, TeacherError, TeacherSpec
@@ -625,7 +625,7 @@ def _init_ray(cfg: EmbedConfig, stop: StopRequest) -> None:
 
     if ray.is_initialized():
         return
-    env = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {"TF_CPP_MIN_LOG_LEVEL": "2", **store_env()}  # (the actors write s3://... shards too)
     address = cfg.address or os.environ.get("RAY_ADDRESS")  # (what `ray job submit` sets)
     if address:
         log.info("connecting to Ray at %s", redact(address))

@@ -29,8 +29,9 @@ import numpy as np
 
 from distill.errors import BadInput, BadOption, CheckFailed
 from distill.metrics import l2_normalise
+from distill.mirror import MARKER, Mirror, cache_dir
 from distill.options import add_options, config_from_args, option
-from distill.shards.storage import local_path, make_dir, publish_dir
+from distill.shards.storage import is_uri, local_path, make_dir, publish_dir
 
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
 TFLITE_KINDS = ("float16", "int8")
@@ -41,8 +42,10 @@ ONNX_FILE = "student.onnx"
 class ExportConfig:
     """The options of ``distill export`` (the CLI is derived from these fields)."""
 
-    student: str = option(help="training output directory (RUN/student)", positional=True)
-    out: str = option(help="export directory (RUN/export); replaced as a whole", required=True)
+    student: str = option(help="training output directory (RUN/student; a local path or an object-store URI)",
+                          positional=True)
+    out: str = option(help="export directory (RUN/export; a local path or an object-store URI); replaced as a whole",
+                      required=True)
     tflite: bool = option(False, "also write float16 and int8 TFLite files")
     tflite_int8: str = option("dynamic", "the int8 file: dynamic (int8 weights, float activations) or full (int8 "
                               "weights and activations, integer-only ops: phones' NPUs and DSPs; calibrated on "
@@ -64,13 +67,14 @@ class ExportConfig:
     full_int8_min_cosine: float = option(0.9, "min cosine allowed, --tflite-int8 full vs trained model")
 
     def __post_init__(self) -> None:
-        local_path(self.student, "STUDENT")
-        local_path(self.out, "--out")
+        for path, option_name in ((self.checkpoint, "--checkpoint"),):
+            if path:
+                local_path(path, option_name)
         if self.check_rows <= 0:
             raise BadOption(f"--check-rows must be positive, got {self.check_rows}")
         if self.tflite_int8 == "full" and self.calibration_rows <= 0:
             raise BadOption(f"--calibration-rows must be positive, got {self.calibration_rows}")
-        if os.path.abspath(self.out) == os.path.abspath(self.student):
+        if _same_place(self.out, self.student):
             raise BadOption("--out must differ from the student directory (export replaces --out as a whole)")
         if self.best and self.checkpoint:
             raise BadOption("pass --best or --checkpoint DIR, not both")
@@ -182,17 +186,22 @@ def run_tflite(path: str, images: np.ndarray) -> np.ndarray:
     return runner(**{INPUT_NAME: images})[OUTPUT_NAME]
 
 
-def choose_checkpoint(cfg: ExportConfig) -> str:
-    """The checkpoint to export: ``--checkpoint``, ``STUDENT/best`` with ``--best``, else the latest."""
+def _same_place(a: str, b: str) -> bool:
+    return (a.rstrip("/") == b.rstrip("/")) if is_uri(a) or is_uri(b) else os.path.abspath(a) == os.path.abspath(b)
+
+
+def choose_checkpoint(cfg: ExportConfig, student: str) -> str:
+    """The checkpoint to export: ``--checkpoint``, ``STUDENT/best`` with ``--best``, else the
+    latest; ``student``: STUDENT, or its local copy when it is on an object store."""
     from distill.train.checkpoints import BEST, latest_checkpoint
 
     if cfg.best:
-        ckpt = os.path.join(cfg.student, BEST)
+        ckpt = os.path.join(student, BEST)
         if not os.path.isfile(os.path.join(ckpt, "cursor.json")):
             raise FileNotFoundError(f"no {ckpt}: it is written by `distill train` with --val-split or --val-folders; "
                                     "train with one, or export the latest checkpoint (drop --best)")
         return ckpt
-    ckpt = cfg.checkpoint or latest_checkpoint(cfg.student)
+    ckpt = cfg.checkpoint or latest_checkpoint(student)
     if ckpt is None:
         raise FileNotFoundError(
             f"no checkpoint in {os.path.join(cfg.student, 'checkpoints')}: run `distill train SHARDS --out {cfg.student}` first"
@@ -201,12 +210,13 @@ def choose_checkpoint(cfg: ExportConfig) -> str:
 
 
 def run_export(cfg: ExportConfig) -> ExportReport:
+    from distill.mirror import RUN_SKIP, RUN_UNITS, local_copy
     from distill.startup import import_tensorflow_quietly
     from distill.train.checkpoints import read_checkpoint, restore
     from distill.train.student import StudentSpec, build_student, embedding_model
 
     t0 = time.perf_counter()
-    ckpt = choose_checkpoint(cfg)
+    ckpt = choose_checkpoint(cfg, local_copy(cfg.student, "STUDENT", RUN_UNITS, RUN_SKIP))
     config, cursor = read_checkpoint(ckpt)
     spec = StudentSpec.from_json(config["student"])
     import_tensorflow_quietly()  # (the checkpoint is found and read: now the slow part)
@@ -228,8 +238,10 @@ def run_export(cfg: ExportConfig) -> ExportReport:
                        "to calibrate --tflite-int8 full; lower --check-rows")
     want = l2_normalise(emb_model(images, training=False).numpy())
 
-    out = local_path(cfg.out, "--out")
-    parent = os.path.dirname(out)
+    # OUT on an object store: staged and published in its local copy, then pushed (marker last).
+    out = cfg.out.rstrip("/") if is_uri(cfg.out) else local_path(cfg.out, "--out")
+    local_out = cache_dir(out) if is_uri(out) else out
+    parent = os.path.dirname(local_out)
     make_dir(parent)
     stage = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
     os.chmod(stage, 0o755)  # mkdtemp makes it private; the export is for others to read
@@ -247,8 +259,10 @@ def run_export(cfg: ExportConfig) -> ExportReport:
         )
         _write_report(cfg, report, config, spec, ckpt, stage)
         # The weights exported, as a checkpoint: `distill train --init EXPORT` starts from them.
-        shutil.copytree(ckpt, os.path.join(stage, "checkpoint"))
-        publish_dir(stage, out)
+        shutil.copytree(ckpt, os.path.join(stage, "checkpoint"), ignore=shutil.ignore_patterns(MARKER))
+        publish_dir(stage, local_out)
+        if local_out != out:
+            Mirror.open(out, units=("",)).push()
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

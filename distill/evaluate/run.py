@@ -24,7 +24,7 @@ import logging
 import os
 import pickle
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -61,8 +61,8 @@ DEFAULT_SAMPLED_PAIRS = 20000
 class EvaluateConfig:
     """The options of ``distill evaluate`` (the CLI is derived from these fields)."""
 
-    model: str = option(help="`distill export` output (RUN/export; uint8 input) or a teacher SavedModel (float32)",
-                        positional=True)
+    model: str = option(help="`distill export` output (RUN/export; uint8 input) or a teacher SavedModel (float32); a "
+                             "local path or an object-store URI", positional=True)
     folders: str | None = option(None, "identity folder tree: one sub-folder of images per person (several: "
                                  "comma-separated)", metavar="DIR[,DIR...]", group="data (one or more; one model load)")
     bin: str | None = option(None, "insightface verification set (lfw.bin,cfp_fp.bin,agedb_30.bin: several, "
@@ -72,7 +72,8 @@ class EvaluateConfig:
     pairs: int | None = option(None, f"sample this many pairs (half same); default: all pairs up to "
                                f"{ALL_PAIRS_MAX_IMAGES} images, else {DEFAULT_SAMPLED_PAIRS}", metavar="N")
     seed: int = option(0, "seed of the pair sample")
-    out: str | None = option(None, "write the results as JSON here", metavar="FILE")
+    out: str | None = option(None, "write the results as JSON here (a local path or an object-store URI)",
+                             metavar="FILE")
     json: bool = option(False, "print the results as JSON on stdout instead of the tables")
     plot: str | None = option(None, "draw the ROC curves (TAR against FAR, log) of the model and the teacher on every "
                               "set into this PNG", metavar="FILE.png")
@@ -606,8 +607,11 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Embed, score, print nothing; returns the results (and writes ``cfg.out``): for one
     verification set its results dict, for several ``{"targets": [one dict each, in order]}``.
     The models are loaded once for all of them."""
+    from distill.mirror import local_copy
     from distill.startup import import_tensorflow_quietly
 
+    # (MODEL on an object store: a local copy of the finished export)
+    cfg = replace(cfg, model=local_copy(cfg.model, "MODEL"))
     # Bad paths, and a bad or hostile .bin, are refused before any model is loaded.
     resolve_model_dir(cfg.model)
     for kind, path in cfg.targets:
@@ -657,10 +661,9 @@ def each_target(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    from distill.shards.storage import make_dir, write_file_atomic
+    from distill.mirror import write_output
 
-    make_dir(os.path.dirname(local_path(path, "--out")))
-    write_file_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")  # a reader never sees half of it
+    write_output(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), "--out")  # never half of it
 
 
 def add_cli(sub) -> None:

@@ -70,6 +70,35 @@ def ray_checkpoints(student_dir: str) -> list[str]:
     return found
 
 
+def store_ray_checkpoint(uri: str, dest: str) -> str | None:
+    """The Ray Train checkpoint of the most steps under ``URI/ray`` on an object store, whole
+    (its three files there: each object is whole once it exists), downloaded into ``dest``."""
+    import pyarrow.fs as pafs
+
+    from distill.shards.storage import ArrowStorage
+
+    store = ArrowStorage.from_uri(uri, create=False)
+    infos = store.fs.get_file_info(pafs.FileSelector(f"{store.path}/{RAY_DIR}", recursive=True, allow_not_found=True))
+    names: dict[str, set[str]] = {}
+    for i in infos:
+        if i.type == pafs.FileType.File:
+            d, _, name = i.path.rpartition("/")
+            names.setdefault(d, set()).add(name)
+    steps = []
+    for d, have in names.items():
+        if d.rpartition("/")[2].startswith("checkpoint_") and {"config.json", "cursor.json", "state.npz"} <= have:
+            with store.fs.open_input_stream(f"{d}/cursor.json") as f:
+                steps.append((Cursor(**json.load(f)).step, d))
+    if not steps:
+        return None
+    src = max(steps)[1]
+    os.makedirs(dest, exist_ok=True)
+    for name in ("config.json", "cursor.json", "state.npz"):
+        with store.fs.open_input_stream(f"{src}/{name}") as f, open(os.path.join(dest, name), "wb") as g:
+            shutil.copyfileobj(f, g, 1 << 22)
+    return dest
+
+
 def latest_checkpoint(student_dir: str) -> str | None:
     """The checkpoint of the most steps a run in ``student_dir`` has written, whether by one
     process (``OUT/checkpoints``) or by Ray Train workers (``OUT/ray``): a run goes on from
@@ -153,12 +182,20 @@ def restore(model, optimizer, path: str) -> None:
 
 
 class LocalCheckpoints:
-    """``OUT/checkpoints/ckpt-<step>``: temp dir + fsync + rename, the last few kept."""
+    """``OUT/checkpoints/ckpt-<step>``: temp dir + fsync + rename, the last few kept. With a
+    ``mirror`` (OUT on an object store), ``out`` is its local copy and each save, and each
+    ``sync``, makes the store match it."""
 
-    def __init__(self, out: str, keep: int):
+    def __init__(self, out: str, keep: int, mirror=None):
         self.out = out
         self.dir = os.path.join(out, CHECKPOINTS)
         self.keep = keep
+        self.mirror = mirror
+
+    def sync(self) -> None:
+        """The store made to match OUT's local copy (after a checkpoint, ``best/``, the end)."""
+        if self.mirror is not None:
+            self.mirror.push()
 
     def latest(self) -> str | None:
         return latest_checkpoint(self.out)
@@ -171,7 +208,9 @@ class LocalCheckpoints:
         tmp = tempfile.mkdtemp(prefix=".ckpt-", suffix=".tmp", dir=self.dir)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; checkpoints are for export and others
         write_checkpoint_files(tmp, state, config, cursor)
-        return self._publish(tmp, cursor.step)
+        final = self._publish(tmp, cursor.step)
+        self.sync()
+        return final
 
     def adopt(self, src: str) -> str:
         """Copy a finished checkpoint (Ray Train's) in, so export finds every run's here."""
@@ -180,7 +219,9 @@ class LocalCheckpoints:
         tmp = tempfile.mkdtemp(prefix=".ckpt-", suffix=".tmp", dir=self.dir)
         os.chmod(tmp, 0o755)
         shutil.copytree(src, tmp, dirs_exist_ok=True)
-        return self._publish(tmp, cursor.step)
+        final = self._publish(tmp, cursor.step)
+        self.sync()
+        return final
 
     def _publish(self, tmp: str, step: int) -> str:
         from distill.shards.storage import publish_dir

@@ -37,7 +37,9 @@ class TrainConfig:
     """Every option of ``distill train``; the CLI is derived from these fields (``distill.options``)."""
 
     shards: str = option(help="shard directory written by `distill embed` (RUN/shards)", positional=True)
-    out: str = option(help="student directory (RUN/student): checkpoints, metrics.jsonl, tb/", required=True)
+    out: str = option(help="student directory (RUN/student): checkpoints, metrics.jsonl, tb/; a local path or an "
+                           "object-store URI (s3://bucket/run/student: worked on in a local copy, pushed as it goes)",
+                      required=True)
     # -- schedule
     epochs: int = option(20, "passes over the training rows", group="schedule")
     batch_size: int = option(64, "global batch, over all workers and replicas; each epoch drops the rows that do not fill one", group="schedule")

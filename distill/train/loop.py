@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from distill.errors import BadInput, BadOption, Stopped
-from distill.shards.storage import write_file_atomic
+from distill.shards.storage import is_uri, write_file_atomic
 from distill.startup import show_progress
 from distill.stopping import StopRequest, read_request
 from distill.train.checkpoints import Cursor, read_best_val, read_checkpoint, restore, snapshot, write_best
@@ -31,6 +31,8 @@ from distill.train.config import Schedule, TrainConfig, check_resume, resolve, s
 from distill.train.losses import LossSpec
 from distill.train.student import StudentSpec
 from distill.train.validate import is_better
+
+REQUEST_POLL_S = 2.0  # how often Ray Train workers look for the driver's stop request on an object store
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +121,14 @@ class Prepared:
     validator: Any = None
 
 
-def prepare(cfg: TrainConfig, shards, rank: int, student: StudentSpec) -> Prepared:
+def prepare(cfg: TrainConfig, shards, rank: int, student: StudentSpec, workdir: str) -> Prepared:
     from distill.train.centres import scan_shards
     from distill.train.validate import Validator, from_bin, from_folders, from_shards, heldout_classes, pick_samples
 
     teacher_head = student.margin == "teacher"
     prep, val = Prepared(train_rows=shards.total_rows), None
     if cfg.val_split or teacher_head:
-        scan = scan_shards(shards, centres=teacher_head, cache_dir=cfg.out)
+        scan = scan_shards(shards, centres=teacher_head, cache_dir=workdir)
         heldout = heldout_classes(scan.counts, cfg.val_split, cfg.val_seed)
         exclude = np.isin(scan.labels, heldout) if len(heldout) else None
         out_of_softmax = np.isin(np.arange(shards.num_classes), heldout) | (scan.counts == 0)
@@ -279,6 +281,8 @@ class _Run:
         from distill.shards.reader import open_shards
 
         self.cfg, self.strategy, self.rank, self.world_size, self.store = cfg, strategy, rank, world_size, store
+        self.out = store.out  # where this rank's files go: OUT, or its local copy when OUT is on an object store
+        self._request_checked = 0.0
         self.shards = open_shards(cfg.shards)
         self.resolved = resolve(cfg, self.shards)
         replicas = strategy.num_replicas_in_sync
@@ -298,14 +302,14 @@ class _Run:
         from distill.train.stream import check_decoder
 
         check_decoder(self.shards)  # (a few images: the student's pixels are the teacher's, or say why not)
-        self.prep = prepare(cfg, self.shards, rank, self.resolved.student)
+        self.prep = prepare(cfg, self.shards, rank, self.resolved.student, self.out)
         self.resolved = self.resolved.with_schedule(self.prep.train_rows)
         self._build(latest)
-        self.runlog = RunLog(cfg.out, self.cursor.step, enabled=rank == 0, trace=cfg.trace_samples)
+        self.runlog = RunLog(self.out, self.cursor.step, enabled=rank == 0, trace=cfg.trace_samples)
         self.last_saved = self.cursor.step if latest is not None else -1
         self.last: dict[str, float] = {}
         self.trained, self.t_start = 0, time.perf_counter()
-        self.best = read_best_val(cfg.out) if rank == 0 else None
+        self.best = read_best_val(self.out) if rank == 0 else None
         self.stop = stop or StopRequest("training")
 
     def _build(self, latest: str | None) -> None:
@@ -363,8 +367,9 @@ class _Run:
         val = self.prep.validator(state)
         val["val_seconds"] = round(time.perf_counter() - t0, 3)
         if keep_best and is_better(val, self.best, self.cfg.best_key):
-            write_best(self.cfg.out, state, self.resolved.to_json(), self.cursor, {**val, "epochs_done": self.cursor.epoch,
-                                                                       "step": self.cursor.step})
+            write_best(self.out, state, self.resolved.to_json(), self.cursor, {**val, "epochs_done": self.cursor.epoch,
+                                                                    "step": self.cursor.step})
+            self.store.sync()
             self.best = val
             val["best"] = True
         return val
@@ -390,8 +395,16 @@ class _Run:
 
     def _stop_wanted(self) -> bool:
         """A stop asked of this worker: its own signal (one process), or the driver's request in
-        OUT (Ray Train workers have no signal of their own)."""
-        return self.stop.requested or (self.world_size > 1 and read_request(self.cfg.out) is not None)
+        OUT (Ray Train workers have no signal of their own; on an object store, looked for at most
+        every REQUEST_POLL_S)."""
+        if self.stop.requested or self.world_size == 1:
+            return self.stop.requested
+        if is_uri(self.cfg.out):
+            now = time.monotonic()
+            if now - self._request_checked < REQUEST_POLL_S:
+                return False
+            self._request_checked = now
+        return read_request(self.cfg.out) is not None
 
     def _stop_if_asked(self) -> None:
         if not self.stop.requested or self.done():  # (a stop at the last step is just the end)
@@ -416,6 +429,7 @@ class _Run:
                 self.save()  # the end state, and (on a rerun with nothing left to do) this run's summary
         finally:
             self.runlog.close()
+        self.store.sync()  # (the last records, with OUT on an object store)
         return self.summary()
 
     def _epoch(self) -> None:

@@ -13,6 +13,8 @@ refused and told why.
 Hands on: ``RUN/student/checkpoints/ckpt-*`` (read by ``export``), ``metrics.jsonl`` (one
 object per logged step and per epoch), TensorBoard logs in ``tb/``, and with
 ``--trace-samples`` ``trace.jsonl`` (the listing indices of every step; a debugging aid).
+``--out`` may be on an object store (``s3://...``): the run works in a local copy and pushes
+each checkpoint, ``best/`` and the logs to the store as it goes (``distill/mirror.py``).
 """
 
 from __future__ import annotations
@@ -80,34 +82,50 @@ def run_train(cfg: TrainConfig) -> TrainReport:
 def _run_train(cfg: TrainConfig, stop) -> TrainReport:
     from distill.shards.reader import open_shards
 
-    cfg = replace(cfg, out=local_path(cfg.out, "--out"), shards=cfg.shards if is_uri(cfg.shards) else os.path.abspath(cfg.shards))
+    cfg = replace(cfg, out=cfg.out if is_uri(cfg.out) else local_path(cfg.out, "--out"),
+                  shards=cfg.shards if is_uri(cfg.shards) else os.path.abspath(cfg.shards))
     # Refuse bad shards, options, paths or an incompatible resume before TensorFlow or Ray start.
     for option_name, path, is_there in [("--val-folders", cfg.val_folders, os.path.isdir)] + [
             ("--val-bin", p, os.path.isfile) for _, p in cfg.val_bins]:
         if path and not is_there(path):
             raise BadOption(f"{option_name} {path}: no such {'folder' if is_there is os.path.isdir else 'file'}")
     config = resolve(cfg, open_shards(cfg.shards))
-    latest = latest_checkpoint(cfg.out)
+    mirror = _out_mirror(cfg.out)
+    workdir = mirror.local if mirror else cfg.out  # OUT, or its local copy (OUT on an object store)
+    latest = latest_checkpoint(workdir)
     if latest is not None:  # (whichever worker count wrote it: a run goes on with any)
         saved, cursor = read_checkpoint(latest)
         check_resume(saved, cursor, config, latest)
-    make_dir(cfg.out)
+    make_dir(workdir)
     if cfg.verify_shards:
-        check_shards(cfg.shards, cfg.out, cfg.progress)
+        check_shards(cfg.shards, workdir, cfg.progress)
     import_tensorflow_quietly()  # (options, paths and shards are checked: now the slow part)
     if stop.requested:
         raise Stopped("stopped before the first step (nothing trained, nothing to save); rerun the same command to "
                       "start", stop.signum)
+    store = LocalCheckpoints(workdir, cfg.keep_checkpoints, mirror)
     if cfg.workers > 1:
         from distill.workers.train_worker import run_ray
 
-        summary = run_ray(cfg, stop)
+        summary = run_ray(cfg, stop, adopt_into=store)
     else:
         from distill.train.loop import train_loop
 
-        summary = train_loop(cfg, _local_strategy(cfg), rank=0, world_size=1,
-                             store=LocalCheckpoints(cfg.out, cfg.keep_checkpoints), stop=stop)
-    return TrainReport(out=cfg.out, checkpoint=latest_checkpoint(cfg.out) or "", **summary)
+        summary = train_loop(cfg, _local_strategy(cfg), rank=0, world_size=1, store=store, stop=stop)
+    checkpoint = latest_checkpoint(workdir) or ""
+    if mirror and checkpoint:  # (where it is in the store)
+        checkpoint = f"{cfg.out}/{os.path.relpath(checkpoint, workdir)}"
+    return TrainReport(out=cfg.out, checkpoint=checkpoint, **summary)
+
+
+def _out_mirror(out: str):
+    """OUT on an object store: its local copy, pulled (the store's finished checkpoints, ``best/``
+    and logs), which the run works in and pushes back; None for a local OUT."""
+    if not is_uri(out):
+        return None
+    from distill.mirror import run_mirror
+
+    return run_mirror(out)
 
 
 # ---------------------------------------------------------------- CLI
@@ -119,7 +137,8 @@ def saved_options(student_dir: str) -> dict:
 
     from distill.train.config import TrainRun
 
-    latest = latest_checkpoint(student_dir)
+    mirror = _out_mirror(student_dir)
+    latest = latest_checkpoint(mirror.local if mirror else student_dir)
     if latest is None:
         raise FileNotFoundError(f"--resume {student_dir}: no checkpoint there to resume; start the run with "
                                 f"`distill train SHARDS --out {student_dir}`")

@@ -54,10 +54,10 @@ def test_uris_open_arrow_storage_and_bad_ones_explain(tmp_path):
 
 def test_local_only_options_refuse_object_store_uris_instead_of_writing_a_local_s3_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(BadOption, match=r"--out s3://bucket/student: this command reads and writes local paths only"):
-        local_path("s3://bucket/student", "--out")
+    with pytest.raises(BadOption, match=r"--plot s3://bucket/roc.png: this option takes a local path only"):
+        local_path("s3://bucket/roc.png", "--plot")
     with pytest.raises(BadOption, match=r"gs://b/x"):
-        local_path("gs://b/x", "STUDENT")
+        local_path("gs://b/x", "--checkpoint")
     assert local_path("run/student", "--out") == str(tmp_path / "run" / "student")
     assert local_path("file:///data/run", "--out") == "/data/run"
     assert not (tmp_path / "s3:").exists()

@@ -1,0 +1,181 @@
+"""The pipeline with every output on an object store: a real S3 API server on loopback
+(moto_server, tests/s3_server.py), the real CLI as processes, SIGKILL mid-run and a rerun.
+
+Nothing reaches a local ``./s3:`` folder; the only local files are the caches under
+``$DISTILL_CACHE``. The shards written to the store are byte for byte the ones a local run
+writes, and a training run killed mid-epoch against s3:// goes on to train every sample once,
+in the order an uninterrupted run takes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ORL, run_cli
+from redis_server import RedisServer
+from s3_server import S3Server
+from toy_shards import write_toy_shards
+
+from distill.mirror import MARKER
+from distill.shards.reader import ShardReader, open_shards
+from distill.train.order import plan_epoch
+
+pytestmark = pytest.mark.integration
+
+BUCKET = "distill-it"
+BATCH, BUFFER, SEED = 32, 128, 3
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with S3Server() as server:
+        server.make_bucket(BUCKET)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def store_env(s3, tmp_path_factory) -> dict[str, str]:
+    return {**s3.env, "DISTILL_CACHE": str(tmp_path_factory.mktemp("cache"))}
+
+
+@pytest.fixture(scope="module")
+def ledger(tmp_path_factory):
+    with RedisServer(tmp_path_factory.mktemp("redis")) as rs:
+        yield rs.url
+
+
+@pytest.fixture(scope="module")
+def s3_shards(s3, store_env, ledger, ray_address, tiny_teacher, orl_listing) -> str:
+    """The ORL faces embedded straight into the bucket (the ledger in Redis, as on a cluster)."""
+    uri = f"s3://{BUCKET}/run/shards"
+    run_cli("embed", orl_listing, "--teacher", tiny_teacher, "--out", uri, "--ledger", ledger,
+            "--shard-size", "64", "--batch-size", "32", "--address", ray_address, "--no-progress", env=store_env)
+    return uri
+
+
+def test_embed_writes_the_same_shard_bytes_to_the_store_as_to_a_local_disk(s3, s3_shards, ledger, embedded_run,
+                                                                           store_env):
+    keys = s3.keys(BUCKET, "run/shards/")
+    local = sorted(n for n in os.listdir(embedded_run) if n.endswith(".parquet"))
+    assert local and sorted(k.rsplit("/", 1)[1] for k in keys if k.endswith(".parquet")) == local
+    for name in local:
+        assert s3.get(BUCKET, f"run/shards/{name}") == (embedded_run / name).read_bytes(), name
+    status = run_cli("status", s3_shards, "--ledger", ledger, env=store_env)
+    assert f"shards: {len(local)} done, 0 leased, 0 pending of {len(local)}  [complete]" in status.stdout, status.stdout
+
+
+def _trace(path: Path) -> list[dict]:
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line being written
+    return out
+
+
+def test_training_killed_mid_epoch_against_the_store_resumes_to_the_uninterrupted_order(
+        s3, s3_shards, store_env, tmp_path, monkeypatch):
+    out = f"s3://{BUCKET}/run/student"
+    args = [sys.executable, "-m", "distill", "train", s3_shards, "--out", out, "--epochs", "2", "--batch-size",
+            str(BATCH), "--student", "mobilenetv2", "--width", "0.35", "--checkpoint-every", "3", "--log-every", "1",
+            "--trace-samples", "--shuffle-buffer", str(BUFFER), "--seed", str(SEED), "--no-progress"]
+    env = {**os.environ, **store_env}
+    for k, v in store_env.items():
+        monkeypatch.setenv(k, v)
+    shards = open_shards(s3_shards)
+    spe = sum(shards.rows) // BATCH
+    local_copy = Path(store_env["DISTILL_CACHE"], "remote", "s3", BUCKET, "run", "student", ".copy")
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    deadline, killed = time.monotonic() + 600, None
+    while proc.poll() is None and time.monotonic() < deadline:
+        published = sorted(int(k.split("ckpt-")[1][:9]) for k in s3.keys(BUCKET, "run/student/checkpoints/")
+                           if k.endswith(MARKER))
+        steps = [r["step"] for r in _trace(local_copy / "trace.jsonl")]
+        if published and steps and steps[-1] > published[-1] and steps[-1] % spe:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            killed = published[-1]
+            break
+        time.sleep(0.05)
+    log.close()
+    if killed is None:
+        proc.kill()
+        pytest.fail("the trainer finished (or hung) before it could be killed mid-epoch:\n"
+                    + (tmp_path / "first.log").read_text()[-3000:])
+    second = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"resumed from {local_copy}/checkpoints/ckpt-{killed:09d}" in second.stderr
+    assert f"checkpoint: {out}/checkpoints/ckpt-{2 * spe:09d}" in second.stdout
+    assert not (tmp_path / "s3:").exists()
+    # The store holds the finished run: its last checkpoint whole, the logs of every step once.
+    keys = s3.keys(BUCKET, "run/student/")
+    assert f"run/student/checkpoints/ckpt-{2 * spe:09d}/{MARKER}" in keys
+    metrics = [json.loads(line) for line in s3.get(BUCKET, "run/student/metrics.jsonl").decode().splitlines()]
+    assert [m["step"] for m in metrics if m["kind"] == "step"] == list(range(1, 2 * spe + 1))
+    trace = {}
+    for line in s3.get(BUCKET, "run/student/trace.jsonl").decode().splitlines():
+        r = json.loads(line)
+        trace[r["step"]] = r
+    assert sorted(trace) == list(range(1, 2 * spe + 1))
+    index_of = ShardReader(shards).read_rows(np.arange(sum(shards.rows)), ["index"]).column("index").to_numpy()
+    for epoch in range(2):
+        got = [i for s in range(epoch * spe + 1, (epoch + 1) * spe + 1) for i in trace[s]["index"]]
+        plan = plan_epoch(shards.rows, seed=SEED, epoch=epoch, world_size=1, rank=0, buffer=BUFFER, global_batch=BATCH)
+        assert got == index_of[plan.order].tolist()  # every sample once, in the uninterrupted order
+    # Export from the store to the store, and evaluate the export there, results to the store.
+    run_cli("export", out, "--out", f"s3://{BUCKET}/run/export", env=env)
+    assert f"run/export/{MARKER}" in s3.keys(BUCKET, "run/export/")
+    assert "run/export/saved_model/saved_model.pb" in s3.keys(BUCKET, "run/export/")
+    run_cli("evaluate", f"s3://{BUCKET}/run/export", "--folders", ORL, "--out", f"s3://{BUCKET}/run/eval.json",
+            env=env)
+    result = json.loads(s3.get(BUCKET, "run/eval.json"))
+    assert 0.0 <= result["models"]["model"]["auc"] <= 1.0 and result["dataset"]["images"] == 400
+
+
+def test_ray_train_workers_stop_through_the_store_and_one_process_goes_on_from_there(
+        s3, store_env, ray_address, tmp_path):
+    """Two Ray Train workers with OUT on the store: the driver's SIGTERM reaches them as an
+    object there, they stop at one step with a checkpoint (Ray Train's, under OUT/ray on the
+    store, adopted into OUT/checkpoints); one process then goes on from it, and every step is
+    trained once across the two runs, in the order one process plans."""
+    shards = write_toy_shards(tmp_path / "shards", rows=128, shard_size=32, classes=4, size=32, dim=8)
+    out = f"s3://{BUCKET}/ray-run/student"
+    args = [sys.executable, "-m", "distill", "train", str(shards), "--out", out, "--epochs", "4", "--batch-size", "16",
+            "--student", "mobilenetv2", "--width", "0.35", "--log-every", "1", "--checkpoint-every", "100",
+            "--shuffle-buffer", "64", "--trace-samples", "--no-progress"]
+    env = {**os.environ, **store_env}
+    rank0 = Path(store_env["DISTILL_CACHE"], "remote", "s3", BUCKET, "ray-run", "student", ".copy-rank-0")
+    first = subprocess.Popen([*args, "--workers", "2", "--address", ray_address], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 600
+    while len(_trace(rank0 / "trace.jsonl")) < 3:
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 143, err[-3000:]
+    assert "STOP" not in {k.rsplit("/", 1)[1] for k in s3.keys(BUCKET, "ray-run/student/")}  # the request is cleared
+    keys = s3.keys(BUCKET, "ray-run/student/")
+    stopped = max(int(k.split("ckpt-")[1][:9]) for k in keys if "/checkpoints/ckpt-" in k and k.endswith(MARKER))
+    assert 3 <= stopped < 32
+    assert any("/ray/" in k and k.endswith("state.npz") for k in keys)  # Ray Train's own, on the store
+    second = subprocess.run(args, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"epoch {stopped // 8}, sample {(stopped % 8) * 16}, step {stopped}" in second.stderr, second.stderr[-3000:]
+    trace = [json.loads(line) for line in s3.get(BUCKET, "ray-run/student/trace.jsonl").decode().splitlines()]
+    assert [t["step"] for t in trace] == list(range(1, 33))  # each step once, across the two runs
+    index_of = ShardReader(open_shards(str(shards))).read_rows(np.arange(128), ["index"]).column("index").to_numpy()
+    for epoch in range(4):
+        got = [sorted(t["index"]) for t in trace if t["epoch"] == epoch]
+        plan = plan_epoch([32] * 4, seed=0, epoch=epoch, world_size=1, rank=0, buffer=64, global_batch=16)
+        assert got == [sorted(b) for b in index_of[plan.order].reshape(8, 16).tolist()], epoch
+    assert not (tmp_path / "s3:").exists()

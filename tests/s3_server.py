@@ -1,0 +1,109 @@
+"""A real S3 API server for tests: ``moto`` in server mode (``moto_server``, the approach Ray's own
+tests take) on a free loopback port, as its own process; it can be killed and restarted on the
+same port (its buckets live in memory, so a restart empties them, like losing the store).
+
+``env`` is what a user's shell would hold: ``AWS_ENDPOINT_URL`` (S3-compatible stores: MinIO,
+R2), dummy credentials and a region. Every ``distill`` process a test starts gets it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from support import free_port
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+                  "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+class S3Server:
+    """``with S3Server() as s3: s3.make_bucket("b"); run_cli(..., env=s3.env)``."""
+
+    def __init__(self, port: int | None = None):
+        self.exe = shutil.which("moto_server")
+        if self.exe is None:
+            import pytest
+
+            pytest.fail("moto_server is not installed; run `pip install 'moto[server]'` (the test extra has it)")
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_DEFAULT_REGION": "us-east-1", **S3_CREDENTIALS}
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="testing-key-id", aws_secret_access_key="testing-secret-key")
+
+    def make_bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> dict[str, int]:
+        """Every key under ``prefix`` with its size (pyarrow's empty ``dir/`` markers left out)."""
+        out, token = {}, None
+        while True:
+            kw = {"Bucket": bucket, "Prefix": prefix, **({"ContinuationToken": token} if token else {})}
+            page = self.client().list_objects_v2(**kw)
+            out.update({o["Key"]: o["Size"] for o in page.get("Contents", []) if not o["Key"].endswith("/")})
+            if not page.get("IsTruncated"):
+                return out
+            token = page["NextContinuationToken"]
+
+    def get(self, bucket: str, key: str) -> bytes:
+        return self.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    def log(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-3000:]
+
+    def start(self, timeout: float = 20.0) -> "S3Server":
+        # Its log (a line per request) goes to a file: a pipe nobody reads would fill and stall it.
+        self._log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([self.exe, "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"moto_server exited with {self.proc.returncode}: {self.log()}")
+            try:
+                self.client().list_buckets()
+                return self
+            except Exception as e:
+                if time.monotonic() > deadline:
+                    self.stop(kill=True)
+                    raise RuntimeError(f"moto_server on port {self.port} did not answer in {timeout}s") from e
+                time.sleep(0.1)
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = None
+            return
+        os.killpg(self.proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+    def __enter__(self) -> "S3Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop(kill=True)
+
+
+if __name__ == "__main__":  # a server for trying things by hand: python tests/s3_server.py
+    with S3Server() as s3:
+        print(" ".join(f"{k}={v}" for k, v in s3.env.items()), file=sys.stderr)
+        s3.proc.wait()
