@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import sys
@@ -128,10 +127,13 @@ def child_ratio(a) -> dict:
 
 
 def _sample_images(location: str):
-    import pyarrow.parquet as pq
+    """The first shard's stored images (a local directory or a store URI)."""
+    import numpy as np
 
-    first = sorted(p for p in os.listdir(location) if p.startswith("part-"))[0]
-    return pq.read_table(os.path.join(location, first), columns=["image"]).column("image").to_pylist()
+    from distill.shards.reader import ShardReader, open_shards
+
+    shards = open_shards(location)
+    return ShardReader(shards).read_rows(np.arange(shards.rows[0]), ["image"]).column("image").to_pylist()
 
 
 def child_build_teacher(a) -> dict:

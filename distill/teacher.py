@@ -132,6 +132,28 @@ def _spec_from_signatures(sigs: dict, path: str, signature: str, output: str | N
     return TeacherSpec(path, signature, input_name, output, h, w, 3, int(out_shape[-1]))
 
 
+def fetch_teacher(location: str, fingerprint: str | None = None) -> str:
+    """A local directory holding the teacher at ``location``: the path itself, or for an
+    object-store URI a copy in this machine's cache (fetched once, renewed when the store's
+    files change). With ``fingerprint`` (the driver's), the copy must be that teacher: a
+    teacher replaced on the store mid-run is refused, never mixed into one run's shards."""
+    from distill.shards.storage import is_uri, redact
+
+    if not is_uri(location):
+        return os.path.abspath(location)
+    from distill.mirror import local_copy
+
+    try:
+        path = local_copy(location, "--teacher", units=())
+    except FileNotFoundError:
+        raise TeacherError(f"teacher {redact(location)} does not exist; pass --teacher DIR or URI (a SavedModel "
+                           "directory)") from None
+    if fingerprint is not None and teacher_fingerprint(path) != fingerprint:
+        raise TeacherError(f"the teacher at {redact(location)} is not the one this run started with (its files "
+                           "changed on the store); put the run's teacher back, or start a new run (new --out)")
+    return path
+
+
 def teacher_fingerprint(path: str) -> str:
     """sha256 over the SavedModel's files (relative names and bytes), streamed."""
     if not os.path.isdir(path):

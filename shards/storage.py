@@ -199,6 +199,28 @@ def store_env() -> dict[str, str]:
     return {k: os.environ[k] for k in STORE_ENV if os.environ.get(k)}
 
 
+def open_store_file(uri: str):
+    """A random-access file on an object store (``read_at(n, offset)``: one ranged GET; safe
+    from several threads at once, as Arrow's files are), or FileNotFoundError."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except Exception as e:
+        raise BadOption(f"cannot open {redact(uri)}: {e}") from e
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise FileNotFoundError(f"{redact(uri)} does not exist")
+    return fs.open_input_file(path)
+
+
+def store_file_exists(uri: str) -> bool:
+    try:
+        open_store_file(uri).close()
+        return True
+    except FileNotFoundError:
+        return False
+
+
 def local_path(path: str, option: str) -> str:
     """``path`` made absolute, for an option whose stage reads and writes the local file system
     only: an object-store URI is refused in one line (``os.path`` would quietly make

@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
@@ -27,8 +27,8 @@ import numpy as np
 from distill.images import UnreadableImage, prepare, read_file
 from distill.shards.format import NormStats, RowError, ShardRecord, encode_shard, sha256, shard_schema
 from distill.shards.plan import Shard, batches
-from distill.shards.storage import open_storage
-from distill.teacher import Preprocessing, Teacher, TeacherSpec
+from distill.shards.storage import is_uri, open_storage
+from distill.teacher import Preprocessing, Teacher, TeacherSpec, fetch_teacher
 from distill.views import ViewParams, ViewSpec, render, view_params
 
 if TYPE_CHECKING:
@@ -52,13 +52,16 @@ class EmbedTask:
     rec: str | None = None
     threads: int | None = None  # TF intra-op threads; None = TF's default
     decode_threads: int = 4
+    teacher_fingerprint: str | None = None  # the driver's: a teacher fetched from a store must be this one
 
 
 class EmbedWorker:
     def __init__(self, task: EmbedTask):
         _configure_tensorflow(task.threads)
         self.task = task
-        self.teacher = Teacher(task.teacher, task.pre)
+        # (a teacher on an object store is fetched into this node's cache first)
+        local = fetch_teacher(task.teacher.path, task.teacher_fingerprint if is_uri(task.teacher.path) else None)
+        self.teacher = Teacher(replace(task.teacher, path=local), task.pre)
         self.storage = open_storage(task.out)
         self.schema = shard_schema(task.teacher.embedding_dim, task.dtype, task.flip, task.images, task.paths,
                                    views=task.views.count)

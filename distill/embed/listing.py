@@ -65,7 +65,8 @@ class ListingConfig:
 
     sources: tuple[str, ...] = option(
         help="identity folders (ROOT/NAME/images), a flat folder of images (no identities: unlabelled), a list "
-             "file (`path<TAB>label` or bare `path` lines), or an insightface train.rec / its folder; several "
+             "file (`path<TAB>label` or bare `path` lines), or an insightface train.rec / its folder (local, or "
+             "on an object store: s3://bucket/faces_emore, read in place by byte ranges); several "
              "sources are listed one after another with their label spaces kept apart",
         positional=True, metavar="SOURCE")
     out: str = option(help="output file, e.g. RUN/listing.parquet (written atomically)", required=True)
@@ -285,7 +286,10 @@ SOURCES_HELP = ("a folder of identity sub-folders, a flat folder of images (no i
 def resolve_source(source: str) -> tuple[str, str, RecFiles | None]:
     """(kind, absolute source, rec files or None). Touches the filesystem, decides nothing else."""
     from distill.folders import top_level
+    from distill.shards.storage import is_uri
 
+    if is_uri(source):  # an insightface pack on an object store, read in place by byte ranges
+        return "rec", source.rstrip("/"), _rec_files_on_store(source.rstrip("/"))
     src = os.path.abspath(source)
     if not os.path.exists(src):
         raise FileNotFoundError(f"listing source {src} does not exist; give {SOURCES_HELP}")
@@ -310,6 +314,20 @@ def resolve_source(source: str) -> tuple[str, str, RecFiles | None]:
                 "of `path<TAB>label` lines, or an insightface train.rec"
             )
     return "list", src, None
+
+
+def _rec_files_on_store(source: str) -> RecFiles:
+    from distill.shards.storage import redact, store_file_exists
+
+    rec = source if source.endswith(".rec") else f"{source}/train.rec"
+    if not store_file_exists(rec):
+        raise FileNotFoundError(f"listing source {redact(source)}: no {redact(rec)}; on an object store a listing "
+                                "reads an insightface pack (train.rec with train.idx beside it, or their folder)")
+    idx = rec[: -len(".rec")] + ".idx"
+    if not store_file_exists(idx):
+        raise FileNotFoundError(f"{redact(rec)} needs its index beside it: expected {redact(idx)}")
+    prop = rec.rpartition("/")[0] + "/property"
+    return RecFiles(rec, idx, prop if store_file_exists(prop) else None)
 
 
 def _rec_files(rec: str) -> RecFiles:
@@ -534,7 +552,12 @@ def _list_file(path: str, sink: _ListingWriter, offset: int) -> _Listed:
 def _read_property(path: str | None) -> int | None:
     if path is None:
         return None
+    from distill.shards.storage import is_uri, open_store_file
+
     try:
+        if is_uri(path):
+            with open_store_file(path) as f:
+                return int(f.read().decode("ascii").strip().split(",")[0])
         with open(path, encoding="ascii") as f:
             return int(f.read().strip().split(",")[0])
     except (ValueError, UnicodeDecodeError):

@@ -113,13 +113,24 @@ class RecordIOReader:
     """
 
     def __init__(self, path: str):
+        from distill.shards.storage import is_uri, open_store_file
+
+        self._fd, self._file = -1, None
+        self._lock = threading.Lock()
+        if is_uri(path):  # on an object store: each read is one ranged GET
+            self.path = path
+            try:
+                self._file = open_store_file(path)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"RecordIO file {path} does not exist") from None
+            self._size = self._file.size()
+            return
         self.path = os.path.abspath(path)
         try:
             self._fd = os.open(self.path, os.O_RDONLY)
         except FileNotFoundError:
             raise FileNotFoundError(f"RecordIO file {self.path} does not exist") from None
         self._size = os.fstat(self._fd).st_size
-        self._lock = threading.Lock()
 
     @property
     def size(self) -> int:
@@ -129,6 +140,8 @@ class RecordIOReader:
         return RecordIOError(f"{self.path} @ offset {offset}: {why}")
 
     def _pread(self, n: int, at: int) -> bytes:
+        if self._file is not None:
+            return self._file.read_at(min(n, max(0, self._size - at)), at)
         if self._fd < 0:
             raise ValueError(f"RecordIOReader for {self.path} is closed")
         return os.pread(self._fd, n, at)
@@ -204,6 +217,8 @@ class RecordIOReader:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+            if self._file is not None:
+                self._file.close()
 
     def __enter__(self) -> "RecordIOReader":
         return self
@@ -262,9 +277,18 @@ def read_idx(path: str, block_bytes: int = 1 << 22) -> Iterator[tuple[np.ndarray
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    path = os.path.abspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"RecordIO index {path} does not exist")
+    from distill.shards.storage import is_uri, open_store_file
+
+    if is_uri(path):
+        try:
+            opened = open_store_file(path)  # (read front to back in blocks)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"RecordIO index {path} does not exist") from None
+    else:
+        path = os.path.abspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"RecordIO index {path} does not exist")
+        opened = open(path, "rb")
     read_opts = pacsv.ReadOptions(column_names=["key", "offset"], use_threads=False, block_size=2 * block_bytes + 64)
     parse_opts = pacsv.ParseOptions(delimiter="\t")
     convert_opts = pacsv.ConvertOptions(column_types={"key": pa.int64(), "offset": pa.int64()})
@@ -284,7 +308,7 @@ def read_idx(path: str, block_bytes: int = 1 << 22) -> Iterator[tuple[np.ndarray
                                 "expected `key<TAB>offset` lines")
         return keys.to_numpy(), offsets.to_numpy()
 
-    with open(path, "rb") as f:
+    with opened as f:
         rest, at = b"", 0
         while True:
             block = f.read(block_bytes)
@@ -404,8 +428,9 @@ class InsightfacePack:
     """
 
     def __init__(self, rec: str, idx: str, block_bytes: int = 1 << 22):
-        self.rec = os.path.abspath(rec)
-        self.idx = os.path.abspath(idx)
+        from distill.shards.storage import is_uri
+
+        self.rec, self.idx = (p if is_uri(p) else os.path.abspath(p) for p in (rec, idx))
         self.block_bytes = block_bytes
         self._reader = RecordIOReader(self.rec)
         try:

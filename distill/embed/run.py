@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from distill.errors import BadInput, BadOption, ShardsFailed, Stopped, StorageFull, storage_fix
@@ -26,7 +26,7 @@ from distill.shards.ledger import Ledger, new_owner, open_ledger
 from distill.shards.manifest import build_manifest, check_compatible, read_manifest, run_id, write_manifest
 from distill.shards.plan import num_shards, parse_shard_name, shard_at, shard_name
 from distill.shards.reconcile import adopt_file, plan_reconcile, shard_files
-from distill.shards.storage import Storage, is_temp_name, open_storage, redact, store_env
+from distill.shards.storage import Storage, is_temp_name, is_uri, open_storage, redact, store_env
 from distill.startup import Phases, show_progress, versions
 from distill.stopping import StopRequest, start_ray
 from distill.teacher import CHANNEL_ORDERS, Preprocessing, TeacherError, TeacherSpec
@@ -45,7 +45,8 @@ class EmbedConfig:
     (``add_cli``); the teacher's input conventions and the views are their own dataclasses."""
 
     listing: str = option(help="listing Parquet made by `distill listing`", positional=True)
-    teacher: str = option(help="teacher TensorFlow SavedModel directory")
+    teacher: str = option(help="teacher TensorFlow SavedModel directory (or an object-store URI: each actor fetches "
+                               "it once into its node's cache and checks its fingerprint)")
     out: str = option(help="shard directory (local/NFS path or s3://, gs:// URI)")
     shard_size: int = option(1024, "rows per shard", group="plan")
     batch_size: int = option(64, "images per teacher call", group="plan")
@@ -134,7 +135,7 @@ class Run:
 def resolve_run(cfg: EmbedConfig, phases: Phases | None = None) -> Run:
     """Check listing, teacher and options; fingerprint them. No Ray, no output written."""
     from distill.embed.listing import listing_fingerprint, read_listing_info
-    from distill.teacher import inspect_teacher, teacher_fingerprint
+    from distill.teacher import fetch_teacher, inspect_teacher, teacher_fingerprint
 
     phases = phases or Phases()
 
@@ -144,9 +145,11 @@ def resolve_run(cfg: EmbedConfig, phases: Phases | None = None) -> Run:
     if info.rows == 0:
         raise BadInput(f"listing {cfg.listing} has no rows; nothing to embed")
     phases.mark("listing")
-    teacher_fp = teacher_fingerprint(cfg.teacher)
+    teacher = _teacher_location(cfg.teacher)  # (on an object store: the actors fetch it, and check this fingerprint)
+    teacher_fp = teacher_fingerprint(fetch_teacher(teacher))
     phases.mark("teacher fingerprint")
-    spec = _spec_from_manifest(cfg, teacher_fp) or inspect_teacher(os.path.abspath(cfg.teacher), cfg.signature, cfg.teacher_output)
+    spec = _spec_from_manifest(cfg, teacher_fp) or replace(
+        inspect_teacher(fetch_teacher(teacher), cfg.signature, cfg.teacher_output), path=teacher)
     phases.mark("teacher signature")
     identity = {
         "listing": os.path.abspath(cfg.listing),
@@ -156,7 +159,7 @@ def resolve_run(cfg: EmbedConfig, phases: Phases | None = None) -> Run:
         "label_names": list(info.label_names) if info.label_names else None,
         "unlabelled": info.unlabelled,  # rows of no identity (label -1): counted, not part of the run id
         "versions": versions(),  # what the bytes were made with (not part of the run id)
-        "teacher": os.path.abspath(cfg.teacher),
+        "teacher": teacher,
         "teacher_fingerprint": teacher_fp,
         "teacher_signature": {"name": spec.signature, "input": spec.input_name, "output": spec.output_name},
         "input_size": [spec.height, spec.width],
@@ -185,7 +188,12 @@ def _spec_from_manifest(cfg: EmbedConfig, teacher_fp: str) -> TeacherSpec | None
     if sig["name"] != cfg.signature or cfg.teacher_output not in (None, sig["output"]):
         return None
     h, w = m["input_size"]
-    return TeacherSpec(os.path.abspath(cfg.teacher), sig["name"], sig["input"], sig["output"], h, w, 3, m["embedding_dim"])
+    return TeacherSpec(_teacher_location(cfg.teacher), sig["name"], sig["input"], sig["output"], h, w, 3,
+                       m["embedding_dim"])
+
+
+def _teacher_location(teacher: str) -> str:
+    return teacher.rstrip("/") if is_uri(teacher) else os.path.abspath(teacher)
 
 
 def open_output(cfg: EmbedConfig, run: Run) -> Storage:
@@ -394,6 +402,7 @@ def embed_job(cfg: EmbedConfig, run: Run, cpus: float) -> Job:
         teacher=run.spec, pre=cfg.preprocessing, out=cfg.out, run_id=run.run_id, batch_size=cfg.batch_size,
         flip=cfg.flip, views=cfg.views, dtype=cfg.dtype, images=cfg.images, paths=run.paths, rec=run.rec,
         threads=max(1, int(cpus)), decode_threads=cfg.decode_threads or max(4, int(cpus)),
+        teacher_fingerprint=run.identity["teacher_fingerprint"],
     )
     return Job(EmbedWorker, task, "embed_shard", "embed")
 

@@ -277,12 +277,12 @@ def teacher_record(cfg: EvaluateConfig) -> tuple[TeacherRecord | None, str | Non
     ``--shards``: that run's record; ``--teacher`` must be the teacher it embedded with (or
     is taken from it). Otherwise, when MODEL is an export whose training shards are readable
     and were embedded by ``--teacher`` (same fingerprint): their record. Else none."""
-    from distill.teacher import teacher_fingerprint
+    from distill.teacher import fetch_teacher, teacher_fingerprint
 
     if cfg.shards:
         record = TeacherRecord.read(cfg.shards)
         teacher = cfg.teacher or record.teacher
-        if teacher_fingerprint(teacher) != record.fingerprint:
+        if teacher_fingerprint(fetch_teacher(teacher)) != record.fingerprint:
             raise IncompatibleRun(
                 f"--teacher {teacher} is not the teacher that embedded {cfg.shards} ({record.teacher}, fingerprint "
                 f"{record.fingerprint[:12]}); pass that teacher, or drop --shards and give its preprocessing options")
@@ -297,7 +297,7 @@ def teacher_record(cfg: EvaluateConfig) -> tuple[TeacherRecord | None, str | Non
     except (DistillError, OSError, KeyError) as e:
         log.debug("no teacher record from %s (%s)", shards, e)
         return None, cfg.teacher
-    return (record if teacher_fingerprint(cfg.teacher) == record.fingerprint else None), cfg.teacher
+    return (record if teacher_fingerprint(fetch_teacher(cfg.teacher)) == record.fingerprint else None), cfg.teacher
 
 
 def choose_preprocessing(record: TeacherRecord | None, given: dict[str, Any]) -> Preprocessing:
@@ -620,6 +620,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     bins = {path: load_bin(path) for kind, path in cfg.targets if kind == "bin"}
     record, teacher = teacher_record(cfg)
     if teacher:
+        from distill.teacher import fetch_teacher
+
+        teacher = fetch_teacher(teacher)  # (a teacher on an object store: this machine's copy)
         resolve_model_dir(teacher)
     import_tensorflow_quietly()
     pre = choose_preprocessing(record, {k: getattr(cfg, k) for k in PREPROCESSING_OPTIONS})

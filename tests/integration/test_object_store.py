@@ -71,6 +71,53 @@ def test_embed_writes_the_same_shard_bytes_to_the_store_as_to_a_local_disk(s3, s
     assert f"shards: {len(local)} done, 0 leased, 0 pending of {len(local)}  [complete]" in status.stdout, status.stdout
 
 
+def test_a_train_rec_on_the_store_is_listed_and_embedded_by_byte_ranges_to_the_bytes_of_a_local_pack(
+        s3, store_env, ledger, ray_address, tiny_teacher, tmp_path):
+    """insightface's train.rec / train.idx / property and the teacher in the bucket: `distill
+    listing` reads the index and the header records in place, the teacher actors fetch the
+    teacher and read each image record by a ranged GET, and the shards equal those of the same
+    pack and teacher listed and embedded from a disk."""
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from distill.embed.recordio import write_insightface_rec
+
+    ids = []
+    for person in ("s1", "s2", "s3", "s4"):
+        imgs = []
+        for i in range(1, 9):
+            buf = io.BytesIO()
+            Image.open(ORL / person / f"{i}.pgm").convert("RGB").resize((112, 112)).save(buf, "JPEG", quality=90)
+            imgs.append(buf.getvalue())
+        ids.append(imgs)
+    pack = tmp_path / "pack"
+    write_insightface_rec(str(pack), ids)
+    for name in ("train.rec", "train.idx", "property"):
+        s3.client().put_object(Bucket=BUCKET, Key=f"emore/{name}", Body=(pack / name).read_bytes())
+    run_cli("listing", f"s3://{BUCKET}/emore", "--out", tmp_path / "s3-listing.parquet", env=store_env)
+    run_cli("listing", pack, "--out", tmp_path / "local-listing.parquet")
+    on_store = pq.read_table(tmp_path / "s3-listing.parquet")
+    local = pq.read_table(tmp_path / "local-listing.parquet")
+    assert on_store.num_rows == local.num_rows == 32
+    for column in ("index", "label", "offset"):
+        assert on_store.column(column).equals(local.column(column)), column
+    # The teacher in the bucket too: each actor fetches it into its node's cache.
+    for f in Path(tiny_teacher).rglob("*"):
+        if f.is_file():
+            s3.client().put_object(Bucket=BUCKET, Key=f"teachers/tiny/{f.relative_to(tiny_teacher)}", Body=f.read_bytes())
+    common = ("--shard-size", "8", "--batch-size", "8", "--address", ray_address, "--no-progress")
+    run_cli("embed", tmp_path / "s3-listing.parquet", "--teacher", f"s3://{BUCKET}/teachers/tiny", "--out",
+            f"s3://{BUCKET}/emore-shards", "--ledger", ledger, *common, env=store_env)
+    run_cli("embed", tmp_path / "local-listing.parquet", "--teacher", tiny_teacher, "--out", tmp_path / "shards",
+            *common)
+    names = sorted(n for n in os.listdir(tmp_path / "shards") if n.endswith(".parquet"))
+    assert len(names) == 4
+    for name in names:
+        assert s3.get(BUCKET, f"emore-shards/{name}") == (tmp_path / "shards" / name).read_bytes(), name
+
+
 def _trace(path: Path) -> list[dict]:
     out = []
     for line in path.read_text().splitlines() if path.exists() else []:

@@ -178,3 +178,21 @@ def test_a_store_call_is_retried_and_then_refused_in_one_line_that_says_what_to_
         retrying(lambda: (_ for _ in ()).throw(OSError("reset")), "uploading s3://b/x", delays=(0, 0))
     with pytest.raises(FileNotFoundError):  # a missing key is an answer
         retrying(lambda: (_ for _ in ()).throw(FileNotFoundError("no key")), "reading", delays=(0,))
+
+
+def test_a_teacher_on_the_store_is_fetched_once_and_one_changed_under_a_run_is_refused(aws, tmp_path):
+    from distill.teacher import TeacherError, fetch_teacher, teacher_fingerprint
+
+    client = aws.client()
+    for rel, body in (("saved_model.pb", b"graph"), ("variables/variables.index", b"index")):
+        client.put_object(Bucket="bkt", Key=f"t5/teacher/{rel}", Body=body)
+    path = fetch_teacher("s3://bkt/t5/teacher")
+    with open(os.path.join(path, "variables", "variables.index"), "rb") as f:
+        assert f.read() == b"index"
+    fp = teacher_fingerprint(path)
+    assert fetch_teacher("s3://bkt/t5/teacher", fp) == path  # the driver's fingerprint: the same teacher
+    client.put_object(Bucket="bkt", Key="t5/teacher/saved_model.pb", Body=b"another")
+    with pytest.raises(TeacherError, match="is not the one this run started with"):
+        fetch_teacher("s3://bkt/t5/teacher", fp)
+    with pytest.raises(TeacherError, match="does not exist"):
+        fetch_teacher("s3://bkt/t5/nothing")
