@@ -88,6 +88,8 @@ ROWS: tuple[Row, ...] = (
     Row("defaults: MobileFaceNet at 64 px, no views, 30 minutes", (*MFN64, *PLAIN), samples=290_000, views=0),
     Row("defaults: MobileFaceNet at 64 px, no views, 16 epochs", (*MFN64, *PLAIN), samples=360_000, views=0),
     Row("MobileFaceNet at 64 px, 4 views, 30 minutes", MFN64, samples=320_000, views=4),
+    Row("MobileFaceNet at 64 px, no views, nMSE only (no contrast), 30 minutes", (*MFN64, *PLAIN, "--contrast-weight",
+        "0"), samples=290_000, views=0),
     # The recipe rows: about 15 minutes of training each (equal time, so samples differ by speed).
     Row(DEFAULT, (*MFN64, *PLAIN), samples=160_000, views=0),
     Row("MobileFaceNet at 64 px, 4 views", MFN64, samples=160_000, views=4),

@@ -376,7 +376,6 @@ class _Run:
 
     def _validate_mid_epoch(self, bar) -> None:
         """``--val-every``: validate (and keep the best) at this step, inside the epoch."""
-        from tqdm import tqdm
 
         state = snapshot(self.model, self.optimizer)  # (every rank: a collective)
         val = self.validate(state)
@@ -384,9 +383,14 @@ class _Run:
             c = self.cursor
             self.runlog.record({"kind": "val", "epoch": c.epoch, "step": c.step, "samples": c.samples,
                                 "seen": c.step * self.cfg.batch_size, **val})
-            line = f"step {c.step}: {val_line(val)}"
             bar.clear()
-            tqdm.write(line) if show_progress(self.cfg.progress) else log.info(line)
+            self._say(f"step {c.step}: {val_line(val)}")
+
+    def _say(self, line: str) -> None:
+        """A line between the progress bar's frames (on a terminal), else a log line."""
+        from tqdm import tqdm
+
+        tqdm.write(line) if show_progress(self.cfg.progress) else log.info(line)
 
     # -- the loop
     def run(self) -> dict[str, Any]:
@@ -507,8 +511,7 @@ class _Run:
         val = self.validate(state)
         if val:
             rec.update(val)
-            line = f"epoch {self.cursor.epoch}/{cfg.epochs}: cos {rec.get('cos', float('nan')):.3f} | {val_line(val)}"
-            tqdm.write(line) if show_progress(cfg.progress) else log.info(line)
+            self._say(f"epoch {self.cursor.epoch}/{cfg.epochs}: cos {rec.get('cos', float('nan')):.3f} | {val_line(val)}")
         self.runlog.record(rec)
         self.save(state, val)
         self._stop_if_asked()
