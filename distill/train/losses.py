@@ -50,7 +50,7 @@ class LossSpec:
     margin: str = "softmax"
     arc_scale: float = 32.0
     arc_margin: float = 0.3
-    contrast_weight: float = 1.0
+    contrast_weight: float = 0.0  # on: +InfoNCE; at scale nMSE alone measured better (docs/QUALITY.md)
     contrast_temperature: float = 0.1
 
     def __post_init__(self) -> None:
