@@ -334,6 +334,14 @@ def unlabelled_loss(cfg: TrainConfig, shards) -> LossSpec:
 _FIXED_TRAIN = ("batch_size", "seed", "shuffle_buffer", "partitions", "optimizer", "val_split", "val_seed")
 
 
+def objective_changes(saved: dict[str, Any], run: TrainRun) -> list[str]:
+    """The loss settings a resume changes from the saved run's (allowed: no order or graph
+    depends on them; said, so that a changed default never passes silently). Pure."""
+    wanted = run.to_json()["loss"]
+    old = LossSpec.from_json(saved["loss"]).__dict__ if "loss" in saved else {}
+    return [f"--{k.replace('_', '-')} {old[k]!r} -> {v!r}" for k, v in wanted.items() if k in old and old[k] != v]
+
+
 def check_resume(saved: dict[str, Any], cursor: Cursor, run: TrainRun, where: str) -> None:
     """Refuse a resume that cannot continue the saved run (its ``config.json``) exactly, naming
     every difference. Pure."""

@@ -19,6 +19,7 @@ each checkpoint, ``best/`` and the logs to the store as it goes (``distill/mirro
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import replace
 
@@ -27,11 +28,12 @@ from distill.options import add_options, config_from_args
 from distill.shards.storage import is_uri, local_path, make_dir
 from distill.startup import import_tensorflow_quietly, show_progress
 from distill.train.checkpoints import LocalCheckpoints, latest_checkpoint, read_checkpoint
-from distill.train.config import TrainConfig, TrainReport, check_resume, resolve
+from distill.train.config import TrainConfig, TrainReport, check_resume, objective_changes, resolve
 
 __all__ = ["TrainConfig", "TrainReport", "run_train", "add_cli"]
 
 VERIFIED = "shards-verified.json"
+log = logging.getLogger(__name__)
 
 
 def check_shards(location: str, out: str, progress: bool | None = None) -> None:
@@ -96,6 +98,11 @@ def _run_train(cfg: TrainConfig, stop) -> TrainReport:
     if latest is not None:  # (whichever worker count wrote it: a run goes on with any)
         saved, cursor = read_checkpoint(latest)
         check_resume(saved, cursor, config, latest)
+        changes = objective_changes(saved, config)
+        if changes:
+            log.warning("the objective differs from the one %s trained with: %s; the rest of the run trains with "
+                        "this one (rerun with the old values, or `distill train --resume OUT`, to keep it)", latest,
+                        ", ".join(changes))
     make_dir(workdir)
     if cfg.verify_shards:
         check_shards(cfg.shards, workdir, cfg.progress)

@@ -13,7 +13,16 @@ from toy_shards import write_toy_shards
 from distill.errors import IncompatibleRun
 from distill.shards.reader import open_shards
 from distill.train.checkpoints import Cursor, LocalCheckpoints, read_checkpoint
-from distill.train.config import Schedule, TrainConfig, TrainRun, check_resume, lr_schedule, resolve, working_resolution
+from distill.train.config import (
+    Schedule,
+    TrainConfig,
+    TrainRun,
+    check_resume,
+    lr_schedule,
+    objective_changes,
+    resolve,
+    working_resolution,
+)
 from distill.train.loop import _trim_jsonl
 
 
@@ -40,6 +49,17 @@ def test_resume_with_the_same_command_is_accepted_and_options_that_do_not_touch_
     # --max-steps stops early and does not shape the schedule: a run can be trained in parts.
     for steps in (5, 50, 10_000):
         check_resume(saved, _cursor(), resolve(replace(cfg, max_steps=steps), shards), "ckpt")
+
+
+def test_a_resume_that_changes_the_objective_is_allowed_and_named(shards):
+    """A run saved with the contrastive term (the default until 2026-12-05), rerun with today's
+    defaults: allowed (no order or graph depends on it), and each change is named."""
+    old = TrainConfig(shards=shards.location, out="o", batch_size=16, contrast_weight=1.0)
+    saved = _saved(old, shards)
+    now = resolve(replace(old, contrast_weight=0.0), shards)
+    check_resume(saved, _cursor(), now, "ckpt")
+    assert objective_changes(saved, now) == ["--contrast-weight 1.0 -> 0.0"]
+    assert objective_changes(saved, resolve(old, shards)) == []
 
 
 @pytest.mark.parametrize("change", [dict(epochs=30), dict(epochs=3), dict(lr=0.1),
