@@ -116,6 +116,8 @@ ROWS: tuple[Row, ...] = (
         samples=160_000, views=0),
     Row("MobileFaceNet at 64 px, no views, lr 0.004", (*MFN64, *PLAIN, *CONTRAST, "--lr", "0.004"), samples=160_000,
         views=0),
+    Row("MobileFaceNet at 64 px, no views, nMSE only, lr 0.004", (*MFN64, *PLAIN, *NMSE, "--lr", "0.004"),
+        samples=160_000, views=0),
     Row("MobileFaceNet at 64 px, no views, batch 128 at lr 0.004", (*MFN64, *PLAIN, *CONTRAST, "--batch-size", "128",
         "--lr", "0.004"), samples=160_000, views=0),
     # The identity curve: the default recipe at equal samples on CelebA people only (no curve
