@@ -177,10 +177,10 @@ def test_the_resolved_run_round_trips_through_its_checkpoint_form(shards):
              "student": {k: v for k, v in saved["student"].items() if k not in ("arch", "resolution")}}
     back = TrainRun.from_json(older)  # saved before --student: the MobileNetV2 it trained, not today's default
     assert (back.train.student, back.train.resolution, back.student.arch) == ("mobilenetv2", None, "mobilenetv2")
-    renamed = {**saved, "train": {**{k: v for k, v in saved["train"].items() if k != "distill_weight"}, "mse_weight": 0.0},
-               "loss": {**{k: v for k, v in saved["loss"].items() if k != "distill_weight"}, "mse_weight": 0.0}}
+    renamed = {**saved, "train": {**{k: v for k, v in saved["train"].items() if k != "distill_weight"}, "mse_weight": 0.5},
+               "loss": {**{k: v for k, v in saved["loss"].items() if k != "distill_weight"}, "mse_weight": 0.5}}
     back = TrainRun.from_json(renamed)  # a run saved before --mse-weight became --distill-weight
-    assert back.train.distill_weight == 0.0 and back.loss.distill_weight == 0.0
+    assert back.train.distill_weight == 0.5 and back.loss.distill_weight == 0.5
 
 
 def test_checkpoints_are_renamed_into_place_and_only_the_last_few_kept(tmp_path):
