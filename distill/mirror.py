@@ -200,8 +200,8 @@ class Mirror:
             pass
 
     def exists(self) -> bool:
-        """Whether the store holds anything of this directory."""
-        return bool(self._pushed) or bool(self._listing())
+        """Whether the store holds anything of this directory (as of the last open, pull or push)."""
+        return bool(self._pushed)
 
     # -- pull: the cache becomes the store's finished state
     def pull(self) -> None:

@@ -129,6 +129,24 @@ class RayHead:
         shutil.rmtree(self.temp, ignore_errors=True)
 
 
+def orl_jpegs(people: int, per_person: int, size: int = 112) -> list[list[bytes]]:
+    """The first ORL people's first images as RGB JPEGs, one list per person (the shape
+    ``write_insightface_rec`` takes)."""
+    import io
+
+    from PIL import Image
+
+    out = []
+    for person in range(1, people + 1):
+        imgs = []
+        for i in range(1, per_person + 1):
+            buf = io.BytesIO()
+            Image.open(ORL / f"s{person}" / f"{i}.pgm").convert("RGB").resize((size, size)).save(buf, "JPEG", quality=90)
+            imgs.append(buf.getvalue())
+        out.append(imgs)
+    return out
+
+
 def build_tiny_teacher(out: Path, dim: int = 512, size: int = 112, seed: int = 0) -> Path:
     """A two-conv random teacher with a ``dim``-d output: real shards in seconds, when what is
     measured or tested is the data around the teacher, not the teacher."""

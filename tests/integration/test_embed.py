@@ -6,7 +6,6 @@ uninterrupted run of the same command.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -19,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import MOBILEFACENET, ORL, run_cli
-from support import CHILD_ENV, command_lines, process_tree
+from support import CHILD_ENV, command_lines, orl_jpegs, process_tree
 
 pytestmark = pytest.mark.integration
 
@@ -279,19 +278,9 @@ def test_a_run_of_mostly_unreadable_rows_is_not_a_silent_success(tmp_path, tiny_
 
 
 def test_rec_source_with_a_corrupt_record(tmp_path, tiny_teacher, ray_address):
-    from PIL import Image
-
     from distill.embed.recordio import write_insightface_rec
 
-    ids = []
-    for person in ("s1", "s2", "s3"):
-        imgs = []
-        for i in range(1, 6):
-            buf = io.BytesIO()
-            Image.open(ORL / person / f"{i}.pgm").convert("RGB").resize((112, 112)).save(buf, "JPEG", quality=90)
-            imgs.append(buf.getvalue())
-        ids.append(imgs)
-    write_insightface_rec(str(tmp_path), ids)
+    write_insightface_rec(str(tmp_path), orl_jpegs(people=3, per_person=5))
     run_cli("listing", tmp_path / "train.rec", "--out", tmp_path / "listing.parquet")
     # Corrupt the magic of the 7th image record (key 7) in place.
     offsets = dict(line.split("\t") for line in (tmp_path / "train.idx").read_text().split("\n") if line)

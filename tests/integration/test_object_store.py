@@ -21,6 +21,7 @@ import pytest
 from conftest import ORL, run_cli
 from redis_server import RedisServer
 from s3_server import S3Server
+from support import orl_jpegs
 from toy_shards import write_toy_shards
 
 from distill.mirror import MARKER
@@ -77,23 +78,12 @@ def test_a_train_rec_on_the_store_is_listed_and_embedded_by_byte_ranges_to_the_b
     listing` reads the index and the header records in place, the teacher actors fetch the
     teacher and read each image record by a ranged GET, and the shards equal those of the same
     pack and teacher listed and embedded from a disk."""
-    import io
-
     import pyarrow.parquet as pq
-    from PIL import Image
 
     from distill.embed.recordio import write_insightface_rec
 
-    ids = []
-    for person in ("s1", "s2", "s3", "s4"):
-        imgs = []
-        for i in range(1, 9):
-            buf = io.BytesIO()
-            Image.open(ORL / person / f"{i}.pgm").convert("RGB").resize((112, 112)).save(buf, "JPEG", quality=90)
-            imgs.append(buf.getvalue())
-        ids.append(imgs)
     pack = tmp_path / "pack"
-    write_insightface_rec(str(pack), ids)
+    write_insightface_rec(str(pack), orl_jpegs(people=4, per_person=8))
     for name in ("train.rec", "train.idx", "property"):
         s3.client().put_object(Bucket=BUCKET, Key=f"emore/{name}", Body=(pack / name).read_bytes())
     run_cli("listing", f"s3://{BUCKET}/emore", "--out", tmp_path / "s3-listing.parquet", env=store_env)
