@@ -15,11 +15,15 @@ Two layouts:
   strings (``1.pgm, 10.pgm, 2.pgm``). Files directly in ROOT belong to no identity.
 - **flat** ``ROOT/*.jpg``: no sub-folders, images directly in ROOT, no identities (the
   label-free case: distillation needs no labels), sorted by name.
+
+A folder on an object store (``s3://bucket/faces``) follows the same rules (``scan_store``):
+its keys are listed once, recursively, and sorted into the same layout by ``tree_of``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".pgm", ".ppm", ".pbm", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -100,3 +104,51 @@ def flat_images(root: str) -> tuple[list[str], int]:
     root = os.path.abspath(root)
     _, images, other = top_level(root)
     return [os.path.join(root, n) for n in images], other
+
+
+# ---------------------------------------------------------------------------- on an object store
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A folder given as the relative paths of its files, sorted into the layout above."""
+
+    names: tuple[str, ...]  # identity folders, sorted
+    files: tuple[tuple[str, ...], ...]  # per identity, relative paths in listing order
+    loose: tuple[str, ...]  # images directly in the root, sorted by name
+    skipped: int  # files that are not images (by extension)
+
+
+def tree_of(rels: Iterable[str]) -> Tree:
+    """The layout of a tree known only by its files' relative paths (``a/b/c.jpg``), by the
+    rules of a local folder: hidden parts left out, images by extension, identities by their
+    top folder, each one's images ordered by path parts. A folder holding no image at all is
+    still an identity (as a local one is) when it holds other files; one holding nothing has
+    no keys on a store, so it is not there. Pure."""
+    per: dict[str, list[tuple[list[str], str]]] = {}
+    loose: list[str] = []
+    skipped = 0
+    for rel in rels:
+        parts = rel.split("/")
+        if any(is_hidden(p) for p in parts) or not parts[-1]:
+            continue
+        mine = per.setdefault(parts[0], []) if len(parts) > 1 else None
+        if not is_image_name(parts[-1]):
+            skipped += 1
+        elif mine is None:
+            loose.append(rel)
+        else:
+            mine.append((parts[1:], rel))
+    names = sorted(per)
+    files = tuple(tuple(rel for _, rel in sorted(per[n], key=lambda t: t[0])) for n in names)
+    return Tree(tuple(names), files, tuple(sorted(loose)), skipped)
+
+
+def scan_store(root: str) -> Tree:
+    """The layout of the folder ``root`` on an object store (a URI), paths made URIs again."""
+    from distill.shards.storage import redact, retrying, store_tree
+
+    base = root.rstrip("/")
+    tree = tree_of(rel for rel, _ in retrying(lambda: store_tree(base), f"listing {redact(base)}"))
+    return Tree(tree.names, tuple(tuple(f"{base}/{r}" for r in f) for f in tree.files),
+                tuple(f"{base}/{r}" for r in tree.loose), tree.skipped)

@@ -25,6 +25,11 @@ class UnreadableImage(BadInput):
 
 
 def read_file(path: str) -> bytes:
+    """The bytes of an image file, or of an object (``s3://...``: a listing of a folder or list
+    on a store). A missing or empty one is a bad row; a store that does not answer after its
+    retries is an error of the whole shard (retried, never recorded as a bad image)."""
+    if "://" in path and not path.startswith("file://"):
+        return _read_object(path)
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -36,6 +41,18 @@ def read_file(path: str) -> bytes:
         raise UnreadableImage(f"cannot read: {e.strerror or e}") from None
     if not data:
         raise UnreadableImage("empty file")
+    return data
+
+
+def _read_object(uri: str) -> bytes:
+    from distill.shards.storage import read_store_bytes, redact, retrying
+
+    try:
+        data = retrying(lambda: read_store_bytes(uri), f"reading {redact(uri)}")
+    except FileNotFoundError:
+        raise UnreadableImage("missing object") from None
+    if not data:
+        raise UnreadableImage("empty object")
     return data
 
 

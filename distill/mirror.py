@@ -30,6 +30,8 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from distill.shards.storage import retrying
+
 MARKER = "_COMPLETE.json"
 CACHE_ENV = "DISTILL_CACHE"
 
@@ -88,30 +90,6 @@ def complete_units(listing: dict[str, int], units: tuple[str, ...],
         if present == {name: size for name, (size, _) in files.items()}:
             whole.add(unit)
     return whole
-
-
-RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)  # a store call that fails is tried again after each of these
-
-
-def retrying(call, what: str, delays: tuple[float, ...] = RETRY_DELAYS_S):
-    """``call()``, tried again after each delay while it fails with a store error (a timeout, a
-    connection reset, a 5xx); a missing key is an answer, not an error. After the last try,
-    the error says what was being done and that a rerun goes on from the store's state."""
-    import time
-
-    for delay in (*delays, None):
-        try:
-            return call()
-        except FileNotFoundError:
-            raise
-        except OSError as e:
-            if delay is None:
-                from distill.errors import Unreachable
-
-                raise Unreachable(f"{what}: the store did not answer after {len(delays) + 1} tries ({e}); "
-                                       "check the endpoint and credentials, then rerun: the run goes on from what "
-                                       "the store holds") from e
-            time.sleep(delay)
 
 
 def sha256_file(path: str) -> str:
@@ -361,6 +339,43 @@ def local_copy(location: str, option: str, units: tuple[str, ...] = ("",), skip:
         raise FileNotFoundError(f"{option} {redact(location)}: nothing there on the store")
     m.pull()
     return m.local
+
+
+def local_file(location: str, option: str) -> str:
+    """A local path to read the file ``location`` from: the path itself, or for a store URI this
+    machine's copy of the object, fetched again only when the object's size or time changed."""
+    from distill.shards.storage import download_file, is_uri, redact, store_fs
+
+    if not is_uri(location):
+        return os.path.abspath(location)
+    where = redact(location)
+
+    def stat() -> tuple[int, float]:
+        import pyarrow.fs as pafs
+
+        fs, path = store_fs(location)
+        info = fs.get_file_info(path)
+        if info.type != pafs.FileType.File:
+            raise FileNotFoundError(f"{option} {where}: no such object on the store")
+        return info.size, info.mtime.timestamp() if info.mtime else 0.0
+
+    size, mtime = retrying(stat, f"looking up {where}")
+    parent, _, name = location.rstrip("/").rpartition("/")
+    local = os.path.join(cache_dir(parent, "file"), name)  # (apart from the directory copies)
+    stamp = f"{local}.stamp.json"
+    want = {"size": size, "mtime": mtime}
+    try:
+        with open(stamp) as f:
+            if json.load(f) == want and os.path.getsize(local) == size:
+                return local
+    except (OSError, ValueError):
+        pass
+    from distill.shards.storage import make_dir, write_file_atomic
+
+    make_dir(os.path.dirname(local), option)
+    retrying(lambda: download_file(location, local), f"reading {where}")
+    write_file_atomic(stamp, json.dumps(want), durable=False)
+    return local
 
 
 def write_output(location: str, data: bytes, option: str) -> None:

@@ -12,6 +12,7 @@ manifest, written last, is what says which keys are done.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 from dataclasses import dataclass
@@ -124,15 +125,7 @@ class ArrowStorage:
 
     @classmethod
     def from_uri(cls, uri: str, create: bool = True) -> "ArrowStorage":
-        import pyarrow.fs as pafs
-
-        try:
-            fs, path = pafs.FileSystem.from_uri(uri)
-        except Exception as e:  # pyarrow raises ArrowInvalid/OSError subclasses
-            raise BadOption(
-                f"cannot open storage {redact(uri)}: {e}. Use a local path, or a URI pyarrow.fs "
-                "supports (s3://bucket/dir, gs://bucket/dir) with credentials in the environment."
-            ) from e
+        fs, path = store_fs(uri)
         if create:
             fs.create_dir(path, recursive=True)
         return cls(fs, path.rstrip("/"), uri.split("://", 1)[0])
@@ -148,32 +141,44 @@ class ArrowStorage:
     def _p(self, name: str) -> str:
         return f"{self.path}/{name}"
 
+    # Every call is retried through a short outage (``retrying``): a put of one whole object and
+    # a read are safe to repeat; after the last try the error says to rerun.
     def write_atomic(self, name: str, data: bytes) -> None:
         # Object stores publish a key only when its upload completes: write-once is atomic.
-        with self.fs.open_output_stream(self._p(name)) as f:
-            f.write(data)
+        def put() -> None:
+            with self.fs.open_output_stream(self._p(name)) as f:
+                f.write(data)
+
+        retrying(put, f"writing {self.uri(name)}")
 
     def read_bytes(self, name: str) -> bytes:
-        with self.fs.open_input_stream(self._p(name)) as f:
-            return f.read()
+        def get() -> bytes:
+            with self.fs.open_input_stream(self._p(name)) as f:
+                return f.read()
+
+        return retrying(get, f"reading {self.uri(name)}")
+
+    def _info(self, name: str):
+        return retrying(lambda: self.fs.get_file_info(self._p(name)), f"looking up {self.uri(name)}")
 
     def exists(self, name: str) -> bool:
         import pyarrow.fs as pafs
 
-        return self.fs.get_file_info(self._p(name)).type != pafs.FileType.NotFound
+        return self._info(name).type != pafs.FileType.NotFound
 
     def size(self, name: str) -> int:
-        return self.fs.get_file_info(self._p(name)).size
+        return self._info(name).size
 
     def list(self) -> list[str]:
         import pyarrow.fs as pafs
 
-        infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
+        infos = retrying(lambda: self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True)),
+                         f"listing {self.root}")
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
 
     def remove(self, name: str) -> None:
         try:
-            self.fs.delete_file(self._p(name))
+            retrying(lambda: self.fs.delete_file(self._p(name)), f"deleting {self.uri(name)}")
         except FileNotFoundError:
             pass
 
@@ -184,7 +189,7 @@ class ArrowStorage:
         return f"{self.root}/{name}"
 
     def mtime(self, name: str) -> float:
-        mt = self.fs.get_file_info(self._p(name)).mtime
+        mt = self._info(name).mtime
         return mt.timestamp() if mt else 0.0
 
 
@@ -199,26 +204,118 @@ def store_env() -> dict[str, str]:
     return {k: os.environ[k] for k in STORE_ENV if os.environ.get(k)}
 
 
+RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0)  # a store call that fails is tried again after each of these
+
+
+def retrying(call, what: str, delays: tuple[float, ...] = RETRY_DELAYS_S):
+    """``call()``, tried again after each delay while it fails with a store error (a timeout, a
+    connection reset, a 5xx); a missing key is an answer, not an error. After the last try,
+    the error says what was being done and that a rerun goes on from the store's state."""
+    import time
+
+    for delay in (*delays, None):
+        try:
+            return call()
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            if delay is None:
+                from distill.errors import Unreachable
+
+                raise Unreachable(f"{what}: the store did not answer after {len(delays) + 1} tries ({e}); "
+                                       "check the endpoint and credentials, then rerun: the run goes on from what "
+                                       "the store holds") from e
+            time.sleep(delay)
+
+
+@functools.lru_cache(maxsize=64)
+def _filesystem(root: str):
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(root)[0]
+
+
+def store_fs(uri: str) -> tuple[object, str]:
+    """(pyarrow filesystem, path in it) of a store URI. Buckets (s3://, gs://) keep one
+    filesystem per process: making an S3 client costs milliseconds, and the teacher pass reads
+    every image of a listing of image URIs through one."""
+    scheme, rest = uri.split("://", 1)
+    try:
+        if scheme in ("s3", "gs", "gcs"):
+            head, _, query = rest.partition("?")
+            bucket, _, key = head.partition("/")
+            fs = _filesystem(f"{scheme}://{bucket}" + (f"?{query}" if query else ""))
+            return fs, f"{bucket.rsplit('@', 1)[-1]}/{key}".rstrip("/")
+        import pyarrow.fs as pafs
+
+        return pafs.FileSystem.from_uri(uri)
+    except Exception as e:  # pyarrow raises ArrowInvalid/OSError subclasses for a URI it cannot use
+        raise BadOption(f"cannot open {redact(uri)}: {e}. Use a URI pyarrow.fs supports (s3://bucket/key, "
+                        "gs://bucket/key) with credentials in the environment") from e
+
+
+def store_kind(uri: str) -> str | None:
+    """"file", "dir" or None (nothing there): what a store URI names."""
+    import pyarrow.fs as pafs
+
+    fs, path = store_fs(uri)
+    kind = fs.get_file_info(path).type
+    return {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(kind)
+
+
 def open_store_file(uri: str):
     """A random-access file on an object store (``read_at(n, offset)``: one ranged GET; safe
     from several threads at once, as Arrow's files are), or FileNotFoundError."""
-    import pyarrow.fs as pafs
-
-    try:
-        fs, path = pafs.FileSystem.from_uri(uri)
-    except Exception as e:
-        raise BadOption(f"cannot open {redact(uri)}: {e}") from e
-    if fs.get_file_info(path).type != pafs.FileType.File:
+    if store_kind(uri) != "file":
         raise FileNotFoundError(f"{redact(uri)} does not exist")
+    fs, path = store_fs(uri)
     return fs.open_input_file(path)
 
 
+def read_store_bytes(uri: str) -> bytes:
+    """One object, whole (FileNotFoundError when there is none)."""
+    fs, path = store_fs(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def store_tree(uri: str) -> list[tuple[str, int]]:
+    """(path relative to ``uri``, size) of every object below it, recursively, in key order:
+    one listing call per 1,000 keys on S3, however deep the tree."""
+    import pyarrow.fs as pafs
+
+    fs, path = store_fs(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    cut = len(path.rstrip("/")) + 1
+    return sorted((i.path[cut:], i.size) for i in infos if i.type == pafs.FileType.File)
+
+
 def store_file_exists(uri: str) -> bool:
+    return store_kind(uri) == "file"
+
+
+def upload_file(local: str, uri: str, block: int = 8 << 20) -> None:
+    """A local file to one object, streamed (multipart above one part): the key appears only
+    when the upload completes, so a reader never sees half of it."""
+    fs, path = store_fs(uri)
+    with open(local, "rb") as src, fs.open_output_stream(path) as out:
+        for chunk in iter(lambda: src.read(block), b""):
+            out.write(chunk)
+
+
+def download_file(uri: str, local: str, block: int = 8 << 20) -> None:
+    """One object to a local file, whole or not at all (a hidden sibling renamed into place)."""
+    fs, path = store_fs(uri)
+    tmp = os.path.join(os.path.dirname(local), temp_name(os.path.basename(local)))
     try:
-        open_store_file(uri).close()
-        return True
-    except FileNotFoundError:
-        return False
+        with fs.open_input_stream(path) as src, open(tmp, "wb") as out:
+            for chunk in iter(lambda: src.read(block), b""):
+                out.write(chunk)
+        os.replace(tmp, local)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def local_path(path: str, option: str) -> str:

@@ -11,9 +11,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from support import free_port
@@ -101,6 +104,86 @@ class S3Server:
 
     def __exit__(self, *exc) -> None:
         self.stop(kill=True)
+
+
+class Outage:
+    """A loopback TCP relay in front of the S3 server that can go down and come back up on the
+    same port: what a client sees when its store dies and restarts (open connections reset,
+    new ones refused, then answered again), with the store's contents kept, which a restarted
+    in-memory moto_server would not.
+
+    ``with Outage(s3) as relay: run_cli(..., env=relay.env); relay.down(); relay.up()``."""
+
+    def __init__(self, server: S3Server):
+        self.server, self.port = server, free_port()
+        self._listener: socket.socket | None = None
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**self.server.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}"}
+
+    def up(self) -> None:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        """Refuse new connections and reset every open one."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        with self._lock:
+            conns, self._open = self._open, set()
+        for c in conns:
+            try:
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+                c.close()
+            except OSError:
+                pass
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # closed by down()
+                return
+            try:
+                backend = socket.create_connection(("127.0.0.1", self.server.port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                if self._listener is not listener:  # went down meanwhile
+                    client.close()
+                    backend.close()
+                    continue
+                self._open |= {client, backend}
+            for a, b in ((client, backend), (backend, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for c in (src, dst):
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def __enter__(self) -> "Outage":
+        self.up()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.down()
 
 
 if __name__ == "__main__":  # a server for trying things by hand: python tests/s3_server.py

@@ -37,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import threading
 import time
 from collections import OrderedDict
@@ -46,6 +47,7 @@ from typing import Iterator
 import numpy as np
 
 from distill.errors import BadInput, BadOption
+from distill.folders import Tree
 from distill.options import add_options, config_from_args, option
 from distill.shards.format import UNLABELLED
 from distill.shards.storage import local_path, make_dir
@@ -65,11 +67,13 @@ class ListingConfig:
 
     sources: tuple[str, ...] = option(
         help="identity folders (ROOT/NAME/images), a flat folder of images (no identities: unlabelled), a list "
-             "file (`path<TAB>label` or bare `path` lines), or an insightface train.rec / its folder (local, or "
-             "on an object store: s3://bucket/faces_emore, read in place by byte ranges); several "
-             "sources are listed one after another with their label spaces kept apart",
+             "file (`path<TAB>label` or bare `path` lines, paths or URIs), or an insightface train.rec / its folder; "
+             "each local or on an object store (s3://bucket/faces: a folder listed by its keys, a pack read in "
+             "place by byte ranges); several sources are listed one after another with their label spaces kept "
+             "apart",
         positional=True, metavar="SOURCE")
-    out: str = option(help="output file, e.g. RUN/listing.parquet (written atomically)", required=True)
+    out: str = option(help="output file, e.g. RUN/listing.parquet, or an object-store URI (written atomically)",
+                      required=True)
     row_group_rows: int = option(DEFAULT_ROW_GROUP_ROWS, "rows per Parquet row group")
     idx_block_bytes: int = 1 << 22  # train.idx text parsed per chunk
 
@@ -242,11 +246,17 @@ def _not_the_format(where: str, lineno: int, expected: str) -> BadInput:
 
 
 def resolve_list_path(base: str, path: str) -> str:
-    """A list entry as an absolute path: relative ones resolve against the list's folder.
+    """A list entry as an absolute path or a URI: relative ones resolve against the list's
+    folder (on a store, too); URIs are kept as written.
 
     Plain string work on the common cases; os.path only where ``.``/``..`` need collapsing
     (millions of lines pass through here).
     """
+    if "://" in path:  # a URI: as written (file:// is a local path)
+        return path[len("file://"):] if path.startswith("file://") else path
+    if "://" in base and not path.startswith("/"):  # relative to a list on an object store
+        scheme, rest = base.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(f'{rest}/{path}')}"
     if path.startswith("/"):
         return path if "/." not in path and "//" not in path else os.path.normpath(path)
     if path.startswith(".") or "/." in path or "//" in path:
@@ -280,16 +290,17 @@ def covering_row_groups(starts: np.ndarray, start: int, stop: int) -> range:
 # ---------------------------------------------------------------------------- source kinds
 
 SOURCES_HELP = ("a folder of identity sub-folders, a flat folder of images (no identities), a list file of "
-                "`path<TAB>label` lines, or an insightface train.rec (or its folder)")
+                "`path<TAB>label` lines, or an insightface train.rec (or its folder); local or on an object store")
 
 
-def resolve_source(source: str) -> tuple[str, str, RecFiles | None]:
-    """(kind, absolute source, rec files or None). Touches the filesystem, decides nothing else."""
+def resolve_source(source: str) -> tuple[str, str, RecFiles | Tree | None]:
+    """(kind, absolute source, what to list: rec files, a store folder's tree, or None).
+    Touches the filesystem (or the store), decides nothing else."""
     from distill.folders import top_level
     from distill.shards.storage import is_uri
 
-    if is_uri(source):  # an insightface pack on an object store, read in place by byte ranges
-        return "rec", source.rstrip("/"), _rec_files_on_store(source.rstrip("/"))
+    if is_uri(source):
+        return _resolve_on_store(source.rstrip("/"))
     src = os.path.abspath(source)
     if not os.path.exists(src):
         raise FileNotFoundError(f"listing source {src} does not exist; give {SOURCES_HELP}")
@@ -308,12 +319,46 @@ def resolve_source(source: str) -> tuple[str, str, RecFiles | None]:
     if src.endswith(".idx") and os.path.isfile(src[: -len(".idx")] + ".rec"):
         raise BadInput(f"{src} is a RecordIO index; give the .rec beside it ({src[:-4]}.rec) or its folder")
     with open(src, "rb") as f:
-        if looks_binary(f.read(8192)):
-            raise BadInput(
-                f"{src} is a binary file, not a list: give a folder of identity sub-folders, a text file "
-                "of `path<TAB>label` lines, or an insightface train.rec"
-            )
+        _refuse_binary(src, f.read(8192))
     return "list", src, None
+
+
+def _refuse_binary(where: str, head: bytes) -> None:
+    if looks_binary(head):
+        raise BadInput(f"{where} is a binary file, not a list: give a folder of identity sub-folders, a text file "
+                       "of `path<TAB>label` lines, or an insightface train.rec")
+
+
+def _resolve_on_store(source: str) -> tuple[str, str, RecFiles | Tree | None]:
+    """A source on an object store: a pack is read in place by byte ranges; a folder is listed
+    by its keys (once, recursively); a list file is fetched to this machine's cache."""
+    from distill.folders import scan_store
+    from distill.shards.storage import redact, retrying, store_file_exists, store_kind
+
+    where = redact(source)
+    kind = retrying(lambda: store_kind(source), f"looking up {where}")
+    if source.endswith(".rec") or (kind == "dir" and store_file_exists(f"{source}/train.rec")):
+        return "rec", source, _rec_files_on_store(source)
+    if kind is None:
+        raise FileNotFoundError(f"listing source {where}: nothing there on the store; give {SOURCES_HELP}")
+    if source.endswith(".idx") and store_file_exists(source[: -len(".idx")] + ".rec"):
+        raise BadInput(f"{where} is a RecordIO index; give the .rec beside it or its folder")
+    if kind == "file":
+        _refuse_binary(where, retrying(lambda: _store_head(source), f"reading {where}"))
+        return "list", source, None
+    tree = scan_store(source)
+    if tree.names:
+        return "folders", source, tree
+    if tree.loose:
+        return "flat", source, tree
+    raise BadInput(f"{where} has no sub-folders and no image files; give {SOURCES_HELP}")
+
+
+def _store_head(uri: str, n: int = 8192) -> bytes:
+    from distill.shards.storage import open_store_file
+
+    with open_store_file(uri) as f:
+        return f.read_at(min(n, f.size()), 0)
 
 
 def _rec_files_on_store(source: str) -> RecFiles:
@@ -472,10 +517,27 @@ def _list_folders(root: str, sink: _ListingWriter, offset: int) -> _Listed:
             empty += not files
             sink.add(np.full(len(files), offset + label, dtype=np.int64), files)
             bar.update(1)
-    if empty:
-        log.warning("%d of %d identity folders in %s hold no images; their labels stay reserved", empty, len(names), root)
+    _say_empty(empty, len(names), root)
     _say_skipped(skipped, root)
     return _Listed(len(names), tuple(names))
+
+
+def _list_tree(root: str, tree: Tree, sink: _ListingWriter, offset: int) -> _Listed:
+    """A folder on an object store, already listed (``distill.folders.scan_store``)."""
+    from distill.shards.storage import redact
+
+    where = redact(root)
+    if not tree.names:  # flat: every row unlabelled
+        sink.add(np.full(len(tree.loose), UNLABELLED, dtype=np.int64), list(tree.loose))
+        _say_skipped(tree.skipped, where)
+        return _Listed(0, (), len(tree.loose))
+    if tree.loose:
+        log.info("ignoring %d image(s) directly in %s: they belong to no identity folder", len(tree.loose), where)
+    for label, files in enumerate(tree.files):
+        sink.add(np.full(len(files), offset + label, dtype=np.int64), list(files))
+    _say_empty(sum(not f for f in tree.files), len(tree.names), where)
+    _say_skipped(tree.skipped, where)
+    return _Listed(len(tree.names), tree.names)
 
 
 def _list_flat(root: str, sink: _ListingWriter) -> _Listed:
@@ -488,6 +550,11 @@ def _list_flat(root: str, sink: _ListingWriter) -> _Listed:
     return _Listed(0, (), len(files))
 
 
+def _say_empty(empty: int, names: int, root: str) -> None:
+    if empty:
+        log.warning("%d of %d identity folders in %s hold no images; their labels stay reserved", empty, names, root)
+
+
 def _say_skipped(skipped: int, root: str) -> None:
     if skipped:
         from distill.folders import IMAGE_EXTENSIONS
@@ -496,10 +563,11 @@ def _say_skipped(skipped: int, root: str) -> None:
                  " ".join(IMAGE_EXTENSIONS))
 
 
-def _list_lines(path: str) -> Iterator[tuple[int, str, int | None]]:
+def _list_lines(path: str, base: str | None = None) -> Iterator[tuple[int, str, int | None]]:
     """(line number, absolute path, label or None) of every data line, in the format the
-    file's first data line is in (``list_dialect``)."""
-    base = os.path.dirname(path)
+    file's first data line is in (``list_dialect``). Relative paths resolve against ``base``
+    (default: the list's folder; for a list fetched from a store, its folder there)."""
+    base = os.path.dirname(path) if base is None else base
     dialect = None
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, 1):
@@ -512,8 +580,13 @@ def _list_lines(path: str) -> Iterator[tuple[int, str, int | None]]:
             yield lineno, resolve_list_path(base, p), label
 
 
-def _list_file(path: str, sink: _ListingWriter, offset: int) -> _Listed:
-    lines = _list_lines(path)
+def _list_file(source: str, sink: _ListingWriter, offset: int) -> _Listed:
+    from distill.mirror import local_file
+    from distill.shards.storage import is_uri
+
+    # A list on a store: read from this machine's copy, its relative paths resolved on the store.
+    path, base = (local_file(source, "SOURCE"), source.rpartition("/")[0]) if is_uri(source) else (source, None)
+    lines = _list_lines(path, base)
     first = next(lines, None)
     lines.close()
     if first is None:
@@ -522,7 +595,7 @@ def _list_file(path: str, sink: _ListingWriter, offset: int) -> _Listed:
     ids: dict[str, int] = {}
     if first[2] is None:
         # Label = parent folder name: the numbering needs every name first, so read twice.
-        distinct = {parent_name(p) for _, p, _ in _list_lines(path)}
+        distinct = {parent_name(p) for _, p, _ in _list_lines(path, base)}
         names = tuple(sorted(distinct))
         ids = {n: i for i, n in enumerate(names)}
     top, unlabelled = -1, 0
@@ -535,7 +608,7 @@ def _list_file(path: str, sink: _ListingWriter, offset: int) -> _Listed:
         bar.update(len(paths))
 
     with _bar(unit="line", desc="listing file") as bar:
-        for _, p, label in _list_lines(path):
+        for _, p, label in _list_lines(path, base):
             if label is None:
                 label = ids[parent_name(p)]
             top = max(top, label)
@@ -598,15 +671,17 @@ def combined_names(parts: list[tuple[SourcePart, tuple[str, ...] | None]]) -> tu
     return tuple(out)
 
 
-def _list_one(kind: str, source: str, rec_files: RecFiles | None, sink: _ListingWriter, cfg: ListingConfig,
+def _list_one(kind: str, source: str, found: RecFiles | Tree | None, sink: _ListingWriter, cfg: ListingConfig,
               offset: int) -> _Listed:
+    if isinstance(found, Tree):
+        return _list_tree(source, found, sink, offset)
     if kind == "folders":
         return _list_folders(source, sink, offset)
     if kind == "flat":
         return _list_flat(source, sink)
     if kind == "list":
         return _list_file(source, sink, offset)
-    return _list_rec(rec_files, sink, cfg.idx_block_bytes, offset)
+    return _list_rec(found, sink, cfg.idx_block_bytes, offset)
 
 
 def build_listing(cfg: ListingConfig) -> ListingInfo:
@@ -617,23 +692,20 @@ def build_listing(cfg: ListingConfig) -> ListingInfo:
     unlabelled source (a flat folder) marked ``UNLABELLED``.
     """
     resolved = [resolve_source(src) for src in cfg.sources]
-    recs = [r.rec for _, _, r in resolved if r is not None]
+    recs = [r.rec for _, _, r in resolved if isinstance(r, RecFiles)]
     if len(recs) > 1:
         raise BadOption(f"a listing reads at most one .rec pack, got {len(recs)} ({', '.join(recs)}); list each "
                         "pack on its own, or unpack all but one into folders")
     if len({src for _, src, _ in resolved}) < len(resolved):
         raise BadOption(f"a source is given twice: {' '.join(cfg.sources)}; each image must be listed once")
-    out = local_path(cfg.out, "--out")
-    if os.path.isdir(out):
-        raise BadOption(f"--out {out} is a directory; give a file path such as {os.path.join(out, 'listing.parquet')}")
-    make_dir(os.path.dirname(out))
+    out = _local_out(cfg.out)
     sink = _ListingWriter(out, cfg.row_group_rows)
     try:
         parts: list[tuple[SourcePart, tuple[str, ...] | None]] = []
         classes = 0
-        for kind, source, rec_files in resolved:
+        for kind, source, found in resolved:
             first = sink.total
-            listed = _list_one(kind, source, rec_files, sink, cfg, classes)
+            listed = _list_one(kind, source, found, sink, cfg, classes)
             rows = sink.total - first
             if rows == 0:
                 raise BadInput(f"listing of {source} is empty: no image files or records found there; check the "
@@ -646,7 +718,28 @@ def build_listing(cfg: ListingConfig) -> ListingInfo:
     except BaseException:
         sink.abort()
         raise
+    if out != cfg.out:  # --out on a store: the finished file, as one object
+        from distill.shards.storage import redact, retrying, upload_file
+
+        retrying(lambda: upload_file(out, cfg.out), f"writing {redact(cfg.out)}")
     return info
+
+
+def _local_out(out: str) -> str:
+    """Where the listing is written: ``--out`` itself, or for a store URI this machine's copy of
+    it (uploaded whole when finished)."""
+    from distill.mirror import cache_dir
+    from distill.shards.storage import is_uri
+
+    if is_uri(out):
+        local = os.path.join(cache_dir(out.rpartition("/")[0], "write"), out.rpartition("/")[2])
+    else:
+        local = local_path(out, "--out")
+        if os.path.isdir(local):
+            raise BadOption(f"--out {local} is a directory; give a file path such as "
+                            f"{os.path.join(local, 'listing.parquet')}")
+    make_dir(os.path.dirname(local))
+    return local
 
 
 def _info(parts: list[tuple[SourcePart, tuple[str, ...] | None]], rec: str | None, rows: int) -> ListingInfo:
@@ -804,12 +897,14 @@ def add_cli(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from distill.shards.storage import is_uri, redact
+
     cfg = config_from_args(ListingConfig, args)
     t0 = time.perf_counter()
     info = build_listing(cfg)
     labels = f"{info.num_classes} classes" + (f", {info.unlabelled} rows unlabelled" if info.unlabelled else "")
-    print(f"listing: {info.kind}, {info.rows} rows, {labels}, {time.perf_counter() - t0:.1f} s -> "
-          f"{os.path.abspath(cfg.out)}")
+    where = redact(cfg.out) if is_uri(cfg.out) else os.path.abspath(cfg.out)
+    print(f"listing: {info.kind}, {info.rows} rows, {labels}, {time.perf_counter() - t0:.1f} s -> {where}")
     for part in info.parts:
         what = f"labels {part.label_offset}..{part.label_offset + part.num_classes - 1}" if part.num_classes else "unlabelled"
         print(f"  {part.kind:<8} {part.rows:>9} rows  {what:<24} {part.source}")

@@ -44,7 +44,8 @@ class EmbedConfig:
     """The options of ``distill embed``: each field with ``option`` metadata is its CLI option
     (``add_cli``); the teacher's input conventions and the views are their own dataclasses."""
 
-    listing: str = option(help="listing Parquet made by `distill listing`", positional=True)
+    listing: str = option(help="listing Parquet made by `distill listing` (a path or an object-store URI)",
+                          positional=True)
     teacher: str = option(help="teacher TensorFlow SavedModel directory (or an object-store URI: each actor fetches "
                                "it once into its node's cache and checks its fingerprint)")
     out: str = option(help="shard directory (local/NFS path or s3://, gs:// URI)")
@@ -127,6 +128,7 @@ class Run:
     rec: str | None
     paths: bool
     num_shards: int
+    listing: str = ""  # the listing's local path (for a listing on a store, this machine's copy)
 
 
 # ------------------------------------------------------------------ resolve and check
@@ -135,13 +137,15 @@ class Run:
 def resolve_run(cfg: EmbedConfig, phases: Phases | None = None) -> Run:
     """Check listing, teacher and options; fingerprint them. No Ray, no output written."""
     from distill.embed.listing import listing_fingerprint, read_listing_info
+    from distill.mirror import local_file
     from distill.teacher import fetch_teacher, inspect_teacher, teacher_fingerprint
 
     phases = phases or Phases()
 
-    if not os.path.exists(cfg.listing):
+    listing = local_file(cfg.listing, "LISTING")  # (a listing on an object store: this machine's copy)
+    if not os.path.exists(listing):
         raise FileNotFoundError(f"listing {cfg.listing} not found: make it with `distill listing SOURCE --out {cfg.listing}`")
-    info = read_listing_info(cfg.listing)
+    info = read_listing_info(listing)
     if info.rows == 0:
         raise BadInput(f"listing {cfg.listing} has no rows; nothing to embed")
     phases.mark("listing")
@@ -152,8 +156,8 @@ def resolve_run(cfg: EmbedConfig, phases: Phases | None = None) -> Run:
         inspect_teacher(fetch_teacher(teacher), cfg.signature, cfg.teacher_output), path=teacher)
     phases.mark("teacher signature")
     identity = {
-        "listing": os.path.abspath(cfg.listing),
-        "listing_fingerprint": listing_fingerprint(cfg.listing),
+        "listing": redact(cfg.listing) if is_uri(cfg.listing) else listing,
+        "listing_fingerprint": listing_fingerprint(listing),
         "rows": info.rows,
         "num_classes": info.num_classes,
         "label_names": list(info.label_names) if info.label_names else None,
@@ -172,7 +176,8 @@ def resolve_run(cfg: EmbedConfig, phases: Phases | None = None) -> Run:
         "shard_size": cfg.shard_size,
         "batch_size": cfg.batch_size,
     }
-    return Run(identity, run_id(identity), spec, info.rec, info.kind != "rec", num_shards(info.rows, cfg.shard_size))
+    return Run(identity, run_id(identity), spec, info.rec, info.kind != "rec", num_shards(info.rows, cfg.shard_size),
+               listing)
 
 
 def _spec_from_manifest(cfg: EmbedConfig, teacher_fp: str) -> TeacherSpec | None:
@@ -315,8 +320,8 @@ def _run_embed(cfg: EmbedConfig, stop: StopRequest) -> EmbedReport:
                 "embedding %d rows into %s: %d of %d shards done, ledger: %s",
                 run.identity["rows"], storage.root, len(state.done), run.num_shards, ledger.describe(),
             )
-            warn_if_not_aligned(cfg.listing, run.spec.height, run.spec.width)
-            shards_this_run, rows_this_run, stopped_by = _drive(cfg, run, ledger, owner, phases, storage, cfg.listing,
+            warn_if_not_aligned(run.listing, run.spec.height, run.spec.width)
+            shards_this_run, rows_this_run, stopped_by = _drive(cfg, run, ledger, owner, phases, storage, run.listing,
                                                                 stop)
         manifest = finalize(storage, ledger, run)
         stopped_by = stopped_by or stop.signum

@@ -66,7 +66,7 @@ class EvaluateConfig:
     folders: str | None = option(None, "identity folder tree: one sub-folder of images per person (several: "
                                  "comma-separated)", metavar="DIR[,DIR...]", group="data (one or more; one model load)")
     bin: str | None = option(None, "insightface verification set (lfw.bin,cfp_fp.bin,agedb_30.bin: several, "
-                             "comma-separated)", metavar="FILE[,FILE...]", group="data (one or more; one model load)")
+                             "comma-separated; paths or object-store URIs)", metavar="FILE[,FILE...]", group="data (one or more; one model load)")
     teacher: str | None = option(None, "teacher SavedModel: also evaluate it and the teacher-student cosine",
                                  metavar="DIR")
     pairs: int | None = option(None, f"sample this many pairs (half same); default: all pairs up to "
@@ -212,8 +212,19 @@ def _as_bytes(b: Any, k: int) -> bytes:
 
 
 def load_bin(path: str) -> tuple[list[bytes], np.ndarray]:
-    with open(path, "rb") as f:
-        data = f.read()
+    """A .bin from a path or an object-store URI (read whole: it is decoded whole)."""
+    from distill.shards.storage import is_uri
+
+    if is_uri(path):
+        from distill.shards.storage import read_store_bytes, redact, retrying
+
+        try:
+            data = retrying(lambda: read_store_bytes(path), f"reading {redact(path)}")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{redact(path)}: no such object on the store") from None
+    else:
+        with open(path, "rb") as f:
+            data = f.read()
     try:
         return loads_bin(data)
     except ValueError as e:

@@ -89,7 +89,7 @@ class TrainConfig:
     val_images: int = option(500, "images to validate on, at most", group="validation")
     val_seed: int = option(0, "seed of the held-out identities and of the validation images", group="validation")
     val_bin: str | None = option(None, "and/or insightface verification sets (lfw.bin,cfp_fp.bin,agedb_30.bin; "
-                                 "comma-separated), scored as insightface does: 10-fold accuracy of the "
+                                 "comma-separated; paths or object-store URIs), scored as insightface does: 10-fold accuracy of the "
                                  "flip-summed embeddings, and ROC-AUC", metavar="FILE[,FILE...]", group="validation")
     val_every: int = option(0, "also validate every N steps (0: at epoch ends only; one emore epoch is thousands "
                             "of steps)", group="validation")

@@ -25,7 +25,7 @@ from dataclasses import replace
 
 from distill.errors import BadInput, BadOption, Stopped
 from distill.options import add_options, config_from_args
-from distill.shards.storage import is_uri, local_path, make_dir
+from distill.shards.storage import is_uri, local_path, make_dir, redact
 from distill.startup import import_tensorflow_quietly, show_progress
 from distill.train.checkpoints import LocalCheckpoints, latest_checkpoint, read_checkpoint
 from distill.train.config import TrainConfig, TrainReport, check_resume, objective_changes, resolve
@@ -81,6 +81,15 @@ def run_train(cfg: TrainConfig) -> TrainReport:
         return _run_train(cfg, stop)
 
 
+def _file_is_there(path: str) -> bool:
+    """A local file, or an object on a store (a --val-bin in the bucket: read where it is)."""
+    if is_uri(path):
+        from distill.shards.storage import retrying, store_file_exists
+
+        return retrying(lambda: store_file_exists(path), f"looking up {redact(path)}")
+    return os.path.isfile(path)
+
+
 def _run_train(cfg: TrainConfig, stop) -> TrainReport:
     from distill.shards.reader import open_shards
 
@@ -88,9 +97,9 @@ def _run_train(cfg: TrainConfig, stop) -> TrainReport:
                   shards=cfg.shards if is_uri(cfg.shards) else os.path.abspath(cfg.shards))
     # Refuse bad shards, options, paths or an incompatible resume before TensorFlow or Ray start.
     for option_name, path, is_there in [("--val-folders", cfg.val_folders, os.path.isdir)] + [
-            ("--val-bin", p, os.path.isfile) for _, p in cfg.val_bins]:
+            ("--val-bin", p, _file_is_there) for _, p in cfg.val_bins]:
         if path and not is_there(path):
-            raise BadOption(f"{option_name} {path}: no such {'folder' if is_there is os.path.isdir else 'file'}")
+            raise BadOption(f"{option_name} {redact(path)}: no such {'folder' if is_there is os.path.isdir else 'file'}")
     config = resolve(cfg, open_shards(cfg.shards))
     mirror = _out_mirror(cfg.out)
     workdir = mirror.local if mirror else cfg.out  # OUT, or its local copy (OUT on an object store)
