@@ -66,7 +66,7 @@ def test_a_resume_that_changes_the_objective_is_allowed_and_named(shards):
                                     dict(warmup_steps=0), dict(lr_schedule="constant")])
 def test_a_resume_that_would_change_the_learning_rate_of_steps_taken_is_refused(shards, change):
     cfg = TrainConfig(shards=shards.location, out="o", batch_size=16)  # 20 epochs x 4 steps, cosine
-    with pytest.raises(IncompatibleRun, match="learning-rate schedule: checkpoint follows cosine, lr 0.002, 79 warm-up") as e:
+    with pytest.raises(IncompatibleRun, match="learning-rate schedule: checkpoint follows cosine, lr 0.004, 79 warm-up") as e:
         check_resume(_saved(cfg, shards), _cursor(), resolve(replace(cfg, **change), shards), "ckpt")
     assert "--init OUT" in str(e.value)
 
@@ -161,7 +161,7 @@ def test_validation_sets_are_named_by_file_and_best_by_picks_one_of_them():
 
 def test_schedule_spans_the_planned_run():
     train = asdict(TrainConfig(shards="s", out="o", epochs=3, batch_size=10, warmup_steps=5))
-    assert lr_schedule(train, 105) == Schedule(kind="cosine", lr=0.002, warmup_steps=5, decay_steps=25, train_rows=105)
+    assert lr_schedule(train, 105) == Schedule(kind="cosine", lr=0.004, warmup_steps=5, decay_steps=25, train_rows=105)
     assert lr_schedule({**train, "max_steps": 7}, 105) == lr_schedule(train, 105)  # it only stops early
     assert lr_schedule({**train, "epochs": 1, "warmup_steps": 50}, 105).warmup_steps == 9  # never the whole run
     assert lr_schedule({**train, "lr_schedule": "constant"}, 105).decay_steps is None
