@@ -4,6 +4,9 @@
   in-process tests connect with ``--address`` instead of paying ~5 s for their own cluster.
 - ``tiny_teacher``: a small random-weight teacher SavedModel (112x112 -> 32-d), built once.
 - ``orl_listing`` / ``embedded_run``: the real ORL faces listed and embedded by the real CLI.
+- ``s3_session`` / ``aws``: one real S3 API server on loopback (moto_server) for the unit tests
+  that talk to a store; ``aws`` points this process at it, with a cache of the test's own, and
+  hands over the module's ``s3`` fixture (the server with that module's bucket made).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from s3_server import S3_CREDENTIALS
+from s3_server import S3_CREDENTIALS, S3Server
 from support import CHILD_ENV, GLINT12, MOBILEFACENET, ORL, ROOT, RayHead, build_tiny_teacher  # noqa: F401  (tests import them from here)
 
 # Every process of the session gets what the benchmarks' children get: quiet TF, no usage
@@ -71,3 +74,17 @@ def embedded_run(tmp_path_factory, ray_address, tiny_teacher, orl_listing) -> Pa
     run_cli("embed", orl_listing, "--teacher", tiny_teacher, "--out", out, "--shard-size", "64",
             "--batch-size", "32", "--address", ray_address, "--no-progress")
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_session():
+    with S3Server() as server:
+        yield server
+
+
+@pytest.fixture
+def aws(s3, monkeypatch, tmp_path):
+    for k, v in s3.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
+    return s3

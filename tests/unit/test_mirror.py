@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 
 import pytest
-from s3_server import S3Server
 
 from distill.mirror import (
     MARKER,
@@ -53,18 +52,9 @@ def test_the_cache_path_is_the_same_everywhere_and_holds_no_credentials(monkeypa
 
 
 @pytest.fixture(scope="module")
-def s3():
-    with S3Server() as server:
-        server.make_bucket("bkt")
-        yield server
-
-
-@pytest.fixture
-def aws(s3, monkeypatch, tmp_path):
-    for k, v in s3.env.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
-    return s3
+def s3(s3_session):
+    s3_session.make_bucket("bkt")
+    return s3_session
 
 
 def _write(root, rel: str, data: bytes) -> None:

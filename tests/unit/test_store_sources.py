@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from s3_server import S3Server
 
 from distill.embed.listing import ListingConfig, build_listing, read_listing_info, resolve_list_path
 from distill.folders import tree_of
@@ -39,18 +38,9 @@ def test_list_entries_resolve_against_a_list_on_the_store_and_uris_are_kept():
 
 
 @pytest.fixture(scope="module")
-def s3():
-    with S3Server() as server:
-        server.make_bucket(BUCKET)
-        yield server
-
-
-@pytest.fixture
-def aws(s3, monkeypatch, tmp_path):
-    for k, v in s3.env.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
-    return s3
+def s3(s3_session):
+    s3_session.make_bucket(BUCKET)
+    return s3_session
 
 
 def _upload(s3, root: Path, prefix: str) -> None:
