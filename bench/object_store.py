@@ -4,7 +4,8 @@ the bottleneck?
 1. The teacher pass: the real ``distill embed`` of the same glint12 faces with the real
    mobilefacenet teacher, writing shards to a local directory and to ``s3://`` on a loopback
    S3 API server (``moto_server``, tests/s3_server.py), both with the Redis ledger so only the
-   store differs; rounds interleaved (local, s3, local, s3, ...). Rate = rows / the command's
+   store differs; and with the images themselves in the bucket too (a list file of them there,
+   listed there: each image one GET); rounds interleaved. Rate = rows / the command's
    wall time (the Ray cluster is shared, so start-up is a connect, not a cluster start).
 2. The training input: ``bench/train_input.py``'s streamed / in-memory step-rate child on the
    same shards, read from the disk and from the store (copied there byte for byte), and the
@@ -75,22 +76,35 @@ def main(argv=None) -> int:
     with S3Server() as s3, RedisServer(work / "redis") as redis, RayHead() as head:
         s3.make_bucket(BUCKET)
         env = {**s3.env, "DISTILL_CACHE": str(work / "cache")}
+        # The same faces in the bucket too (a list file beside them), listed there: the actors
+        # read each image by one GET.
+        for f in paths:
+            s3.client().put_object(Bucket=BUCKET, Key=f"faces/{Path(f).parent.name}/{Path(f).name}",
+                                   Body=Path(f).read_bytes())
+        s3.client().put_object(Bucket=BUCKET, Key="faces/list.txt", Body="".join(
+            f"{Path(f).parent.name}/{Path(f).name}\t{folders.index(Path(f).parent.name)}\n" for f in paths).encode())
+        store_listing = f"s3://{BUCKET}/lists/listing.parquet"
+        run_child(distill_cmd("listing", f"s3://{BUCKET}/faces/list.txt", "--out", store_listing), env=env)
         embed_rows = []
         for r in range(a.rounds):
-            for where in ("local", "s3"):
-                out = str(work / f"shards-{r}") if where == "local" else f"s3://{BUCKET}/shards-{r}"
+            for where in ("local", "s3", "s3 (images too)"):
+                out = {"local": str(work / f"shards-{r}"), "s3": f"s3://{BUCKET}/shards-{r}"}.get(
+                    where, f"s3://{BUCKET}/shards-from-store-{r}")
                 load = settle(a, f"the {where} teacher pass").label()
-                res = run_child(distill_cmd("embed", listing, "--teacher", MOBILEFACENET, "--out", out, "--ledger",
-                                            redis.url, "--shard-size", a.shard_size, "--address", head.address,
-                                            "--no-progress"), env=env)
+                res = run_child(distill_cmd("embed", store_listing if "images" in where else listing, "--teacher",
+                                            MOBILEFACENET, "--out", out, "--ledger", redis.url, "--shard-size",
+                                            a.shard_size, "--address", head.address, "--no-progress"), env=env)
                 embed_rows.append((where, r + 1, len(paths) / res.seconds, res.seconds, load))
         print(f"1. Teacher pass: {len(paths)} glint12 faces, mobilefacenet teacher, flip on, shards of "
-              f"{a.shard_size}, Redis ledger, one actor on the shared 2-CPU Ray cluster\n")
+              f"{a.shard_size}, Redis ledger, one actor on the shared 2-CPU Ray cluster; the images read from "
+              "the disk, or (images too) from the bucket by the listing made there\n")
         print(table(["shards to", "round", "images/s (whole command)", "wall s", "load avg at start"],
                     [[w, r, f"{rate:.1f}", f"{wall:.1f}", load] for w, r, rate, wall, load in embed_rows]))
         local_rate = median([x[2] for x in embed_rows if x[0] == "local"])
-        s3_rate = median([x[2] for x in embed_rows if x[0] == "s3"])
-        print(f"\nmedian s3 / local: **{s3_rate / local_rate:.2f}**\n")
+        for where in ("s3", "s3 (images too)"):
+            rate = median([x[2] for x in embed_rows if x[0] == where])
+            print(f"\nmedian {where} / local: **{rate / local_rate:.2f}**", end="")
+        print("\n")
 
         # 2. The training input from the same shards, on the disk and on the store.
         input_rows = []
