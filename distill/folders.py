@@ -16,8 +16,8 @@ Two layouts:
 - **flat** ``ROOT/*.jpg``: no sub-folders, images directly in ROOT, no identities (the
   label-free case: distillation needs no labels), sorted by name.
 
-A folder on an object store (``s3://bucket/faces``) follows the same rules (``scan_store``):
-its keys are listed once, recursively, and sorted into the same layout by ``tree_of``.
+A folder on an object store (``s3://bucket/faces``) follows the same rules: the listing lists
+its keys once, recursively, and ``tree_of`` sorts them into the same layout.
 """
 
 from __future__ import annotations
@@ -143,12 +143,3 @@ def tree_of(rels: Iterable[str]) -> Tree:
     files = tuple(tuple(rel for _, rel in sorted(per[n], key=lambda t: t[0])) for n in names)
     return Tree(tuple(names), files, tuple(sorted(loose)), skipped)
 
-
-def scan_store(root: str) -> Tree:
-    """The layout of the folder ``root`` on an object store (a URI), paths made URIs again."""
-    from distill.shards.storage import redact, retrying, store_tree
-
-    base = root.rstrip("/")
-    tree = tree_of(rel for rel, _ in retrying(lambda: store_tree(base), f"listing {redact(base)}"))
-    return Tree(tree.names, tuple(tuple(f"{base}/{r}" for r in f) for f in tree.files),
-                tuple(f"{base}/{r}" for r in tree.loose), tree.skipped)

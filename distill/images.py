@@ -11,6 +11,7 @@ import io
 import numpy as np
 
 from distill.errors import BadInput
+from distill.shards.storage import is_uri
 
 # Stored as-is when already in one of these at the right size: tf.io.decode_image reads them.
 PASSTHROUGH_FORMATS = ("JPEG", "PNG")
@@ -28,7 +29,7 @@ def read_file(path: str) -> bytes:
     """The bytes of an image file, or of an object (``s3://...``: a listing of a folder or list
     on a store). A missing or empty one is a bad row; a store that does not answer after its
     retries is an error of the whole shard (retried, never recorded as a bad image)."""
-    if "://" in path and not path.startswith("file://"):
+    if is_uri(path):
         return _read_object(path)
     try:
         with open(path, "rb") as f:
@@ -45,10 +46,10 @@ def read_file(path: str) -> bytes:
 
 
 def _read_object(uri: str) -> bytes:
-    from distill.shards.storage import read_store_bytes, redact, retrying
+    from distill.shards.storage import read_store_bytes
 
     try:
-        data = retrying(lambda: read_store_bytes(uri), f"reading {redact(uri)}")
+        data = read_store_bytes(uri)
     except FileNotFoundError:
         raise UnreadableImage("missing object") from None
     if not data:

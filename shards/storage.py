@@ -273,21 +273,26 @@ def open_store_file(uri: str):
 
 
 def read_store_bytes(uri: str) -> bytes:
-    """One object, whole (FileNotFoundError when there is none)."""
+    """One object, whole, retried through an outage (FileNotFoundError when there is none)."""
     fs, path = store_fs(uri)
-    with fs.open_input_stream(path) as f:
-        return f.read()
+
+    def get() -> bytes:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+
+    return retrying(get, f"reading {redact(uri)}")
 
 
-def store_tree(uri: str) -> list[tuple[str, int]]:
-    """(path relative to ``uri``, size) of every object below it, recursively, in key order:
-    one listing call per 1,000 keys on S3, however deep the tree."""
+def store_tree(uri: str) -> list[str]:
+    """The path relative to ``uri`` of every object below it, recursively, in key order (one
+    listing call per 1,000 keys on S3, however deep the tree), retried through an outage."""
     import pyarrow.fs as pafs
 
     fs, path = store_fs(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    infos = retrying(lambda: fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True)),
+                     f"listing {redact(uri)}")
     cut = len(path.rstrip("/")) + 1
-    return sorted((i.path[cut:], i.size) for i in infos if i.type == pafs.FileType.File)
+    return sorted(i.path[cut:] for i in infos if i.type == pafs.FileType.File)
 
 
 def store_file_exists(uri: str) -> bool:

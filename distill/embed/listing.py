@@ -332,7 +332,6 @@ def _refuse_binary(where: str, head: bytes) -> None:
 def _resolve_on_store(source: str) -> tuple[str, str, RecFiles | Tree | None]:
     """A source on an object store: a pack is read in place by byte ranges; a folder is listed
     by its keys (once, recursively); a list file is fetched to this machine's cache."""
-    from distill.folders import scan_store
     from distill.shards.storage import redact, retrying, store_file_exists, store_kind
 
     where = redact(source)
@@ -346,12 +345,23 @@ def _resolve_on_store(source: str) -> tuple[str, str, RecFiles | Tree | None]:
     if kind == "file":
         _refuse_binary(where, retrying(lambda: _store_head(source), f"reading {where}"))
         return "list", source, None
-    tree = scan_store(source)
+    tree = _scan_store(source)
     if tree.names:
         return "folders", source, tree
     if tree.loose:
         return "flat", source, tree
     raise BadInput(f"{where} has no sub-folders and no image files; give {SOURCES_HELP}")
+
+
+def _scan_store(root: str) -> Tree:
+    """The layout of the folder ``root`` on an object store, by the local folder rules
+    (``distill.folders.tree_of``), its paths made URIs again."""
+    from distill.folders import tree_of
+    from distill.shards.storage import store_tree
+
+    tree = tree_of(store_tree(root))
+    return Tree(tree.names, tuple(tuple(f"{root}/{r}" for r in f) for f in tree.files),
+                tuple(f"{root}/{r}" for r in tree.loose), tree.skipped)
 
 
 def _store_head(uri: str, n: int = 8192) -> bytes:
@@ -523,7 +533,7 @@ def _list_folders(root: str, sink: _ListingWriter, offset: int) -> _Listed:
 
 
 def _list_tree(root: str, tree: Tree, sink: _ListingWriter, offset: int) -> _Listed:
-    """A folder on an object store, already listed (``distill.folders.scan_store``)."""
+    """A folder on an object store, already listed (``_scan_store``)."""
     from distill.shards.storage import redact
 
     where = redact(root)

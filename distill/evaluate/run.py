@@ -216,10 +216,10 @@ def load_bin(path: str) -> tuple[list[bytes], np.ndarray]:
     from distill.shards.storage import is_uri
 
     if is_uri(path):
-        from distill.shards.storage import read_store_bytes, redact, retrying
+        from distill.shards.storage import read_store_bytes, redact
 
         try:
-            data = retrying(lambda: read_store_bytes(path), f"reading {redact(path)}")
+            data = read_store_bytes(path)
         except FileNotFoundError:
             raise FileNotFoundError(f"{redact(path)}: no such object on the store") from None
     else:
