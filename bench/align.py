@@ -62,7 +62,7 @@ def child_detector(a) -> dict:
 
 def evaluate(folder: Path, out: Path) -> dict:
     run_child(distill_cmd("evaluate", MOBILEFACENET, "--folders", folder, "--out", out, "--no-progress"), timeout=3600)
-    r = json.loads(out.read_text())
+    r = json.loads(out.read_text())["targets"][0]
     return {"auc": r["models"]["model"]["auc"], "tar": r["models"]["model"]["tar_at_far"].get("1e-02"),
             "images": r["dataset"]["images"], "identities": r["dataset"]["identities"], "pairs": r["dataset"]["pairs"],
             "same_cos": r["models"]["model"]["same_cosine"], "diff_cos": r["models"]["model"]["different_cosine"]}

@@ -242,6 +242,7 @@ def train_row(row: Row, shards: Path, teacher_pass: dict, unseen: dict[str, Path
 
 
 def summary(r: dict) -> dict:
+    r = r["targets"][0]
     m = r["models"]
     return {"student_auc": m["model"]["auc"], "teacher_auc": m["teacher"]["auc"],
             "student_tar": m["model"]["tar_at_far"].get("1e-03"), "teacher_tar": m["teacher"]["tar_at_far"].get("1e-03"),

@@ -60,7 +60,7 @@ def _q(name: str) -> str:
 class DemoConfig:
     """The options of ``distill demo`` (the CLI is derived from these fields)."""
 
-    out: str = option("demo-run", "output directory (a rerun resumes; finished stages are reused)", metavar="DIR")
+    out: str = option("demo-run", "output directory (a rerun resumes; finished stages are reused)", metavar="DIR", path=True)
     identities: int = option(40, "training identities" + _q("identities"), group="data")
     per_identity: int = option(20, "images per training identity" + _q("per_identity"), group="data")
     heldout_identities: int = option(10, "held-out identities (evaluation only)" + _q("heldout_identities"),
@@ -84,16 +84,22 @@ class DemoConfig:
         for name in ("teacher_epochs", "epochs", "batch_size", "embedding_dim", "shard_size"):
             if getattr(self, name) < 1:
                 raise BadOption(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0 or (self.width is not None and self.width <= 0):
-            raise BadOption(f"--lr and --width must be positive, got {self.lr}, {self.width}")
-        if self.views < 0 or self.seed < 0:
-            raise BadOption(f"--views and --seed must be >= 0, got {self.views}, {self.seed}")
+        for name in ("lr", "width"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise BadOption(f"--{name} must be positive, got {getattr(self, name)}")
+        for name in ("views", "seed"):
+            if getattr(self, name) < 0:
+                raise BadOption(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.size < 32:
             raise BadOption(f"--size must be at least 32 (the student's smallest input), got {self.size}")
-        if self.identities < 2 or self.heldout_identities < 2:
-            raise BadOption("--identities and --heldout-identities must be at least 2 (verification needs pairs)")
-        if self.per_identity < 2 or self.heldout_per_identity < 2:
-            raise BadOption("--per-identity and --heldout-per-identity must be at least 2 (same-identity pairs)")
+        for name in ("identities", "heldout_identities"):
+            if getattr(self, name) < 2:
+                raise BadOption(f"--{name.replace('_', '-')} must be at least 2 (verification needs pairs), got "
+                                f"{getattr(self, name)}")
+        for name in ("per_identity", "heldout_per_identity"):
+            if getattr(self, name) < 2:
+                raise BadOption(f"--{name.replace('_', '-')} must be at least 2 (same-identity pairs), got "
+                                f"{getattr(self, name)}")
         if self.identities * self.per_identity < self.batch_size:
             raise BadOption(
                 f"{self.identities} x {self.per_identity} training images make no batch of {self.batch_size}; "
@@ -174,10 +180,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"verification on {v['identities']} held-out identities never seen in training "
         f"({v['images']} images, {v['pairs']} pairs, {v['same_pairs']} same):"
     )
-    lines.append(f"{'model':<8} {'ROC-AUC':>8} {'best acc':>9}")
+    lines.append(f"{'model':<8} {'ROC-AUC':>8} {'accuracy (10-fold)':>18}")
     for role in ("teacher", "student"):
         r = v[role]
-        lines.append(f"{role:<8} {r['auc']:>8.4f} {r['best_accuracy']:>9.4f}")
+        lines.append(f"{role:<8} {r['auc']:>8.4f} {r['accuracy_mean']:>8.4f} +- {r['accuracy_std']:.4f}")
+    for role in ("teacher", "student"):
+        if v[role].get("collapse_warning"):
+            lines.append(f"WARNING {role}: {v[role]['collapse_warning']}")
     if v.get("mean_cosine") is not None:
         lines.append(f"mean teacher-student cosine: {v['mean_cosine']:.4f}")
     lines.append(f"(always answering 'different' scores {v['chance_accuracy']:.4f} accuracy on these pairs)")
@@ -299,7 +308,7 @@ def _evaluate(cfg: DemoConfig, p: dict[str, str]) -> dict[str, Any]:
             progress=cfg.progress,
         )
     )
-    images = 2 * r["dataset"]["images"]  # student and teacher each embed every held-out image
+    images = 2 * r["targets"][0]["dataset"]["images"]  # student and teacher each embed every held-out image
     return {"images": images, "output": p["evaluation"], "results": r}
 
 
@@ -333,23 +342,29 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 def verification_summary(results: dict[str, Any]) -> dict[str, Any]:
-    ds = results["dataset"]
+    """The held-out figures of ``distill evaluate``'s results (one set: the held-out folder)."""
+    target = results["targets"][0]
+    ds = target["dataset"]
+    keys = ("auc", "accuracy_mean", "accuracy_std", "threshold_cosine", "collapse_warning")
     return {
         "identities": ds["identities"],
         "images": ds["images"],
         "pairs": ds["pairs"],
         "same_pairs": ds["same_pairs"],
         "chance_accuracy": ds["chance_accuracy"],
-        "teacher": {k: results["models"]["teacher"][k] for k in ("auc", "best_accuracy", "threshold")},
-        "student": {k: results["models"]["model"][k] for k in ("auc", "best_accuracy", "threshold")},
-        "mean_cosine": results["mean_cosine"],
+        "teacher": {k: target["models"]["teacher"][k] for k in keys},
+        "student": {k: target["models"]["model"][k] for k in keys},
+        "mean_cosine": target["mean_cosine"],
     }
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Run (or resume) every stage; returns the summary (also written to OUT/summary.json)."""
+    from distill.outputs import DEMO, check_output
+
     out = os.path.abspath(cfg.out)
     cfg = replace(cfg, out=out)
+    check_output(out, DEMO)
     os.makedirs(out, exist_ok=True)
     state = _read_state(out)
     check_same_run(state, cfg)
@@ -360,7 +375,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         state = {"format": FORMAT, "config": identity(cfg), "stages": {}}
         _write_json(os.path.join(out, STATE), state)
     p = paths(out)
-    actions = stage_actions(set(state["stages"]))
+    # (an evaluation recorded before its results took one shape for any number of sets is redone)
+    done = {s for s, r in state["stages"].items() if s != "evaluate" or "targets" in r.get("results", {})}
+    actions = stage_actions(done)
     ran: dict[str, dict[str, Any]] = {}
     t_start = time.perf_counter()
     for name in STAGES:

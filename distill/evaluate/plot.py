@@ -53,6 +53,12 @@ def plot_roc(curves: list[tuple[str, np.ndarray, np.ndarray]], path: str, title:
         d.line([xy(float(f), float(t)) for f, t in zip(far, tar)], fill=colour, width=2)
         d.line([(x0 + 12, y1 + 14 + 16 * n), (x0 + 36, y1 + 14 + 16 * n)], fill=colour, width=3)
         d.text((x0 + 42, y1 + 8 + 16 * n), label, fill="black")
+    from PIL.PngImagePlugin import PngInfo
+
+    from distill.outputs import PLOT_SOFTWARE
+
+    info = PngInfo()
+    info.add_text("Software", PLOT_SOFTWARE)  # how a rerun knows the file is ours to replace
     buf = BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format="PNG", pnginfo=info)
     write_file_atomic(path, buf.getvalue())

@@ -5,15 +5,18 @@ L2-normalised embeddings out, preprocessing inside) or a teacher SavedModel (flo
 preprocessed by ``distill.teacher.Preprocessing``); the signature's input dtype tells them
 apart. Two kinds of data:
 
-- an identity folder tree (one folder per person): verification ROC-AUC and best accuracy
-  over all same/different pairs (a seeded, balanced sample of pairs for big folders), and
-  the mean teacher-student cosine when ``--teacher`` is given;
+- an identity folder tree (one folder per person): over all distinct same/different pairs
+  (a seeded, balanced sample of distinct pairs for big folders) of cosine similarities,
+  ROC-AUC, TAR at FAR, and accuracy by 10 folds of the shuffled pairs as insightface does
+  (threshold chosen on 9, scored on the 10th); the mean teacher-student cosine when
+  ``--teacher`` is given;
 - an insightface verification ``.bin`` (a pickle, read by a restricted unpickler): the
-  standard protocol with flip, squared-L2 distance, 10 contiguous folds.
+  standard protocol with flip test, squared-L2 distance, 10 contiguous folds.
 
-It hands on a results dict (printed as a table, saved as JSON with ``--out``); the demo
-puts it in its summary. Everything that decides a number (pairs, AUC, accuracy, folds) is
-a pure numpy function below, tested without TensorFlow.
+It hands on one results dict whatever the sets, ``{"targets": [one per set], ...}`` (printed
+as tables, saved as JSON with ``--out``); the demo puts it in its summary. Everything that
+decides a number (pairs, AUC, accuracy, folds, which TAR is supported, a collapsed model) is
+a pure numpy function of ``distill.metrics``, tested without TensorFlow.
 """
 
 from __future__ import annotations
@@ -31,15 +34,23 @@ import numpy as np
 
 from distill.errors import BadInput, BadOption, DistillError, IncompatibleRun
 from distill.metrics import (
+    BIN_FOLDS,
     FARS,
+    FOLDS,
     MIN_FALSE_ACCEPTS,
+    TAR_RULE,
     all_pairs,
     best_accuracy,
     best_distance_threshold,
+    collapse_warning,
     far_key,
+    far_supported,
+    fold_accuracy,
     kfold_accuracy,
     l2_normalise,
     mean_cosine,
+    min_impostor_pairs,
+    pair_counts,
     roc_auc,
     roc_curve,
     sample_pairs,
@@ -62,23 +73,25 @@ class EvaluateConfig:
     """The options of ``distill evaluate`` (the CLI is derived from these fields)."""
 
     model: str = option(help="`distill export` output (RUN/export; uint8 input) or a teacher SavedModel (float32); a "
-                             "local path or an object-store URI", positional=True)
+                             "local path or an object-store URI", positional=True, path=True, metavar="MODEL")
     folders: str | None = option(None, "identity folder tree: one sub-folder of images per person (several: "
-                                 "comma-separated)", metavar="DIR[,DIR...]", group="data (one or more; one model load)")
+                                 "comma-separated)", metavar="DIR[,DIR...]", group="data (one or more; one model load)", path="list")
     bin: str | None = option(None, "insightface verification set (lfw.bin,cfp_fp.bin,agedb_30.bin: several, "
-                             "comma-separated; paths or object-store URIs)", metavar="FILE[,FILE...]", group="data (one or more; one model load)")
+                             "comma-separated; paths or object-store URIs)", metavar="FILE[,FILE...]", group="data (one or more; one model load)", path="list")
     teacher: str | None = option(None, "teacher SavedModel: also evaluate it and the teacher-student cosine",
-                                 metavar="DIR")
-    pairs: int | None = option(None, f"sample this many pairs (half same); default: all pairs up to "
+                                 metavar="DIR", path=True)
+    pairs: int | None = option(None, f"sample this many distinct pairs (half same, half different; all of a kind "
+                               f"when fewer exist); default: all pairs up to "
                                f"{ALL_PAIRS_MAX_IMAGES} images, else {DEFAULT_SAMPLED_PAIRS}", metavar="N")
-    seed: int = option(0, "seed of the pair sample")
+    seed: int = option(0, "seed of the pair sample and of the shuffle the accuracy's folds are cut from")
     out: str | None = option(None, "write the results as JSON here (a local path or an object-store URI)",
-                             metavar="FILE")
+                             metavar="FILE", path=True)
     json: bool = option(False, "print the results as JSON on stdout instead of the tables")
     plot: str | None = option(None, "draw the ROC curves (TAR against FAR, log) of the model and the teacher on every "
-                              "set into this PNG", metavar="FILE.png")
+                              "set into this PNG", metavar="FILE.png", path=True)
     batch_size: int = option(64, "images per model call")
-    flip: bool = option(False, "folder mode: add the mirrored image's embedding (.bin always does)")
+    flip_test: bool = option(False, "folder mode: the flip test, each image's embedding plus its mirror's (.bin "
+                             "always does; --flip is the old name)", aliases=("flip",))
     # How float32 (teacher) models are fed. None: as the shard manifest recorded it (``shards``,
     # or the shards an exported MODEL was trained on, when they were embedded by ``teacher``),
     # else Preprocessing's defaults. Given and different from the record: an error.
@@ -91,7 +104,7 @@ class EvaluateConfig:
     signature: str = option("serving_default", "signature of MODEL", group="teacher input conventions")
     shards: str | None = option(None, "the teacher's shard directory (RUN/shards): feed the teacher as its manifest "
                                 "recorded (preprocessing, signature, output); --teacher defaults to its teacher",
-                                metavar="DIR", group="teacher input conventions")
+                                metavar="DIR", group="teacher input conventions", path=True)
     progress: bool | None = option(None, "progress bars (default: on a terminal only, so logs hold no bar frames)")
 
     def __post_init__(self) -> None:
@@ -108,6 +121,10 @@ class EvaluateConfig:
             raise BadOption(f"--pairs must be at least 2 (half same, half different), got {self.pairs}")
         if self.batch_size < 1:
             raise BadOption(f"--batch-size must be positive, got {self.batch_size}")
+        if self.seed < 0:
+            raise BadOption(f"--seed must be >= 0, got {self.seed}")
+        if self.pixel_scale == 0:
+            raise BadOption("--pixel-scale divides the pixels: it cannot be 0")
 
     @property
     def targets(self) -> tuple[tuple[str, str], ...]:
@@ -465,8 +482,17 @@ def scan_folders(root: str) -> tuple[list[str], np.ndarray, list[str]]:
     tree = scan_identities(root)
     paths = [p for files in tree.files for p in files]
     labels = np.concatenate([np.full(len(f), k, np.int64) for k, f in enumerate(tree.files)] or [np.zeros(0, np.int64)])
-    if len(tree.names) < 2 or not paths:
-        raise BadInput(f"--folders {root} needs at least two identity sub-folders with images ({len(tree.names)} found)")
+    people = [name for name, files in zip(tree.names, tree.files) if files]
+    if not people and tree.loose:
+        raise BadInput(f"--folders {root} holds {tree.loose} images directly and no identity sub-folders: verification "
+                       "needs to know who is who; put each person's images in a sub-folder of their own (ROOT/NAME/*.jpg)")
+    if len(people) < 2:
+        raise BadInput(f"--folders {root} has {len(people)} identity sub-folder(s) with images"
+                       + (f" ({people[0]})" if people else "") + ": verification needs at least two people; pass a "
+                       "folder with one sub-folder of images per person")
+    if max(len(f) for f in tree.files) < 2:
+        raise BadInput(f"--folders {root}: no identity has two images, so there are no same-person pairs; pass a folder "
+                       "with two or more images of some people")
     if tree.skipped:
         log.info("--folders %s: skipped %d file(s) that are not images", root, tree.skipped)
     return paths, labels, list(tree.names)
@@ -475,29 +501,83 @@ def scan_folders(root: str) -> tuple[list[str], np.ndarray, list[str]]:
 ROC = "_roc"  # (FAR, TAR) arrays in a model's results until the plot takes them out
 
 
-def _verification(emb: np.ndarray, i: np.ndarray, j: np.ndarray, same: np.ndarray) -> dict[str, Any]:
+# How many images of a folder are tried before it is refused as unreadable (spread over it).
+READABLE_TRIES = 32
+
+
+def check_readable(root: str, paths: list[str], tries: int = READABLE_TRIES) -> None:
+    """Refuse a folder none of whose images decodes, trying up to ``tries`` of them spread
+    over the listing and stopping at the first good one (cheap: no TensorFlow, usually one read)."""
+    from distill.images import UnreadableImage, decode_rgb, read_file
+
+    picks = np.unique(np.linspace(0, len(paths) - 1, min(tries, len(paths))).round().astype(np.int64))
+    first = None
+    for k in picks.tolist():
+        try:
+            decode_rgb(read_file(paths[k]))
+            return
+        except UnreadableImage as e:
+            first = first or f"{paths[k]}: {e.reason}"
+    some = "its" if len(picks) == len(paths) else f"{len(picks)} of its"
+    raise BadInput(f"--folders {root}: none of {some} {len(paths)} images can be decoded ({first}); pass a folder of "
+                   "image files (JPEG, PNG, PGM, ...)")
+
+
+def _pair_figures(ranking: np.ndarray, cosine: np.ndarray, same: np.ndarray) -> dict[str, Any]:
+    """What both kinds of set report: ranking scores (higher = more alike) for the AUC, TAR and
+    ROC; cosine similarities for the means and the collapse check."""
+    auc = roc_auc(ranking, same)
+    same_cos, diff_cos = float(cosine[same].mean()), float(cosine[~same].mean())
+    warning = collapse_warning(same_cos, diff_cos, auc, float(cosine.std()))
+    return {"auc": auc, "tar_at_far": tar_table(ranking, same), "same_cosine": same_cos, "different_cosine": diff_cos,
+            "collapsed": warning is not None, "collapse_warning": warning, ROC: roc_curve(ranking, same)}
+
+
+def _folds(accs: np.ndarray, thresholds: np.ndarray, unit: str) -> dict[str, Any]:
+    return {"accuracy_mean": float(accs.mean()), "accuracy_std": float(accs.std()),
+            "fold_accuracies": [float(a) for a in accs], f"fold_thresholds_{unit}": [float(t) for t in thresholds]}
+
+
+def _verification(emb: np.ndarray, i: np.ndarray, j: np.ndarray, same: np.ndarray, seed: int) -> dict[str, Any]:
     e = l2_normalise(emb)
     scores = np.sum(e[i] * e[j], axis=1)
-    acc, thr = best_accuracy(scores, same)
-    return {"auc": roc_auc(scores, same), "best_accuracy": acc, "threshold": thr, "tar_at_far": tar_table(scores, same),
-            "same_cosine": float(scores[same].mean()), "different_cosine": float(scores[~same].mean()),
-            ROC: roc_curve(scores, same)}
+    accs, thresholds = fold_accuracy(scores, same, seed)
+    return {**_folds(accs, thresholds, "cosine"), "threshold_cosine": best_accuracy(scores, same)[1],
+            **_pair_figures(scores, scores, same)}
 
 
-def _evaluate_folders(cfg: EvaluateConfig, models: dict[str, Embedder], folders: str) -> dict[str, Any]:
+def _choose_pairs(cfg: EvaluateConfig, folders: str, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                                   dict[str, Any]]:
+    """The pairs of a folder (all, or a distinct sample) and what the dataset block says of them."""
+    same_available, impostor_available = pair_counts(labels)
+    requested = cfg.pairs if cfg.pairs is not None else (
+        DEFAULT_SAMPLED_PAIRS if len(labels) > ALL_PAIRS_MAX_IMAGES else None)
+    if requested is None:
+        i, j, same = all_pairs(labels)
+    else:
+        i, j, same = sample_pairs(labels, requested, cfg.seed)
+        asked = f"--pairs {requested}" if cfg.pairs is not None else f"the default sample of {requested} pairs"
+        for kind, want, have in (("same-person", requested // 2, same_available),
+                                 ("different-person", requested - requested // 2, impostor_available)):
+            if want > have:
+                log.warning("--folders %s: %s asks for %d %s pairs and only %d distinct ones exist: using all of them",
+                            folders, asked, want, kind, have)
+    all_same, all_impostor = int(same.sum()) == same_available, int((~same).sum()) == impostor_available
+    return i, j, same, {"pairs_requested": requested, "same_pairs_available": same_available,
+                        "impostor_pairs_available": impostor_available, "all_same_pairs": all_same,
+                        "all_impostor_pairs": all_impostor, "sampled": not (all_same and all_impostor)}
+
+
+def _evaluate_folders(cfg: EvaluateConfig, models: dict[str, Embedder], folders: str,
+                      scanned: tuple[list[str], np.ndarray, list[str]]) -> dict[str, Any]:
     from distill.images import read_file
 
-    paths, labels, _ = scan_folders(folders)
-    if cfg.pairs is None and len(paths) <= ALL_PAIRS_MAX_IMAGES:
-        i, j, same = all_pairs(labels)
-        sampled = False
-    else:
-        i, j, same = sample_pairs(labels, cfg.pairs or DEFAULT_SAMPLED_PAIRS, cfg.seed)
-        sampled = True
+    paths, labels, _ = scanned
+    i, j, same, pairs = _choose_pairs(cfg, folders, labels)
     needed = np.unique(np.concatenate([i, j]))  # a sample touches only some images: read only those
     embeddings, seconds, bad = embed_all(
         models, len(needed), lambda k: read_file(paths[needed[k]]), lambda k: paths[needed[k]],
-        cfg.batch_size, cfg.flip, cfg.progress,
+        cfg.batch_size, cfg.flip_test, cfg.progress,
     )
     embedded = np.delete(needed, bad)
     i, j, same = remap_pairs(i, j, same, embedded, len(paths))
@@ -505,8 +585,8 @@ def _evaluate_folders(cfg: EvaluateConfig, models: dict[str, Embedder], folders:
         raise BadInput(f"--folders {folders}: need both same-identity and different-identity pairs")
     results: dict[str, Any] = {"models": {}}
     for role, emb in embeddings.items():
-        r = _verification(emb, i, j, same)
-        r["images_per_second"] = len(embedded) * (2 if cfg.flip else 1) / max(seconds[role], 1e-9)
+        r = _verification(emb, i, j, same, cfg.seed)
+        r["images_per_second"] = len(embedded) * (2 if cfg.flip_test else 1) / max(seconds[role], 1e-9)
         results["models"][role] = r
     results["dataset"] = {
         "kind": "folders",
@@ -514,14 +594,15 @@ def _evaluate_folders(cfg: EvaluateConfig, models: dict[str, Embedder], folders:
         "images": int(len(embedded)),
         "skipped": int(len(bad)),
         "identities": int(len(np.unique(labels[embedded]))),
-        "pairs": int(len(same)),
+        "pairs": int(len(same)),  # distinct pairs, all of them scored (those of unreadable images dropped)
         "same_pairs": int(same.sum()),
         "impostor_pairs": int((~same).sum()),
-        # All pairs are mostly "different": best accuracy is read against this majority rate.
+        **pairs,
+        # All pairs are mostly "different": accuracy is read against this majority rate.
         "chance_accuracy": float(max(same.mean(), 1 - same.mean())),
-        "sampled": sampled,
-        "seed": cfg.seed if sampled else None,
-        "flip": cfg.flip,
+        "seed": cfg.seed,  # of the pair sample and of the folds' shuffle
+        "folds": min(FOLDS, len(same)),
+        "flip_test": cfg.flip_test,
     }
     results["mean_cosine"] = _cosine(embeddings)
     return results
@@ -542,18 +623,14 @@ def _evaluate_bin(cfg: EvaluateConfig, models: dict[str, Embedder], path: str, b
         dist = np.sum((emb[0::2] - emb[1::2]) ** 2, axis=1)
         accs, thresholds = kfold_accuracy(dist, same)
         results["models"][role] = {
-            "accuracy_mean": float(accs.mean()),
-            "accuracy_std": float(accs.std()),
-            "fold_accuracies": [float(a) for a in accs],
-            "fold_thresholds": [float(t) for t in thresholds],
-            "best_threshold": best_distance_threshold(dist, same),
-            "auc": roc_auc(-dist, same),
-            "tar_at_far": tar_table(-dist, same),
+            **_folds(accs, thresholds, "sq_l2"),
+            "threshold_sq_l2": best_distance_threshold(dist, same),
+            **_pair_figures(-dist, 1 - dist / 2, same),  # (squared L2 of unit vectors = 2 - 2 cos)
             "images_per_second": 2 * len(blobs) / max(seconds[role], 1e-9),
-            ROC: roc_curve(-dist, same),
         }
     results["dataset"] = {"kind": "bin", "path": path, "pairs": int(len(same)), "same_pairs": int(same.sum()),
-                          "impostor_pairs": int((~same).sum())}
+                          "impostor_pairs": int((~same).sum()), "chance_accuracy": float(max(same.mean(), 1 - same.mean())),
+                          "folds": BIN_FOLDS, "flip_test": True}
     results["mean_cosine"] = _cosine(embeddings)
     return results
 
@@ -578,56 +655,100 @@ def _tar_cells(r: dict[str, Any]) -> str:
     return " ".join(f"{tars[far_key(f)]:>11.4f}" if tars.get(far_key(f)) is not None else f"{'-':>11}" for f in FARS)
 
 
+def tar_note(ds: dict[str, Any]) -> str:
+    """The table's footnote on TAR@FAR: the rule, and what would fill a '-'. Pure."""
+    n = ds["impostor_pairs"]
+    rule = f"TAR@FAR: shown where distinct impostor pairs x FAR >= {MIN_FALSE_ACCEPTS}"
+    missing = [f for f in FARS if not far_supported(n, f)]
+    if not missing:
+        return f"{rule} (here {n:,})"
+    needs = " and ".join(f"{far_key(f)} needs {min_impostor_pairs(f):,}" for f in missing)
+    text = f"{rule}; '-': {needs}, there are {n:,}"
+    if ds["kind"] != "folders":
+        return f"{text} in this set"
+    if ds.get("all_impostor_pairs"):
+        return f"{text}, every distinct impostor pair of this folder:\n  more identities or images are needed"
+    available = ds["impostor_pairs_available"]
+    reachable = [f for f in missing if far_supported(available, f)]
+    hints = [f"--pairs {2 * min_impostor_pairs(reachable[-1])} supports {far_key(reachable[-1])}"] if reachable else []
+    if len(reachable) < len(missing):
+        hints.append(f"the folder's {available:,} distinct impostor pairs cannot support "
+                     f"{' or '.join(far_key(f) for f in missing if f not in reachable)}: more identities or images are "
+                     "needed")
+    return f"{text}:\n  " + "; ".join(hints)
+
+
 def format_table(results: dict[str, Any]) -> str:
-    """Plain-text table of a results dict (either kind of dataset)."""
-    ds = results["dataset"]
-    lines = []
-    if ds["kind"] == "folders":
-        how = "sampled" if ds["sampled"] else "all"
-        lines.append(
-            f"{ds['path']}: {ds['images']} images, {ds['identities']} identities, "
-            f"{ds['pairs']} pairs ({how}, {ds['same_pairs']} same; always-different scores {ds['chance_accuracy']:.4f})"
-        )
-        lines.append(f"{'model':<10} {'kind':<8} {'ROC-AUC':>8} {'best acc':>9} {'threshold':>10} {_tar_head()} {'img/s':>8}")
-        for role, r in results["models"].items():
-            kind = results["kinds"][role]
-            lines.append(
-                f"{role:<10} {kind:<8} {r['auc']:>8.4f} {r['best_accuracy']:>9.4f} {r['threshold']:>10.4f} "
-                f"{_tar_cells(r)} {r['images_per_second']:>8.1f}"
-            )
+    """Plain-text tables of ``run_evaluate``'s results, one per verification set."""
+    return "\n\n".join(_format_target(t, results["kinds"]) for t in results["targets"])
+
+
+def _format_target(t: dict[str, Any], kinds: dict[str, str]) -> str:
+    ds = t["dataset"]
+    folders = ds["kind"] == "folders"
+    if folders:
+        how = ("all of them" if not ds["sampled"] else f"a sample of {ds['pairs_requested']:,} asked, seed {ds['seed']}")
+        lines = [f"{ds['path']}: {ds['images']} images, {ds['identities']} identities; {ds['pairs']:,} distinct pairs "
+                 f"({ds['same_pairs']:,} same, {ds['impostor_pairs']:,} different: {how})"]
+        short = [f"all {ds[k + '_pairs_available']:,} distinct {k} pairs" for k in ("same", "impostor")
+                 if ds["sampled"] and ds["all_" + k + "_pairs"]]
+        if short:
+            lines.append(f"  (the sample asked for more than exist: it holds {' and '.join(short)})")
+        unit, thr_key, digits = "cos thr", "threshold_cosine", 4
     else:
-        lines.append(f"{ds['path']}: {ds['pairs']} pairs ({ds['same_pairs']} same), 10-fold, flip")
-        lines.append(f"{'model':<10} {'kind':<8} {'accuracy':>17} {'threshold':>10} {'ROC-AUC':>8} {_tar_head()} {'img/s':>8}")
-        for role, r in results["models"].items():
-            kind = results["kinds"][role]
-            acc = f"{r['accuracy_mean']:.4f} +- {r['accuracy_std']:.4f}"
-            lines.append(
-                f"{role:<10} {kind:<8} {acc:>17} {r['best_threshold']:>10.2f} {r['auc']:>8.4f} {_tar_cells(r)} "
-                f"{r['images_per_second']:>8.1f}"
-            )
-    if results.get("mean_cosine") is not None:
-        lines.append(f"mean teacher-student cosine: {results['mean_cosine']:.4f}")
-    n = ds.get("impostor_pairs")
-    if n is not None and any(n * f < MIN_FALSE_ACCEPTS for f in FARS):
-        lines.append(f"TAR@FAR: '-' where {n} impostor pairs are too few (a FAR f needs {MIN_FALSE_ACCEPTS}/f of them; "
-                     "more pairs: --pairs N)")
+        lines = [f"{ds['path']}: {ds['pairs']:,} pairs ({ds['same_pairs']:,} same), insightface's protocol: flip test, "
+                 f"{ds['folds']} folds"]
+        unit, thr_key, digits = "sq-L2 thr", "threshold_sq_l2", 2
+    lines.append(f"{'model':<10} {'kind':<8} {'ROC-AUC':>8} {'accuracy':>17} {unit:>9} {_tar_head()} {'img/s':>8}")
+    for role, r in t["models"].items():
+        acc = f"{r['accuracy_mean']:.4f} +- {r['accuracy_std']:.4f}"
+        lines.append(f"{role:<10} {kinds[role]:<8} {r['auc']:>8.4f} {acc:>17} {r[thr_key]:>9.{digits}f} {_tar_cells(r)} "
+                     f"{r['images_per_second']:>8.1f}")
+    for role, r in t["models"].items():
+        if r.get("collapsed"):
+            lines.append(f"WARNING {role}: {r['collapse_warning']}")
+    if t.get("mean_cosine") is not None:
+        lines.append(f"mean teacher-student cosine: {t['mean_cosine']:.4f}")
+    shuffled = "of the shuffled pairs" if folders else "in the set's order"
+    lines.append(f"accuracy: {ds['folds']} folds {shuffled}, each scored at the threshold chosen on the others "
+                 f"(mean +- std); always answering 'different' scores {ds['chance_accuracy']:.4f}")
+    lines.append("cos thr: cosine similarity at or above which a pair is called the same person (the best over all "
+                 "pairs)" if folders else "sq-L2 thr: squared L2 distance of the unit embeddings below which a pair is "
+                 "called the same person (the best over all pairs)")
+    lines.append(tar_note(ds))
     return "\n".join(lines)
 
 
+def check_outputs(cfg: EvaluateConfig) -> None:
+    """``--out`` and ``--plot``: new files, or ones an earlier evaluate wrote; apart from the inputs."""
+    from distill.outputs import EVALUATION, PLOT, check_output
+
+    inputs = [("MODEL", cfg.model), ("--teacher", cfg.teacher), ("--shards", cfg.shards)] + [
+        (f"--{kind}", path) for kind, path in cfg.targets]
+    if cfg.out:
+        check_output(cfg.out, EVALUATION, inputs)
+    if cfg.plot:
+        check_output(cfg.plot, PLOT, inputs, option="--plot")
+
+
+RESULTS_FORMAT = "distill-evaluate/2"
+
+
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
-    """Embed, score, print nothing; returns the results (and writes ``cfg.out``): for one
-    verification set its results dict, for several ``{"targets": [one dict each, in order]}``.
-    The models are loaded once for all of them."""
+    """Embed, score, print nothing; returns the results (and writes ``cfg.out``), the same
+    shape for one set or several: ``{"targets": [one dict per set, in order], "kinds",
+    "paths", "preprocessing", ...}``. The models are loaded once for all of them."""
     from distill.mirror import local_copy
     from distill.startup import import_tensorflow_quietly
 
+    check_outputs(cfg)
     # (MODEL on an object store: a local copy of the finished export)
     cfg = replace(cfg, model=local_copy(cfg.model, "MODEL"))
     # Bad paths, and a bad or hostile .bin, are refused before any model is loaded.
     resolve_model_dir(cfg.model)
-    for kind, path in cfg.targets:
-        if kind == "folders" and not os.path.isdir(path):
-            raise FileNotFoundError(f"--folders {path} is not a directory; pass a folder with one sub-folder per identity")
+    scanned = {path: scan_folders(path) for kind, path in cfg.targets if kind == "folders"}
+    for path, (paths, _, _) in scanned.items():
+        check_readable(path, paths)
     bins = {path: load_bin(path) for kind, path in cfg.targets if kind == "bin"}
     record, teacher = teacher_record(cfg)
     if teacher:
@@ -647,13 +768,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     every = []
     for kind, path in cfg.targets:
         t0 = time.perf_counter()
-        results = _evaluate_folders(cfg, models, path) if kind == "folders" else _evaluate_bin(cfg, models, path,
-                                                                                             *bins[path])
+        results = (_evaluate_folders(cfg, models, path, scanned[path]) if kind == "folders"
+                   else _evaluate_bin(cfg, models, path, *bins[path]))
         results["seconds"] = time.perf_counter() - t0
-        results["paths"] = {role: m.path for role, m in models.items()}
-        results["kinds"] = {role: m.kind for role, m in models.items()}
-        results["preprocessing"] = pre.to_json()
-        results["preprocessing_from"] = record.manifest if record else None
         every.append(results)
     curves = [(f"{os.path.basename(r['dataset']['path'].rstrip('/'))}: {role} (AUC {m['auc']:.4f})", *m.pop(ROC))
               for r in every for role, m in r["models"].items()]
@@ -663,15 +780,19 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
         make_dir(os.path.dirname(os.path.abspath(cfg.plot)), "--plot")
         plot_roc(curves, cfg.plot, f"ROC: {os.path.basename(cfg.model.rstrip('/'))}")
-    results = every[0] if len(every) == 1 else {"targets": every}
+    results = {
+        "format": RESULTS_FORMAT,
+        "targets": every,
+        "paths": {role: m.path for role, m in models.items()},
+        "kinds": {role: m.kind for role, m in models.items()},
+        "preprocessing": pre.to_json(),
+        "preprocessing_from": record.manifest if record else None,
+        "tar_at_far_rule": {"rule": TAR_RULE, "min_false_accepts": MIN_FALSE_ACCEPTS,
+                            "min_impostor_pairs": {far_key(f): min_impostor_pairs(f) for f in FARS}},
+    }
     if cfg.out:
         _write_json(cfg.out, results)
     return results
-
-
-def each_target(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The per-set results of ``run_evaluate``'s answer, one set or several."""
-    return results["targets"] if "targets" in results else [results]
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -697,7 +818,7 @@ def _main(args) -> int:
     if cfg.json:
         print(json.dumps(results, indent=2, sort_keys=True))
         return 0
-    print("\n\n".join(format_table(r) for r in each_target(results)))
+    print(format_table(results))
     if cfg.out:
         print(f"results: {cfg.out}")
     if cfg.plot:

@@ -15,8 +15,8 @@ Two sources, chosen by ``distill train``:
   insightface scores them (``score_bin``: 10-fold accuracy of the flip-summed embeddings).
 
 At every epoch end (and every ``--val-every`` steps) ``score`` gives the mean teacher-student
-cosine and the verification ROC-AUC and best accuracy over same/different pairs of the
-held-out images (the ``distill evaluate`` functions), and ``score_bin`` each set's figures;
+cosine and the verification ROC-AUC and 10-fold accuracy over distinct same/different pairs
+of the held-out images (the ``distill evaluate`` functions), and ``score_bin`` each set's figures;
 ``--best-by`` names the one that chooses ``OUT/best``. Everything that decides is pure NumPy, tested without
 TensorFlow. Hands on: ``ValSet`` to the loop, ``score``'s dict to metrics.jsonl and the
 progress bar; the best epoch's checkpoint is kept in ``OUT/best``.
@@ -106,16 +106,18 @@ def pairs_for(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np
     return i, j, same
 
 
-def score(student: np.ndarray, val: ValSet) -> dict[str, float]:
-    """Verification ROC-AUC and best accuracy of the student's embeddings over the pairs, and
-    the mean teacher-student cosine when the teacher's embeddings are known. Pure."""
-    from distill.metrics import best_accuracy, l2_normalise, mean_cosine, roc_auc
+def score(student: np.ndarray, val: ValSet, fold_seed: int = 0) -> dict[str, float]:
+    """Verification ROC-AUC and accuracy (10 folds of the shuffled pairs, the threshold chosen on
+    the other nine: ``distill evaluate``'s) of the student's embeddings over the pairs, and the
+    mean teacher-student cosine when the teacher's embeddings are known. The folds are the same
+    at every validation. Pure."""
+    from distill.metrics import fold_accuracy, l2_normalise, mean_cosine, roc_auc
 
     e = l2_normalise(student)
     i, j, same = val.pairs
     scores = np.sum(e[i] * e[j], axis=1)
-    acc, _ = best_accuracy(scores, same)
-    out = {"val_auc": roc_auc(scores, same), "val_accuracy": acc}
+    accs, _ = fold_accuracy(scores, same, fold_seed)
+    out = {"val_auc": roc_auc(scores, same), "val_accuracy": float(accs.mean())}
     if val.teacher is not None and val.teacher.shape[1] == student.shape[1]:
         out["val_cos"] = mean_cosine(student, val.teacher)
     return out

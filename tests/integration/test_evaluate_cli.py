@@ -57,28 +57,43 @@ def wrapped_student(tmp_path_factory):
     return out
 
 
-def test_folders_student_and_teacher(tmp_path, wrapped_student):
+def test_folders_student_and_teacher(tmp_path, wrapped_student, caplog):
     folders = _orl_folders(tmp_path / "faces")
     out = tmp_path / "r.json"
-    r = run_evaluate(EvaluateConfig(model=wrapped_student, folders=str(folders), teacher=TEACHER, out=str(out)))
-    assert r["kinds"] == {"model": "student", "teacher": "teacher"}
+    results = run_evaluate(EvaluateConfig(model=wrapped_student, folders=str(folders), teacher=TEACHER, out=str(out)))
+    assert results["kinds"] == {"model": "student", "teacher": "teacher"}
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))  # one shape, even for one set
+    r, = results["targets"]
     assert r["dataset"]["images"] == 30 and r["dataset"]["pairs"] == 30 * 29 // 2
-    assert r["dataset"]["same_pairs"] == 6 * 10 and not r["dataset"]["sampled"]
+    assert r["dataset"]["same_pairs"] == 6 * 10 and not r["dataset"]["sampled"] and r["dataset"]["all_impostor_pairs"]
     assert r["mean_cosine"] == pytest.approx(1.0, abs=1e-4)
     for role in ("model", "teacher"):
-        assert r["models"][role]["auc"] > 0.9  # a real face model on real (grey, resized) faces
+        m = r["models"][role]
+        assert m["auc"] > 0.9  # a real face model on real (grey, resized) faces
+        assert len(m["fold_accuracies"]) == 10 and m["accuracy_mean"] == pytest.approx(np.mean(m["fold_accuracies"]))
+        assert m["accuracy_mean"] > r["dataset"]["chance_accuracy"] and -1 < m["threshold_cosine"] < 1
+        assert m["same_cosine"] > m["different_cosine"] and not m["collapsed"]
+        assert m["tar_at_far"] == {"1e-02": None, "1e-03": None, "1e-04": None}  # 375 impostor pairs support none
     assert r["models"]["model"]["auc"] == pytest.approx(r["models"]["teacher"]["auc"], abs=1e-3)
-    assert json.loads(out.read_text())["models"]["model"]["auc"] == r["models"]["model"]["auc"]
 
-    # A broken file is skipped and named, its pairs dropped; a sample reads only what it pairs.
+    # A broken file is skipped and named, its pairs dropped; a sample reads only what it pairs,
+    # and holds distinct pairs (the flip test on: two model calls a batch).
     (folders / "s1" / "9.pgm").write_bytes(b"P5 not really an image")
-    sampled = run_evaluate(EvaluateConfig(model=wrapped_student, folders=str(folders), pairs=200, seed=3))
-    assert sampled["dataset"]["sampled"] and sampled["dataset"]["skipped"] <= 1
-    assert sampled["dataset"]["pairs"] <= 200 and sampled["dataset"]["pairs"] >= 150
+    sampled = run_evaluate(EvaluateConfig(model=wrapped_student, folders=str(folders), pairs=200, seed=3,
+                                          flip_test=True))["targets"][0]
+    assert sampled["dataset"]["sampled"] and sampled["dataset"]["skipped"] <= 1 and sampled["dataset"]["flip_test"]
+    # 100 same pairs asked, 65 exist: all 65 and 100 different ones, less those of the broken file.
+    assert 140 <= sampled["dataset"]["pairs"] <= 165 and sampled["dataset"]["all_same_pairs"]
+    assert sampled["dataset"]["pairs_requested"] == 200 and sampled["dataset"]["seed"] == 3
     assert sampled["models"]["model"]["auc"] > 0.9
-    full = run_evaluate(EvaluateConfig(model=wrapped_student, folders=str(folders), progress=False))
+    # Asking for more pairs than exist: every distinct pair, once, and a warning that says so.
+    with caplog.at_level("WARNING", logger="distill.evaluate.run"):
+        full = run_evaluate(EvaluateConfig(model=wrapped_student, folders=str(folders), pairs=20000,
+                                           progress=False))["targets"][0]
+    assert "asks for 10000 same-person pairs and only 65 distinct ones exist" in caplog.text
     assert full["dataset"]["skipped"] == 1 and full["dataset"]["images"] == 30
-    assert full["dataset"]["pairs"] == 30 * 29 // 2
+    assert full["dataset"]["pairs"] == 30 * 29 // 2 and not full["dataset"]["sampled"]
+    assert (full["dataset"]["same_pairs_available"], full["dataset"]["impostor_pairs_available"]) == (65, 400)
 
 
 def test_bin_protocol_via_cli(tmp_path, wrapped_student):
@@ -90,13 +105,15 @@ def test_bin_protocol_via_cli(tmp_path, wrapped_student):
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "10-fold" in proc.stdout and "mean teacher-student cosine" in proc.stdout
-    r = json.loads(out.read_text())
+    assert "flip test, 10 folds" in proc.stdout and "mean teacher-student cosine" in proc.stdout
+    assert "sq-L2 thr" in proc.stdout and "cos thr" not in proc.stdout
+    assert "TAR@FAR: shown where distinct impostor pairs x FAR >= 10" in proc.stdout
+    r, = json.loads(out.read_text())["targets"]
     m = r["models"]["model"]
-    assert len(m["fold_accuracies"]) == 10 and len(m["fold_thresholds"]) == 10
+    assert len(m["fold_accuracies"]) == 10 and len(m["fold_thresholds_sq_l2"]) == 10
     assert m["accuracy_mean"] == pytest.approx(np.mean(m["fold_accuracies"]))
-    assert m["accuracy_mean"] >= 0.8 and m["auc"] > 0.9
-    assert 0.0 <= m["best_threshold"] < 4.0
+    assert m["accuracy_mean"] >= 0.8 and m["auc"] > 0.9 and not m["collapsed"]
+    assert 0.0 <= m["threshold_sq_l2"] < 4.0
     assert r["mean_cosine"] == pytest.approx(1.0, abs=1e-4)
 
 
@@ -112,12 +129,14 @@ def test_several_sets_in_one_call_one_model_load_json_on_stdout(tmp_path, wrappe
                            "--plot", str(tmp_path / "plots" / "roc.png")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    every = json.loads(proc.stdout)["targets"]  # stdout is the JSON alone
+    results = json.loads(proc.stdout)  # stdout is the JSON alone
+    assert results["format"] == "distill-evaluate/2" and "10" in results["tar_at_far_rule"]["rule"]
+    every = results["targets"]
     assert [(t["dataset"]["kind"], t["dataset"]["path"]) for t in every] == [
         ("folders", str(a)), ("folders", str(b)), ("bin", str(tiny))]
     assert every[0]["dataset"]["images"] == 12 and every[1]["dataset"]["images"] == 30
     alone = run_evaluate(EvaluateConfig(model=wrapped_student, folders=str(b), progress=False))
-    assert every[1]["models"]["model"]["auc"] == pytest.approx(alone["models"]["model"]["auc"], abs=1e-9)
+    assert every[1]["models"]["model"]["auc"] == pytest.approx(alone["targets"][0]["models"]["model"]["auc"], abs=1e-9)
     assert len(every[2]["models"]["model"]["fold_accuracies"]) == 10
     assert all(t["mean_cosine"] == pytest.approx(1.0, abs=1e-4) for t in every)
     from PIL import Image
@@ -156,6 +175,7 @@ def test_the_teacher_is_fed_as_its_shards_recorded(tmp_path, wrapped_student, em
     ok = subprocess.run([sys.executable, "-m", "distill", "evaluate", wrapped_student, "--folders", folders,
                          "--shards", embedded_run, "--out", out, "--no-progress"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
+    assert "cos thr" in ok.stdout and "accuracy: 10 folds of the shuffled pairs, each scored at" in ok.stdout
     r = json.loads(out.read_text())
     assert r["paths"]["teacher"] == str(tiny_teacher) and r["kinds"]["teacher"] == "teacher"
     assert r["preprocessing_from"] == str(embedded_run / "manifest.json")

@@ -88,5 +88,5 @@ def test_a_mobilefacenet_student_gets_closer_to_the_teacher_on_unseen_people_and
     assert min(c["min"] for c in report["report"]["tflite_cosine"].values()) >= 0.99
     scored = run_cli("evaluate", tmp_path / "export", "--folders", mixed / "unseen", "--teacher", MOBILEFACENET,
                      "--out", tmp_path / "eval.json", "--no-progress")
-    result = json.loads((tmp_path / "eval.json").read_text())
+    result = json.loads((tmp_path / "eval.json").read_text())["targets"][0]
     assert np.isfinite(result["mean_cosine"]) and result["models"]["teacher"]["auc"] > 0.9, scored.stdout

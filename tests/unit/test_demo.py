@@ -26,9 +26,9 @@ def test_quick_preset_then_explicit_options_win():
 
 
 def test_config_refuses_what_cannot_make_pairs_or_batches():
-    with pytest.raises(ValueError, match="--identities"):
+    with pytest.raises(ValueError, match="^--identities must be at least 2"):
         DemoConfig(identities=1)
-    with pytest.raises(ValueError, match="--per-identity"):
+    with pytest.raises(ValueError, match="^--heldout-per-identity must be at least 2"):  # (the one given, by name)
         DemoConfig(heldout_per_identity=1)
     with pytest.raises(ValueError, match="--batch-size"):
         DemoConfig(identities=2, per_identity=3, batch_size=32)
@@ -66,8 +66,10 @@ def test_summary_table_names_every_stage_and_both_models():
         "seconds": 14.0,
         "verification": {
             "identities": 8, "images": 64, "pairs": 2016, "same_pairs": 224, "chance_accuracy": 0.8889,
-            "teacher": {"auc": 0.88, "best_accuracy": 0.9, "threshold": 0.5},
-            "student": {"auc": 0.81, "best_accuracy": 0.89, "threshold": 0.6},
+            "teacher": {"auc": 0.88, "accuracy_mean": 0.9, "accuracy_std": 0.02, "threshold_cosine": 0.5,
+                        "collapse_warning": None},
+            "student": {"auc": 0.81, "accuracy_mean": 0.89, "accuracy_std": 0.03, "threshold_cosine": 0.6,
+                        "collapse_warning": "every pair scores about the same cosine"},
             "mean_cosine": 0.42,
         },
         "outputs": p,
@@ -77,3 +79,5 @@ def test_summary_table_names_every_stage_and_both_models():
         assert f"/tmp/run/{s}" in text
     assert "reused" in text and "0.8800" in text and "0.8100" in text and "0.4200" in text
     assert p["export"] in text and "distill evaluate" in text
+    assert "0.8900 +- 0.0300" in text and "WARNING student: every pair scores about the same cosine" in text
+    assert "WARNING teacher" not in text

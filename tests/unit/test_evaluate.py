@@ -1,11 +1,17 @@
-"""The pure parts of evaluate: pairs, ROC-AUC, best accuracy, the 10-fold protocol, and the
-restricted unpickler of .bin files. No TensorFlow, no models."""
+"""The pure parts of evaluate: distinct pairs, ROC-AUC, best accuracy, the 10-fold protocols,
+which TAR@FAR is supported, a collapsed model, the tables, the refusals before any model
+loads, and the restricted unpickler of .bin files. No TensorFlow, no models."""
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import pickle
 import subprocess
+import sys
+from collections import Counter
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -13,12 +19,21 @@ import pytest
 from distill.evaluate.run import EvaluateConfig, UnsafePickle, format_table, loads_bin, scan_folders
 from distill.metrics import (
     BIN_THRESHOLDS,
+    FARS,
+    MIN_FALSE_ACCEPTS,
     all_pairs,
     best_accuracy,
     best_distance_threshold,
+    collapse_warning,
+    far_key,
+    far_supported,
+    fold_accuracy,
     fold_bounds,
+    fold_of,
     kfold_accuracy,
     mean_cosine,
+    min_impostor_pairs,
+    pair_counts,
     roc_auc,
     sample_pairs,
     tar_at_far,
@@ -36,23 +51,74 @@ def test_all_pairs_counts_every_unordered_pair_once():
     assert len(set(zip(i.tolist(), j.tolist()))) == len(i)
     assert same.sum() == 3 + 1  # C(3,2) + C(2,2)
     assert np.array_equal(same, labels[i] == labels[j])
+    assert pair_counts(labels) == (4, 11)
 
 
-@pytest.mark.parametrize("seed", range(5))
-@pytest.mark.parametrize("n_pairs", [2, 7, 1000])
-def test_sample_pairs_is_balanced_correct_and_seeded(seed, n_pairs):
-    rng = np.random.default_rng(100 + seed)
-    labels = rng.integers(0, 30, 500)
-    labels[labels == 3] = 4  # a missing class id must not matter
-    labels[0] = 99  # a class with a single image: never half of a same pair
+def _every_pair(labels):
+    """Brute force: every unordered pair i < j of each kind."""
+    pairs = list(itertools.combinations(range(len(labels)), 2))
+    return {p for p in pairs if labels[p[0]] == labels[p[1]]}, {p for p in pairs if labels[p[0]] != labels[p[1]]}
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("n_pairs", [2, 3, 7, 40, 150, 5000])
+def test_sample_pairs_are_distinct_correct_and_seeded_against_brute_force(seed, n_pairs):
+    rng = np.random.default_rng(1000 * seed + n_pairs)
+    n = int(rng.integers(3, 45))
+    labels = rng.integers(0, int(rng.integers(2, 9)), n) * 7  # sparse class ids must not matter
+    labels[:3] = [14, 14, 5]  # two identities, one of them with two images
+    same_all, diff_all = _every_pair(labels)
+    assert pair_counts(labels) == (len(same_all), len(diff_all))
     i, j, same = sample_pairs(labels, n_pairs, seed)
-    assert len(i) == n_pairs
-    assert same.sum() == n_pairs // 2
+    got = list(zip(i.tolist(), j.tolist()))
+    assert np.all(i < j) and len(set(got)) == len(got)  # distinct unordered pairs
     assert np.array_equal(same, labels[i] == labels[j])
-    assert np.all(i[same] != j[same])
-    assert not np.any(i[same] == 0)
+    assert {p for p, s in zip(got, same) if s} <= same_all and {p for p, s in zip(got, same) if not s} <= diff_all
+    assert same.sum() == min(n_pairs // 2, len(same_all))
+    assert (~same).sum() == min(n_pairs - n_pairs // 2, len(diff_all))
+    if n_pairs // 2 >= len(same_all):  # asked for more than exist: every one of them
+        assert set(p for p, s in zip(got, same) if s) == same_all
+    if n_pairs - n_pairs // 2 >= len(diff_all):
+        assert set(p for p, s in zip(got, same) if not s) == diff_all
     again = sample_pairs(labels, n_pairs, seed)
     assert all(np.array_equal(a, b) for a, b in zip((i, j, same), again))
+
+
+@pytest.mark.parametrize("need", [3, 7])  # drawn (need <= half of the 10 same pairs) and enumerated
+def test_sample_pairs_draws_every_pair_of_a_kind_equally_often(need):
+    # Classes of 2, 3 and 4 images: a draw biased by class (not by pair) would favour the small ones.
+    labels = np.array([0, 0, 1, 1, 1, 2, 2, 2, 2])
+    same_all, diff_all = _every_pair(labels)
+    hits = Counter()
+    runs = 1500
+    for seed in range(runs):
+        i, j, same = sample_pairs(labels, 2 * need, seed)
+        hits.update(zip(i[same].tolist(), j[same].tolist()))
+    expect = runs * need / len(same_all)
+    assert set(hits) == same_all
+    assert all(abs(h - expect) < 5 * np.sqrt(expect) for h in hits.values()), hits
+
+
+def test_sample_pairs_asking_for_more_than_exist_gives_all_of_them_and_no_unsupported_tar():
+    # 5 people x 5 images: 50 same and 250 different pairs. Drawn with replacement, 20,000 pairs
+    # once "held" 10,000 impostor pairs, and TAR@1e-3 was printed from these 250.
+    labels = np.repeat(np.arange(5), 5)
+    i, j, same = sample_pairs(labels, 20000, 0)
+    ai, aj, asame = all_pairs(labels)
+    assert sorted(zip(i.tolist(), j.tolist())) == sorted(zip(ai.tolist(), aj.tolist()))
+    assert same.sum() == 50 and (~same).sum() == 250
+    scores = np.random.default_rng(0).normal(same.astype(float), 1.0)
+    assert all(v is None for v in tar_table(scores, same).values())  # 250 x 1e-2 = 2.5 < 10
+
+
+def test_sample_pairs_stays_small_on_a_big_folder():
+    # 200,000 images: all pairs would be 2e10. Many people, and one person holding nearly all.
+    rng = np.random.default_rng(0)
+    for labels in (rng.integers(0, 20000, 200_000), np.r_[np.zeros(199_990, np.int64), np.arange(1, 11)]):
+        i, j, same = sample_pairs(labels, 20000, 1)
+        assert len(i) == 20000 and same.sum() == 10000 and np.all(i < j)
+        assert len(np.unique(i * len(labels) + j)) == 20000
+        assert np.array_equal(same, labels[i] == labels[j])
 
 
 def test_sample_pairs_differs_between_seeds():
@@ -179,6 +245,63 @@ def test_kfold_matches_reference_loops(seed):
     assert np.array_equal(thr, ref_thr)
 
 
+# --- folder accuracy: 10 folds of the shuffled pairs ------------------------------------------
+
+
+def test_fold_of_cuts_a_seeded_shuffle_into_kfold_sized_folds():
+    for n, folds in ((23, 10), (100, 10), (7, 7)):
+        fold = fold_of(n, folds, seed=4)
+        assert np.array_equal(fold, fold_of(n, folds, seed=4))
+        assert np.bincount(fold, minlength=folds).tolist() == [b - a for a, b in fold_bounds(n, folds)]
+    assert not np.array_equal(fold_of(100, 10, 0), fold_of(100, 10, 1))
+    # Shuffled: same-first folder pairs do not make a fold of same pairs only.
+    fold = fold_of(1000, 10, 0)
+    assert all(0 < np.sum(fold[:100] == k) < 30 for k in range(10))  # (10 each on average)
+
+
+def _fold_accuracy_brute_force(scores, same, seed, folds=10):
+    """Per fold: every threshold between adjacent distinct training scores (plus above all and
+    at the lowest), the highest of the best on the training folds, scored on the test fold."""
+    fold = fold_of(len(scores), folds, seed)
+    accs, chosen = [], []
+    for k in range(folds):
+        train_s, train_y = scores[fold != k], same[fold != k]
+        u = np.unique(train_s)[::-1]  # highest first
+        cands = [np.nextafter(u[0], np.inf)] + [max((a + b) / 2, np.nextafter(b, np.inf)) for a, b in zip(u, u[1:])]
+        cands.append(u[-1])
+        train_acc = [np.mean((train_s >= t) == train_y) for t in cands]
+        t = cands[int(np.argmax(train_acc))]
+        chosen.append(t)
+        accs.append(np.mean((scores[fold == k] >= t) == same[fold == k]))
+    return np.array(accs), np.array(chosen)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_fold_accuracy_matches_brute_force_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(10, 250))
+    same = np.sort(rng.random(n) < rng.uniform(0.1, 0.9))[::-1]  # same first, as folder pairs come
+    same[-1] = False
+    scores = np.round(rng.normal(same * rng.uniform(0, 2), 1.0), int(rng.integers(0, 3)))  # coarse: ties
+    accs, chosen = fold_accuracy(scores, same, seed)
+    ref_accs, ref_chosen = _fold_accuracy_brute_force(scores, same, seed)
+    assert np.allclose(accs, ref_accs) and np.array_equal(chosen, ref_chosen)
+
+
+def test_fold_accuracy_scores_each_fold_with_a_threshold_it_did_not_choose():
+    # Separable scores: perfect. A fold's own odd pairs cannot move its threshold.
+    same = np.tile([True, False], 100)
+    scores = np.where(same, 0.8, 0.2)
+    accs, chosen = fold_accuracy(scores, same, seed=0)
+    assert np.all(accs == 1.0) and np.allclose(chosen, 0.5)
+    # Best accuracy over all pairs flatters pure noise; the folds do not.
+    rng = np.random.default_rng(0)
+    noise, labels = rng.random(400), rng.random(400) < 0.5
+    assert best_accuracy(noise, labels)[0] > fold_accuracy(noise, labels, 0)[0].mean()
+    # Fewer pairs than folds: one pair per fold.
+    assert len(fold_accuracy(np.array([0.9, 0.1, 0.8]), np.array([True, False, True]), 0)[0]) == 3
+
+
 def _tar_brute_force(scores, same, far):
     """The best TAR over every threshold t (accept score > t) whose FAR is at most ``far``."""
     neg, pos = scores[~same], scores[same]
@@ -208,10 +331,56 @@ def test_tar_at_far_separable_and_hopeless():
     assert tar_at_far(np.r_[np.zeros(50), np.full(1000, 2.0)], same, 1e-2) == 0.0
 
 
+@pytest.mark.parametrize("far", [1e-2, 1e-3, 1e-4, 3e-3, 0.05])
+def test_the_tar_support_rule_against_exact_counts(far):
+    need = min_impostor_pairs(far)
+    for n in sorted({1, 9, need - 1, need, need + 1, 10 * need}):
+        assert far_supported(n, far) == (Fraction(n) * Fraction(repr(far)) >= MIN_FALSE_ACCEPTS), (n, far)
+    assert (min_impostor_pairs(1e-2), min_impostor_pairs(1e-3), min_impostor_pairs(1e-4)) == (1000, 10000, 100000)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tar_is_reported_exactly_where_the_distinct_impostor_pairs_support_it(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, int(rng.integers(3, 30)), int(rng.integers(20, 200)))
+    labels[:2] = 0
+    i, j, same = sample_pairs(labels, 30000, seed)
+    distinct_impostors = len({(a, b) for a, b, s in zip(i.tolist(), j.tolist(), same) if not s})
+    table = tar_table(rng.normal(same.astype(float), 1.0), same)
+    for far in FARS:
+        supported = Fraction(distinct_impostors) * Fraction(repr(far)) >= MIN_FALSE_ACCEPTS
+        assert (table[far_key(far)] is not None) == supported
+
+
 def test_mean_cosine_normalises_rows():
     a = np.array([[3.0, 0.0], [0.0, 2.0]])
     b = np.array([[1.0, 0.0], [5.0, 0.0]])
     assert mean_cosine(a, b) == pytest.approx(0.5)
+
+
+# --- a collapsed model -------------------------------------------------------------------
+
+
+def test_collapse_warning_names_pairs_that_do_not_separate():
+    assert "collapsed" in collapse_warning(0.999, 0.995, 0.62, 0.002)  # everything points one way
+    assert "chance" in collapse_warning(0.41, 0.409, 0.51, 0.004)  # near-constant cosines, AUC ~0.5
+    assert collapse_warning(0.999, 0.95, 0.99, 0.03) is None  # different pairs clearly lower
+    assert collapse_warning(0.6, 0.1, 0.97, 0.3) is None  # a working model
+    assert collapse_warning(0.2, 0.19, 0.52, 0.2) is None  # weak, but the scores spread: not constant
+    assert collapse_warning(0.4, 0.4, 0.7, 0.005) is None  # narrow, but it ranks pairs
+
+
+def test_collapse_is_flagged_on_real_pair_scores():
+    from distill.evaluate.run import _pair_figures
+
+    rng = np.random.default_rng(0)
+    same = rng.random(500) < 0.3
+    collapsed = 0.999 + rng.normal(0, 1e-4, 500)
+    r = _pair_figures(collapsed, collapsed, same)
+    assert r["collapsed"] and "collapsed" in r["collapse_warning"]
+    healthy = np.clip(np.where(same, 0.7, 0.1) + rng.normal(0, 0.1, 500), -1, 1)
+    r = _pair_figures(healthy, healthy, same)
+    assert not r["collapsed"] and r["collapse_warning"] is None
 
 
 # --- the restricted unpickler ------------------------------------------------------------
@@ -316,22 +485,128 @@ def test_scan_folders_labels_follow_sorted_names(tmp_path):
         scan_folders(str(tmp_path / "nope"))
 
 
-def test_format_table_shows_each_model_and_the_cosine():
-    results = {
-        "dataset": {"kind": "folders", "path": "d", "images": 10, "identities": 2, "pairs": 45,
-                    "same_pairs": 20, "impostor_pairs": 25, "sampled": False, "chance_accuracy": 0.5556},
-        "models": {
-            "model": {"auc": 0.91, "best_accuracy": 0.8, "threshold": 0.4, "images_per_second": 50.0,
-                      "tar_at_far": {"1e-02": 0.625, "1e-03": None, "1e-04": None}},
-            "teacher": {"auc": 0.97, "best_accuracy": 0.9, "threshold": 0.5, "images_per_second": 20.0},
-        },
+def _folder_results(**dataset):
+    ds = {"kind": "folders", "path": "d", "images": 10, "identities": 2, "pairs": 45, "same_pairs": 20,
+          "impostor_pairs": 25, "pairs_requested": None, "same_pairs_available": 20, "impostor_pairs_available": 25,
+          "all_same_pairs": True, "all_impostor_pairs": True, "sampled": False, "seed": 0, "folds": 10,
+          "chance_accuracy": 0.5556, **dataset}
+    return {
+        "targets": [{
+            "dataset": ds,
+            "models": {
+                "model": {"auc": 0.91, "accuracy_mean": 0.8, "accuracy_std": 0.05, "threshold_cosine": 0.4,
+                          "images_per_second": 50.0, "tar_at_far": {"1e-02": 0.625, "1e-03": None, "1e-04": None},
+                          "collapsed": False, "collapse_warning": None},
+                "teacher": {"auc": 0.97, "accuracy_mean": 0.9, "accuracy_std": 0.01, "threshold_cosine": 0.5,
+                            "images_per_second": 20.0, "collapsed": True, "collapse_warning": "all alike"},
+            },
+            "mean_cosine": 0.8765,
+        }],
         "kinds": {"model": "student", "teacher": "teacher"},
-        "mean_cosine": 0.8765,
     }
-    text = format_table(results)
-    assert "0.9100" in text and "0.9700" in text and "student" in text
-    assert "mean teacher-student cosine: 0.8765" in text
-    assert "TAR@1e-03" in text and "0.6250" in text and "25 impostor pairs are too few" in text
+
+
+def test_format_table_shows_each_model_the_units_and_the_rules():
+    text = format_table(_folder_results())
+    assert "0.9100" in text and "0.9700" in text and "student" in text and "0.8000 +- 0.0500" in text
+    assert "mean teacher-student cosine: 0.8765" in text and "WARNING teacher: all alike" in text
+    assert "cos thr" in text and "sq-L2" not in text and "10 folds of the shuffled pairs" in text
+    assert "TAR@1e-03" in text and "0.6250" in text and "distinct impostor pairs x FAR >= 10" in text
+    assert "--pairs" not in text and "more identities or images are needed" in text  # (all 25 are used)
+    bin_results = {"kinds": {"model": "student"}, "targets": [{
+        "dataset": {"kind": "bin", "path": "lfw.bin", "pairs": 6000, "same_pairs": 3000, "impostor_pairs": 3000,
+                    "chance_accuracy": 0.5, "folds": 10, "flip_test": True},
+        "models": {"model": {"auc": 0.99, "accuracy_mean": 0.99, "accuracy_std": 0.003, "threshold_sq_l2": 1.42,
+                             "images_per_second": 9.0, "tar_at_far": {"1e-02": 0.98, "1e-03": None, "1e-04": None}}},
+        "mean_cosine": None}]}
+    text = format_table(bin_results)
+    assert "sq-L2 thr" in text and "1.42" in text and "cos thr" not in text and "flip test, 10 folds" in text
+    assert "3,000 in this set" in text
+    both = format_table({**bin_results, "targets": bin_results["targets"] + _folder_results()["targets"],
+                         "kinds": {"model": "student", "teacher": "teacher"}})
+    assert both.index("lfw.bin") < both.index("cos thr")  # one table per set, in order
+
+
+def test_tar_note_says_what_would_fill_a_dash():
+    from distill.evaluate.run import tar_note
+
+    sampled = {"kind": "folders", "impostor_pairs": 1000, "all_impostor_pairs": False}
+    note = tar_note({**sampled, "impostor_pairs_available": 78000})
+    assert "1e-03 needs 10,000 and 1e-04 needs 100,000, there are 1,000" in note
+    assert "--pairs 20000 supports 1e-03" in note and "cannot support 1e-04: more identities or images" in note
+    note = tar_note({**sampled, "impostor_pairs_available": 500_000})
+    assert "--pairs 200000 supports 1e-04" in note and "cannot" not in note
+    note = tar_note({**sampled, "impostor_pairs_available": 5000})
+    assert "--pairs" not in note and "the folder's 5,000 distinct impostor pairs cannot support 1e-03 or 1e-04" in note
+    note = tar_note({"kind": "folders", "impostor_pairs": 300, "impostor_pairs_available": 300,
+                     "all_impostor_pairs": True})
+    assert "every distinct impostor pair of this folder" in note and "--pairs" not in note
+    assert tar_note({"kind": "folders", "impostor_pairs": 100_000}).endswith("(here 100,000)")
+
+
+def test_folders_that_cannot_make_pairs_are_refused_with_the_fix(tmp_path):
+    from distill.evaluate.run import check_readable
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for k in range(3):
+        (flat / f"{k}.jpg").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"--folders .*flat holds 3 images directly and no identity sub-folders"):
+        scan_folders(str(flat))
+    (flat / "alice").mkdir()
+    (flat / "alice" / "1.jpg").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"has 1 identity sub-folder\(s\) with images \(alice\): .* at least two people"):
+        scan_folders(str(flat))
+    (flat / "bob").mkdir()
+    (flat / "bob" / "1.jpg").write_bytes(b"x")
+    with pytest.raises(ValueError, match="no identity has two images"):
+        scan_folders(str(flat))
+    (flat / "bob" / "2.jpg").write_bytes(b"also not a JPEG")
+    paths, _, _ = scan_folders(str(flat))
+    with pytest.raises(ValueError, match=r"none of its 3 images can be decoded \(.*alice/1.jpg: "):
+        check_readable(str(flat), paths)
+    with pytest.raises(ValueError, match="none of 2 of its 3 images"):
+        check_readable(str(flat), paths, tries=2)
+    from PIL import Image
+
+    Image.new("L", (8, 8)).save(flat / "bob" / "2.jpg")
+    check_readable(str(flat), paths)  # one readable image is enough here
+
+
+def test_refusals_of_evaluate_folders_come_before_tensorflow_or_ray(tmp_path):
+    """The pattern of test_cli: each refused in one line, exit 2, nothing heavy imported."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "saved_model.pb").write_bytes(b"")
+    flat, one, unreadable = tmp_path / "flat", tmp_path / "one" / "alice", tmp_path / "bad"
+    for d, names in ((flat, ["1.jpg", "2.jpg"]), (one, ["1.jpg", "2.jpg"]), (unreadable / "a", ["1.jpg", "2.jpg"]),
+                     (unreadable / "b", ["1.png"])):
+        d.mkdir(parents=True)
+        for n in names:
+            (d / n).write_bytes(b"not an image")
+    argvs = [["evaluate", str(model), "--folders", str(f)] for f in (flat, tmp_path / "one", unreadable)]
+    code = ("import sys, json; from distill.cli import main\n"
+            "for argv in json.loads(sys.argv[1]): print(main(argv))\n"
+            "print('tensorflow' in sys.modules, 'ray' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code, json.dumps(argvs)], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["2", "2", "2", "False", "False"], r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 3 and "Traceback" not in r.stderr
+    assert "no identity sub-folders" in errors[0] and "at least two people" in errors[1]
+    assert "none of its 3 images can be decoded" in errors[2]
+    assert all("--folders" in e for e in errors)
+
+
+def test_flip_test_is_named_for_what_it_does_and_flip_still_reads():
+    from distill.cli import build_parser
+    from distill.options import config_from_args
+
+    def cfg(*extra):
+        return config_from_args(EvaluateConfig, build_parser().parse_args(["evaluate", "m", "--folders", "d", *extra]))
+
+    assert not cfg().flip_test
+    assert cfg("--flip-test").flip_test and cfg("--flip").flip_test
+    assert not cfg("--flip", "--no-flip-test").flip_test
 
 
 def test_model_dir_accepts_an_export_directory(tmp_path):
