@@ -34,7 +34,8 @@ STAGES = (
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distill",
-        description="Distil a face-recognition teacher (TF SavedModel) into a MobileNet student.",
+        description="Distil a face-recognition teacher (a TensorFlow SavedModel) into a small MobileFaceNet (or "
+                    "MobileNetV2) student, exported as a SavedModel, TFLite or ONNX.",
         epilog="Run `distill demo` to see the whole pipeline on synthetic data, no downloads needed.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")

@@ -33,9 +33,14 @@ _META = "distill.option"
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, choices=None, flag: str | None = None,
            metavar: str | None = None, positional: bool = False, required: bool = False, group: str | None = None,
-           aliases: tuple[str, ...] = ()):
+           aliases: tuple[str, ...] = (), path: bool | str = False):
+    """``path``: the value names a file or folder (``"list"``: several, comma-separated); a
+    relative one is resolved against the current folder (given on the command line) or the
+    config file's folder (read from ``--config FILE``), so the config holds absolute paths and
+    works from anywhere. Object-store URIs are left as they are."""
     meta = {_META: {"help": help, "choices": choices, "flag": flag, "metavar": metavar,
-                    "positional": positional, "required": required, "group": group, "aliases": aliases}}
+                    "positional": positional, "required": required, "group": group, "aliases": aliases,
+                    "path": path}}
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -98,8 +103,13 @@ def add_options(parser: argparse.ArgumentParser, cls, *, config_file: bool = Fal
             text = f"{text} (default: {f.default})" if text else f"default: {f.default}"
         many = {"nargs": "+"} if _is_sequence(f.type) else {}
         if meta["positional"]:
-            nargs = many or ({"nargs": "?"} if config_file else {})
-            parser.add_argument(f.name, help=text, metavar=meta["metavar"], default=argparse.SUPPRESS, **nargs)
+            # (also as a flag, ``--shards DIR``, the spelling other verbs use for the same input)
+            nargs = many or {"nargs": "?"}
+            name = meta["metavar"] or f.name.upper()
+            parser.add_argument(f.name, help=f"{text} (or {flag_of(f)} {name})", metavar=name,
+                                default=argparse.SUPPRESS, **nargs)
+            parser.add_argument(flag_of(f), dest=f.name, metavar=name, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                                **many)
             continue
         kwargs: dict[str, Any] = {"dest": f.name, "help": text, "default": argparse.SUPPRESS}
         if kind is bool:
@@ -133,18 +143,52 @@ def config_from_args(cls, args: argparse.Namespace, *, base: Mapping[str, Any] |
     defaults, plus ``extra``. A given option that changes a base value says so."""
     path = getattr(args, "config", None)
     if base is None and path:
-        base, base_name = load_config_file(cls, path), path
+        base, base_name = resolve_paths(cls, load_config_file(cls, path), os.path.dirname(os.path.abspath(path))), path
     values = dict(base or {})
-    for k, v in given(cls, args).items():
+    for k, v in resolve_paths(cls, given(cls, args), os.getcwd()).items():
         if k in values and values[k] != v:
             log.info("%s %s overrides %s = %r in %s", flag_of(_field(cls, k)), v, k, values[k], base_name)
         values[k] = v
-    missing = [flag_of(f) for f in option_fields(cls)
+    missing = [_spelling(f) for f in option_fields(cls)
                if f.default is dataclasses.MISSING and f.name not in values and f.name not in extra]
     if missing:
         raise BadOption(f"give {' and '.join(missing)}" + (" (on the command line, or in the --config file)"
                                                            if hasattr(args, "config") else ""))
     return cls(**values, **extra)
+
+
+def resolve_path(value: str, base_dir: str) -> str:
+    """``value`` as an absolute path, a relative one taken from ``base_dir``; a URI (``s3://``,
+    ``redis://``) or an empty value as it is. Pure (no file system)."""
+    if not value or "://" in value:
+        return value
+    return os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
+
+
+def resolve_paths(cls, values: Mapping[str, Any], base_dir: str) -> dict[str, Any]:
+    """``values`` with every path option (``option(path=...)``) resolved against ``base_dir``."""
+    kinds = {f.name: f.metadata[_META].get("path") for f in option_fields(cls)}
+    out = dict(values)
+    for name, value in values.items():
+        kind = kinds.get(name)
+        if not kind or value is None:
+            continue
+        if isinstance(value, tuple):
+            out[name] = tuple(resolve_path(v, base_dir) for v in value)
+        elif kind == "list":
+            out[name] = ",".join(resolve_path(v.strip(), base_dir) for v in value.split(",") if v.strip())
+        else:
+            out[name] = resolve_path(value, base_dir)
+    return out
+
+
+def _spelling(f: dataclasses.Field) -> str:
+    """How a user gives the option: ``--out``, or ``SHARDS (or --shards SHARDS)`` for a positional."""
+    meta = f.metadata[_META]
+    if not meta["positional"]:
+        return flag_of(f)
+    name = meta["metavar"] or f.name.upper()
+    return f"{name} (or {flag_of(f)} {name})"
 
 
 def _field(cls, name: str) -> dataclasses.Field:

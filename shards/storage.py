@@ -228,6 +228,55 @@ def retrying(call, what: str, delays: tuple[float, ...] = RETRY_DELAYS_S):
             time.sleep(delay)
 
 
+def store_endpoint(uri: str, env: dict | None = None) -> tuple[str, int] | None:
+    """(host, port) that a store URI's requests go to: ``endpoint_override`` in the URI, else
+    ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` for s3://, else the provider's own; None for
+    schemes this does not know. Pure (``env``: the environment)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    env = os.environ if env is None else env
+    scheme, _, rest = uri.partition("://")
+    query = parse_qs(rest.partition("?")[2])
+    if scheme == "s3":
+        endpoint = (query.get("endpoint_override") or [""])[0] or env.get("AWS_ENDPOINT_URL_S3") or env.get(
+            "AWS_ENDPOINT_URL")
+        if not endpoint:
+            region = (query.get("region") or [""])[0] or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+            return f"s3.{region or 'us-east-1'}.amazonaws.com", 443
+    elif scheme in ("gs", "gcs"):
+        return "storage.googleapis.com", 443
+    else:
+        return None
+    parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+    return parts.hostname or "", parts.port or (80 if parts.scheme == "http" else 443)
+
+
+@functools.lru_cache(maxsize=16)
+def probe_store(uri: str, option: str, seconds: float = 3.0) -> None:
+    """Refuse, in a few seconds, a store that does not answer (a wrong endpoint, no network):
+    its calls would otherwise be retried for most of a minute before saying so. Only whether
+    the endpoint takes a connection is checked; credentials and buckets are the calls' own."""
+    import socket
+    import time
+
+    where = store_endpoint(uri)
+    if where is None:
+        return
+    host, port = where
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=max(0.1, deadline - time.monotonic())).close()
+            return
+        except OSError as e:
+            if time.monotonic() + 0.5 >= deadline or isinstance(e, socket.gaierror):
+                from distill.errors import Unreachable
+
+                raise Unreachable(f"{option} {redact(uri)}: the store at {host}:{port} does not answer ({e}); check "
+                                  "AWS_ENDPOINT_URL (or the URI's endpoint_override) and the network, then rerun") from None
+            time.sleep(0.5)
+
+
 @functools.lru_cache(maxsize=64)
 def _filesystem(root: str):
     import pyarrow.fs as pafs
@@ -370,15 +419,20 @@ def write_file_atomic(path: str, data: bytes | str, durable: bool = True) -> Non
         fsync_dir(d)
 
 
-def publish_dir(stage: str, final: str) -> None:
+def publish_dir(stage: str, final: str, replaceable=None) -> None:
     """Swap the finished directory ``stage`` in as ``final`` (same parent): an existing ``final``
     is moved aside first and removed after, so a kill at any point leaves the old or the new one
-    whole under ``final`` (and at most a hidden leftover, which the writers clear)."""
+    whole under ``final`` (and at most a hidden leftover, which the writers clear).
+    ``replaceable(final) -> bool``: whether an existing ``final`` may go (the caller's own
+    earlier output); when it says no, nothing is touched and ``BadOption`` says why."""
     import shutil
     import tempfile
 
     parent = os.path.dirname(os.path.abspath(final))
     trash = None
+    if os.path.exists(final) and replaceable is not None and not replaceable(final):
+        raise BadOption(f"{final} holds files this output never wrote; nothing was replaced. Move them away, or "
+                        "write to another folder")
     if os.path.exists(final):
         trash = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=parent)
         os.rename(final, os.path.join(trash, "old"))

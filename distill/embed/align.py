@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 from distill.errors import BadOption, ShardsFailed, Stopped
+from distill.heartbeat import DEFAULT_EVERY as HEARTBEAT
 from distill.options import add_options, config_from_args, option
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,8 @@ class AlignConfig:
     """The options of ``distill align`` (the CLI is derived from these fields)."""
 
     sources: tuple[str, ...] = option(help="photos: identity folders, flat folders or list files (as `distill listing` "
-                                      "reads them)", positional=True, metavar="SOURCE")
-    out: str = option(help="the aligned faces' folder (records, manifest and ledger in OUT/.align)", required=True)
+                                      "reads them)", positional=True, metavar="SOURCE", path=True)
+    out: str = option(help="the aligned faces' folder (records, manifest and ledger in OUT/.align)", required=True, path=True, metavar="DIR")
     size: int = option(112, "side of the aligned crops (the 5-point template, scaled)", group="alignment")
     all_faces: bool = option(False, "keep every face of a photo (its k-th as NAME_k.jpg), not only the main one",
                              group="alignment")
@@ -49,7 +50,7 @@ class AlignConfig:
                            "another (a callable returning a detector)", group="alignment")
     landmarks: str | None = option(None, "align by the 5 landmarks given in this file instead of detecting: CelebA's "
                                    "list_landmarks_*.txt layout, or a face2rec2 .lst with bbox and landmarks",
-                                   metavar="FILE", group="alignment")
+                                   metavar="FILE", group="alignment", path=True)
     quality: int = option(95, "JPEG quality of the aligned faces", group="alignment")
     rec: bool = option(False, "also write OUT/train.rec, train.idx and property (insightface's layout)",
                        group="alignment")
@@ -65,14 +66,27 @@ class AlignConfig:
     max_attempts: int = option(3, "tries per shard before it is left pending", group="ledger")
     stop_grace: float = option(30.0, "on SIGTERM / SIGINT: seconds the shards in flight get to finish", group="ledger")
     progress: bool | None = option(None, "progress bar (default: on a terminal only)")
+    heartbeat: float = option(HEARTBEAT, "with the progress bar off (not a terminal, or --no-progress): log the "
+                              "shards and photos done, img/s and ETA every this many seconds; 0: never",
+                              metavar="SECONDS")
 
     def __post_init__(self) -> None:
         if not 32 <= self.size <= 1024:
             raise BadOption(f"--size must be between 32 and 1024, got {self.size}")
         if not 1 <= self.quality <= 100:
             raise BadOption(f"--quality is a JPEG quality in [1, 100], got {self.quality}")
-        if self.shard_size < 1 or self.max_attempts < 1 or self.lease_seconds < 3:
-            raise BadOption("--shard-size and --max-attempts must be positive, --lease-seconds at least 3")
+        for name in ("shard_size", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise BadOption(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.lease_seconds < 3:
+            raise BadOption(f"--lease-seconds must be >= 3 (heartbeats renew at a third of it), got {self.lease_seconds}")
+        if self.stop_grace < 0:
+            raise BadOption(f"--stop-grace must be >= 0 seconds, got {self.stop_grace}")
+        from distill.embed.run import check_resources
+        from distill.heartbeat import check_every
+
+        check_resources(self.cpus_per_worker, self.gpus_per_worker)
+        check_every(self.heartbeat)
         if self.workers is not None and self.workers < 1:
             raise BadOption(f"--workers must be >= 1, got {self.workers}")
 
@@ -154,11 +168,13 @@ def resolve(cfg: AlignConfig):
     """The listing of the sources (rebuilt, atomically), the landmarks, and the run's identity."""
     from distill.embed.listing import ListingConfig, build_listing, listing_fingerprint
     from distill.embed.run import Run
+    from distill.outputs import ALIGNED, check_output
     from distill.shards.manifest import run_id
     from distill.shards.plan import num_shards
     from distill.shards.storage import local_path, make_dir
 
     out = local_path(cfg.out, "--out")
+    check_output(out, ALIGNED, [("SOURCE", s) for s in cfg.sources] + [("--landmarks", cfg.landmarks)])
     records = make_dir(os.path.join(out, RECORDS))
     listing = os.path.join(records, "listing.parquet")
     info = build_listing(ListingConfig(cfg.sources, listing))
@@ -217,7 +233,7 @@ def _run_align(cfg: AlignConfig, stop) -> AlignReport:
         task = AlignTask(out=out, records=records, run_id=run.run_id, detector=cfg.detector, size=cfg.size,
                          all_faces=cfg.all_faces, quality=cfg.quality, roots=source_roots(info),
                          landmarks=tuple(sorted(landmarks.items())) if landmarks else (), threads=max(1, int(cpus)))
-        return Job(AlignWorker, task, "align_shard", "align")
+        return Job(AlignWorker, task, "align_shard", "align", "photos")
 
     try:
         reconcile(storage, ledger, owner, run, cfg.lease_seconds)

@@ -21,8 +21,8 @@ from distill.startup import show_progress
 class ExportNpyConfig:
     """The options of ``distill export-npy`` (the CLI is derived from these fields)."""
 
-    shards: str = option(help="shard directory made by `distill embed`", positional=True)
-    out: str = option(help="output directory", required=True)
+    shards: str = option(help="shard directory made by `distill embed`", positional=True, path=True, metavar="SHARDS")
+    out: str = option(help="output directory", required=True, path=True, metavar="DIR")
     partial: bool = option(False, "export the done shards of an unfinished run (default: refuse it)")
     progress: bool | None = option(None, "progress bars (default: on a terminal only, so logs hold no bar frames)")
 
@@ -38,10 +38,12 @@ def run_export_npy(cfg: ExportNpyConfig) -> ExportNpyReport:
     import numpy as np
     from tqdm import tqdm
 
+    from distill.outputs import NPY, check_output
     from distill.shards.manifest import load_manifest
     from distill.shards.reader import ShardReader, ShardSet, embeddings
     from distill.shards.storage import make_dir
 
+    check_output(cfg.out, NPY, {"SHARDS": cfg.shards})
     manifest = load_manifest(cfg.shards)
     shards = ShardSet.from_manifest(cfg.shards, manifest)
     total = int(manifest["num_shards"])

@@ -23,7 +23,7 @@ from distill.shards.ledger import LedgerState
 class LedgerConfig:
     """The options of ``distill ledger show`` (the CLI is derived from these fields)."""
 
-    shards: str = option(help="shard directory with manifest.json (path, or s3:// gs:// URI)", positional=True)
+    shards: str = option(help="shard directory with manifest.json (path, or s3:// gs:// URI)", positional=True, path=True, metavar="SHARDS")
     ledger: str = option("file", "'file' (next to the shards) or redis://[:PASSWORD@]HOST:PORT/DB, as given to "
                          "distill embed")
 

@@ -49,12 +49,13 @@ import numpy as np
 from distill.errors import BadInput, BadOption
 from distill.folders import Tree
 from distill.options import add_options, config_from_args, option
+from distill.outputs import LISTING, LISTING_FOOTER_KEY, check_output
 from distill.shards.format import UNLABELLED
-from distill.shards.storage import local_path, make_dir
+from distill.shards.storage import is_uri, local_path, make_dir
 
 log = logging.getLogger(__name__)
 
-FOOTER_KEY = "distill.listing"
+FOOTER_KEY = LISTING_FOOTER_KEY
 KINDS = ("folders", "flat", "list", "rec", "sources")  # "sources": several of the others, one after another
 DEFAULT_ROW_GROUP_ROWS = 131072
 FINGERPRINT_VERSION = "distill.listing.fingerprint/1"
@@ -71,9 +72,9 @@ class ListingConfig:
              "each local or on an object store (s3://bucket/faces: a folder listed by its keys, a pack read in "
              "place by byte ranges); several sources are listed one after another with their label spaces kept "
              "apart",
-        positional=True, metavar="SOURCE")
+        positional=True, metavar="SOURCE", path=True)
     out: str = option(help="output file, e.g. RUN/listing.parquet, or an object-store URI (written atomically)",
-                      required=True)
+                      required=True, path=True, metavar="FILE")
     row_group_rows: int = option(DEFAULT_ROW_GROUP_ROWS, "rows per Parquet row group")
     idx_block_bytes: int = 1 << 22  # train.idx text parsed per chunk
 
@@ -432,7 +433,14 @@ class _ListingWriter:
             pa.field("offset", pa.int64()),
         ])
         self._tmp = os.path.join(os.path.dirname(out), temp_name(os.path.basename(out)))
-        self._file = open(self._tmp, "wb")
+        try:
+            self._file = open(self._tmp, "wb")
+        except OSError as e:  # (the temp file is ours; the user named --out)
+            from distill.errors import storage_fix
+
+            fix = storage_fix(e)
+            raise BadOption(f"--out {out}: cannot write a file in {os.path.dirname(out)} ({e.strerror or e})"
+                            + (f"; {fix}" if fix else "")) from None
         # Paths and offsets are (nearly) unique: a dictionary only costs time there. zstd makes
         # an emore listing ~16 MB instead of ~50.
         self._writer = pq.ParquetWriter(self._file, self._schema, use_dictionary=["label"], compression="zstd")
@@ -708,6 +716,7 @@ def build_listing(cfg: ListingConfig) -> ListingInfo:
                         "pack on its own, or unpack all but one into folders")
     if len({src for _, src, _ in resolved}) < len(resolved):
         raise BadOption(f"a source is given twice: {' '.join(cfg.sources)}; each image must be listed once")
+    check_output(cfg.out, LISTING, [("SOURCE", src) for _, src, _ in resolved])
     out = _local_out(cfg.out)
     sink = _ListingWriter(out, cfg.row_group_rows)
     try:
@@ -728,7 +737,7 @@ def build_listing(cfg: ListingConfig) -> ListingInfo:
     except BaseException:
         sink.abort()
         raise
-    if out != cfg.out:  # --out on a store: the finished file, as one object
+    if is_uri(cfg.out):  # --out on a store: the finished file, as one object
         from distill.shards.storage import redact, retrying, upload_file
 
         retrying(lambda: upload_file(out, cfg.out), f"writing {redact(cfg.out)}")

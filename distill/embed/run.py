@@ -19,8 +19,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from distill.errors import BadInput, BadOption, ShardsFailed, Stopped, StorageFull, storage_fix
+from distill.heartbeat import DEFAULT_EVERY as HEARTBEAT
+from distill.heartbeat import check_every
 from distill.options import add_options, option
 from distill.options import config_from_args as options_config
+from distill.outputs import SHARDS, check_output
 from distill.shards.format import EMBEDDING_DTYPES, ShardRecord
 from distill.shards.ledger import Ledger, new_owner, open_ledger
 from distill.shards.manifest import build_manifest, check_compatible, read_manifest, run_id, write_manifest
@@ -45,10 +48,10 @@ class EmbedConfig:
     (``add_cli``); the teacher's input conventions and the views are their own dataclasses."""
 
     listing: str = option(help="listing Parquet made by `distill listing` (a path or an object-store URI)",
-                          positional=True)
+                          positional=True, path=True, metavar="LISTING")
     teacher: str = option(help="teacher TensorFlow SavedModel directory (or an object-store URI: each actor fetches "
-                               "it once into its node's cache and checks its fingerprint)")
-    out: str = option(help="shard directory (local/NFS path or s3://, gs:// URI)")
+                               "it once into its node's cache and checks its fingerprint)", path=True, metavar="DIR")
+    out: str = option(help="shard directory (local/NFS path or s3://, gs:// URI)", path=True, metavar="DIR")
     shard_size: int = option(1024, "rows per shard", group="plan")
     batch_size: int = option(64, "images per teacher call", group="plan")
     workers: int | None = option(None, "teacher actors (default: one per GPU, or 1 on CPU)", group="Ray")
@@ -82,6 +85,9 @@ class EmbedConfig:
     stop_grace: float = option(30.0, "on SIGTERM / SIGINT: lease nothing new, give the shards in flight this many "
                                "seconds, release the rest, write the manifest of what is done", group="ledger")
     progress: bool | None = option(None, "progress bars (default: on a terminal only, so logs hold no bar frames)")
+    heartbeat: float = option(HEARTBEAT, "with the progress bars off (not a terminal, or --no-progress): log the "
+                              "shards and rows done, img/s and ETA every this many seconds; 0: never",
+                              metavar="SECONDS")
 
     def __post_init__(self) -> None:
         if self.dtype not in EMBEDDING_DTYPES:
@@ -90,8 +96,11 @@ class EmbedConfig:
             raise BadOption(f"--workers must be >= 1, got {self.workers}")
         if self.lease_seconds < 3:
             raise BadOption(f"--lease-seconds must be >= 3 (heartbeats renew at a third of it), got {self.lease_seconds}")
-        if self.shard_size < 1 or self.batch_size < 1:
-            raise BadOption("--shard-size and --batch-size must be positive")
+        for name in ("shard_size", "batch_size", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise BadOption(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        check_resources(self.cpus_per_worker, self.gpus_per_worker)
+        check_every(self.heartbeat)
         if not 0 <= self.max_error_fraction <= 1:
             raise BadOption(f"--max-error-fraction is a share of the rows in [0, 1], got {self.max_error_fraction}")
         if self.stop_grace < 0:
@@ -297,6 +306,7 @@ def run_embed(cfg: EmbedConfig) -> EmbedReport:
 def _run_embed(cfg: EmbedConfig, stop: StopRequest) -> EmbedReport:
     t0 = time.perf_counter()
     phases = Phases()
+    check_output(cfg.out, SHARDS, {"LISTING": cfg.listing, "--teacher": cfg.teacher})
     run = resolve_run(cfg, phases)
     # A ledger elsewhere (Redis) is reached before anything is written to --out: a bad URL or
     # an unreachable server leaves --out as it was.
@@ -398,6 +408,7 @@ class Job:
     task: Any
     method: str
     name: str  # for the progress bar and the stop message
+    unit: str = "rows"  # what a listing row is, in the heartbeat
 
 
 def embed_job(cfg: EmbedConfig, run: Run, cpus: float) -> Job:
@@ -452,6 +463,7 @@ class _Driver:
         from tqdm import tqdm
 
         from distill.embed.listing import ListingReader
+        from distill.heartbeat import Heartbeat, interval
         from distill.shards.dispatch import Dispatcher
 
         self.cfg, self.run, self.ledger, self.owner, self.phases = cfg, run, ledger, owner, phases
@@ -475,11 +487,28 @@ class _Driver:
         self.rows_here, self.actor_started = 0, False
         self.last_manifest = time.monotonic()
         self.storage = storage
-        self.bar = tqdm(total=self.total, initial=self.rows_done(ledger.snapshot()), unit="img", desc=job.name,
-                        disable=not show_progress(cfg.progress), dynamic_ncols=True, smoothing=0.05)
+        bars, rows_before = show_progress(cfg.progress), self.rows_done(ledger.snapshot())
+        self.bar = tqdm(total=self.total, initial=rows_before, unit="img", desc=job.name, disable=not bars,
+                        dynamic_ncols=True, smoothing=0.05)
+        # --heartbeat: the bar's news as a log line, when the bar is off (self.beat renews leases).
+        self.job, self.pulse = job, Heartbeat(interval(cfg.heartbeat, bars), time.monotonic(), rows_before)
 
     def rows_done(self, state) -> int:
         return sum(shard_at(k, self.total, self.cfg.shard_size).rows for k in state.done)
+
+    def say_progress(self) -> None:
+        """Every --heartbeat seconds (progress bar off): shards and rows done by any driver, and
+        the rows in flight here; the pace since the last line; the time left at it."""
+        from distill.heartbeat import shards_line
+
+        now = time.monotonic()
+        if not self.pulse.due(now):
+            return
+        state, d = self.ledger.snapshot(), self.dispatcher
+        rows = self.rows_done(state) + sum(d.rows.values())
+        log.info("%s", shards_line(verb=self.job.name, shards_done=len(state.done), shards_total=self.run.num_shards,
+                                   rows_done=rows, rows_total=self.total, images_per_sec=self.pulse.beat(now, rows),
+                                   failed=len(d.failed), unit=self.job.unit))
 
     # -- carrying out the dispatcher's actions
     def apply(self, actions) -> None:
@@ -520,6 +549,7 @@ class _Driver:
 
         d, cfg, grace_ends = self.dispatcher, self.cfg, None
         while True:
+            self.say_progress()
             self.apply(d.lease_lost(self.beat.take_lost()))
             if stop.requested:
                 if grace_ends is None:
@@ -668,9 +698,22 @@ def _resolve_resources(cfg: EmbedConfig) -> tuple[int, float]:
             log.warning("the cluster has %g GPUs for %d actors; they start as the autoscaler adds nodes",
                         gpus, cfg.workers)
         return cfg.workers, cfg.cpus_per_worker or 1.0
+    for name, amount in cfg.worker_resources:  # (an actor that asks for what no node has waits for ever)
+        if res.get(name, 0) < amount:
+            log.warning("--worker-resource %s=%g: the Ray cluster has %g of it now; the actors wait until a node "
+                        "with it joins (an autoscaler's node type, or `ray start --resources`)", name, amount,
+                        res.get(name, 0))
     workers = cfg.workers or 1
     cpus = cfg.cpus_per_worker or max(1.0, float(int(res.get("CPU", 1) // workers)))
     return workers, cpus
+
+
+def check_resources(cpus_per_worker: float | None, gpus_per_worker: float) -> None:
+    """The per-actor resources are amounts Ray can schedule (checked before Ray starts)."""
+    if cpus_per_worker is not None and not cpus_per_worker > 0:
+        raise BadOption(f"--cpus-per-worker must be positive, got {cpus_per_worker}")
+    if not gpus_per_worker >= 0:
+        raise BadOption(f"--gpus-per-worker must be >= 0 (0: CPU), got {gpus_per_worker}")
 
 
 # ------------------------------------------------------------------ CLI
@@ -679,9 +722,13 @@ def _resolve_resources(cfg: EmbedConfig) -> tuple[int, float]:
 def _resource(text: str) -> tuple[str, float]:
     name, eq, amount = text.partition("=")
     try:
-        return name, float(amount) if eq else 1.0
+        value = float(amount) if eq else 1.0
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT, got {text!r}") from None
+        value = float("nan")
+    if not name or not (name[0].isalpha() or name[0] == "_") or not value > 0:
+        raise argparse.ArgumentTypeError(f"expected NAME=AMOUNT (a resource name and an amount > 0, e.g. "
+                                         f"node_type_a=1), got {text!r}")
+    return name, value
 
 
 def _pair(text: str) -> tuple[float, float]:

@@ -22,7 +22,7 @@ RECENT_SECONDS = 300.0
 class StatusConfig:
     """The options of ``distill status`` (the CLI is derived from these fields)."""
 
-    shards: str = option(help="shard directory given to `distill embed --out`", positional=True)
+    shards: str = option(help="shard directory given to `distill embed --out`", positional=True, path=True, metavar="SHARDS")
     ledger: str = option("file", "the ledger embed used: 'file' or redis://...")
     errors: bool = option(False, "list every unreadable row with its reason")
     as_json: bool = option(False, "print JSON instead of text", flag="--json")

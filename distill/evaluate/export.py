@@ -31,11 +31,13 @@ from distill.errors import BadInput, BadOption, CheckFailed
 from distill.metrics import l2_normalise
 from distill.mirror import MARKER, Mirror, cache_dir
 from distill.options import add_options, config_from_args, option
+from distill.outputs import EXPORT, check_output, classify
 from distill.shards.storage import is_uri, local_path, make_dir, publish_dir
 
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
 TFLITE_KINDS = ("float16", "int8")
 ONNX_FILE = "student.onnx"
+ONNX_OPSETS = (13, 18)  # what tf2onnx 1.17 converts a Keras 3 MobileFaceNet at (13: the first with dynamic Split/Squeeze)
 
 
 @dataclass(frozen=True)
@@ -43,9 +45,9 @@ class ExportConfig:
     """The options of ``distill export`` (the CLI is derived from these fields)."""
 
     student: str = option(help="training output directory (RUN/student; a local path or an object-store URI)",
-                          positional=True)
+                          positional=True, path=True, metavar="STUDENT")
     out: str = option(help="export directory (RUN/export; a local path or an object-store URI); replaced as a whole",
-                      required=True)
+                      required=True, path=True, metavar="DIR")
     tflite: bool = option(False, "also write float16 and int8 TFLite files")
     tflite_int8: str = option("dynamic", "the int8 file: dynamic (int8 weights, float activations) or full (int8 "
                               "weights and activations, integer-only ops: phones' NPUs and DSPs; calibrated on "
@@ -56,11 +58,11 @@ class ExportConfig:
     calibration_rows: int = option(256, "shard images that calibrate --tflite-int8 full (taken after the check images, "
                                    "so the check is on images calibration never saw)")
     checkpoint: str | None = option(None, "a checkpoint directory (default: the latest in STUDENT/checkpoints)",
-                                    metavar="DIR")
+                                    metavar="DIR", path=True)
     best: bool = option(False, "export STUDENT/best, the epoch that scored best on the held-out people (train with "
                         "--val-split or --val-folders)")
     shards: str | None = option(None, "shard directory for the check images (default: the one trained on)",
-                                metavar="DIR")
+                                metavar="DIR", path=True)
     check_rows: int = option(64, "images the self-check compares on")
     tolerance: float = option(1e-4, "max abs difference allowed, SavedModel vs trained model")
     tflite_min_cosine: float = option(0.99, "min cosine allowed, TFLite vs trained model")
@@ -74,8 +76,14 @@ class ExportConfig:
             raise BadOption(f"--check-rows must be positive, got {self.check_rows}")
         if self.tflite_int8 == "full" and self.calibration_rows <= 0:
             raise BadOption(f"--calibration-rows must be positive, got {self.calibration_rows}")
-        if _same_place(self.out, self.student):
-            raise BadOption("--out must differ from the student directory (export replaces --out as a whole)")
+        if not self.tolerance >= 0:
+            raise BadOption(f"--tolerance is a max abs difference, >= 0, got {self.tolerance}")
+        for name in ("tflite_min_cosine", "full_int8_min_cosine"):
+            if not -1 <= getattr(self, name) <= 1:
+                raise BadOption(f"--{name.replace('_', '-')} is a cosine in [-1, 1], got {getattr(self, name)}")
+        if not ONNX_OPSETS[0] <= self.onnx_opset <= ONNX_OPSETS[1]:
+            raise BadOption(f"--onnx-opset {self.onnx_opset}: tf2onnx converts this student at opsets "
+                            f"{ONNX_OPSETS[0]} to {ONNX_OPSETS[1]} (default 17)")
         if self.best and self.checkpoint:
             raise BadOption("pass --best or --checkpoint DIR, not both")
         if self.onnx:
@@ -186,10 +194,6 @@ def run_tflite(path: str, images: np.ndarray) -> np.ndarray:
     return runner(**{INPUT_NAME: images})[OUTPUT_NAME]
 
 
-def _same_place(a: str, b: str) -> bool:
-    return (a.rstrip("/") == b.rstrip("/")) if is_uri(a) or is_uri(b) else os.path.abspath(a) == os.path.abspath(b)
-
-
 def choose_checkpoint(cfg: ExportConfig, student: str) -> str:
     """The checkpoint to export: ``--checkpoint``, ``STUDENT/best`` with ``--best``, else the
     latest; ``student``: STUDENT, or its local copy when it is on an object store."""
@@ -216,6 +220,7 @@ def run_export(cfg: ExportConfig) -> ExportReport:
     from distill.train.student import StudentSpec, build_student, embedding_model
 
     t0 = time.perf_counter()
+    check_output(cfg.out, EXPORT, {"STUDENT": cfg.student, "--shards": cfg.shards, "--checkpoint": cfg.checkpoint})
     ckpt = choose_checkpoint(cfg, local_copy(cfg.student, "STUDENT", RUN_UNITS, RUN_SKIP))
     config, cursor = read_checkpoint(ckpt)
     spec = StudentSpec.from_json(config["student"])
@@ -260,7 +265,8 @@ def run_export(cfg: ExportConfig) -> ExportReport:
         _write_report(cfg, report, config, spec, ckpt, stage)
         # The weights exported, as a checkpoint: `distill train --init EXPORT` starts from them.
         shutil.copytree(ckpt, os.path.join(stage, "checkpoint"), ignore=shutil.ignore_patterns(MARKER))
-        publish_dir(stage, local_out)
+        # (checked again at the swap: only an export of ours, holding nothing else, is replaced)
+        publish_dir(stage, local_out, replaceable=lambda old: classify(os.listdir(old), EXPORT)[0] != "foreign")
         if local_out != out:
             Mirror.open(out, units=("",)).push()
     except BaseException:
@@ -349,7 +355,7 @@ def _write_report(cfg: ExportConfig, report: ExportReport, config: dict, spec, c
 
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser(
-        "export", help="export the student's embedding path as a SavedModel (+ TFLite)",
+        "export", help="export the student's embedding path as a SavedModel (+ TFLite, ONNX)",
         description="SavedModel with serving_default: images uint8 [N,H,W,3] RGB -> embeddings float32 [N,D], "
                     "L2-normalised. Checked against the trained model on real shard images before publishing.",
     )

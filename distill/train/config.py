@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Mapping
 
 from distill.errors import BadOption, IncompatibleRun
+from distill.heartbeat import DEFAULT_EVERY as HEARTBEAT
+from distill.heartbeat import check_every
 from distill.options import option
 from distill.train.centres import CENTRE_UPDATES
 from distill.train.checkpoints import Cursor
@@ -36,10 +38,10 @@ BACKBONE_WEIGHTS = ("imagenet",)
 class TrainConfig:
     """Every option of ``distill train``; the CLI is derived from these fields (``distill.options``)."""
 
-    shards: str = option(help="shard directory written by `distill embed` (RUN/shards)", positional=True)
+    shards: str = option(help="shard directory written by `distill embed` (RUN/shards)", positional=True, path=True, metavar="SHARDS")
     out: str = option(help="student directory (RUN/student): checkpoints, metrics.jsonl, tb/; a local path or an "
                            "object-store URI (s3://bucket/run/student: worked on in a local copy, pushed as it goes)",
-                      required=True)
+                      required=True, path=True, metavar="DIR")
     # -- schedule
     epochs: int = option(20, "passes over the training rows", group="schedule")
     batch_size: int = option(64, "global batch, over all workers and replicas; each epoch drops the rows that do not fill one", group="schedule")
@@ -80,18 +82,18 @@ class TrainConfig:
     head: str = option("gdc", "embedding head: global depthwise conv, or GAP+BN+Dropout+Dense", choices=HEADS, group="student")
     embedding_dim: int | None = option(None, "student embedding dim (default: the teacher's)", group="student")
     init: str | None = option(None, "start from these weights: a student dir, checkpoint or best/ dir (matching "
-                              "variables by name), or a Keras MobileNetV2 weights file (.h5) for the backbone", metavar="PATH", group="student")
+                              "variables by name), or a Keras MobileNetV2 weights file (.h5) for the backbone", metavar="PATH", group="student", path=True)
     backbone_weights: str | None = option(None, "start the backbone from Keras' ImageNet weights (downloads them)",
                                           choices=BACKBONE_WEIGHTS, group="student")
     # -- validation
     val_split: float = option(0.0, "hold out this fraction of the identities (seeded) and score the student on "
                               "them at every epoch end; the best epoch is kept in OUT/best", group="validation")
-    val_folders: str | None = option(None, "or score on this identity folder tree of other people", metavar="DIR", group="validation")
+    val_folders: str | None = option(None, "or score on this identity folder tree of other people", metavar="DIR", group="validation", path=True)
     val_images: int = option(500, "images to validate on, at most", group="validation")
     val_seed: int = option(0, "seed of the held-out identities and of the validation images", group="validation")
     val_bin: str | None = option(None, "and/or insightface verification sets (lfw.bin,cfp_fp.bin,agedb_30.bin; "
                                  "comma-separated; paths or object-store URIs), scored as insightface does: 10-fold accuracy of the "
-                                 "flip-summed embeddings, and ROC-AUC", metavar="FILE[,FILE...]", group="validation")
+                                 "flip-summed embeddings, and ROC-AUC", metavar="FILE[,FILE...]", group="validation", path="list")
     val_every: int = option(0, "also validate every N steps (0: at epoch ends only; one emore epoch is thousands "
                             "of steps)", group="validation")
     best_by: str | None = option(None, "the figure that chooses OUT/best: 'held-out' (the ROC-AUC of --val-split / "
@@ -117,6 +119,9 @@ class TrainConfig:
     log_every: int = option(10, "steps between metrics.jsonl records", group="logs")
     trace_samples: bool = option(False, "debugging aid: append each step's listing indices to OUT/trace.jsonl", group="logs")
     progress: bool | None = option(None, "progress bars (default: on a terminal only, so logs hold no bar frames)", group="logs")
+    heartbeat: float = option(HEARTBEAT, "with the progress bars off (not a terminal, or --no-progress): log where "
+                              "the run is (step, epoch, img/s, loss, cos, lr, ETA) every this many seconds; 0: never",
+                              metavar="SECONDS", group="logs")
 
     def __post_init__(self) -> None:
         positive = ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints", "workers", "log_every",
@@ -128,8 +133,13 @@ class TrainConfig:
             raise BadOption(f"--lr must be positive, got {self.lr}")
         if self.max_steps is not None and self.max_steps <= 0:
             raise BadOption(f"--max-steps must be positive, got {self.max_steps}")
-        if self.warmup_steps < 0 or self.weight_decay < 0:
-            raise BadOption(f"--warmup-steps and --weight-decay must be >= 0, got {self.warmup_steps}, {self.weight_decay}")
+        check_every(self.heartbeat)
+        for name in ("warmup_steps", "weight_decay", "seed", "val_seed"):
+            if getattr(self, name) < 0:
+                raise BadOption(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("resolution", "embedding_dim"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise BadOption(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.optimizer not in OPTIMIZERS:
             raise BadOption(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.lr_schedule not in SCHEDULES:
@@ -298,14 +308,21 @@ def resolve(cfg: TrainConfig, shards) -> TrainRun:
         )
     if loss.margin == "teacher" and loss.ce_weight == 0:
         raise BadOption("--margin teacher is a classifier loss: give it a --ce-weight above 0")
-    if shards.views is None and cfg.view_prob > 0:
-        log.info("the shards in %s hold no teacher views; training on the plain and mirrored images (the default "
-                 "recipe measured best with views: `distill embed --views 4`, see docs/QUALITY.md)", shards.location)
     return TrainRun(
         train=cfg, student=student, loss=loss, flip=resolve_flip(shards, cfg.flip),
         view_prob=cfg.view_prob if shards.views is not None else 0.0, shards_run_id=shards.run_id,
         teacher_norm=shards.teacher_norm,
     )
+
+
+def views_note(run: TrainRun) -> str | None:
+    """What to say when --view-prob asks for views the shards do not hold (the default: none
+    are stored), or None. Pure; ``distill train`` logs it once (the loop resolves again)."""
+    if run.train.view_prob <= 0 or run.view_prob > 0:
+        return None
+    return (f"the shards in {run.train.shards} hold no teacher views: training on the plain and mirrored images. That "
+            "is the default: measured, views help on faces unlike the training faces (grey, older photos such as "
+            "ORL's), not on faces like them; for such a deployment, `distill embed --views 4` (docs/QUALITY.md)")
 
 
 def working_resolution(resolution: int | None, input_size: tuple[int, int]) -> int | None:

@@ -64,8 +64,10 @@ class LossSpec:
             )
         if self.contrast_temperature <= 0:
             raise BadOption(f"--contrast-temperature must be > 0 (e.g. 0.1), got {self.contrast_temperature}")
-        if self.arc_scale <= 0 or not 0 <= self.arc_margin < math.pi / 2:
-            raise BadOption(f"--arc-scale must be > 0 and --arc-margin in [0, pi/2), got {self.arc_scale}, {self.arc_margin}")
+        if not self.arc_scale > 0:
+            raise BadOption(f"--arc-scale must be > 0 (e.g. 64), got {self.arc_scale}")
+        if not 0 <= self.arc_margin < math.pi / 2:
+            raise BadOption(f"--arc-margin is an angle in radians in [0, pi/2) (e.g. 0.5), got {self.arc_margin}")
 
     @classmethod
     def from_json(cls, d: dict) -> "LossSpec":

@@ -25,10 +25,11 @@ from dataclasses import replace
 
 from distill.errors import BadInput, BadOption, Stopped
 from distill.options import add_options, config_from_args
+from distill.outputs import STUDENT, check_output
 from distill.shards.storage import is_uri, local_path, make_dir, redact
 from distill.startup import import_tensorflow_quietly, show_progress
-from distill.train.checkpoints import LocalCheckpoints, latest_checkpoint, read_checkpoint
-from distill.train.config import TrainConfig, TrainReport, check_resume, objective_changes, resolve
+from distill.train.checkpoints import CHECKPOINTS, LocalCheckpoints, latest_checkpoint, read_checkpoint
+from distill.train.config import TrainConfig, TrainReport, check_resume, objective_changes, resolve, views_note
 
 __all__ = ["TrainConfig", "TrainReport", "run_train", "add_cli"]
 
@@ -90,17 +91,39 @@ def _file_is_there(path: str) -> bool:
     return os.path.isfile(path)
 
 
+def _check_init(cfg: TrainConfig) -> None:
+    """``--init`` names weights that are there (the checkpoint found as training will find it)."""
+    if not cfg.init or cfg.backbone_weights:
+        return
+    if cfg.init.endswith((".h5", ".hdf5", ".keras")):
+        if not _file_is_there(cfg.init):
+            raise BadOption(f"--init {redact(cfg.init)}: no such file")
+        return
+    from distill.train.checkpoints import find_checkpoint
+
+    if not os.path.isdir(cfg.init):
+        raise BadOption(f"--init {cfg.init}: no such folder; pass a `distill train` output, one of its checkpoints, a "
+                        "`distill export` directory, or a Keras .h5 weights file")
+    find_checkpoint(cfg.init)
+
+
 def _run_train(cfg: TrainConfig, stop) -> TrainReport:
     from distill.shards.reader import open_shards
 
     cfg = replace(cfg, out=cfg.out if is_uri(cfg.out) else local_path(cfg.out, "--out"),
                   shards=cfg.shards if is_uri(cfg.shards) else os.path.abspath(cfg.shards))
     # Refuse bad shards, options, paths or an incompatible resume before TensorFlow or Ray start.
+    check_output(cfg.out, STUDENT, [("SHARDS", cfg.shards), ("--init", cfg.init), ("--val-folders", cfg.val_folders)]
+                 + [("--val-bin", p) for _, p in cfg.val_bins])
     for option_name, path, is_there in [("--val-folders", cfg.val_folders, os.path.isdir)] + [
             ("--val-bin", p, _file_is_there) for _, p in cfg.val_bins]:
         if path and not is_there(path):
             raise BadOption(f"{option_name} {redact(path)}: no such {'folder' if is_there is os.path.isdir else 'file'}")
+    _check_init(cfg)
     config = resolve(cfg, open_shards(cfg.shards))
+    note = views_note(config)
+    if note:
+        log.info("%s", note)
     mirror = _out_mirror(cfg.out)
     workdir = mirror.local if mirror else cfg.out  # OUT, or its local copy (OUT on an object store)
     latest = latest_checkpoint(workdir)
@@ -115,6 +138,7 @@ def _run_train(cfg: TrainConfig, stop) -> TrainReport:
     make_dir(workdir)
     if cfg.verify_shards:
         check_shards(cfg.shards, workdir, cfg.progress)
+    make_dir(os.path.join(workdir, CHECKPOINTS))  # (before any step: it marks OUT as a training run's, killed or not)
     import_tensorflow_quietly()  # (options, paths and shards are checked: now the slow part)
     if stop.requested:
         raise Stopped("stopped before the first step (nothing trained, nothing to save); rerun the same command to "
@@ -156,6 +180,10 @@ def saved_options(student_dir: str) -> dict:
     mirror = _out_mirror(student_dir)
     latest = latest_checkpoint(mirror.local if mirror else student_dir)
     if latest is None:
+        if not is_uri(student_dir) and os.path.isfile(os.path.join(student_dir, "manifest.json")):
+            raise BadOption(f"--resume {student_dir}: that is a shard directory (made by `distill embed`); --resume "
+                            f"takes a student directory. Start a run with `distill train {student_dir} --out "
+                            f"{os.path.join(os.path.dirname(os.path.abspath(student_dir)), 'student')}`")
         raise FileNotFoundError(f"--resume {student_dir}: no checkpoint there to resume; start the run with "
                                 f"`distill train SHARDS --out {student_dir}`")
     return asdict(TrainRun.from_json(read_checkpoint(latest)[0]).train)

@@ -270,7 +270,7 @@ def test_training_killed_mid_epoch_against_the_store_resumes_to_the_uninterrupte
     assert "run/export/saved_model/saved_model.pb" in s3.keys(BUCKET, "run/export/")
     run_cli("evaluate", f"s3://{BUCKET}/run/export", "--folders", ORL, "--out", f"s3://{BUCKET}/run/eval.json",
             env=env)
-    result = json.loads(s3.get(BUCKET, "run/eval.json"))
+    result = json.loads(s3.get(BUCKET, "run/eval.json"))["targets"][0]
     assert 0.0 <= result["models"]["model"]["auc"] <= 1.0 and result["dataset"]["images"] == 400
 
 
@@ -312,3 +312,28 @@ def test_ray_train_workers_stop_through_the_store_and_one_process_goes_on_from_t
         plan = plan_epoch([32] * 4, seed=0, epoch=epoch, world_size=1, rank=0, buffer=64, global_batch=16)
         assert got == [sorted(b) for b in index_of[plan.order].reshape(8, 16).tolist()], epoch
     assert not (tmp_path / "s3:").exists()
+
+
+def test_outputs_on_the_store_follow_the_local_rule(s3, store_env, monkeypatch):
+    """An output prefix holding another's objects is refused before any work, and they stay."""
+    from distill.errors import BadOption
+    from distill.outputs import EVALUATION, EXPORT, STUDENT, check_output
+
+    for k, v in store_env.items():
+        monkeypatch.setenv(k, v)
+    put = s3.client().put_object
+    put(Bucket=BUCKET, Key="users/mine/thesis.tex", Body=b"years of work")
+    put(Bucket=BUCKET, Key="users/export/export.json", Body=b"{}")
+    put(Bucket=BUCKET, Key="users/export/saved_model/saved_model.pb", Body=b"x")
+    put(Bucket=BUCKET, Key="users/notes.json", Body=b'{"mine": 1}')
+    before = s3.keys(BUCKET, "users/")
+    assert check_output(f"s3://{BUCKET}/users/new", STUDENT) == "new"
+    assert check_output(f"s3://{BUCKET}/users/export", EXPORT) == "ours"
+    with pytest.raises(BadOption, match=r"users/mine is not empty and is no earlier output of `distill export` "
+                                        r"\(it holds thesis.tex\)"):
+        check_output(f"s3://{BUCKET}/users/mine", EXPORT)
+    with pytest.raises(BadOption, match="contains the input STUDENT"):
+        check_output(f"s3://{BUCKET}/users", EXPORT, {"STUDENT": f"s3://{BUCKET}/users/student"})
+    with pytest.raises(BadOption, match="not a results file distill wrote"):
+        check_output(f"s3://{BUCKET}/users/notes.json", EVALUATION)
+    assert s3.keys(BUCKET, "users/") == before

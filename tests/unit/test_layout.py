@@ -61,3 +61,11 @@ def test_a_checkout_runs_without_being_installed():
     out = subprocess.run([sys.executable, "-S", "-c", code, str(ROOT)], check=True, capture_output=True, text=True,
                          timeout=60).stdout.split()
     assert out == [str(ROOT / "shards" / "plan.py"), str(ROOT / "workers" / "__init__.py")]
+
+
+def test_no_function_is_over_80_lines():
+    """A reader holds a function in their head (architecture.md, "Sizes")."""
+    long = [f"{p.relative_to(ROOT)}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)"
+            for p in _files(["distill", "shards", "workers"]) for n in ast.walk(ast.parse(p.read_text()))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 80]
+    assert long == []

@@ -114,6 +114,8 @@ def test_folder_errors(tmp_path):
         build_listing(ListingConfig((str(hollow),), str(out)))
     assert os.listdir(out.parent) == []  # nothing published, no temp left behind
     with pytest.raises(ValueError, match="is a directory"):
+        build_listing(ListingConfig((str(hollow),), str(out.parent)))
+    with pytest.raises(ValueError, match="contains the input SOURCE"):  # (a folder holding the source: never written)
         build_listing(ListingConfig((str(hollow),), str(tmp_path)))
 
 

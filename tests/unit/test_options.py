@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 import pytest
 
@@ -20,7 +21,7 @@ def _parser(config_file: bool = True):
 def test_train_options_default_to_the_config_fields():
     args = _parser().parse_args(["RUN/shards", "--out", "RUN/student"])
     cfg = config_from_args(TrainConfig, args)
-    assert cfg == TrainConfig("RUN/shards", "RUN/student")
+    assert cfg == TrainConfig(os.path.abspath("RUN/shards"), os.path.abspath("RUN/student"))
 
 
 def test_every_kind_of_field_parses():
@@ -48,8 +49,8 @@ def test_embed_options_default_to_the_config_and_the_dataclasses_it_holds():
     from distill.cli import build_parser
     from distill.embed.run import EmbedConfig, config_from_args
 
-    args = build_parser().parse_args(["embed", "L", "--teacher", "T", "--out", "O"])
-    assert config_from_args(args) == EmbedConfig("L", "T", "O")
+    args = build_parser().parse_args(["embed", "L", "--teacher", "s3://b/T", "--out", "O"])
+    assert config_from_args(args) == EmbedConfig(os.path.abspath("L"), "s3://b/T", os.path.abspath("O"))
     args = build_parser().parse_args(["embed", "L", "--teacher", "T", "--out", "O", "--no-images", "--no-flip",
                                       "--shard-size", "8", "--channel-order", "BGR", "--worker-resource", "tpu=2"])
     cfg = config_from_args(args)
@@ -58,7 +59,7 @@ def test_embed_options_default_to_the_config_and_the_dataclasses_it_holds():
 
 
 def test_a_config_file_round_trips_through_print_config(tmp_path):
-    cfg = TrainConfig("RUN/shards", "RUN/student", epochs=3, lr=0.01, student="mobilefacenet", resolution=80,
+    cfg = TrainConfig(str(tmp_path / "RUN/shards"), "s3://b/RUN/student", epochs=3, lr=0.01, student="mobilefacenet", resolution=80,
                       flip=False, val_folders="/v", margin="arcface")
     text = dump_toml(cfg)
     (tmp_path / "c.toml").write_text(text)
@@ -85,7 +86,7 @@ def test_a_flag_beside_the_file_wins_and_says_so(tmp_path, caplog):
     (tmp_path / "c.toml").write_text('shards = "s"\nout = "o"\nepochs = 3\nlr = 0.01\n')
     with caplog.at_level("INFO"):
         cfg = config_from_args(TrainConfig, _parser().parse_args(["--config", str(tmp_path / "c.toml"), "--epochs", "5"]))
-    assert (cfg.epochs, cfg.lr, cfg.out) == (5, 0.01, "o")
+    assert (cfg.epochs, cfg.lr, cfg.out) == (5, 0.01, str(tmp_path / "o"))  # (beside the file that names it)
     assert "--epochs 5 overrides epochs = 3" in caplog.text
 
 
@@ -94,3 +95,29 @@ def test_the_distillation_weight_keeps_its_old_name(tmp_path):
     assert cfg.distill_weight == 0.5 and cfg.loss_spec().distill_weight == 0.5
     (tmp_path / "c.toml").write_text('shards = "s"\nout = "o"\nmse_weight = 0.25\n')
     assert load_config_file(TrainConfig, str(tmp_path / "c.toml")) == {"shards": "s", "out": "o", "distill_weight": 0.25}
+
+
+def test_paths_resolve_from_where_they_were_written(tmp_path, monkeypatch):
+    """On the command line: from the current folder. In a --config file: from the file's folder.
+    Object-store URIs stay as they are, and each of a comma-separated list resolves."""
+    monkeypatch.chdir(tmp_path)
+    args = _parser().parse_args(["RUN/shards", "--out", "../elsewhere/student", "--val-bin", "a.bin,s3://b/c.bin",
+                                 "--init", "~/weights"])
+    cfg = config_from_args(TrainConfig, args)
+    assert cfg.shards == str(tmp_path / "RUN/shards") and cfg.out == str(tmp_path.parent / "elsewhere/student")
+    assert cfg.val_bin == f"{tmp_path / 'a.bin'},s3://b/c.bin" and cfg.init == os.path.expanduser("~/weights")
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "c.toml").write_text('shards = "../RUN/shards"\nout = "student"\n')
+    monkeypatch.chdir("/")
+    cfg = config_from_args(TrainConfig, _parser().parse_args(["--config", str(tmp_path / "conf" / "c.toml")]))
+    assert (cfg.shards, cfg.out) == (str(tmp_path / "RUN/shards"), str(tmp_path / "conf/student"))
+    # --print-config writes absolute paths: the file works from any folder
+    assert f'shards = "{tmp_path / "RUN/shards"}"' in dump_toml(cfg)
+
+
+def test_a_positional_input_may_be_given_as_a_flag():
+    """`--shards DIR` reads as the positional SHARDS, as export and evaluate spell it."""
+    cfg = config_from_args(TrainConfig, _parser().parse_args(["--shards", "/r/shards", "--out", "/r/s"]))
+    assert cfg.shards == "/r/shards"
+    with pytest.raises(ValueError, match=r"give SHARDS \(or --shards SHARDS\)"):
+        config_from_args(TrainConfig, _parser(config_file=False).parse_args(["--out", "/r/s"]))
