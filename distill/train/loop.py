@@ -23,12 +23,14 @@ from typing import Any
 import numpy as np
 
 from distill.errors import BadInput, BadOption, Stopped
+from distill.heartbeat import Heartbeat, interval, train_line
 from distill.shards.storage import is_uri, write_file_atomic
 from distill.startup import show_progress
 from distill.stopping import StopRequest, read_request
 from distill.train.checkpoints import Cursor, read_best_val, read_checkpoint, restore, snapshot, write_best
 from distill.train.config import Schedule, TrainConfig, check_resume, resolve, should_checkpoint
 from distill.train.losses import LossSpec
+from distill.train.order import steps_per_epoch
 from distill.train.student import StudentSpec
 from distill.train.validate import is_better
 
@@ -310,6 +312,10 @@ class _Run:
         self.last: dict[str, float] = {}
         self.trained, self.t_start = 0, time.perf_counter()
         self.best = read_best_val(self.out) if rank == 0 else None
+        # --heartbeat: with the bars off, rank 0 logs where the run is every so many seconds.
+        total = cfg.epochs * steps_per_epoch(self.prep.train_rows, cfg.batch_size)
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        self.pulse = Heartbeat(interval(cfg.heartbeat, show_progress(cfg.progress), rank), time.monotonic())
         self.stop = stop or StopRequest("training")
 
     def _build(self, latest: str | None) -> None:
@@ -385,6 +391,16 @@ class _Run:
                                 "seen": c.step * self.cfg.batch_size, **val})
             bar.clear()
             self._say(f"step {c.step}: {val_line(val)}")
+
+    def _heartbeat(self, parts: dict[str, float]) -> None:
+        """Every --heartbeat seconds (bars off; rank 0): the step's news as a log line."""
+        now = time.monotonic()
+        if not self.pulse.due(now):
+            return
+        c = self.cursor
+        log.info("%s", train_line(step=c.step, total_steps=self.total_steps, epoch=c.epoch + 1, epochs=self.cfg.epochs,
+                                  samples=c.samples, batch_size=self.cfg.batch_size,
+                                  images_per_sec=self.pulse.beat(now, self.trained), parts=parts, lr=_lr(self.optimizer)))
 
     def _say(self, line: str) -> None:
         """A line between the progress bar's frames (on a terminal), else a log line."""
@@ -487,6 +503,7 @@ class _Run:
             bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items()} | {"img/s": f"{ips:.0f}"}, refresh=False)
             if cfg.trace_samples:
                 self.runlog.trace_step(self.cursor.step, self.cursor.epoch, index.numpy())
+            self._heartbeat(parts)
             if self.cursor.step % cfg.log_every == 0:
                 self.runlog.record({"kind": "step", "epoch": self.cursor.epoch, "step": self.cursor.step,
                                     "samples": self.cursor.samples, **parts, "lr": _lr(self.optimizer), "images_per_sec": ips})

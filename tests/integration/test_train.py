@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,9 @@ pytestmark = pytest.mark.integration
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
 BATCH, BUFFER, SEED = 32, 128, 3
+# A heartbeat line of `distill train` (distill.heartbeat.train_line); 20 steps of 16 of the 400 ORL rows.
+HEARTBEAT = re.compile(r"train: step \d+/20 \(\d+\.\d%\), epoch 1/1 at sample \d+, [\d,]+ img/s, loss \d\.\d{4}, "
+                       r"distill \d\.\d{4}, cos -?\d\.\d{4}, lr \S+, ETA (\d+[smhd])+$")
 
 
 def distill(*args, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -196,7 +200,8 @@ def test_sigterm_stops_two_ray_workers_at_one_step_and_one_process_goes_on_from_
     args = ["train", shards, "--out", out, "--epochs", 4, "--batch-size", 16, "--student", "mobilenetv2", "--width", 0.35, "--lr", 3e-3,
             "--lr-schedule", "constant", "--warmup-steps", 0, "--distill-loss", "mse", "--ce-weight", 1,
             "--log-every", 1, "--checkpoint-every", 100, "--shuffle-buffer", 64, "--trace-samples", "--no-progress"]
-    first = subprocess.Popen([sys.executable, "-m", "distill", *map(str, [*args, "--workers", 2, "--address", ray_address])],
+    first = subprocess.Popen([sys.executable, "-m", "distill", *map(str, [*args, "--workers", 2, "--address", ray_address,
+                                                                       "--heartbeat", 0.2])],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     trace, deadline = out / "trace.jsonl", time.monotonic() + 600
     while not (trace.exists() and len(jsonl(trace, partial_ok=True)) >= 3):
@@ -210,6 +215,9 @@ def test_sigterm_stops_two_ray_workers_at_one_step_and_one_process_goes_on_from_
     own = own_lines(err)
     assert "on every worker, with a checkpoint; rerun the same command" in own[-1], err[-3000:]
     assert not [line for line in own if "Traceback" in line], err[-3000:]
+    # The heartbeat comes from rank 0 alone, forwarded to the driver's log by Ray (in Ray Train's format).
+    beats = [line for line in err.splitlines() if re.search(r"\(RayTrainWorker pid=\d+[^)]*\)(\x1b\[[0-9;]*m)? train: step \d+/32 ", line)]
+    assert beats and len({line.split(")")[0] for line in beats}) == 1, err[-3000:]
     stopped = ckpt_steps(out)[-1]
     assert 3 <= stopped < 32 and [t["step"] for t in jsonl(trace)] == list(range(1, stopped + 1))
     assert not (out / "STOP").exists()  # the request is cleared: the rerun is not stopped by it
@@ -245,8 +253,13 @@ def test_verification_sets_every_n_steps_choose_the_best_and_the_run_still_resum
     out = tmp_path / "student"
     args = ("train", embedded_run, "--out", out, "--student", "mobilenetv2", "--width", "0.35", "--batch-size", "16",
             "--epochs", "1", "--val-bin", tiny, "--val-every", "10", "--no-progress", "--no-verify-shards")
-    r = run_cli(*args, "--max-steps", "20")
+    r = run_cli(*args, "--max-steps", "20", "--heartbeat", "0.1")
     assert "validating at every epoch end and every 10 steps on orlpairs (20 pairs); OUT/best by val_orlpairs_acc" in r.stderr
+    # Off a terminal the bars are off: the heartbeat says where the run is (here every 0.1 s, at most once a step).
+    beats = [line for line in r.stderr.splitlines() if " INFO distill.train.loop: train: step " in line]
+    assert beats and all(HEARTBEAT.search(line) for line in beats), r.stderr[-3000:]
+    assert len({line.split("train: step ")[1].split("/")[0] for line in beats}) == len(beats)  # once a step at most
+    assert r.stderr.count("hold no teacher views") == 1 and "views help on faces unlike the training faces" in r.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     vals = [rec for rec in records if rec["kind"] == "val"]
     assert [v["step"] for v in vals] == [0, 10, 20]  # the start, then every 10 steps

@@ -208,8 +208,23 @@ def test_validation_paths_that_are_not_there_are_refused_before_tensorflow(tmp_p
     import subprocess
     import sys
 
+    (tmp_path / "shards").mkdir()
     for flag, path in (("--val-bin", tmp_path / "lfw.bin"), ("--val-folders", tmp_path / "people")):
-        proc = subprocess.run([sys.executable, "-m", "distill", "train", tmp_path, "--out", tmp_path / "o", flag, path],
+        proc = subprocess.run([sys.executable, "-m", "distill", "train", tmp_path / "shards", "--out", tmp_path / "o",
+                               flag, path],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and f"{flag} {path}: no such" in proc.stderr
         assert not (tmp_path / "o").exists()
+
+
+def test_shards_without_views_are_said_once_as_the_measured_default_not_a_loss(shards):
+    """The note follows docs/QUALITY.md: views help on faces unlike the training faces only, so
+    none are stored by default; nothing to say when the shards hold views or none are asked for."""
+    from distill.train.config import views_note
+
+    run = resolve(TrainConfig(shards=shards.location, out="o"), shards)  # (toy shards: no views)
+    note = views_note(run)
+    assert note.startswith(f"the shards in {shards.location} hold no teacher views") and "That is the default" in note
+    assert "unlike the training faces" in note and "--views 4" in note and "measured best" not in note
+    assert views_note(resolve(TrainConfig(shards=shards.location, out="o", view_prob=0.0), shards)) is None
+    assert views_note(replace(run, view_prob=0.75)) is None  # (shards with views: trained on)
