@@ -245,6 +245,36 @@ def check_decoder(shards: ShardSet, n: int = 8) -> None:
                 f"manifest's `versions` in {shards.location}), or re-embed with these")
 
 
+def _chunk_source(chunks, signature: dict):
+    """The chunks of the Python generator ``chunks()`` as a tf.data source, in order, ending
+    with the generator. Iterate it once (``make_dataset`` makes one per epoch).
+
+    Not ``tf.data.Dataset.from_generator``: once one has run, every later step of the student
+    in the process ran 3x slower here (the step's memory page-faulted afresh each time: 15x the
+    minor faults, 10x the system time; docs/BENCHMARKS.md). A ``numpy_function`` that hands
+    over the next chunk, repeated until an empty one, reads the same chunks without it."""
+    import numpy as np
+    import tensorflow as tf
+
+    keys = list(signature)
+    state: dict = {}
+
+    def next_chunk():
+        if "it" not in state:
+            state["it"] = iter(chunks())
+        chunk = next(state["it"], None)
+        if chunk is None:  # the end: an empty chunk of the right shapes and types
+            return [np.zeros([0, *signature[k].shape[1:]], signature[k].dtype.as_numpy_dtype) for k in keys]
+        return [np.asarray(chunk[k], signature[k].dtype.as_numpy_dtype) for k in keys]
+
+    def fetch(_):
+        values = tf.numpy_function(next_chunk, [], [signature[k].dtype for k in keys], stateful=True)
+        return {k: tf.ensure_shape(v, signature[k].shape) for k, v in zip(keys, values)}
+
+    ds = tf.data.Dataset.from_tensors(0).repeat(None).map(fetch)
+    return ds.take_while(lambda c: tf.shape(c[keys[0]])[0] > 0)
+
+
 def make_dataset(
     shards: ShardSet, plan: EpochPlan, *, seed: int, flip: bool, replica_batch: int, view_prob: float = 0.0,
     chunk: int = 256,
@@ -299,7 +329,7 @@ def make_dataset(
     def finish(b):
         return {k: v for k, v in b.items() if k not in ("brightness", "contrast", "saturation", "grey", *TAPS)}
 
-    ds = tf.data.Dataset.from_generator(chunks, output_signature=signature).unbatch()
+    ds = _chunk_source(chunks, signature).unbatch()
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(replica_batch, drop_remainder=True)
     if views:
