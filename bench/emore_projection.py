@@ -74,7 +74,7 @@ def child_costs(a) -> dict:
     from distill.shards.format import encode_shard, shard_schema
     from distill.shards.plan import plan_shards
     from distill.shards.reader import ShardSet
-    from distill.shards.storage import open_storage
+    from distill.storage import open_storage
     from distill.teacher import Preprocessing, inspect_teacher
     from distill.train.order import plan_epoch
     from distill.train.stream import make_dataset

@@ -336,7 +336,7 @@ def _read_state(out: str) -> dict[str, Any] | None:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    from distill.shards.storage import write_file_atomic
+    from distill.storage import write_file_atomic
 
     write_file_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 

@@ -11,7 +11,7 @@ import io
 import numpy as np
 
 from distill.errors import BadInput
-from distill.shards.storage import is_uri
+from distill.storage import is_uri
 
 # Stored as-is when already in one of these at the right size: tf.io.decode_image reads them.
 PASSTHROUGH_FORMATS = ("JPEG", "PNG")
@@ -46,7 +46,7 @@ def read_file(path: str) -> bytes:
 
 
 def _read_object(uri: str) -> bytes:
-    from distill.shards.storage import read_store_bytes
+    from distill.storage import read_store_bytes
 
     try:
         data = read_store_bytes(uri)

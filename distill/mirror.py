@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from distill.shards.storage import retrying
+from distill.storage import retrying
 
 MARKER = "_COMPLETE.json"
 CACHE_ENV = "DISTILL_CACHE"
@@ -119,7 +119,7 @@ class Mirror:
     @classmethod
     def open(cls, uri: str, units: Iterable[str] = (), skip: Iterable[str] = (), role: str = "",
              local: str | None = None, create: bool = True) -> "Mirror":
-        from distill.shards.storage import ArrowStorage
+        from distill.storage import ArrowStorage
 
         m = cls(uri.rstrip("/"), local or cache_dir(uri, role), tuple(units), tuple(skip))
         m._store = ArrowStorage.from_uri(m.uri, create=create)
@@ -203,7 +203,7 @@ class Mirror:
         self._pushed = {rel: _stat(os.path.join(self.local, rel)) for rel in self._local_files()}
 
     def _pull_unit(self, unit: str, files: dict[str, tuple[int, str]]) -> None:
-        from distill.shards.storage import publish_dir, write_file_atomic
+        from distill.storage import publish_dir, write_file_atomic
 
         final = os.path.join(self.local, unit) if unit else self.local
         marker = os.path.join(final, MARKER)
@@ -247,7 +247,7 @@ class Mirror:
         os.replace(tmp, dest)
 
     def _pull_file(self, rel: str, size: int) -> None:
-        from distill.shards.storage import write_file_atomic
+        from distill.storage import write_file_atomic
 
         dest = os.path.join(self.local, rel)
         if os.path.isfile(dest) and os.path.getsize(dest) == size:
@@ -266,7 +266,7 @@ class Mirror:
 
     # -- push: the store becomes the cache
     def _local_files(self) -> list[str]:
-        from distill.shards.storage import is_temp_name
+        from distill.storage import is_temp_name
 
         out = []
         for d, dirs, files in os.walk(self.local):
@@ -330,7 +330,7 @@ def run_mirror(uri: str, role: str = "") -> Mirror:
 def local_copy(location: str, option: str, units: tuple[str, ...] = ("",), skip: tuple[str, ...] = ()) -> str:
     """A local path to read ``location`` from: the path itself, or for a store URI a pulled
     copy of its finished state (its own cache, apart from a writer's on this machine)."""
-    from distill.shards.storage import is_uri, redact
+    from distill.storage import is_uri, redact
 
     if not is_uri(location):
         return os.path.abspath(location)
@@ -344,7 +344,7 @@ def local_copy(location: str, option: str, units: tuple[str, ...] = ("",), skip:
 def local_file(location: str, option: str) -> str:
     """A local path to read the file ``location`` from: the path itself, or for a store URI this
     machine's copy of the object, fetched again only when the object's size or time changed."""
-    from distill.shards.storage import download_file, is_uri, redact, store_fs
+    from distill.storage import download_file, is_uri, redact, store_fs
 
     if not is_uri(location):
         return os.path.abspath(location)
@@ -370,7 +370,7 @@ def local_file(location: str, option: str) -> str:
                 return local
     except (OSError, ValueError):
         pass
-    from distill.shards.storage import make_dir, write_file_atomic
+    from distill.storage import make_dir, write_file_atomic
 
     make_dir(os.path.dirname(local), option)
     retrying(lambda: download_file(location, local), f"reading {where}")
@@ -380,7 +380,7 @@ def local_file(location: str, option: str) -> str:
 
 def write_output(location: str, data: bytes, option: str) -> None:
     """One file written whole to a local path (temp + rename) or to a store (one object)."""
-    from distill.shards.storage import is_uri, local_path, make_dir, open_storage, write_file_atomic
+    from distill.storage import is_uri, local_path, make_dir, open_storage, write_file_atomic
 
     if is_uri(location):
         parent, _, name = location.rstrip("/").rpartition("/")

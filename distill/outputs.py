@@ -57,7 +57,7 @@ PLOT_SOFTWARE = "distill evaluate"  # the PNG text chunk `Software` of an ROC pl
 
 
 def _open_binary(location: str):
-    from distill.shards.storage import is_uri, store_fs
+    from distill.storage import is_uri, store_fs
 
     if is_uri(location):
         fs, path = store_fs(location)
@@ -180,7 +180,7 @@ def overlap(out: str, inputs: Inputs) -> tuple[str, str, str] | None:
 
 def _entries(location: str) -> tuple[str | None, list[str] | None]:
     """(what is there: None, "file" or "dir"; a folder's top-level names)."""
-    from distill.shards.storage import is_uri
+    from distill.storage import is_uri
 
     if is_uri(location):
         return _store_entries(location)
@@ -194,7 +194,7 @@ def _entries(location: str) -> tuple[str | None, list[str] | None]:
 def _store_entries(uri: str) -> tuple[str | None, list[str] | None]:
     import pyarrow.fs as pafs
 
-    from distill.shards.storage import redact, retrying, store_fs
+    from distill.storage import redact, retrying, store_fs
 
     fs, path = store_fs(uri)
     info = retrying(lambda: fs.get_file_info(path), f"looking up {redact(uri)}")
@@ -211,7 +211,7 @@ def check_output(out: str, kind: OutputKind, inputs: Inputs = (),
                  option: str = "--out") -> str:
     """Refuse ``out`` for ``kind`` unless it is new, empty, or the verb's own earlier output,
     and apart from every input (option -> path). Returns "new", "empty" or "ours"."""
-    from distill.shards.storage import is_uri, probe_store, redact
+    from distill.storage import is_uri, probe_store, redact
 
     shown = redact(out)
     pairs = list(inputs.items() if isinstance(inputs, Mapping) else inputs)

@@ -29,13 +29,13 @@ REQUEST = "STOP"  # in OUT: the signal number that asked Ray Train's workers to 
 
 
 def write_request(out: str, signum: int) -> None:
-    from distill.shards.storage import open_storage
+    from distill.storage import open_storage
 
     open_storage(out).write_atomic(REQUEST, str(signum).encode())  # (OUT may be s3://...: one object)
 
 
 def read_request(out: str) -> int | None:
-    from distill.shards.storage import open_storage
+    from distill.storage import open_storage
 
     try:
         return int(open_storage(out, create=False).read_bytes(REQUEST).decode().strip() or signal.SIGTERM)
@@ -44,7 +44,7 @@ def read_request(out: str) -> int | None:
 
 
 def clear_request(out: str) -> None:
-    from distill.shards.storage import open_storage
+    from distill.storage import open_storage
 
     try:
         open_storage(out, create=False).remove(REQUEST)

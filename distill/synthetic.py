@@ -222,7 +222,7 @@ class TeacherReport:
 
 def load_folder_arrays(dataset_dir: str, size: int = 112) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [N, size, size, 3] images and int labels of a folder tree (labels: sorted names)."""
-    from distill.evaluate.run import scan_folders
+    from distill.heldout import scan_folders
     from distill.images import decode_rgb, fit, read_file
 
     paths, labels, _ = scan_folders(dataset_dir)

@@ -137,7 +137,7 @@ def fetch_teacher(location: str, fingerprint: str | None = None) -> str:
     object-store URI a copy in this machine's cache (fetched once, renewed when the store's
     files change). With ``fingerprint`` (the driver's), the copy must be that teacher: a
     teacher replaced on the store mid-run is refused, never mixed into one run's shards."""
-    from distill.shards.storage import is_uri, redact
+    from distill.storage import is_uri, redact
 
     if not is_uri(location):
         return os.path.abspath(location)

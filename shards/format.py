@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from distill.errors import BadInput, BadOption, IncompatibleRun
-from distill.shards.storage import Storage
+from distill.storage import Storage
 
 META_RUN = b"distill.run"
 META_SHARD = b"distill.shard"

@@ -33,7 +33,7 @@ from distill.shards.lease import (  # noqa: F401
     owner_host_pid,
     pick_shards,
 )
-from distill.shards.storage import fsync_dir, write_file_atomic
+from distill.storage import fsync_dir, write_file_atomic
 
 LEDGER_DIR = "_ledger"
 

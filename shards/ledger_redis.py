@@ -16,7 +16,7 @@ hash tag, which keeps one run's keys in one slot as multi-key scripts require):
 
 The password may be in the URL (``redis://:PASSWORD@HOST:PORT/DB``) or, better, in the
 ``REDISCLI_AUTH`` environment variable with a password-less URL. It is never printed:
-``describe()``, errors and logs show the URL through ``shards.storage.redact``.
+``describe()``, errors and logs show the URL through ``distill.storage.redact``.
 
 The shard files stay the truth: a flushed or lost Redis is restored with
 ``distill ledger rebuild RUN/shards --ledger redis://...``. Redis persistence
@@ -35,7 +35,7 @@ from typing import Iterable, Sequence
 from distill.errors import BadOption, IncompatibleRun, Unreachable
 from distill.shards.format import ShardRecord
 from distill.shards.lease import Lease, LedgerState, dead_local_owners
-from distill.shards.storage import redact
+from distill.storage import redact
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Mapping
 from distill.errors import BadInput, IncompatibleRun, NoManifest
 from distill.shards.format import ShardRecord, summarise_norms
 from distill.shards.plan import shard_at, shard_name
-from distill.shards.storage import Storage
+from distill.storage import Storage
 
 MANIFEST = "manifest.json"
 FORMAT = "distill-shards/1"
@@ -116,7 +116,7 @@ def read_manifest(storage: Storage) -> dict[str, Any] | None:
 
 def load_manifest(location: str) -> dict[str, Any]:
     """The manifest of a shard directory, for readers (trainer, status, export-npy)."""
-    from distill.shards.storage import open_storage
+    from distill.storage import open_storage
 
     m = read_manifest(open_storage(location, create=False))
     if m is None:

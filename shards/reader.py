@@ -181,7 +181,7 @@ class ShardReader:
     """Reads a ``ShardSet``'s files, by sample id (the shards' rows laid end to end)."""
 
     def __init__(self, shards: ShardSet):
-        from distill.shards.storage import open_storage
+        from distill.storage import open_storage
 
         self.shards = shards
         self.storage = open_storage(shards.location, create=False)

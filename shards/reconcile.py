@@ -14,7 +14,7 @@ from typing import Mapping
 from distill.errors import IncompatibleRun
 from distill.shards.format import ShardRecord, verify_shard
 from distill.shards.plan import parse_shard_name
-from distill.shards.storage import Storage
+from distill.storage import Storage
 
 log = logging.getLogger(__name__)
 

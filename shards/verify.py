@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
-from distill.shards.storage import Storage
+from distill.storage import Storage
 
 CHUNK = 8 << 20
 
@@ -94,6 +94,6 @@ def read_cache(path: str) -> dict[str, str]:
 
 
 def write_cache(path: str, cache: Mapping[str, str]) -> None:
-    from distill.shards.storage import write_file_atomic
+    from distill.storage import write_file_atomic
 
     write_file_atomic(path, json.dumps(dict(sorted(cache.items())), indent=0), durable=False)

@@ -27,7 +27,7 @@ for _name, _value in CHILD_ENV.items():
     os.environ.setdefault(_name, _value)
 # Credentials for the loopback S3 server (tests/s3_server.py; it takes any), set before the
 # session's Ray head starts so its workers hold them as a cluster's nodes would; the endpoint
-# reaches them from the driver (``distill.shards.storage.store_env``).
+# reaches them from the driver (``distill.storage.store_env``).
 for _name, _value in S3_CREDENTIALS.items():
     os.environ.setdefault(_name, _value)
 

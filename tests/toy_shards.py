@@ -54,7 +54,7 @@ def write_toy_shards(
     from distill.shards.format import ShardRecord, encode_shard, sha256, shard_schema
     from distill.shards.manifest import build_manifest, run_id, write_manifest
     from distill.shards.plan import plan_shards
-    from distill.shards.storage import open_storage
+    from distill.storage import open_storage
 
     imgs, labels = toy_images(rows, classes, size, seed)
     labels = np.where(np.arange(rows) % 4 < round(unlabelled * 4), -1, labels)

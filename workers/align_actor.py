@@ -32,7 +32,7 @@ import numpy as np
 from distill.images import UnreadableImage, read_file
 from distill.shards.format import META_ERRORS, META_RUN, META_SHARD, RowError, ShardRecord, sha256
 from distill.shards.plan import Shard
-from distill.shards.storage import open_storage, write_file_atomic
+from distill.storage import open_storage, write_file_atomic
 
 if TYPE_CHECKING:
     from distill.embed.listing import ListingRows

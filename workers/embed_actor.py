@@ -27,7 +27,7 @@ import numpy as np
 from distill.images import UnreadableImage, prepare, read_file
 from distill.shards.format import NormStats, RowError, ShardRecord, encode_shard, sha256, shard_schema
 from distill.shards.plan import Shard, batches
-from distill.shards.storage import is_uri, open_storage
+from distill.storage import is_uri, open_storage
 from distill.teacher import Preprocessing, Teacher, TeacherSpec, fetch_teacher
 from distill.views import ViewParams, ViewSpec, render, view_params
 

@@ -22,7 +22,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from distill.errors import BadOption, DistillError, Stopped
-from distill.shards.storage import is_uri
+from distill.storage import is_uri
 
 if TYPE_CHECKING:
     from distill.stopping import StopRequest
@@ -132,8 +132,8 @@ def run_ray(cfg: "TrainConfig", stop: "StopRequest | None" = None, adopt_into=No
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
     from ray.train.tensorflow import TensorflowTrainer
 
-    from distill.shards.storage import store_env
     from distill.stopping import StopRequest, clear_request, read_request, start_ray, write_request
+    from distill.storage import store_env
     from distill.train.checkpoints import LocalCheckpoints, read_checkpoint
 
     stop = stop or StopRequest("training")

@@ -171,7 +171,7 @@ def resolve(cfg: AlignConfig):
     from distill.outputs import ALIGNED, check_output
     from distill.shards.manifest import run_id
     from distill.shards.plan import num_shards
-    from distill.shards.storage import local_path, make_dir
+    from distill.storage import local_path, make_dir
 
     out = local_path(cfg.out, "--out")
     check_output(out, ALIGNED, [("SOURCE", s) for s in cfg.sources] + [("--landmarks", cfg.landmarks)])
@@ -265,7 +265,7 @@ def write_rec(out: str, storage, manifest: dict, info) -> str:
 
     from distill.embed.listing import ListingReader
     from distill.embed.recordio import write_insightface_rec
-    from distill.shards.storage import temp_name
+    from distill.storage import temp_name
     from distill.workers.align_actor import read_records
 
     outputs, index = [], []

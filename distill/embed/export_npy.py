@@ -41,7 +41,7 @@ def run_export_npy(cfg: ExportNpyConfig) -> ExportNpyReport:
     from distill.outputs import NPY, check_output
     from distill.shards.manifest import load_manifest
     from distill.shards.reader import ShardReader, ShardSet, embeddings
-    from distill.shards.storage import make_dir
+    from distill.storage import make_dir
 
     check_output(cfg.out, NPY, {"SHARDS": cfg.shards})
     manifest = load_manifest(cfg.shards)

@@ -110,7 +110,7 @@ def records_with_progress(storage, run_id: str, num_shards: int, progress: bool 
 def run(cfg: LedgerConfig | RebuildConfig) -> int:
     from distill.shards.ledger import open_ledger
     from distill.shards.manifest import load_manifest
-    from distill.shards.storage import open_storage
+    from distill.storage import open_storage
 
     m = load_manifest(cfg.shards)
     run_id, num_shards = m["run_id"], int(m["num_shards"])

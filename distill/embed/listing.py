@@ -51,7 +51,7 @@ from distill.folders import Tree
 from distill.options import add_options, config_from_args, option
 from distill.outputs import LISTING, LISTING_FOOTER_KEY, check_output
 from distill.shards.format import UNLABELLED
-from distill.shards.storage import is_uri, local_path, make_dir
+from distill.storage import is_uri, local_path, make_dir
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ def resolve_source(source: str) -> tuple[str, str, RecFiles | Tree | None]:
     """(kind, absolute source, what to list: rec files, a store folder's tree, or None).
     Touches the filesystem (or the store), decides nothing else."""
     from distill.folders import top_level
-    from distill.shards.storage import is_uri
+    from distill.storage import is_uri
 
     if is_uri(source):
         return _resolve_on_store(source.rstrip("/"))
@@ -333,7 +333,7 @@ def _refuse_binary(where: str, head: bytes) -> None:
 def _resolve_on_store(source: str) -> tuple[str, str, RecFiles | Tree | None]:
     """A source on an object store: a pack is read in place by byte ranges; a folder is listed
     by its keys (once, recursively); a list file is fetched to this machine's cache."""
-    from distill.shards.storage import redact, retrying, store_file_exists, store_kind
+    from distill.storage import redact, retrying, store_file_exists, store_kind
 
     where = redact(source)
     kind = retrying(lambda: store_kind(source), f"looking up {where}")
@@ -358,7 +358,7 @@ def _scan_store(root: str) -> Tree:
     """The layout of the folder ``root`` on an object store, by the local folder rules
     (``distill.folders.tree_of``), its paths made URIs again."""
     from distill.folders import tree_of
-    from distill.shards.storage import store_tree
+    from distill.storage import store_tree
 
     tree = tree_of(store_tree(root))
     return Tree(tree.names, tuple(tuple(f"{root}/{r}" for r in f) for f in tree.files),
@@ -366,14 +366,14 @@ def _scan_store(root: str) -> Tree:
 
 
 def _store_head(uri: str, n: int = 8192) -> bytes:
-    from distill.shards.storage import open_store_file
+    from distill.storage import open_store_file
 
     with open_store_file(uri) as f:
         return f.read_at(min(n, f.size()), 0)
 
 
 def _rec_files_on_store(source: str) -> RecFiles:
-    from distill.shards.storage import redact, store_file_exists
+    from distill.storage import redact, store_file_exists
 
     rec = source if source.endswith(".rec") else f"{source}/train.rec"
     if not store_file_exists(rec):
@@ -417,7 +417,7 @@ class _ListingWriter:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from distill.shards.storage import temp_name
+        from distill.storage import temp_name
 
         self.out = out
         self.rows = 0
@@ -491,7 +491,7 @@ class _ListingWriter:
         self._buffered = len(labels) - done
 
     def commit(self, info: ListingInfo) -> None:
-        from distill.shards.storage import fsync_dir
+        from distill.storage import fsync_dir
 
         self._flush(final=True)
         self._writer.add_key_value_metadata({FOOTER_KEY: json.dumps(info.to_json(), separators=(",", ":"))})
@@ -542,7 +542,7 @@ def _list_folders(root: str, sink: _ListingWriter, offset: int) -> _Listed:
 
 def _list_tree(root: str, tree: Tree, sink: _ListingWriter, offset: int) -> _Listed:
     """A folder on an object store, already listed (``_scan_store``)."""
-    from distill.shards.storage import redact
+    from distill.storage import redact
 
     where = redact(root)
     if not tree.names:  # flat: every row unlabelled
@@ -600,7 +600,7 @@ def _list_lines(path: str, base: str | None = None) -> Iterator[tuple[int, str, 
 
 def _list_file(source: str, sink: _ListingWriter, offset: int) -> _Listed:
     from distill.mirror import local_file
-    from distill.shards.storage import is_uri
+    from distill.storage import is_uri
 
     # A list on a store: read from this machine's copy, its relative paths resolved on the store.
     path, base = (local_file(source, "SOURCE"), source.rpartition("/")[0]) if is_uri(source) else (source, None)
@@ -643,7 +643,7 @@ def _list_file(source: str, sink: _ListingWriter, offset: int) -> _Listed:
 def _read_property(path: str | None) -> int | None:
     if path is None:
         return None
-    from distill.shards.storage import is_uri, open_store_file
+    from distill.storage import is_uri, open_store_file
 
     try:
         if is_uri(path):
@@ -738,7 +738,7 @@ def build_listing(cfg: ListingConfig) -> ListingInfo:
         sink.abort()
         raise
     if is_uri(cfg.out):  # --out on a store: the finished file, as one object
-        from distill.shards.storage import redact, retrying, upload_file
+        from distill.storage import redact, retrying, upload_file
 
         retrying(lambda: upload_file(out, cfg.out), f"writing {redact(cfg.out)}")
     return info
@@ -748,7 +748,7 @@ def _local_out(out: str) -> str:
     """Where the listing is written: ``--out`` itself, or for a store URI this machine's copy of
     it (uploaded whole when finished)."""
     from distill.mirror import cache_dir
-    from distill.shards.storage import is_uri
+    from distill.storage import is_uri
 
     if is_uri(out):
         local = os.path.join(cache_dir(out.rpartition("/")[0], "write"), out.rpartition("/")[2])
@@ -916,7 +916,7 @@ def add_cli(subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from distill.shards.storage import is_uri, redact
+    from distill.storage import is_uri, redact
 
     cfg = config_from_args(ListingConfig, args)
     t0 = time.perf_counter()

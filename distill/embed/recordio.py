@@ -113,7 +113,7 @@ class RecordIOReader:
     """
 
     def __init__(self, path: str):
-        from distill.shards.storage import is_uri, open_store_file
+        from distill.storage import is_uri, open_store_file
 
         self._fd, self._file = -1, None
         self._lock = threading.Lock()
@@ -277,7 +277,7 @@ def read_idx(path: str, block_bytes: int = 1 << 22) -> Iterator[tuple[np.ndarray
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    from distill.shards.storage import is_uri, open_store_file
+    from distill.storage import is_uri, open_store_file
 
     if is_uri(path):
         try:
@@ -428,7 +428,7 @@ class InsightfacePack:
     """
 
     def __init__(self, rec: str, idx: str, block_bytes: int = 1 << 22):
-        from distill.shards.storage import is_uri
+        from distill.storage import is_uri
 
         self.rec, self.idx = (p if is_uri(p) else os.path.abspath(p) for p in (rec, idx))
         self.block_bytes = block_bytes

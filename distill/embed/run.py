@@ -29,9 +29,9 @@ from distill.shards.ledger import Ledger, new_owner, open_ledger
 from distill.shards.manifest import build_manifest, check_compatible, read_manifest, run_id, write_manifest
 from distill.shards.plan import num_shards, parse_shard_name, shard_at, shard_name
 from distill.shards.reconcile import adopt_file, plan_reconcile, shard_files
-from distill.shards.storage import Storage, is_temp_name, is_uri, open_storage, redact, store_env
 from distill.startup import Phases, show_progress, versions
 from distill.stopping import StopRequest, start_ray
+from distill.storage import Storage, is_temp_name, is_uri, open_storage, redact, store_env
 from distill.teacher import CHANNEL_ORDERS, Preprocessing, TeacherError, TeacherSpec
 from distill.views import ViewSpec
 

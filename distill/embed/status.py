@@ -152,8 +152,8 @@ def run_status(cfg: StatusConfig) -> dict[str, Any]:
 def _verify(location: str, state: LedgerState) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from distill.shards.storage import open_storage
     from distill.shards.verify import Expected, check
+    from distill.storage import open_storage
 
     expected = [Expected(shard_name(k), r.bytes, r.sha256) for k, r in sorted(state.done.items())]
     total = sum(e.bytes for e in expected)

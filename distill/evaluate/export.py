@@ -32,7 +32,7 @@ from distill.metrics import l2_normalise
 from distill.mirror import MARKER, Mirror, cache_dir
 from distill.options import add_options, config_from_args, option
 from distill.outputs import EXPORT, check_output, classify
-from distill.shards.storage import is_uri, local_path, make_dir, publish_dir
+from distill.storage import is_uri, local_path, make_dir, publish_dir
 
 INPUT_NAME, OUTPUT_NAME = "images", "embeddings"
 TFLITE_KINDS = ("float16", "int8")

@@ -24,7 +24,7 @@ def plot_roc(curves: list[tuple[str, np.ndarray, np.ndarray]], path: str, title:
 
     from PIL import Image, ImageDraw
 
-    from distill.shards.storage import write_file_atomic
+    from distill.storage import write_file_atomic
 
     decades = axis_decades(min(float(far[0]) for _, far, _ in curves))
     lo, hi = decades[0], decades[-1]

@@ -104,7 +104,7 @@ def scan_shards(shards, centres: bool, cache_dir: str | None = None) -> ShardSca
     if cache:
         import io
 
-        from distill.shards.storage import write_file_atomic
+        from distill.storage import write_file_atomic
 
         os.makedirs(cache_dir, exist_ok=True)
         buf = io.BytesIO()

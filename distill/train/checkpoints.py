@@ -75,7 +75,7 @@ def store_ray_checkpoint(uri: str, dest: str) -> str | None:
     (its three files there: each object is whole once it exists), downloaded into ``dest``."""
     import pyarrow.fs as pafs
 
-    from distill.shards.storage import ArrowStorage
+    from distill.storage import ArrowStorage
 
     store = ArrowStorage.from_uri(uri, create=False)
     infos = store.fs.get_file_info(pafs.FileSelector(f"{store.path}/{RAY_DIR}", recursive=True, allow_not_found=True))
@@ -224,7 +224,7 @@ class LocalCheckpoints:
         return final
 
     def _publish(self, tmp: str, step: int) -> str:
-        from distill.shards.storage import publish_dir
+        from distill.storage import publish_dir
 
         # (The same step again, an epoch end after a periodic save or a rerun of a finished run,
         # replaces the old one whole.)
@@ -243,7 +243,7 @@ class LocalCheckpoints:
 
 def write_best(out: str, state: dict[str, np.ndarray], config: dict, cursor: Cursor, val: dict) -> str:
     """``OUT/best``: the checkpoint that scored best on validation, replaced whole (temp + rename)."""
-    from distill.shards.storage import publish_dir
+    from distill.storage import publish_dir
 
     tmp = tempfile.mkdtemp(prefix=".best-", suffix=".tmp", dir=out)
     os.chmod(tmp, 0o755)

@@ -24,9 +24,9 @@ import numpy as np
 
 from distill.errors import BadInput, BadOption, Stopped
 from distill.heartbeat import Heartbeat, interval, train_line
-from distill.shards.storage import is_uri, write_file_atomic
 from distill.startup import show_progress
 from distill.stopping import StopRequest, read_request
+from distill.storage import is_uri, write_file_atomic
 from distill.train.checkpoints import Cursor, read_best_val, read_checkpoint, restore, snapshot, write_best
 from distill.train.config import Schedule, TrainConfig, check_resume, resolve, should_checkpoint
 from distill.train.losses import LossSpec

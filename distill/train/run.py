@@ -26,8 +26,8 @@ from dataclasses import replace
 from distill.errors import BadInput, BadOption, Stopped
 from distill.options import add_options, config_from_args
 from distill.outputs import STUDENT, check_output
-from distill.shards.storage import is_uri, local_path, make_dir, redact
 from distill.startup import import_tensorflow_quietly, show_progress
+from distill.storage import is_uri, local_path, make_dir, redact
 from distill.train.checkpoints import CHECKPOINTS, LocalCheckpoints, latest_checkpoint, read_checkpoint
 from distill.train.config import TrainConfig, TrainReport, check_resume, objective_changes, resolve, views_note
 
@@ -43,8 +43,8 @@ def check_shards(location: str, out: str, progress: bool | None = None) -> None:
     from tqdm import tqdm
 
     from distill.shards.manifest import load_manifest
-    from distill.shards.storage import open_storage
     from distill.shards.verify import check, from_manifest, read_cache, write_cache
+    from distill.storage import open_storage
 
     expected = from_manifest(load_manifest(location))
     cache_path = os.path.join(out, VERIFIED)
@@ -85,7 +85,7 @@ def run_train(cfg: TrainConfig) -> TrainReport:
 def _file_is_there(path: str) -> bool:
     """A local file, or an object on a store (a --val-bin in the bucket: read where it is)."""
     if is_uri(path):
-        from distill.shards.storage import retrying, store_file_exists
+        from distill.storage import retrying, store_file_exists
 
         return retrying(lambda: store_file_exists(path), f"looking up {redact(path)}")
     return os.path.isfile(path)

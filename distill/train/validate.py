@@ -162,7 +162,7 @@ def from_shards(shards, sample_ids: np.ndarray, seed: int) -> ValSet:
 def from_folders(root: str, shards, max_images: int, seed: int) -> ValSet:
     """An identity folder tree, resized to the student's input; teacher embeddings from the
     shards' own teacher when it is on this machine."""
-    from distill.evaluate.run import scan_folders
+    from distill.heldout import scan_folders
     from distill.images import UnreadableImage, decode_rgb, fit, read_file
 
     paths, labels, names = scan_folders(root)
@@ -184,7 +184,7 @@ def from_folders(root: str, shards, max_images: int, seed: int) -> ValSet:
 def from_bin(name: str, path: str, input_size: tuple[int, int]) -> BinSet:
     """A .bin (through ``distill evaluate``'s restricted unpickler), decoded and fitted to the
     student's input; every image must decode, as the protocol needs every pair."""
-    from distill.evaluate.run import load_bin
+    from distill.heldout import load_bin
     from distill.images import UnreadableImage, decode_rgb, fit
 
     blobs, same = load_bin(path)

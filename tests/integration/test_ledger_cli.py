@@ -17,7 +17,7 @@ from distill.shards.ledger import FileLedger, Lease, LedgerState
 from distill.shards.ledger_redis import RedisLedger
 from distill.shards.manifest import build_manifest, run_id, write_manifest
 from distill.shards.plan import num_shards, shard_at, shard_name
-from distill.shards.storage import LocalStorage
+from distill.storage import LocalStorage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from redis_server import RedisServer  # noqa: E402

@@ -27,7 +27,7 @@ from distill.shards.ledger_redis import LedgerUnreachable, RedisLedger
 from distill.shards.plan import num_shards as plan_num_shards
 from distill.shards.plan import shard_at, shard_name
 from distill.shards.reconcile import records_from_files
-from distill.shards.storage import LocalStorage
+from distill.storage import LocalStorage
 
 # tests/ holds shared helpers beside conftest.py; put it on the path however pytest imports us.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -16,7 +16,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from distill.evaluate.run import EvaluateConfig, UnsafePickle, format_table, loads_bin, scan_folders
+from distill.evaluate.run import EvaluateConfig, format_table
+from distill.heldout import UnsafePickle, loads_bin, scan_folders
 from distill.metrics import (
     BIN_THRESHOLDS,
     FARS,
@@ -545,7 +546,7 @@ def test_tar_note_says_what_would_fill_a_dash():
 
 
 def test_folders_that_cannot_make_pairs_are_refused_with_the_fix(tmp_path):
-    from distill.evaluate.run import check_readable
+    from distill.heldout import check_readable
 
     flat = tmp_path / "flat"
     flat.mkdir()

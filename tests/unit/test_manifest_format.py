@@ -15,7 +15,7 @@ from distill.shards.manifest import (
     write_manifest,
 )
 from distill.shards.reconcile import plan_reconcile, records_from_files
-from distill.shards.storage import open_storage, redact
+from distill.storage import open_storage, redact
 
 IDENTITY = {
     "listing": "/x/listing.parquet", "listing_fingerprint": "aa", "rows": 10, "num_classes": 3, "label_names": None,

@@ -153,7 +153,7 @@ def test_the_newest_whole_ray_train_checkpoint_on_the_store_is_found_and_a_parti
 
 def test_a_store_call_is_retried_and_then_refused_in_one_line_that_says_what_to_do():
     from distill.errors import Unreachable
-    from distill.shards.storage import retrying
+    from distill.storage import retrying
 
     calls = []
 

@@ -124,7 +124,7 @@ def test_files_are_replaced_only_when_distill_wrote_them(tmp_path):
 def test_an_unreachable_store_is_refused_at_once(monkeypatch):
     """A closed port answers at once; no minute of retries first."""
     from distill.errors import Unreachable
-    from distill.shards.storage import probe_store
+    from distill.storage import probe_store
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # (discard: nothing listens here)
     probe_store.cache_clear()
@@ -143,6 +143,6 @@ def test_an_unreachable_store_is_refused_at_once(monkeypatch):
     ("hdfs://nn/x", {}, None),
 ])
 def test_store_endpoint(uri, env, want):
-    from distill.shards.storage import store_endpoint
+    from distill.storage import store_endpoint
 
     assert store_endpoint(uri, env) == want

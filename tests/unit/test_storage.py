@@ -9,7 +9,7 @@ from test_manifest_format import make_shard
 from distill.errors import BadOption
 from distill.shards.format import verify_shard
 from distill.shards.reconcile import records_from_files
-from distill.shards.storage import ArrowStorage, LocalStorage, is_temp_name, local_path, open_storage
+from distill.storage import ArrowStorage, LocalStorage, is_temp_name, local_path, open_storage
 
 
 @pytest.fixture(params=["local", "arrow"])

@@ -104,7 +104,7 @@ def test_a_list_on_the_store_reads_relative_paths_there_and_a_listing_is_written
 def test_a_verification_bin_is_read_from_the_store(aws, tmp_path):
     import pickle
 
-    from distill.evaluate.run import load_bin
+    from distill.heldout import load_bin
 
     blobs = [b"\xff\xd8 one", b"\xff\xd8 two"]
     aws.client().put_object(Bucket=BUCKET, Key="eval/tiny.bin", Body=pickle.dumps((blobs, [True])))

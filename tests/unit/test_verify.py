@@ -6,8 +6,8 @@ from __future__ import annotations
 import hashlib
 import os
 
-from distill.shards.storage import LocalStorage
 from distill.shards.verify import Expected, check
+from distill.storage import LocalStorage
 
 
 def _files(tmp_path):
