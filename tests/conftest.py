@@ -4,13 +4,14 @@
   in-process tests connect with ``--address`` instead of paying ~5 s for their own cluster.
 - ``tiny_teacher``: a small random-weight teacher SavedModel (112x112 -> 32-d), built once.
 - ``orl_listing`` / ``embedded_run``: the real ORL faces listed and embedded by the real CLI.
-- ``s3_session`` / ``aws``: one real S3 API server on loopback (moto_server) for the unit tests
+- ``s3_session`` / ``aws``: one real S3 API server on loopback (moto_server) for the tests
   that talk to a store; ``aws`` points this process at it, with a cache of the test's own, and
   hands over the module's ``s3`` fixture (the server with that module's bucket made).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -88,3 +89,63 @@ def aws(s3, monkeypatch, tmp_path):
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
     return s3
+
+
+# ---------------------------------------------------------------------------------------
+# The unit tier's guard. A test under tests/unit starts no process (no subprocess, no Ray, no
+# server) and imports neither TensorFlow nor Ray, in its module, its fixtures or its body; one
+# that needs them belongs in tests/integration, and fails here with that fix. (A module some
+# integration test imported already is not imported again, so run alone, `pytest tests/unit`,
+# the import check sees all; the process check holds either way.)
+
+UNIT = ROOT / "tests" / "unit"
+HEAVY = ("tensorflow", "keras", "ray")
+MOVE = "it belongs in tests/integration (the unit tier runs without TensorFlow, Ray, subprocesses or servers)"
+
+
+class _RefuseHeavy:
+    """On sys.meta_path while a unit test is collected, set up or run: TensorFlow or Ray not yet
+    imported cannot be imported then."""
+
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name.partition(".")[0] in HEAVY:
+            raise AssertionError(f"a unit test imported {name}: {MOVE}")
+        return None
+
+
+def _refuse_process(self, args, *rest, **kwargs):
+    raise AssertionError(f"a unit test started a process ({args!r}): {MOVE}")
+
+
+@contextlib.contextmanager
+def _unit_guard(path):
+    if UNIT not in Path(path).parents:
+        yield
+        return
+    start = subprocess.Popen._execute_child
+    subprocess.Popen._execute_child = _refuse_process
+    sys.meta_path.insert(0, _RefuseHeavy)
+    try:
+        yield
+    finally:
+        subprocess.Popen._execute_child = start
+        sys.meta_path.remove(_RefuseHeavy)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    with _unit_guard(collector.path if isinstance(collector, pytest.Module) else ROOT):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    with _unit_guard(item.path):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    with _unit_guard(item.path):
+        return (yield)

@@ -1,4 +1,4 @@
-"""A real S3 API server for tests: ``moto`` in server mode (``moto_server``, the approach Ray's own
+"""A real S3 API server for tests: ``moto`` in server mode (``python -m moto.server``, the approach Ray's own
 tests take) on a free loopback port, as its own process; it can be killed and restarted on the
 same port (its buckets live in memory, so a restart empties them, like losing the store).
 
@@ -8,8 +8,8 @@ R2), dummy credentials and a region. Every ``distill`` process a test starts get
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import shutil
 import signal
 import socket
 import struct
@@ -29,11 +29,14 @@ class S3Server:
     """``with S3Server() as s3: s3.make_bucket("b"); run_cli(..., env=s3.env)``."""
 
     def __init__(self, port: int | None = None):
-        self.exe = shutil.which("moto_server")
-        if self.exe is None:
+        # From this interpreter, never from PATH: a virtualenv that is not activated would
+        # otherwise start the machine's own moto, which may be another version.
+        if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
             import pytest
 
-            pytest.fail("moto_server is not installed; run `pip install 'moto[server]'` (the test extra has it)")
+            pytest.fail(f"moto's server is not installed for {sys.executable}; run `pip install 'moto[server]'` "
+                        "(the test extra has it)")
+        self.exe = [sys.executable, "-m", "moto.server"]
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
 
@@ -76,7 +79,7 @@ class S3Server:
     def start(self, timeout: float = 20.0) -> "S3Server":
         # Its log (a line per request) goes to a file: a pipe nobody reads would fill and stall it.
         self._log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([self.exe, "-H", "127.0.0.1", "-p", str(self.port)],
+        self.proc = subprocess.Popen([*self.exe, "-H", "127.0.0.1", "-p", str(self.port)],
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while True:

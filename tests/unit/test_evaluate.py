@@ -5,11 +5,9 @@ loads, and the restricted unpickler of .bin files. No TensorFlow, no models."""
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import pickle
 import subprocess
-import sys
 from collections import Counter
 from fractions import Fraction
 
@@ -572,30 +570,6 @@ def test_folders_that_cannot_make_pairs_are_refused_with_the_fix(tmp_path):
 
     Image.new("L", (8, 8)).save(flat / "bob" / "2.jpg")
     check_readable(str(flat), paths)  # one readable image is enough here
-
-
-def test_refusals_of_evaluate_folders_come_before_tensorflow_or_ray(tmp_path):
-    """The pattern of test_cli: each refused in one line, exit 2, nothing heavy imported."""
-    model = tmp_path / "model"
-    model.mkdir()
-    (model / "saved_model.pb").write_bytes(b"")
-    flat, one, unreadable = tmp_path / "flat", tmp_path / "one" / "alice", tmp_path / "bad"
-    for d, names in ((flat, ["1.jpg", "2.jpg"]), (one, ["1.jpg", "2.jpg"]), (unreadable / "a", ["1.jpg", "2.jpg"]),
-                     (unreadable / "b", ["1.png"])):
-        d.mkdir(parents=True)
-        for n in names:
-            (d / n).write_bytes(b"not an image")
-    argvs = [["evaluate", str(model), "--folders", str(f)] for f in (flat, tmp_path / "one", unreadable)]
-    code = ("import sys, json; from distill.cli import main\n"
-            "for argv in json.loads(sys.argv[1]): print(main(argv))\n"
-            "print('tensorflow' in sys.modules, 'ray' in sys.modules)")
-    r = subprocess.run([sys.executable, "-c", code, json.dumps(argvs)], capture_output=True, text=True, timeout=120)
-    assert r.stdout.split() == ["2", "2", "2", "False", "False"], r.stderr[-2000:]
-    errors = [line for line in r.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 3 and "Traceback" not in r.stderr
-    assert "no identity sub-folders" in errors[0] and "at least two people" in errors[1]
-    assert "none of its 3 images can be decoded" in errors[2]
-    assert all("--folders" in e for e in errors)
 
 
 def test_flip_test_is_named_for_what_it_does_and_flip_still_reads():

@@ -1,4 +1,4 @@
-"""Image preparation and teacher input conventions (no Ray; TF only where a model is built)."""
+"""Image preparation and teacher input conventions (no Ray, no TensorFlow)."""
 
 import io
 
@@ -8,7 +8,7 @@ from conftest import MOBILEFACENET, ORL
 from PIL import Image
 
 from distill.images import UnreadableImage, decode_rgb, fit, prepare, read_file
-from distill.teacher import Preprocessing, TeacherError, inspect_teacher, teacher_fingerprint
+from distill.teacher import Preprocessing, inspect_teacher, teacher_fingerprint
 
 
 def encode(arr, fmt, **kw):
@@ -80,22 +80,3 @@ def test_real_teacher_signature_is_read_from_the_model():
     spec = inspect_teacher(str(MOBILEFACENET))
     assert (spec.input_name, spec.output_name, spec.height, spec.width, spec.embedding_dim) == ("input", "embeddings", 112, 112, 192)
     assert teacher_fingerprint(str(MOBILEFACENET)) == teacher_fingerprint(str(MOBILEFACENET))
-
-
-def test_unusable_teachers_fail_before_work(tmp_path):
-    import tensorflow as tf
-
-    with pytest.raises(TeacherError, match="not a TensorFlow SavedModel"):
-        inspect_teacher(str(tmp_path))
-
-    class Fixed(tf.Module):
-        @tf.function(input_signature=[tf.TensorSpec([8, 112, 112, 3], tf.float32, name="input")])
-        def serve(self, x):
-            return {"embeddings": tf.reduce_mean(x, axis=[1, 2])}
-
-    m = Fixed()
-    tf.saved_model.save(m, str(tmp_path / "fixed"), signatures={"serving_default": m.serve.get_concrete_function()})
-    with pytest.raises(TeacherError, match="fixed batch size 8"):
-        inspect_teacher(str(tmp_path / "fixed"))
-    with pytest.raises(TeacherError, match="no signature 'nope'"):
-        inspect_teacher(str(tmp_path / "fixed"), signature="nope")

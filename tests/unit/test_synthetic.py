@@ -1,4 +1,5 @@
-"""The synthetic identity dataset (deterministic, well-formed) and the synthetic teacher."""
+"""The synthetic identity dataset: deterministic, well-formed (the synthetic teacher trained on it:
+tests/integration/test_synthetic_teacher.py)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distill.synthetic import (
-    DATASET_MARKER,
-    identity_template,
-    make_identity_dataset,
-    render_image,
-    train_synthetic_teacher,
-)
+from distill.synthetic import DATASET_MARKER, identity_template, make_identity_dataset, render_image
 
 
 def _digest_tree(root):
@@ -81,23 +76,3 @@ def test_identity_is_a_template_and_images_vary_around_it():
     within = np.mean([dist(imgs[i], imgs[j]) for i in range(6) for j in range(i + 1, 6)])
     between = np.mean([dist(a, b) for a in imgs for b in others])
     assert within < between
-
-
-def test_tiny_teacher_trains_and_exports(tmp_path):
-    from distill.teacher import Preprocessing, Teacher, inspect_teacher
-
-    data = str(tmp_path / "faces")
-    make_identity_dataset(data, identities=3, per_identity=4, size=32, seed=1)
-    out = str(tmp_path / "teacher")
-    report = train_synthetic_teacher(data, out, embedding_dim=8, epochs=2, batch_size=4, size=32, widths=(8, 16))
-    assert report.classes == 3 and report.images == 12 and report.embedding_dim == 8
-    assert 0.0 <= report.train_accuracy <= 1.0 and report.params > 0
-    assert not os.path.exists(out + ".tmp")
-    spec = inspect_teacher(out)
-    assert (spec.input_name, spec.output_name) == ("input", "embeddings")
-    assert (spec.height, spec.width, spec.embedding_dim) == (32, 32, 8)
-    emb = Teacher(spec, Preprocessing())(np.stack([render_image(1, 0, 0, 32), render_image(1, 1, 0, 32)]))
-    assert emb.shape == (2, 8) and np.all(np.isfinite(emb))
-    assert not np.allclose(emb[0], emb[1])
-    with pytest.raises(ValueError, match="already holds a SavedModel"):
-        train_synthetic_teacher(data, out, embedding_dim=8, epochs=1, size=32, widths=(8, 16))

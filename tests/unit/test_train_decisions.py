@@ -204,19 +204,6 @@ def test_trim_drops_records_past_the_checkpoint_and_a_torn_last_line(tmp_path):
     assert [json.loads(x)["step"] for x in p.read_text().splitlines()] == [1, 2, 3, 4, 5]
 
 
-def test_validation_paths_that_are_not_there_are_refused_before_tensorflow(tmp_path):
-    import subprocess
-    import sys
-
-    (tmp_path / "shards").mkdir()
-    for flag, path in (("--val-bin", tmp_path / "lfw.bin"), ("--val-folders", tmp_path / "people")):
-        proc = subprocess.run([sys.executable, "-m", "distill", "train", tmp_path / "shards", "--out", tmp_path / "o",
-                               flag, path],
-                              capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 2 and f"{flag} {path}: no such" in proc.stderr
-        assert not (tmp_path / "o").exists()
-
-
 def test_shards_without_views_are_said_once_as_the_measured_default_not_a_loss(shards):
     """The note follows docs/QUALITY.md: views help on faces unlike the training faces only, so
     none are stored by default; nothing to say when the shards hold views or none are asked for."""

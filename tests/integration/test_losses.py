@@ -11,6 +11,8 @@ import textwrap
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.integration
+
 tf = pytest.importorskip("tensorflow")
 
 from distill.train.losses import LossSpec, arcface_logits, loss_parts  # noqa: E402

@@ -8,6 +8,8 @@ import os
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.integration
+
 pytest.importorskip("tensorflow")
 
 from distill.errors import IncompatibleRun  # noqa: E402

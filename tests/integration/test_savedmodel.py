@@ -8,6 +8,8 @@ from support import MOBILEFACENET, build_tiny_teacher
 from distill.savedmodel import SavedModelError, read_signatures
 from distill.teacher import TeacherError, inspect_teacher
 
+pytestmark = pytest.mark.integration
+
 
 def _as_tf_sees_it(path: str) -> dict:
     import tensorflow as tf

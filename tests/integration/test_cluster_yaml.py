@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.integration
+
 CLUSTER_YAML = Path(__file__).resolve().parents[2] / "ray_cluster.yaml"
 OPEN = ("0.0.0.0", "*", "::", "[::]")
 

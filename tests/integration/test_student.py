@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.integration
+
 pytest.importorskip("tensorflow")
 
 from distill.train.student import StudentSpec, build_student, embedding_model  # noqa: E402
