@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from s3_server import S3_CREDENTIALS, S3Server
-from support import CHILD_ENV, GLINT12, MOBILEFACENET, ORL, ROOT, RayHead, build_tiny_teacher  # noqa: F401  (tests import them from here)
+from support import CHILD_ENV, GLINT12, MOBILEFACENET, ORL, ROOT, SHARED, RayHead, build_tiny_teacher  # noqa: F401  (tests import them from here)
 
 # Every process of the session gets what the benchmarks' children get: quiet TF, no usage
 # stats, and token auth off (Ray turns it on once ~/.ray/auth_token exists; the test
@@ -90,6 +90,29 @@ def aws(s3, monkeypatch, tmp_path):
     monkeypatch.setenv("DISTILL_CACHE", str(tmp_path / "cache"))
     return s3
 
+
+
+# Without ../shared beside the checkout, a test that reads it (a module-level path under it, or a
+# session fixture made from it) is skipped with the reason, not failed.
+SHARED_FIXTURES = {"orl_listing", "embedded_run"}
+
+
+def _reads_shared(item) -> bool:
+    if SHARED_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    module = getattr(item, "module", None)
+    return any(isinstance(v, Path) and (v == SHARED or SHARED in v.parents) for v in vars(module).values()) \
+        if module is not None else False
+
+
+def pytest_collection_modifyitems(config, items):
+    if SHARED.is_dir():
+        return
+    skip = pytest.mark.skip(reason=f"{SHARED} is not beside the checkout: it holds the real faces and teacher "
+                                   "this test reads (see the README)")
+    for item in items:
+        if _reads_shared(item):
+            item.add_marker(skip)
 
 # ---------------------------------------------------------------------------------------
 # The unit tier's guard. A test under tests/unit starts no process (no subprocess, no Ray, no

@@ -8,12 +8,10 @@ import os
 import numpy as np
 import pytest
 
+from distill.errors import IncompatibleRun
+from distill.train.checkpoints import Cursor, LocalCheckpoints, restore, snapshot
+
 pytestmark = pytest.mark.integration
-
-pytest.importorskip("tensorflow")
-
-from distill.errors import IncompatibleRun  # noqa: E402
-from distill.train.checkpoints import Cursor, LocalCheckpoints, restore, snapshot  # noqa: E402
 
 
 def _mlp(names: list[str]):

@@ -40,9 +40,11 @@ def test_demo_quick_killed_resumed_and_reused(tmp_path, ray_address):
     try:
         while "embed" not in _stages_recorded(out) and first.poll() is None:
             time.sleep(0.5)
+        metrics = out / "student" / "metrics.jsonl"  # training has taken steps once this has lines
+        while not (metrics.is_file() and metrics.read_text().strip()) and first.poll() is None:
+            time.sleep(0.1)
         assert first.poll() is None, "the first demo run ended before it could be interrupted"
-        time.sleep(3)  # well inside training: kill the driver without warning
-        first.send_signal(signal.SIGKILL)
+        first.send_signal(signal.SIGKILL)  # inside training: kill the driver without warning
         first.wait(timeout=60)
     finally:
         if first.poll() is None:

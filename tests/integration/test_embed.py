@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow.parquet as pq
 import pytest
 from conftest import MOBILEFACENET, ORL, run_cli
@@ -225,7 +226,10 @@ def test_sigterm_during_start_up_stops_cleanly_too(tmp_path, tiny_teacher, orl_l
     proc = subprocess.Popen([sys.executable, "-m", "distill", "embed", str(orl_listing), "--teacher", str(tiny_teacher),
                              "--out", str(out), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**env, **CHILD_ENV})
-    time.sleep(3.0)  # inside ray.init (or before it: either way, before any shard)
+    deadline = time.monotonic() + 120  # inside ray.init: the local Ray's first processes are up, no shard yet
+    while not psutil.Process(proc.pid).children() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None and not (out / "part-00000.parquet").exists()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err[-3000:]

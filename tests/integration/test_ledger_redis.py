@@ -116,7 +116,8 @@ def test_expired_lease_returns_to_pending(redis_url):
     led = RedisLedger.from_url(redis_url, run_id=new_run(), num_shards=3)
     assert led.acquire("a", 2, ttl=0.3, now=0) == [0, 1]
     assert led.acquire("b", 3, ttl=60, now=0) == [2]
-    time.sleep(0.35)
+    while any(lease.expires > time.time() for k, lease in led.snapshot().leases.items() if k in (0, 1)):
+        time.sleep(0.01)  # until Redis's own clock has expired them (snapshot() puts it on ours)
     assert led.renew("a", [0, 1], ttl=60, now=0) == []  # expired: no longer a's
     assert led.acquire("b", 3, ttl=60, now=0) == [0, 1]
     assert led.renew("b", [0, 1, 2], ttl=60, now=0) == [0, 1, 2]

@@ -10,12 +10,11 @@ import textwrap
 
 import numpy as np
 import pytest
+import tensorflow as tf
+
+from distill.train.losses import LossSpec, arcface_logits, loss_parts
 
 pytestmark = pytest.mark.integration
-
-tf = pytest.importorskip("tensorflow")
-
-from distill.train.losses import LossSpec, arcface_logits, loss_parts  # noqa: E402
 
 
 def _batch(seed=0, n=4, d=6, c=3):

@@ -5,11 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from distill.train.student import StudentSpec, build_student, embedding_model
+
 pytestmark = pytest.mark.integration
-
-pytest.importorskip("tensorflow")
-
-from distill.train.student import StudentSpec, build_student, embedding_model  # noqa: E402
 
 
 @pytest.mark.parametrize("head,margin", [("gdc", "softmax"), ("gap", "arcface")])

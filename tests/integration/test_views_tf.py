@@ -14,8 +14,9 @@ pytestmark = pytest.mark.integration
 def test_tensorflow_rendering_gives_the_numpy_pixels_bit_for_bit(size):
     """The trainer renders with render_tf (outside the GIL); the teacher's side rendered with
     render: the pixels must be the same, every one of them."""
-    tf = pytest.importorskip("tensorflow")
     from dataclasses import asdict
+
+    import tensorflow as tf
 
     from distill.views import render_tf, taps
 
