@@ -111,9 +111,13 @@ class RayHead:
         self.address = f"127.0.0.1:{self.port}"
 
     def __enter__(self) -> "RayHead":
+        # Every port its own (Ray's defaults, 10001 and 52365, are one per machine): heads of
+        # parallel test sessions (pytest -n) and benchmarks run side by side.
         cmd = ["ray", "start", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
                f"--num-cpus={self.num_cpus}", "--include-dashboard=false", "--disable-usage-stats",
-               f"--temp-dir={self.temp}"]
+               f"--temp-dir={self.temp}", f"--ray-client-server-port={free_port()}",
+               f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+               f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
         try:
             subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=180, env={**os.environ, **CHILD_ENV})
         except BaseException:

@@ -271,7 +271,9 @@ def test_training_killed_mid_epoch_against_the_store_resumes_to_the_uninterrupte
     run_cli("evaluate", f"s3://{BUCKET}/run/export", "--folders", ORL, "--out", f"s3://{BUCKET}/run/eval.json",
             env=env)
     result = json.loads(s3.get(BUCKET, "run/eval.json"))["targets"][0]
-    assert 0.0 <= result["models"]["model"]["auc"] <= 1.0 and result["dataset"]["images"] == 400
+    assert result["dataset"]["images"] == 400  # ORL whole: every distinct pair of its 40 people x 10 images scored
+    assert (result["dataset"]["pairs"], result["dataset"]["same_pairs"]) == (400 * 399 // 2, 40 * 10 * 9 // 2)
+    assert np.isfinite(result["models"]["model"]["auc"])
 
 
 def test_ray_train_workers_stop_through_the_store_and_one_process_goes_on_from_there(

@@ -263,8 +263,10 @@ def test_verification_sets_every_n_steps_choose_the_best_and_the_run_still_resum
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     vals = [rec for rec in records if rec["kind"] == "val"]
     assert [v["step"] for v in vals] == [0, 10, 20]  # the start, then every 10 steps
-    for v in vals:
-        assert 0.0 <= v["val_orlpairs_acc"] <= 1.0 and 0.0 <= v["val_orlpairs_auc"] <= 1.0
+    for v in vals:  # 10 folds of 2 pairs: accuracy in 20ths; AUC over 10 same x 10 different pairs: in 200ths (ties half)
+        acc, auc = v["val_orlpairs_acc"] * 20, v["val_orlpairs_auc"] * 200
+        assert abs(acc - round(acc)) < 1e-6 and 0 <= round(acc) <= 20, v
+        assert abs(auc - round(auc)) < 1e-6 and 0 <= round(auc) <= 200, v
     best = json.loads((out / "best" / "val.json").read_text())
     assert best["val_orlpairs_acc"] == max(v["val_orlpairs_acc"] for v in vals[1:])
     assert list((out / "tb").iterdir())
