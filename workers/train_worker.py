@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from distill.errors import BadOption, DistillError, Stopped
@@ -27,7 +26,7 @@ from distill.storage import is_uri
 if TYPE_CHECKING:
     from distill.stopping import StopRequest
     from distill.train.checkpoints import Cursor
-    from distill.train.config import TrainConfig
+    from distill.train.config import TrainRun
 
 
 class RayCheckpoints:
@@ -99,14 +98,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     import ray.train
 
-    from distill.train.config import TrainConfig
     from distill.train.loop import train_loop
 
-    if loop_config["train"]["use_gpu"]:
+    run = loop_config["run"]  # (the driver's TrainRun: no worker resolves it again)
+    cfg = run.train
+    if cfg.use_gpu:
         for g in tf.config.list_physical_devices("GPU"):
             tf.config.experimental.set_memory_growth(g, True)
     ctx = ray.train.get_context()
-    cfg = TrainConfig(**loop_config["train"])
     rank = ctx.get_world_rank()
     if is_uri(cfg.out):  # OUT on an object store: each worker works in a local copy of its own
         from distill.mirror import run_mirror
@@ -117,15 +116,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         store = RayCheckpoints(rank, cfg.out)
     # The loop's last checkpoint carries its summary; Ray hands that to the driver.
     try:
-        train_loop(cfg, strategy, rank=rank, world_size=ctx.get_world_size(), store=store)
+        train_loop(run, strategy, rank=rank, world_size=ctx.get_world_size(), store=store)
     except Stopped:
         pass  # every worker stopped at the same step, after its checkpoint: the driver says so
     finally:
         store.cleanup()
 
 
-def run_ray(cfg: "TrainConfig", stop: "StopRequest | None" = None, adopt_into=None) -> dict[str, Any]:
-    """Train with ``cfg.workers`` Ray Train workers; returns the loop's summary (rank 0).
+def run_ray(run: "TrainRun", stop: "StopRequest | None" = None, adopt_into=None) -> dict[str, Any]:
+    """Train ``run`` (resolved and checked by the driver, shipped to every worker as it is) with
+    ``run.train.workers`` Ray Train workers; returns the loop's summary (rank 0).
     ``stop``: the caller's stop request (installed), else one of its own. ``adopt_into``: the
     ``LocalCheckpoints`` the run's last checkpoint is copied into (default: OUT's)."""
     import ray
@@ -136,6 +136,7 @@ def run_ray(cfg: "TrainConfig", stop: "StopRequest | None" = None, adopt_into=No
     from distill.storage import store_env
     from distill.train.checkpoints import LocalCheckpoints, read_checkpoint
 
+    cfg = run.train
     stop = stop or StopRequest("training")
     connected_here = not ray.is_initialized()
     if connected_here:
@@ -164,7 +165,7 @@ def run_ray(cfg: "TrainConfig", stop: "StopRequest | None" = None, adopt_into=No
     stop.on_request = lambda signum: write_request(cfg.out, signum)
     trainer = TensorflowTrainer(
         train_loop_per_worker=train_loop_per_worker,
-        train_loop_config={"train": asdict(cfg)},
+        train_loop_config={"run": run},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu),
         run_config=RunConfig(
             name=cfg.run_name,

@@ -243,8 +243,8 @@ class Schedule:
 @dataclass(frozen=True)
 class TrainRun:
     """A training run as resolved: the options, and what they and the shards fix (the student,
-    the objective, the flips and views, the shards' run). Built once (``resolve``), the same on
-    the driver and every Ray Train worker, saved beside every checkpoint (``config.json``, the
+    the objective, the flips and views, the shards' run). Built once, by the driver (``resolve``),
+    and shipped as it is to every Ray Train worker; saved beside every checkpoint (``config.json``, the
     ``to_json`` form) and compared with the saved one on resume (``check_resume``). The schedule
     is fixed once the training rows are known (``with_schedule``, after the held-out split)."""
 
@@ -317,7 +317,7 @@ def resolve(cfg: TrainConfig, shards) -> TrainRun:
 
 def views_note(run: TrainRun) -> str | None:
     """What to say when --view-prob asks for views the shards do not hold (the default: none
-    are stored), or None. Pure; ``distill train`` logs it once (the loop resolves again)."""
+    are stored), or None. Pure; ``distill train`` logs it once."""
     if run.train.view_prob <= 0 or run.view_prob > 0:
         return None
     return (f"the shards in {run.train.shards} hold no teacher views: training on the plain and mirrored images. That "
@@ -360,26 +360,28 @@ def objective_changes(saved: dict[str, Any], run: TrainRun) -> list[str]:
     return [f"--{k.replace('_', '-')} {old[k]!r} -> {v!r}" for k, v in wanted.items() if k in old and old[k] != v]
 
 
-def check_resume(saved: dict[str, Any], cursor: Cursor, run: TrainRun, where: str) -> None:
+def check_resume(saved: Mapping[str, Any], cursor: Cursor, run: TrainRun, where: str) -> None:
     """Refuse a resume that cannot continue the saved run (its ``config.json``) exactly, naming
-    every difference. Pure."""
-    wanted = run.to_json()
+    every difference. The saved run is read back as a ``TrainRun`` (what an older version did
+    not record takes the default it trained with) and compared field by field. Pure."""
+    was = TrainRun.from_json(saved)
     diffs = []
-    if saved["shards_run_id"] != wanted["shards_run_id"]:
-        diffs.append(f"  shards: checkpoint trained on run {saved['shards_run_id']}, now {wanted['shards_run_id']}")
+    if was.shards_run_id != run.shards_run_id:
+        diffs.append(f"  shards: checkpoint trained on run {was.shards_run_id}, now {run.shards_run_id}")
     for k in _FIXED_TRAIN:
         if k == "partitions" and k not in saved["train"]:
             continue  # (an older run: below)
-        if saved["train"].get(k, 0.0) != wanted["train"][k]:
-            diffs.append(f"  --{k.replace('_', '-')}: checkpoint has {saved['train'][k]!r}, now {wanted['train'][k]!r}")
+        if getattr(was.train, k) != getattr(run.train, k):
+            diffs.append(f"  --{k.replace('_', '-')}: checkpoint has {getattr(was.train, k)!r}, now {getattr(run.train, k)!r}")
     for k in ("flip", "view_prob"):
-        if saved.get(k, 0.0 if k == "view_prob" else None) != wanted[k]:
-            diffs.append(f"  {k.replace('_', '-')}: checkpoint has {saved.get(k)}, now {wanted[k]}")
-    for k, v in saved["student"].items():
-        if v != wanted["student"].get(k):
-            diffs.append(f"  student {k}: checkpoint has {v!r}, now {wanted['student'][k]!r}")
-    if "schedule" in saved:  # (runs saved before it was recorded have none)
-        why = _schedule_diff(saved["schedule"], wanted["train"])
+        if getattr(was, k) != getattr(run, k):
+            diffs.append(f"  {k.replace('_', '-')}: checkpoint has {getattr(was, k)}, now {getattr(run, k)}")
+    for f in fields(StudentSpec):
+        if getattr(was.student, f.name) != getattr(run.student, f.name):
+            diffs.append(f"  student {f.name}: checkpoint has {getattr(was.student, f.name)!r}, now "
+                         f"{getattr(run.student, f.name)!r}")
+    if was.schedule is not None:  # (runs saved before it was recorded have none)
+        why = _schedule_diff(asdict(was.schedule), asdict(run.train))
         if why:
             diffs.append(why)
     if "partitions" not in saved["train"] and cursor.samples:

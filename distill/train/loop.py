@@ -1,4 +1,5 @@
-"""The training loop every mode runs: ``train_loop(cfg, strategy, rank, world_size, store)``.
+"""The training loop every mode runs: ``train_loop(run, strategy, rank, world_size, store)``,
+``run`` being the ``TrainRun`` the driver resolved and checked once (no rank resolves it again).
 
 A custom ``tf.GradientTape`` + ``strategy.run`` step (Keras 3 ``model.fit`` fails under
 MultiWorkerMirroredStrategy) that runs unchanged on the default strategy (CPU),
@@ -22,13 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from distill.errors import BadInput, BadOption, Stopped
+from distill.errors import BadInput, BadOption, IncompatibleRun, Stopped
 from distill.heartbeat import Heartbeat, interval, train_line
 from distill.startup import show_progress
 from distill.stopping import StopRequest, read_request
 from distill.storage import is_uri, write_file_atomic
 from distill.train.checkpoints import Cursor, read_best_val, read_checkpoint, restore, snapshot, write_best
-from distill.train.config import Schedule, TrainConfig, check_resume, resolve, should_checkpoint
+from distill.train.config import Schedule, TrainConfig, TrainRun, check_resume, should_checkpoint
 from distill.train.losses import LossSpec
 from distill.train.order import steps_per_epoch
 from distill.train.student import StudentSpec
@@ -279,20 +280,24 @@ def _load_init(model, spec: StudentSpec, cfg: TrainConfig) -> str:
 class _Run:
     """One invocation of the loop on one rank: setup, epochs of steps from the cursor, saves."""
 
-    def __init__(self, cfg: TrainConfig, strategy, rank: int, world_size: int, store, stop: StopRequest | None = None):
+    def __init__(self, run: TrainRun, strategy, rank: int, world_size: int, store, stop: StopRequest | None = None):
         from distill.shards.reader import open_shards
 
+        cfg = run.train
         self.cfg, self.strategy, self.rank, self.world_size, self.store = cfg, strategy, rank, world_size, store
         self.out = store.out  # where this rank's files go: OUT, or its local copy when OUT is on an object store
         self._request_checked = 0.0
-        self.shards = open_shards(cfg.shards)
-        self.resolved = resolve(cfg, self.shards)
+        self.shards = open_shards(cfg.shards)  # (to read: what they fix is in the run already)
+        if self.shards.run_id != run.shards_run_id:
+            raise IncompatibleRun(f"{cfg.shards} changed under the run: it holds run {self.shards.run_id}, the run was "
+                                  f"resolved on {run.shards_run_id}; rerun the command")
+        self.resolved = run
         replicas = strategy.num_replicas_in_sync
         if cfg.batch_size % replicas:
             raise BadOption(f"--batch-size {cfg.batch_size} must be a multiple of the {replicas} replicas in sync")
         latest = store.latest()
         self.cursor = Cursor(0, 0, 0, cfg.seed, world_size, cfg.batch_size, cfg.shuffle_buffer, self.shards.run_id)
-        if latest is not None:
+        if latest is not None:  # (the driver checked OUT's newest; a Ray Train checkpoint it could not see is checked here)
             saved, cursor = read_checkpoint(latest)
             check_resume(saved, cursor, self.resolved, store.describe(latest))
             self.cursor = replace(cursor, world_size=world_size)
@@ -453,15 +458,31 @@ class _Run:
         return self.summary()
 
     def _epoch(self) -> None:
-        import tensorflow as tf
-        from tqdm import tqdm
+        """One epoch from the cursor, top to bottom: plan, then steps (each: the step, its logs,
+        and what falls due inside the epoch), then the epoch's end."""
+        cfg = self.cfg
+        plan = self._plan_epoch()
+        batches, bar = self._batches(plan), self._bar(plan)
+        tally = _Tally()
+        epoch_samples = plan.steps * cfg.batch_size
+        for _ in range(plan.start_step, plan.steps):
+            if self.done():
+                break
+            parts, index = self._step(batches)
+            self._log_step(parts, index, tally, bar)
+            if self.cursor.samples < epoch_samples:  # (at the epoch's last step the epoch's end covers these)
+                self._mid_epoch(bar)
+        bar.close()
+        if self.cursor.samples == epoch_samples:  # (else stopped by --max-steps inside the epoch)
+            self._end_epoch(tally)
 
+    def _plan_epoch(self):
+        """Which samples this rank reads, in which order, from the cursor on (pure: the order)."""
         from distill.train.order import plan_epoch
-        from distill.train.stream import make_dataset
 
-        cfg, shards, rank, world_size = self.cfg, self.shards, self.rank, self.world_size
+        cfg, world_size = self.cfg, self.world_size
         plan = plan_epoch(
-            shards.rows, seed=cfg.seed, epoch=self.cursor.epoch, world_size=world_size, rank=rank,
+            self.shards.rows, seed=cfg.seed, epoch=self.cursor.epoch, world_size=world_size, rank=self.rank,
             buffer=cfg.shuffle_buffer, global_batch=cfg.batch_size, partitions=cfg.partitions,
             samples=self.cursor.samples, exclude=self.prep.exclude,
         )
@@ -470,6 +491,13 @@ class _Run:
                 f"an epoch has no whole batch of {cfg.batch_size // world_size} per worker (training rows: "
                 f"{self.prep.train_rows} over {world_size} workers); lower --batch-size or --workers"
             )
+        return plan
+
+    def _batches(self, plan):
+        """The plan's batches, split over this rank's replicas."""
+        from distill.train.stream import make_dataset
+
+        cfg, shards, rank, world_size = self.cfg, self.shards, self.rank, self.world_size
 
         def dataset_fn(ctx):
             if ctx.num_input_pipelines != world_size or ctx.input_pipeline_id != rank:
@@ -477,53 +505,60 @@ class _Run:
             return make_dataset(shards, plan, seed=cfg.seed, flip=self.resolved.flip, view_prob=self.resolved.view_prob,
                                 replica_batch=ctx.get_per_replica_batch_size(cfg.batch_size))
 
-        batches = iter(self.strategy.distribute_datasets_from_function(dataset_fn))
-        bar = tqdm(total=plan.steps, initial=plan.start_step, desc=f"epoch {self.cursor.epoch + 1}/{cfg.epochs}",
-                   unit="step", disable=rank != 0 or not show_progress(cfg.progress), dynamic_ncols=True)
-        sums: dict[str, float] = {}
-        n_steps, t_epoch, t_log, since_log = 0, time.perf_counter(), time.perf_counter(), 0
-        epoch_samples = plan.steps * cfg.batch_size
-        for _ in range(plan.start_step, plan.steps):
-            if self.done():
-                break
-            parts, index = self.step_fn(next(batches), tf.constant(1.0 if self._stop_wanted() else 0.0))
-            parts = {k: float(v) for k, v in parts.items()}
-            if parts.pop("stop") > 0 and not self.stop.requested:  # another worker's, or the driver's (Ray Train)
-                self.stop.signum = read_request(cfg.out) or signal.SIGTERM
-            self.cursor = replace(self.cursor, samples=self.cursor.samples + cfg.batch_size, step=self.cursor.step + 1)
-            self.trained += cfg.batch_size
-            n_steps += 1
-            since_log += 1
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-            self.last = parts
-            now = time.perf_counter()
-            ips = since_log * cfg.batch_size / max(now - t_log, 1e-9)
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items()} | {"img/s": f"{ips:.0f}"}, refresh=False)
-            if cfg.trace_samples:
-                self.runlog.trace_step(self.cursor.step, self.cursor.epoch, index.numpy())
-            self._heartbeat(parts)
-            if self.cursor.step % cfg.log_every == 0:
-                self.runlog.record({"kind": "step", "epoch": self.cursor.epoch, "step": self.cursor.step,
-                                    "samples": self.cursor.samples, **parts, "lr": _lr(self.optimizer), "images_per_sec": ips})
-                t_log, since_log = now, 0
-            if cfg.val_every and self.cursor.step % cfg.val_every == 0 and self.cursor.samples < epoch_samples:
-                self._validate_mid_epoch(bar)  # (at the epoch's last step the epoch end's covers it)
-            if should_checkpoint(self.cursor.step, cfg.checkpoint_every) and self.cursor.samples < epoch_samples:
-                self.save()  # (at the epoch's last step the epoch-end checkpoint below covers it)
-            if self.stop.requested and self.cursor.samples < epoch_samples:
-                bar.close()
-                self._stop_if_asked()
-        bar.close()
-        if self.cursor.samples != epoch_samples:
-            return  # stopped by --max-steps inside the epoch
-        seconds = time.perf_counter() - t_epoch
-        rec = {"kind": "epoch", "epoch": self.cursor.epoch, "step": self.cursor.step, "samples": self.cursor.samples,
-               "seen": self.cursor.step * cfg.batch_size, **{k: v / max(n_steps, 1) for k, v in sums.items()},
-               "steps_averaged": n_steps, "images_per_sec": n_steps * cfg.batch_size / max(seconds, 1e-9),
-               "seconds": seconds}
-        self.cursor = replace(self.cursor, epoch=self.cursor.epoch + 1, samples=0)
+        return iter(self.strategy.distribute_datasets_from_function(dataset_fn))
+
+    def _bar(self, plan):
+        from tqdm import tqdm
+
+        return tqdm(total=plan.steps, initial=plan.start_step, desc=f"epoch {self.cursor.epoch + 1}/{self.cfg.epochs}",
+                    unit="step", disable=self.rank != 0 or not show_progress(self.cfg.progress), dynamic_ncols=True)
+
+    def _step(self, batches) -> tuple[dict[str, float], Any]:
+        """The step: one global batch, the stop vote carried in its all-reduce, the cursor moved on."""
+        import tensorflow as tf
+
+        parts, index = self.step_fn(next(batches), tf.constant(1.0 if self._stop_wanted() else 0.0))
+        parts = {k: float(v) for k, v in parts.items()}
+        if parts.pop("stop") > 0 and not self.stop.requested:  # another worker's, or the driver's (Ray Train)
+            self.stop.signum = read_request(self.cfg.out) or signal.SIGTERM
+        self.cursor = replace(self.cursor, samples=self.cursor.samples + self.cfg.batch_size, step=self.cursor.step + 1)
+        self.trained += self.cfg.batch_size
+        self.last = parts
+        return parts, index
+
+    def _log_step(self, parts: dict[str, float], index, tally: "_Tally", bar) -> None:
+        """The step's logs: the bar, the sample trace, the heartbeat, metrics.jsonl every --log-every."""
+        cfg, c = self.cfg, self.cursor
+        ips = tally.add(parts, cfg.batch_size)
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items()} | {"img/s": f"{ips:.0f}"}, refresh=False)
+        if cfg.trace_samples:
+            self.runlog.trace_step(c.step, c.epoch, index.numpy())
+        self._heartbeat(parts)
+        if c.step % cfg.log_every == 0:
+            self.runlog.record({"kind": "step", "epoch": c.epoch, "step": c.step, "samples": c.samples, **parts,
+                                "lr": _lr(self.optimizer), "images_per_sec": ips})
+            tally.logged()
+
+    def _mid_epoch(self, bar) -> None:
+        """What falls due inside an epoch: validation every --val-every, a checkpoint every
+        --checkpoint-every, and a stop asked for (a checkpoint at this step, then Stopped)."""
+        cfg, step = self.cfg, self.cursor.step
+        if cfg.val_every and step % cfg.val_every == 0:
+            self._validate_mid_epoch(bar)
+        if should_checkpoint(step, cfg.checkpoint_every):
+            self.save()
+        if self.stop.requested:
+            bar.close()
+            self._stop_if_asked()
+
+    def _end_epoch(self, tally: "_Tally") -> None:
+        """The epoch's record, validation (and OUT/best), the epoch-end checkpoint, a stop asked for."""
+        cfg, c, seconds = self.cfg, self.cursor, tally.seconds()
+        rec = {"kind": "epoch", "epoch": c.epoch, "step": c.step, "samples": c.samples, "seen": c.step * cfg.batch_size,
+               **tally.means(), "steps_averaged": tally.steps,
+               "images_per_sec": tally.steps * cfg.batch_size / max(seconds, 1e-9), "seconds": seconds}
+        self.cursor = replace(c, epoch=c.epoch + 1, samples=0)
         state = snapshot(self.model, self.optimizer)
         val = self.validate(state)
         if val:
@@ -533,6 +568,32 @@ class _Run:
         self.save(state, val)
         self._stop_if_asked()
 
+
+class _Tally:
+    """An epoch's running figures: the loss parts summed, steps, the pace since the last log line."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps, self.since_log = 0, 0
+        self.t_epoch = self.t_log = time.perf_counter()
+
+    def add(self, parts: dict[str, float], batch_size: int) -> float:
+        """Count a step; returns images/s since the last log line."""
+        self.steps += 1
+        self.since_log += 1
+        for k, v in parts.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self._now = time.perf_counter()
+        return self.since_log * batch_size / max(self._now - self.t_log, 1e-9)
+
+    def logged(self) -> None:
+        self.t_log, self.since_log = self._now, 0
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(self.steps, 1) for k, v in self.sums.items()}
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t_epoch
 
 def val_line(val: dict[str, float]) -> str:
     """The validation figures as the log shows them. Pure."""
@@ -545,16 +606,18 @@ def val_line(val: dict[str, float]) -> str:
     return ", ".join(parts) + (" (best)" if val.get("best") else "")
 
 
-def train_loop(cfg: TrainConfig, strategy, *, rank: int, world_size: int, store,
+def train_loop(run: TrainRun, strategy, *, rank: int, world_size: int, store,
                stop: StopRequest | None = None) -> dict[str, Any]:
-    """The loop every mode runs: restore, then epochs of steps from the cursor on.
+    """The loop every mode runs: restore, then epochs of steps from the cursor on. ``run``: the
+    run as the driver resolved it (``distill.train.config.resolve``), without its schedule,
+    which is fixed here once the held-out split is known.
 
     ``world_size``/``rank`` count input pipelines (one per worker process); the global batch
     splits evenly over all replicas. ``store`` saves and finds checkpoints (local or Ray).
     ``stop``: the caller's stop request, when it has one from before (a signal during
     start-up is then honoured at the first step).
     """
-    return _Run(cfg, strategy, rank, world_size, store, stop).run()
+    return _Run(run, strategy, rank, world_size, store, stop).run()
 
 
 def _lr(optimizer) -> float:

@@ -147,11 +147,11 @@ def _run_train(cfg: TrainConfig, stop) -> TrainReport:
     if cfg.workers > 1:
         from distill.workers.train_worker import run_ray
 
-        summary = run_ray(cfg, stop, adopt_into=store)
+        summary = run_ray(config, stop, adopt_into=store)
     else:
         from distill.train.loop import train_loop
 
-        summary = train_loop(cfg, _local_strategy(cfg), rank=0, world_size=1, store=store, stop=stop)
+        summary = train_loop(config, _local_strategy(cfg), rank=0, world_size=1, store=store, stop=stop)
     checkpoint = latest_checkpoint(workdir) or ""
     if mirror and checkpoint:  # (where it is in the store)
         checkpoint = f"{cfg.out}/{os.path.relpath(checkpoint, workdir)}"
