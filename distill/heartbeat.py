@@ -4,7 +4,7 @@ bars are off (stderr not a terminal, as under nohup, ``ray job submit`` or CI; o
 
 ``Heartbeat`` decides when a line is due and the recent pace; ``train_line`` and
 ``shards_line`` word it. No clock here: the callers (``distill.train.loop``, the embed and
-align driver in ``distill.embed.run``) pass the time in, so unit tests sweep it in milliseconds.
+align driver in ``distill.embed.sharded``) pass the time in, so unit tests sweep it in milliseconds.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The rules exactly-once depends on on the driver side live here, with no Ray, no ledger and
 no clock: which leased shard goes to which teacher actor, what a failed attempt costs, what
 happens to the shards queued on an actor that died, when a shard is given up. The Ray shell
-(``distill.embed.run``) turns what it sees into events and carries out the actions it gets back:
+(``distill.embed.sharded``) turns what it sees into events and carries out the actions it gets back:
 
     event                      what happened                  actions it can return
     leased(ks)                 the ledger gave us ks          Submit(k, slot): run k there

@@ -20,18 +20,18 @@ footer) is written atomically, and only then is the shard marked done.
 from __future__ import annotations
 
 import io
-import json
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from distill.images import UnreadableImage, read_file
-from distill.shards.format import META_ERRORS, META_RUN, META_SHARD, RowError, ShardRecord, sha256
+from distill.shards.format import RowError, ShardRecord, sha256
 from distill.shards.plan import Shard
+from distill.shards.records import encode_records
 from distill.storage import open_storage, write_file_atomic
 
 if TYPE_CHECKING:
@@ -142,34 +142,3 @@ class AlignWorker:
         self.records.write_atomic(shard.name, data)
         yield ShardRecord(k=shard.k, rows=len(records), bytes=len(data), sha256=sha256(data), errors=tuple(errors),
                           seconds=time.perf_counter() - t0, finished_at=time.time()).to_json()
-
-
-def encode_records(records: list[dict], errors: list[RowError], run_id: str, shard: Shard) -> bytes:
-    """A shard's record file: a row per face written (source, output, box, 5 points,
-    confidence), with the footer every shard file has: run, shard, and the photos that gave
-    none with their reason (which the manifest and ``distill status --errors`` list). Same
-    inputs, same bytes."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = pa.schema([
-        pa.field("index", pa.int64(), nullable=False), pa.field("source", pa.string()), pa.field("output", pa.string()),
-        pa.field("face", pa.int32()), pa.field("box", pa.list_(pa.float64(), 4)),
-        pa.field("points", pa.list_(pa.float64(), 10)), pa.field("confidence", pa.float64()),
-    ], metadata={
-        META_RUN: run_id.encode(),
-        META_SHARD: json.dumps({"k": shard.k, "start": shard.start, "stop": shard.stop}).encode(),
-        META_ERRORS: json.dumps([asdict(e) for e in errors]).encode(),
-    })
-    table = pa.Table.from_pylist(sorted(records, key=lambda r: (r["index"], r["face"])), schema=schema)
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
-
-
-def read_records(storage, name: str, columns: list[str]):
-    """A shard's record file (``encode_records``) as a pyarrow Table of ``columns``."""
-    import pyarrow.parquet as pq
-
-    with storage.open_input(name) as f:
-        return pq.read_table(f, columns=columns)

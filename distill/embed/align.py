@@ -27,7 +27,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from distill.errors import BadOption, ShardsFailed, Stopped
+from distill.errors import BadInput, BadOption, ShardsFailed
 from distill.heartbeat import DEFAULT_EVERY as HEARTBEAT
 from distill.options import add_options, config_from_args, option
 
@@ -82,7 +82,7 @@ class AlignConfig:
             raise BadOption(f"--lease-seconds must be >= 3 (heartbeats renew at a third of it), got {self.lease_seconds}")
         if self.stop_grace < 0:
             raise BadOption(f"--stop-grace must be >= 0 seconds, got {self.stop_grace}")
-        from distill.embed.run import check_resources
+        from distill.embed.sharded import check_resources
         from distill.heartbeat import check_every
 
         check_resources(self.cpus_per_worker, self.gpus_per_worker)
@@ -167,10 +167,7 @@ def detector_identity(spec: str) -> str:
 def resolve(cfg: AlignConfig):
     """The listing of the sources (rebuilt, atomically), the landmarks, and the run's identity."""
     from distill.embed.listing import ListingConfig, build_listing, listing_fingerprint
-    from distill.embed.run import Run
     from distill.outputs import ALIGNED, check_output
-    from distill.shards.manifest import run_id
-    from distill.shards.plan import num_shards
     from distill.storage import local_path, make_dir
 
     out = local_path(cfg.out, "--out")
@@ -196,8 +193,7 @@ def resolve(cfg: AlignConfig):
         "num_classes": info.num_classes, "label_names": list(info.label_names) if info.label_names else None,
         "unlabelled": info.unlabelled,
     }
-    run = Run(identity, run_id(identity), None, None, True, num_shards(info.rows, cfg.shard_size))
-    return run, info, landmarks, out, records
+    return identity, info, landmarks, out, records
 
 
 def run_align(cfg: AlignConfig) -> AlignReport:
@@ -209,52 +205,41 @@ def run_align(cfg: AlignConfig) -> AlignReport:
 
 
 def _run_align(cfg: AlignConfig, stop) -> AlignReport:
-    from distill.embed.run import _drive, finalize, open_output_at, reconcile
-    from distill.shards.ledger import new_owner, open_ledger
+    from distill.embed.sharded import PassOptions, run_pass
     from distill.startup import Phases
 
     t0 = time.perf_counter()
-    phases = Phases()
-    run, info, landmarks, out, records = resolve(cfg)
-    ledger = None if cfg.ledger in ("", "file") else open_ledger(cfg.ledger, records, run.num_shards, run.run_id)
-    try:
-        storage = open_output_at(records, run)
-        ledger = ledger or open_ledger(cfg.ledger, records, run.num_shards, run.run_id)
-    except BaseException:
-        if ledger is not None:
-            ledger.close()
-        raise
-    owner, stopped_by = new_owner(), None
-
-    def job_of(cfg_, run_, cpus):
-        from distill.embed.run import Job
-        from distill.workers.align_actor import AlignTask, AlignWorker
-
-        task = AlignTask(out=out, records=records, run_id=run.run_id, detector=cfg.detector, size=cfg.size,
-                         all_faces=cfg.all_faces, quality=cfg.quality, roots=source_roots(info),
-                         landmarks=tuple(sorted(landmarks.items())) if landmarks else (), threads=max(1, int(cpus)))
-        return Job(AlignWorker, task, "align_shard", "align", "photos")
-
-    try:
-        reconcile(storage, ledger, owner, run, cfg.lease_seconds)
-        if len(ledger.snapshot().done) < run.num_shards and not stop.requested:
-            log.info("aligning %d photos into %s, ledger: %s", info.rows, out, ledger.describe())
-            _, _, stopped_by = _drive(cfg, run, ledger, owner, phases, storage, os.path.join(records, "listing.parquet"),
-                                      stop, job_of=job_of)
-        manifest = finalize(storage, ledger, run)
-        stopped_by = stopped_by or stop.signum
-        if stopped_by is not None:
-            raise Stopped(f"stopped: {len(manifest['shards'])}/{run.num_shards} shards are done and kept, leases "
-                          "released; rerun the same command to resume", stopped_by)
-    finally:
-        ledger.close()
-    rec = write_rec(out, storage, manifest, info) if cfg.rec and manifest["complete"] else None
+    identity, info, landmarks, out, records = resolve(cfg)
+    align = align_pass(cfg, identity, info, landmarks, out, records)
+    done = run_pass(align, PassOptions.of(cfg), stop, Phases())
+    manifest = done.manifest
+    rec = write_rec(out, done.storage, manifest, info) if cfg.rec and manifest["complete"] else None
     errors = manifest["errors"]
     no_face = sum(e["reason"] == "no face found" for e in errors)
     return AlignReport(out=out, photos=info.rows, faces=manifest["rows_done"], no_face=no_face,
                        unreadable=len(errors) - no_face, shards_done=len(manifest["shards"]),
-                       shards_total=run.num_shards, seconds=time.perf_counter() - t0, complete=manifest["complete"],
+                       shards_total=align.num_shards, seconds=time.perf_counter() - t0, complete=manifest["complete"],
                        rec=rec)
+
+
+def align_pass(cfg: AlignConfig, identity: dict, info, landmarks, out: str, records: str):
+    """The align pass as a ``ShardedPass``: its actors write each shard's faces under OUT and its
+    record file (``distill.shards.records``) under OUT/.align, beside the manifest and ledger."""
+    from distill.embed.sharded import Job, ShardedPass
+    from distill.shards.manifest import run_id
+    from distill.shards.plan import num_shards
+    from distill.workers.align_actor import AlignTask, AlignWorker
+
+    rid = run_id(identity)
+
+    def job(cpus: float) -> Job:
+        task = AlignTask(out=out, records=records, run_id=rid, detector=cfg.detector, size=cfg.size,
+                         all_faces=cfg.all_faces, quality=cfg.quality, roots=source_roots(info),
+                         landmarks=tuple(sorted(landmarks.items())) if landmarks else (), threads=max(1, int(cpus)))
+        return Job(AlignWorker, task, "align_shard", "align", actor="align actor", start_error=BadInput)
+
+    return ShardedPass(identity, rid, num_shards(info.rows, cfg.shard_size), os.path.join(records, "listing.parquet"),
+                       records, job, verb="aligning", unit="photos")
 
 
 def write_rec(out: str, storage, manifest: dict, info) -> str:
@@ -265,8 +250,8 @@ def write_rec(out: str, storage, manifest: dict, info) -> str:
 
     from distill.embed.listing import ListingReader
     from distill.embed.recordio import write_insightface_rec
+    from distill.shards.records import read_records
     from distill.storage import temp_name
-    from distill.workers.align_actor import read_records
 
     outputs, index = [], []
     for s in sorted(manifest["shards"], key=lambda s: s["k"]):
