@@ -111,8 +111,8 @@ class S3Server:
 
 class Outage:
     """A loopback TCP relay in front of the S3 server that can go down and come back up on the
-    same port: what a client sees when its store dies and restarts (open connections reset,
-    new ones refused, then answered again), with the store's contents kept, which a restarted
+    same port: what a client sees when its store dies and restarts (open connections reset, new
+    ones reset at once, then answered again), with the store's contents kept, which a restarted
     in-memory moto_server would not.
 
     ``with Outage(s3) as relay: run_cli(..., env=relay.env); relay.down(); relay.up()``."""
@@ -120,34 +120,49 @@ class Outage:
     def __init__(self, server: S3Server):
         self.server, self.port = server, free_port()
         self._listener: socket.socket | None = None
+        self._refuser: socket.socket | None = None
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self.refused = 0  # connections reset while down: the client tried the store during the outage
 
     @property
     def env(self) -> dict[str, str]:
         return {**self.server.env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.port}"}
 
-    def up(self) -> None:
+    def _listen(self) -> socket.socket:
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", self.port))
         listener.listen(64)
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+        return listener
+
+    def up(self) -> None:
+        refuser, self._refuser = self._refuser, None
+        if refuser is not None:
+            refuser.close()
+        self._listener = self._listen()
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
 
     def down(self) -> None:
-        """Refuse new connections and reset every open one."""
+        """Reset every open connection, and every new one until ``up`` (counted in ``refused``)."""
         listener, self._listener = self._listener, None
         if listener is not None:
             listener.close()
         with self._lock:
             conns, self._open = self._open, set()
         for c in conns:
+            _reset(c)
+        self._refuser = self._listen()
+        threading.Thread(target=self._refuse, args=(self._refuser,), daemon=True).start()
+
+    def _refuse(self, listener: socket.socket) -> None:
+        while True:
             try:
-                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
-                c.close()
-            except OSError:
-                pass
+                client, _ = listener.accept()
+            except OSError:  # closed by up()
+                return
+            self.refused += 1
+            _reset(client)
 
     def _accept(self, listener: socket.socket) -> None:
         while True:
@@ -187,6 +202,17 @@ class Outage:
 
     def __exit__(self, *exc) -> None:
         self.down()
+        refuser, self._refuser = self._refuser, None
+        if refuser is not None:
+            refuser.close()
+
+
+def _reset(conn: socket.socket) -> None:
+    try:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+        conn.close()
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":  # a server for trying things by hand: python tests/s3_server.py

@@ -187,7 +187,10 @@ def test_a_pass_killed_and_then_cut_off_from_the_store_resumes_to_the_bytes_of_a
         wait_for(second, killed_at + 1)
         relay.down()
         cut_at = shards_there()
-        time.sleep(4)
+        deadline = time.monotonic() + 300  # down until the pass has tried the store and been cut off
+        while relay.refused < 2 and second.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert relay.refused >= 2, "the pass never reached for the store while it was down"
         relay.up()
         _, err = second.communicate(timeout=600)
     assert second.returncode == 0, err[-3000:]
