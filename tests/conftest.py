@@ -105,7 +105,15 @@ def _reads_shared(item) -> bool:
         if module is not None else False
 
 
+# The longest files first (measured: docs/BENCHMARKS.md, "The test suite"): the two workers take
+# whole files in this order, so no long one starts last and runs alone at the end.
+LONGEST_FIRST = ("test_scale", "test_demo_cli", "test_object_store", "test_readme", "test_train", "test_glint_views",
+                 "test_embed", "test_export", "test_align", "test_cluster", "test_bad_storage", "test_faults")
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(item.path).stem, len(rank)))  # (stable: the rest keep their order)
     if SHARED.is_dir():
         return
     skip = pytest.mark.skip(reason=f"{SHARED} is not beside the checkout: it holds the real faces and teacher "

@@ -33,7 +33,9 @@ def _stages_recorded(out) -> set[str]:
 
 def test_demo_quick_killed_resumed_and_reused(tmp_path, ray_address):
     out = tmp_path / "demo-run"
-    args = ["demo", "--quick", "--out", str(out), "--address", ray_address, "--no-progress"]
+    # --quick with 4 student epochs, not its 12: held-out AUC ~0.83 then (0.87 after 12), far above
+    # the 0.65 asked below; what is tested is the kill, the resume and the reuse.
+    args = ["demo", "--quick", "--epochs", "4", "--out", str(out), "--address", ray_address, "--no-progress"]
 
     first = subprocess.Popen([sys.executable, "-m", "distill", *args], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
