@@ -138,16 +138,14 @@ class Outage:
 
     def up(self) -> None:
         refuser, self._refuser = self._refuser, None
-        if refuser is not None:
-            refuser.close()
+        _close_listener(refuser)
         self._listener = self._listen()
         threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
 
     def down(self) -> None:
         """Reset every open connection, and every new one until ``up`` (counted in ``refused``)."""
         listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.close()
+        _close_listener(listener)
         with self._lock:
             conns, self._open = self._open, set()
         for c in conns:
@@ -201,10 +199,25 @@ class Outage:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.down()
-        refuser, self._refuser = self._refuser, None
-        if refuser is not None:
-            refuser.close()
+        for listener in (self._listener, self._refuser):
+            _close_listener(listener)
+        self._listener = self._refuser = None
+        with self._lock:
+            conns, self._open = self._open, set()
+        for c in conns:
+            _reset(c)
+
+
+def _close_listener(listener: socket.socket | None) -> None:
+    """Close a listening socket and free its port at once: shutdown wakes the thread blocked in
+    its accept (a bare close would leave the port bound until that accept returned)."""
+    if listener is None:
+        return
+    try:
+        listener.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    listener.close()
 
 
 def _reset(conn: socket.socket) -> None:

@@ -74,7 +74,7 @@ def test_the_main_face_of_every_photo_is_aligned_and_the_faceless_are_listed(pho
     assert {f.parent.name for f in faces} == {p.name for p in photos.iterdir()}  # the identity layout kept
     assert "without a face" in r.stdout and "distill listing" in r.stdout
     # Off a terminal, the heartbeat: shards and photos done of the 42 (11 shards of 4), the pace, the time left.
-    beats = re.findall(r"INFO distill\.embed\.run: align: (\d+)/11 shards done, (\d+)/42 photos \(\d+\.\d%\), [\d,]+ "
+    beats = re.findall(r"INFO distill\.embed\.sharded: align: (\d+)/11 shards done, (\d+)/42 photos \(\d+\.\d%\), [\d,]+ "
                        r"img/s, ETA \S+$", r.stderr, re.M)
     assert beats, r.stderr[-3000:]
     status = run_cli("status", out / ".align", "--errors").stdout

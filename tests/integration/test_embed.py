@@ -326,7 +326,7 @@ def test_a_damaged_shard_is_found_refused_by_train_and_re_embedded(tmp_path, emb
                 "--batch-size", "32", "--address", ray_address, "--no-progress", "--verify", "--heartbeat", "0.1")
     assert "part-00002.parquet does not match its record" in r.stderr
     # No bar off a terminal: the heartbeat says how far the pass is (the 6 good shards' 5 x 64 + 16 rows at least).
-    beats = re.findall(r"INFO distill\.embed\.run: embed: ([67])/7 shards done, (\d+)/400 rows \(\d+\.\d%\), [\d,]+ img/s, "
+    beats = re.findall(r"INFO distill\.embed\.sharded: embed: ([67])/7 shards done, (\d+)/400 rows \(\d+\.\d%\), [\d,]+ img/s, "
                        r"ETA \S+$", r.stderr, re.M)
     assert beats and all(int(rows) >= 336 for _, rows in beats), r.stderr[-3000:]
     assert shard_bytes(out) == shard_bytes(embedded_run)

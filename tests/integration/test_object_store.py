@@ -176,23 +176,32 @@ def test_a_pass_killed_and_then_cut_off_from_the_store_resumes_to_the_bytes_of_a
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.05)
 
-    with Outage(s3) as relay:
-        env = {**os.environ, **store_env, **relay.env}
-        first = start(env)
-        wait_for(first, 1)
-        first.send_signal(signal.SIGKILL)
-        first.wait()
-        killed_at = shards_there()
-        second = start(env)
-        wait_for(second, killed_at + 1)
-        relay.down()
-        cut_at = shards_there()
-        deadline = time.monotonic() + 300  # down until the pass has tried the store and been cut off
-        while relay.refused < 2 and second.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert relay.refused >= 2, "the pass never reached for the store while it was down"
-        relay.up()
-        _, err = second.communicate(timeout=600)
+    started = []  # (killed if the test fails: a pass left running would hold the session's Ray CPUs)
+    try:
+        with Outage(s3) as relay:
+            env = {**os.environ, **store_env, **relay.env}
+            first = start(env)
+            started.append(first)
+            wait_for(first, 1)
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+            killed_at = shards_there()
+            second = start(env)
+            started.append(second)
+            wait_for(second, killed_at + 1)
+            relay.down()
+            cut_at = shards_there()
+            deadline = time.monotonic() + 300  # down until the pass has tried the store and been cut off
+            while relay.refused < 2 and second.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert relay.refused >= 2, "the pass never reached for the store while it was down"
+            relay.up()
+            _, err = second.communicate(timeout=600)
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     assert second.returncode == 0, err[-3000:]
     assert killed_at < 7 and cut_at < 7, "the pass finished before it was interrupted: nothing was tested"
     names = sorted(k.rsplit("/", 1)[1] for k in s3.keys(BUCKET, "orl-shards/") if k.endswith(".parquet"))
