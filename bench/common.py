@@ -151,6 +151,7 @@ def machine() -> dict[str, str]:
         "ray": _version("ray"),
         "pyarrow": _version("pyarrow"),
         "numpy": _version("numpy"),
+        "onnxruntime": _version("onnxruntime", "onnxruntime-gpu"),
         "redis-server": _redis_version(),
     }
 

@@ -18,6 +18,11 @@ out); wall = the whole child process, start-up included.
     python bench/teacher_pass.py --rounds 3 --variants d,a,b,c,a0           # what docs/BENCHMARKS.md shows
     python bench/teacher_pass.py --rounds 3 --variants d,a,a15,d0           # niceness and TF threading checks
     python bench/teacher_pass.py --rounds 2 --variants a,a1,a2 --teachers mobilefacenet   # decode threads
+    python bench/teacher_pass.py --rounds 3 --variants d,a --teachers mobilefacenet,mobilefacenet-onnx   # ONNX
+
+Teachers: ``mobilefacenet`` (the shared SavedModel), ``mobilefacenet-onnx`` (the same model
+converted by tf2onnx at the start, run by onnxruntime), ``resnet18`` (synthetic). Each round
+runs every teacher's variants in turn, so the teachers are measured side by side.
 """
 
 from __future__ import annotations
@@ -88,28 +93,47 @@ def _spec(teacher: str):
     return inspect_teacher(os.path.abspath(teacher))
 
 
+def _teacher(spec, threads: int | None):
+    """The runnable teacher as the embed actor makes it (its TF settings first, for a SavedModel)."""
+    from distill.teacher import Preprocessing, load_teacher
+
+    if spec.format == "savedmodel":
+        _setup_tf(threads)
+    return load_teacher(spec, Preprocessing(), threads)
+
+
 def child_ceiling(a) -> dict:
-    """(d): the signature called on float32 batches that are already preprocessed tensors."""
+    """(d): the model called on float32 batches already preprocessed (SavedModel: tensors, its
+    signature called directly; ONNX: arrays, the session's run). (d0): the runtime's default
+    threading."""
     import numpy as np
-    import tensorflow as tf
 
     from distill.images import prepare
     from distill.teacher import Preprocessing
 
-    if a.variant == "d":
-        _setup_tf(a.threads)
     spec = _spec(a.teacher)
+    threads = a.threads if a.variant == "d" else None
     pre = Preprocessing()
     paths = _paths(a.listing)
     pixels = np.stack([prepare(open(p, "rb").read(), spec.height, spec.width)[0] for p in paths])
-    batches = [tf.constant(pre.apply(pixels[i:i + a.batch_size])) for i in range(0, len(paths), a.batch_size)]
-    model = tf.saved_model.load(spec.path)
-    fn = model.signatures[spec.signature]
-    for x in batches[:WARMUP_CALLS]:  # warm-up: tracing, oneDNN primitives, allocator
-        fn(**{spec.input_name: x})[spec.output_name].numpy()
+    batches = [pre.apply(pixels[i:i + a.batch_size]) for i in range(0, len(paths), a.batch_size)]
+    if spec.format == "onnx":
+        teacher = _teacher(spec, threads)
+        call = teacher.embed
+    else:
+        import tensorflow as tf
+
+        if threads:
+            _setup_tf(threads)
+        batches = [tf.constant(x) for x in batches]
+        model = tf.saved_model.load(spec.path)
+        fn = model.signatures[spec.signature]
+        call = lambda x: fn(**{spec.input_name: x})[spec.output_name].numpy()  # noqa: E731
+    for x in batches[:WARMUP_CALLS]:  # warm-up: tracing, kernels' primitives, allocator
+        call(x)
     events = [(time.time(), 0)]
     for x in batches:
-        fn(**{spec.input_name: x})[spec.output_name].numpy()
+        call(x)
         events.append((time.time(), int(x.shape[0])))
     return {"rows": len(paths), "events": events}
 
@@ -119,11 +143,8 @@ def child_per_image(a) -> dict:
     import numpy as np
     from PIL import Image
 
-    from distill.teacher import Preprocessing, Teacher
-
-    _setup_tf(a.threads)
     spec = _spec(a.teacher)
-    teacher = Teacher(spec, Preprocessing())
+    teacher = _teacher(spec, a.threads)
     for _ in range(WARMUP_CALLS):
         teacher(np.zeros((1, spec.height, spec.width, 3), np.uint8))
     embs, events = [], []
@@ -142,8 +163,9 @@ def child_worker(a) -> dict:
     from distill.teacher import Preprocessing
     from distill.workers.embed_actor import EmbedTask, EmbedWorker
 
-    _setup_tf(a.threads)  # before anything starts TF: thread settings are fixed at its first use
     spec = _spec(a.teacher)
+    if spec.format == "savedmodel":
+        _setup_tf(a.threads)  # before anything starts TF: thread settings are fixed at its first use
     task = EmbedTask(teacher=spec, pre=Preprocessing(), out=a.out, run_id=listing_fingerprint(a.listing)[:16],
                      batch_size=a.batch_size, flip=False, threads=a.threads, decode_threads=4)
     worker = EmbedWorker(task)
@@ -164,7 +186,6 @@ def child_ray_data(a) -> dict:
     import ray
 
     from distill.images import prepare
-    from distill.teacher import Preprocessing, Teacher
 
     spec = _spec(a.teacher)
     paths = _paths(a.listing)
@@ -181,10 +202,7 @@ def child_ray_data(a) -> dict:
 
     class Embed:
         def __init__(self):
-            from distill.workers.embed_actor import _configure_tensorflow
-
-            _configure_tensorflow(threads)
-            self.teacher = Teacher(spec, Preprocessing())
+            self.teacher = _teacher(spec, threads)
             self.log = open(os.path.join(ev_dir, f"{os.getpid()}.events"), "a")
 
         def __call__(self, batch):
@@ -277,7 +295,8 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shard-size", type=int, default=256)
-    p.add_argument("--teachers", default="mobilefacenet,resnet18", help="comma list of mobilefacenet, resnet18")
+    p.add_argument("--teachers", default="mobilefacenet,resnet18",
+                   help="comma list of mobilefacenet, mobilefacenet-onnx, resnet18")
     p.add_argument("--variants", default="d,a,b,c",
                    help=f"any of {','.join(VARIANTS)} (a0, a15, a1, a2, d0 are diagnostics), run in this order each round")
     p.add_argument("--rounds", type=int, default=1, help="repeat every variant (interleaved); medians are reported")
@@ -308,23 +327,29 @@ def main(argv=None) -> int:
     for name in a.teachers.split(","):
         if name == "mobilefacenet":
             teachers[name] = str(MOBILEFACENET)
+        elif name == "mobilefacenet-onnx":  # the same model as ONNX, converted as `distill export --onnx` does
+            path = work / "mobilefacenet.onnx"
+            run_child([sys.executable, "-m", "tf2onnx.convert", "--saved-model", MOBILEFACENET, "--opset", "17",
+                       "--output", path])
+            teachers[name] = str(path)
         elif name == "resnet18":
             path = work / "resnet18"
             run_child(this_script_cmd("teacher_pass.py", "--child", "build-resnet", "--out", path))
             teachers[name] = str(path)
         else:
-            raise ValueError(f"unknown teacher {name!r}: use mobilefacenet, resnet18")
+            raise ValueError(f"unknown teacher {name!r}: use mobilefacenet, mobilefacenet-onnx, resnet18")
     variants = a.variants.split(",")
     print(f"{a.images} JPEGs 112x112 RGB (ORL faces resized, tinted copies), batch {a.batch_size}, "
           f"shard {a.shard_size}, --no-flip everywhere, TF intra-op threads {a.threads}, "
           f"Ray Data: {a.ray_data_actors} actor(s) x {a.ray_data_actor_cpus:g} CPU, rounds {a.rounds}\n")
 
-    for tname, tpath in teachers.items():
-        print(f"teacher {tname}", file=sys.stderr, flush=True)
-        runs: dict[str, list[dict]] = {v: [] for v in variants}
-        for _ in range(a.rounds):
+    runs_of: dict[str, dict[str, list[dict]]] = {t: {v: [] for v in variants} for t in teachers}
+    for _ in range(a.rounds):  # every teacher in each round: side by side, under the same conditions
+        for tname, tpath in teachers.items():
+            print(f"teacher {tname}", file=sys.stderr, flush=True)
             for v in variants:
-                runs[v].append(run_variant(v, listing, tpath, work, a))
+                runs_of[tname][v].append(run_variant(v, listing, tpath, work, a))
+    for tname, runs in runs_of.items():
         rows = []
         for v in variants:
             rs = runs[v]
@@ -350,6 +375,18 @@ def main(argv=None) -> int:
                 ratios.append([f"{num}/{den}", f"{median(per_round):.2f}{spread}", f"{median(cpu):.2f}"])
         print(table(["ratio", "steady img/s, median of rounds (range)", "CPU efficiency (den CPU/img / num CPU/img)"],
                     ratios))
+        print()
+    if {"mobilefacenet", "mobilefacenet-onnx"} <= set(runs_of):
+        sm, ox = runs_of["mobilefacenet"], runs_of["mobilefacenet-onnx"]
+        rows = []
+        for v in variants:
+            steady = [o["steady"] / t["steady"] for o, t in zip(ox[v], sm[v])]
+            wall = [t["wall_s"] / o["wall_s"] for o, t in zip(ox[v], sm[v])]
+            rows.append([LABELS[v], f"{median(steady):.2f} ({min(steady):.2f}-{max(steady):.2f})",
+                         f"{median(wall):.2f} ({min(wall):.2f}-{max(wall):.2f})"])
+        print("### ONNX against SavedModel, same model, same images, same round\n")
+        print(table(["variant", "steady img/s, ONNX / SavedModel (range of rounds)",
+                     "whole process, SavedModel wall / ONNX wall (range)"], rows))
         print()
     print(f"load average at the end: {loadavg()}")
     if not a.work:

@@ -23,6 +23,8 @@ import os
 from dataclasses import dataclass
 
 from distill.errors import BadInput
+from distill.protowire import fields as _fields
+from distill.protowire import signed as _signed
 
 # tensorflow/core/framework/types.proto: the DataType values a signature may name.
 DTYPES = {1: "float32", 2: "float64", 3: "int32", 4: "uint8", 5: "int16", 6: "int8", 7: "string", 9: "int64",
@@ -49,47 +51,6 @@ class TensorSig:
 class Signature:
     inputs: dict[str, TensorSig]
     outputs: dict[str, TensorSig]
-
-
-def _varint(buf: memoryview, i: int) -> tuple[int, int]:
-    shift = value = 0
-    while True:
-        if i >= len(buf):
-            raise ValueError("truncated varint")
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, i
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint longer than 64 bits")
-
-
-def _fields(buf: memoryview):
-    """(field number, wire type, value): an int for varints, a memoryview for length-delimited."""
-    i = 0
-    while i < len(buf):
-        key, i = _varint(buf, i)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-        elif wire == 2:
-            n, i = _varint(buf, i)
-            if i + n > len(buf):
-                raise ValueError(f"field {field} runs past its message")
-            value, i = buf[i:i + n], i + n
-        elif wire == 1:
-            value, i = buf[i:i + 8], i + 8
-        elif wire == 5:
-            value, i = buf[i:i + 4], i + 4
-        else:  # 3/4: proto2 groups, never used by these messages
-            raise ValueError(f"unexpected wire type {wire}")
-        yield field, wire, value
-
-
-def _signed(v: int) -> int:
-    return v - (1 << 64) if v >= 1 << 63 else v
 
 
 def _shape(buf: memoryview) -> tuple[int | None, ...] | None:

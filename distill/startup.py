@@ -16,7 +16,8 @@ import time
 from typing import Callable
 
 VERSIONED = (("distill", ("distill",)), ("tensorflow", ("tensorflow", "tensorflow-cpu")), ("keras", ("keras",)),
-             ("pillow", ("pillow",)), ("pyarrow", ("pyarrow",)), ("ray", ("ray",)), ("numpy", ("numpy",)))
+             ("pillow", ("pillow",)), ("pyarrow", ("pyarrow",)), ("ray", ("ray",)), ("numpy", ("numpy",)),
+             ("onnxruntime", ("onnxruntime", "onnxruntime-gpu")))
 
 
 def versions() -> dict[str, str]:

@@ -28,7 +28,7 @@ from distill.images import UnreadableImage, prepare, read_file
 from distill.shards.format import NormStats, RowError, ShardRecord, encode_shard, sha256, shard_schema
 from distill.shards.plan import Shard, batches
 from distill.storage import is_uri, open_storage
-from distill.teacher import Preprocessing, Teacher, TeacherSpec, fetch_teacher
+from distill.teacher import Preprocessing, TeacherSpec, fetch_teacher, load_teacher
 from distill.views import ViewParams, ViewSpec, render, view_params
 
 if TYPE_CHECKING:
@@ -50,18 +50,20 @@ class EmbedTask:
     images: bool = True
     paths: bool = True
     rec: str | None = None
-    threads: int | None = None  # TF intra-op threads; None = TF's default
+    threads: int | None = None  # the teacher's intra-op threads; None = its runtime's default
+    gpus: float = 0.0  # each actor's GPUs (an ONNX teacher runs on CUDA with them)
     decode_threads: int = 4
     teacher_fingerprint: str | None = None  # the driver's: a teacher fetched from a store must be this one
 
 
 class EmbedWorker:
     def __init__(self, task: EmbedTask):
-        _configure_tensorflow(task.threads)
+        if task.teacher.format == "savedmodel":
+            _configure_tensorflow(task.threads)  # (an ONNX teacher's actor never imports TensorFlow)
         self.task = task
         # (a teacher on an object store is fetched into this node's cache first)
         local = fetch_teacher(task.teacher.path, task.teacher_fingerprint if is_uri(task.teacher.path) else None)
-        self.teacher = Teacher(replace(task.teacher, path=local), task.pre)
+        self.teacher = load_teacher(replace(task.teacher, path=local), task.pre, task.threads, task.gpus)
         self.storage = open_storage(task.out)
         self.schema = shard_schema(task.teacher.embedding_dim, task.dtype, task.flip, task.images, task.paths,
                                    views=task.views.count)
@@ -74,8 +76,9 @@ class EmbedWorker:
         self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
         self._compute = threading.Lock()  # one shard on the teacher at a time
 
-    def ready(self) -> bool:
-        return True
+    def ready(self) -> str:
+        """What the teacher runs on here (the driver logs the first actor's)."""
+        return self.teacher.runs_on
 
     # -- reading one row
     def _raw(self, path: str | None, offset: int) -> bytes:

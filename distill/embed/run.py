@@ -46,8 +46,9 @@ class EmbedConfig:
 
     listing: str = option(help="listing Parquet made by `distill listing` (a path or an object-store URI)",
                           positional=True, path=True, metavar="LISTING")
-    teacher: str = option(help="teacher TensorFlow SavedModel directory (or an object-store URI: each actor fetches "
-                               "it once into its node's cache and checks its fingerprint)", path=True, metavar="DIR")
+    teacher: str = option(help="the teacher: a TensorFlow SavedModel directory or an ONNX file (run by onnxruntime: "
+                               "pip install 'distill[onnx]'), or an object-store URI of either (each actor fetches it "
+                               "once into its node's cache and checks its fingerprint)", path=True, metavar="DIR|MODEL.onnx")
     out: str = option(help="shard directory (local/NFS path or s3://, gs:// URI)", path=True, metavar="DIR")
     shard_size: int = option(1024, "rows per shard", group="plan")
     batch_size: int = option(64, "images per teacher call", group="plan")
@@ -63,8 +64,9 @@ class EmbedConfig:
         None, "threads per actor that read, decode and preprocess images (default: the actor's CPUs, at least 4)",
         group="Ray")
     preprocessing: Preprocessing = field(default_factory=Preprocessing)
-    signature: str = option("serving_default", "SavedModel signature", group=TEACHER_GROUP)
-    teacher_output: str | None = option(None, "signature output holding the embedding (default: the only one)",
+    signature: str = option("serving_default", "SavedModel signature (an ONNX teacher has one graph)", group=TEACHER_GROUP)
+    teacher_output: str | None = option(None, "the output holding the embedding (default: the only one, else the one "
+                                        "named *embed*)",
                                         group=TEACHER_GROUP)
     flip: bool = option(True, "also store the teacher's embedding of the mirrored image", group=STORED_GROUP)
     views: ViewSpec = field(default_factory=ViewSpec)
@@ -144,7 +146,7 @@ def resolve_run(cfg: EmbedConfig, phases: Phases | None = None) -> Run:
     """Check listing, teacher and options; fingerprint them. No Ray, no output written."""
     from distill.embed.listing import listing_fingerprint, read_listing_info
     from distill.mirror import local_file
-    from distill.teacher import fetch_teacher, inspect_teacher, teacher_fingerprint
+    from distill.teacher import fetch_teacher, inspect_teacher, require_onnxruntime, teacher_fingerprint
 
     phases = phases or Phases()
 
@@ -161,6 +163,8 @@ def resolve_run(cfg: EmbedConfig, phases: Phases | None = None) -> Run:
     spec = _spec_from_manifest(cfg, teacher_fp) or replace(
         inspect_teacher(fetch_teacher(teacher), cfg.signature, cfg.teacher_output), path=teacher)
     phases.mark("teacher signature")
+    if spec.format == "onnx":
+        require_onnxruntime(cfg.teacher)
     identity = {
         "listing": redact(cfg.listing) if is_uri(cfg.listing) else listing,
         "listing_fingerprint": listing_fingerprint(listing),
@@ -171,7 +175,8 @@ def resolve_run(cfg: EmbedConfig, phases: Phases | None = None) -> Run:
         "versions": versions(),  # what the bytes were made with (not part of the run id)
         "teacher": teacher,
         "teacher_fingerprint": teacher_fp,
-        "teacher_signature": {"name": spec.signature, "input": spec.input_name, "output": spec.output_name},
+        "teacher_format": spec.format,  # (its fingerprint is the run's: format and layout are the file's)
+        "teacher_signature": _signature_record(spec),
         "input_size": [spec.height, spec.width],
         "preprocessing": cfg.preprocessing.to_json(),
         "embedding_dim": spec.embedding_dim,
@@ -186,21 +191,28 @@ def resolve_run(cfg: EmbedConfig, phases: Phases | None = None) -> Run:
                listing)
 
 
+def _signature_record(spec: TeacherSpec) -> dict:
+    """How the manifest records the teacher's input and output (and an ONNX input's layout)."""
+    if spec.format == "onnx":
+        return {"input": spec.input_name, "output": spec.output_name, "layout": spec.layout}
+    return {"name": spec.signature, "input": spec.input_name, "output": spec.output_name}
+
+
 def _spec_from_manifest(cfg: EmbedConfig, teacher_fp: str) -> TeacherSpec | None:
-    """The teacher's signature as an earlier run into ``--out`` read it, when the teacher's
-    files are byte-identical: a resume then skips importing TensorFlow in the driver."""
+    """The teacher's input and output as an earlier run into ``--out`` read them, when the
+    teacher's files are byte-identical: a resume then skips reading the model again."""
     try:
         m = read_manifest(open_storage(cfg.out, create=False))
     except (FileNotFoundError, BadInput):  # no usable earlier manifest: inspect the teacher instead
         return None
     if not m or m.get("teacher_fingerprint") != teacher_fp:
         return None
-    sig = m["teacher_signature"]
-    if sig["name"] != cfg.signature or cfg.teacher_output not in (None, sig["output"]):
+    sig, form = m["teacher_signature"], m.get("teacher_format", "savedmodel")
+    if (form == "savedmodel" and sig["name"] != cfg.signature) or cfg.teacher_output not in (None, sig["output"]):
         return None
     h, w = m["input_size"]
-    return TeacherSpec(_teacher_location(cfg.teacher), sig["name"], sig["input"], sig["output"], h, w, 3,
-                       m["embedding_dim"])
+    return TeacherSpec(_teacher_location(cfg.teacher), sig.get("name", ""), sig["input"], sig["output"], h, w, 3,
+                       m["embedding_dim"], form, sig.get("layout", "NHWC"))
 
 
 def _teacher_location(teacher: str) -> str:
@@ -275,7 +287,7 @@ def teacher_pass(cfg: EmbedConfig, run: Run):
         task = EmbedTask(
             teacher=run.spec, pre=cfg.preprocessing, out=cfg.out, run_id=run.run_id, batch_size=cfg.batch_size,
             flip=cfg.flip, views=cfg.views, dtype=cfg.dtype, images=cfg.images, paths=run.paths, rec=run.rec,
-            threads=max(1, int(cpus)), decode_threads=cfg.decode_threads or max(4, int(cpus)),
+            threads=max(1, int(cpus)), gpus=cfg.gpus_per_worker, decode_threads=cfg.decode_threads or max(4, int(cpus)),
             teacher_fingerprint=run.identity["teacher_fingerprint"],
         )
         return Job(EmbedWorker, task, "embed_shard", "embed", actor="teacher actor", start_error=TeacherError)

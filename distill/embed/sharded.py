@@ -400,7 +400,7 @@ class _Driver:
 
         slot = self.starting.pop(ref)
         try:
-            ray.get(ref)
+            said = ray.get(ref)
         except ray.exceptions.RayActorError as e:  # its node died while it loaded its model
             log.warning("a %s died while starting (%s); replacing it", self.job.actor, _first_line(e))
             self.apply(self.dispatcher.start_failed(slot, _first_line(e)))
@@ -410,6 +410,8 @@ class _Driver:
         if not self.actor_started:  # (imports and model load in the actor)
             self.phases.mark(f"{self.job.actor} start")
             self.actor_started = True
+            if isinstance(said, str):  # what the actor runs on, in its words
+                log.info("%s ready: %s", self.job.actor, said)
         self.apply(self.dispatcher.ready(slot))
 
     def stream_item(self, gen) -> None:

@@ -1,9 +1,9 @@
 """Evaluate: how well a model (student or teacher) verifies faces, and how close it is to the teacher.
 
-Owns ``distill evaluate``. It takes an exported student SavedModel (uint8 RGB in,
-L2-normalised embeddings out, preprocessing inside) or a teacher SavedModel (float32 in,
-preprocessed by ``distill.teacher.Preprocessing``); the signature's input dtype tells them
-apart. Two kinds of data:
+Owns ``distill evaluate``. It takes an exported student (uint8 RGB in, L2-normalised
+embeddings out, preprocessing inside) or a teacher (float32 in, preprocessed by
+``distill.teacher.Preprocessing``), either a SavedModel or an ONNX file; the input's dtype,
+read from the file, tells them apart. Two kinds of data:
 
 - an identity folder tree (one folder per person): over all distinct same/different pairs
   (a seeded, balanced sample of distinct pairs for big folders) of cosine similarities,
@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
@@ -31,6 +32,7 @@ from typing import Any, Callable
 import numpy as np
 
 from distill.errors import BadInput, BadOption, DistillError, IncompatibleRun
+from distill.evaluate.gates import Gate, judge, parse_gates
 from distill.heldout import check_readable, load_bin, scan_folders
 from distill.metrics import (
     BIN_FOLDS,
@@ -71,14 +73,15 @@ DEFAULT_SAMPLED_PAIRS = 20000
 class EvaluateConfig:
     """The options of ``distill evaluate`` (the CLI is derived from these fields)."""
 
-    model: str = option(help="`distill export` output (RUN/export; uint8 input) or a teacher SavedModel (float32); a "
-                             "local path or an object-store URI", positional=True, path=True, metavar="MODEL")
+    model: str = option(help="`distill export` output (RUN/export, or its student.onnx; uint8 input) or a teacher "
+                             "(SavedModel or ONNX; float32 input); a local path or an object-store URI",
+                        positional=True, path=True, metavar="MODEL")
     folders: str | None = option(None, "identity folder tree: one sub-folder of images per person (several: "
                                  "comma-separated)", metavar="DIR[,DIR...]", group="data (one or more; one model load)", path="list")
     bin: str | None = option(None, "insightface verification set (lfw.bin,cfp_fp.bin,agedb_30.bin: several, "
                              "comma-separated; paths or object-store URIs)", metavar="FILE[,FILE...]", group="data (one or more; one model load)", path="list")
-    teacher: str | None = option(None, "teacher SavedModel: also evaluate it and the teacher-student cosine",
-                                 metavar="DIR", path=True)
+    teacher: str | None = option(None, "teacher (SavedModel directory or ONNX file): also evaluate it and the "
+                                 "teacher-student cosine", metavar="DIR|MODEL.onnx", path=True)
     pairs: int | None = option(None, f"sample this many distinct pairs (half same, half different; all of a kind "
                                f"when fewer exist); default: all pairs up to "
                                f"{ALL_PAIRS_MAX_IMAGES} images, else {DEFAULT_SAMPLED_PAIRS}", metavar="N")
@@ -104,9 +107,19 @@ class EvaluateConfig:
     shards: str | None = option(None, "the teacher's shard directory (RUN/shards): feed the teacher as its manifest "
                                 "recorded (preprocessing, signature, output); --teacher defaults to its teacher",
                                 metavar="DIR", group="teacher input conventions", path=True)
+    min_tar: str | None = option(None, "quality gate: exit 1 unless the model's TAR at FAR reaches TAR on every set "
+                                 "(e.g. 1e-3=0.6; several: comma-separated; a FAR the set's impostor pairs cannot "
+                                 "support fails)", metavar="FAR=TAR[,...]", group="quality gates")
+    max_tar_gap: str | None = option(None, "quality gate: exit 1 when the teacher's TAR at FAR exceeds the model's by "
+                                     "more than GAP on any set (needs --teacher)", metavar="FAR=GAP[,...]",
+                                     group="quality gates")
     progress: bool | None = option(None, "progress bars (default: on a terminal only, so logs hold no bar frames)")
 
     def __post_init__(self) -> None:
+        if self.max_tar_gap and not (self.teacher or self.shards):
+            raise BadOption("--max-tar-gap compares the model with its teacher: pass --teacher (or --shards)")
+        if not self.gates and (self.min_tar or self.max_tar_gap):  # (parsing refuses a malformed gate)
+            raise BadOption("--min-tar / --max-tar-gap: no gate given; expected FAR=VALUE, e.g. 1e-3=0.6")
         if not self.targets:
             raise BadOption("pass --folders DIR (identity folder tree) and/or --bin FILE (insightface .bin); each takes "
                             "several, comma-separated")
@@ -126,6 +139,10 @@ class EvaluateConfig:
             raise BadOption("--pixel-scale divides the pixels: it cannot be 0")
 
     @property
+    def gates(self) -> tuple[Gate, ...]:
+        return parse_gates(self.min_tar, "min_tar") + parse_gates(self.max_tar_gap, "max_tar_gap")
+
+    @property
     def targets(self) -> tuple[tuple[str, str], ...]:
         """(kind, path) of every verification set, in the order given: folders, then .bin files."""
         split = lambda text: [p.strip() for p in (text or "").split(",") if p.strip()]  # noqa: E731
@@ -137,15 +154,15 @@ class EvaluateConfig:
 
 
 def resolve_model_dir(path: str) -> str:
-    """A SavedModel directory, or an export directory holding one in ``saved_model/``."""
-    if os.path.isfile(os.path.join(path, "saved_model.pb")):
+    """An ONNX file, a SavedModel directory, or an export directory holding one in ``saved_model/``."""
+    if os.path.isfile(path) or os.path.isfile(os.path.join(path, "saved_model.pb")):
         return path
     inner = os.path.join(path, "saved_model")
     if os.path.isfile(os.path.join(inner, "saved_model.pb")):
         return inner
     raise FileNotFoundError(
-        f"{path} is not a TensorFlow SavedModel (no saved_model.pb, nor saved_model/saved_model.pb); "
-        "pass a `distill export` output directory or a teacher SavedModel"
+        f"{path} is neither a TensorFlow SavedModel (no saved_model.pb, nor saved_model/saved_model.pb) nor an ONNX "
+        "file; pass a `distill export` output directory (or its student.onnx) or a teacher"
     )
 
 
@@ -170,12 +187,13 @@ class TeacherRecord:
         m = load_manifest(shards)
         sig = m["teacher_signature"]
         return cls(os.path.join(shards, "manifest.json"), m["teacher"], m["teacher_fingerprint"],
-                   Preprocessing(**m["preprocessing"]), sig["name"], sig["output"])
+                   Preprocessing(**m["preprocessing"]), sig.get("name", ""), sig["output"])
 
 
 def trained_on(model: str) -> str | None:
     """The shard directory an exported student was trained on (its checkpoint's config), if known."""
-    path = os.path.join(resolve_model_dir(model), os.pardir, "checkpoint", "config.json")
+    # (export/saved_model and export/student.onnx both sit beside export/checkpoint)
+    path = os.path.join(os.path.dirname(os.path.abspath(resolve_model_dir(model))), "checkpoint", "config.json")
     try:
         with open(path) as f:
             return json.load(f)["train"]["shards"]
@@ -228,66 +246,79 @@ def choose_preprocessing(record: TeacherRecord | None, given: dict[str, Any]) ->
 
 
 class Embedder:
-    """uint8 RGB [N, H, W, 3] -> raw embeddings [N, D], for either kind of SavedModel."""
+    """uint8 RGB [N, H, W, 3] -> raw embeddings [N, D], for any model evaluate reads: a
+    SavedModel or ONNX file, an exported student (uint8 in) or a teacher (float32 in)."""
 
     def __init__(self, path: str, pre: Preprocessing, signature: str = "serving_default", output: str | None = None):
-        from distill.teacher import Teacher, TeacherError, inspect_teacher
+        from distill.teacher import TeacherError, inspect_teacher, load_teacher
 
         path = resolve_model_dir(path)
         self.path = path
-        dtype = _signature_input_dtype(path, signature)
-        if dtype == "float32":
+        onnx = os.path.isfile(path)
+        inputs, outputs = _model_io(path, signature)
+        (input_name, tensor), = inputs.items()
+        if tensor.dtype == "float32":
             self.kind = "teacher"
-            spec = inspect_teacher(path, signature, output)
-            self._teacher = Teacher(spec, pre)
+            spec = inspect_teacher(path, signature if not onnx else "", output)
+            self._teacher = load_teacher(spec, pre)
             self.height, self.width = spec.height, spec.width
             self.dim = spec.embedding_dim
             return
-        if dtype != "uint8":
-            raise TeacherError(
-                f"{path}: signature {signature!r} takes {dtype}; evaluate reads exported students (uint8 images) "
-                "and teachers (float32)"
-            )
-        import tensorflow as tf
-
-        self.kind = "student"
-        self._teacher = None
-        self._model = tf.saved_model.load(path)  # keep a reference: the signature needs it alive
-        self._fn = self._model.signatures[signature]
-        (self._input, spec), = self._fn.structured_input_signature[1].items()
-        outputs = self._fn.structured_outputs
+        if tensor.dtype != "uint8":
+            raise TeacherError(f"{path}: input {input_name!r} is {tensor.dtype}; evaluate reads exported students "
+                               "(uint8 images) and teachers (float32)")
+        self.kind, self._teacher, self._input = "student", None, input_name
         self._output = "embeddings" if "embeddings" in outputs else next(iter(outputs))
-        _, h, w, _ = spec.shape.as_list()
-        if h is None or w is None:
-            raise TeacherError(f"{path}: input {self._input!r} has no fixed height/width ({spec.shape}); re-export it")
-        self.height, self.width = h, w
+        shape = tensor.shape
+        if shape is None or len(shape) != 4 or shape[1] is None or shape[2] is None:
+            raise TeacherError(f"{path}: input {input_name!r} has no fixed height/width ({shape}); re-export it")
+        self.height, self.width = shape[1], shape[2]
         self.dim = int(outputs[self._output].shape[-1])
+        if onnx:
+            from distill.teacher import require_onnxruntime
+
+            require_onnxruntime(path)
+            import onnxruntime
+
+            self._session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        else:
+            import tensorflow as tf
+
+            self._model = tf.saved_model.load(path)  # keep a reference: the signature needs it alive
+            self._fn = self._model.signatures[signature]
+            self._session = None
 
     def __call__(self, rgb_uint8: np.ndarray) -> np.ndarray:
         if self._teacher is not None:
             return self._teacher(rgb_uint8)
+        if self._session is not None:
+            (out,) = self._session.run([self._output], {self._input: np.ascontiguousarray(rgb_uint8, np.uint8)})
+            return np.asarray(out, np.float32)
         import tensorflow as tf
 
         out = self._fn(**{self._input: tf.constant(rgb_uint8, dtype=tf.uint8)})[self._output]
         return out.numpy().astype(np.float32, copy=False)
 
 
-def _signature_input_dtype(path: str, signature: str) -> str:
-    """Read the signature's input dtype from saved_model.pb without loading the variables."""
-    from tensorflow.core.protobuf import saved_model_pb2
-    from tensorflow.python.framework import dtypes
+def _model_io(path: str, signature: str) -> tuple[dict, dict]:
+    """(inputs, outputs) of a SavedModel signature or an ONNX graph, read from the file
+    without loading the model; exactly one input."""
+    if os.path.isfile(path):
+        from distill.onnxmodel import read_onnx
 
-    pb = os.path.join(path, "saved_model.pb")
-    sm = saved_model_pb2.SavedModel()
-    with open(pb, "rb") as f:
-        sm.ParseFromString(f.read())
-    for mg in sm.meta_graphs:
-        if signature in mg.signature_def:
-            inputs = mg.signature_def[signature].inputs
-            if len(inputs) != 1:
-                raise BadInput(f"{path}: signature {signature!r} takes {len(inputs)} inputs; evaluate feeds one image batch")
-            return dtypes.as_dtype(next(iter(inputs.values())).dtype).name
-    raise BadInput(f"{path} has no signature {signature!r}; pass a SavedModel exported by `distill export` or a teacher")
+        graph = read_onnx(path)
+        inputs, outputs = graph.inputs, graph.outputs
+    else:
+        from distill.savedmodel import read_signatures
+
+        sigs = read_signatures(path)
+        if signature not in sigs:
+            raise BadInput(f"{path} has no signature {signature!r}; pass a SavedModel exported by `distill export` or "
+                           "a teacher")
+        inputs, outputs = sigs[signature].inputs, sigs[signature].outputs
+    if len(inputs) != 1:
+        raise BadInput(f"{path} takes {len(inputs)} inputs ({', '.join(inputs)}); evaluate feeds one image batch")
+    return inputs, outputs
 
 
 def embed_all(
@@ -491,6 +522,15 @@ def _tar_cells(r: dict[str, Any]) -> str:
     return " ".join(f"{tars[far_key(f)]:>11.4f}" if tars.get(far_key(f)) is not None else f"{'-':>11}" for f in FARS)
 
 
+def _tar_gap(models: dict[str, Any]) -> str:
+    """'1e-02 0.0123, 1e-03 0.2400' where both TARs are supported; '' without a teacher. Pure."""
+    if "teacher" not in models or "model" not in models:
+        return ""
+    m, t = (models[r].get("tar_at_far") or {} for r in ("model", "teacher"))
+    keys = [far_key(f) for f in FARS if m.get(far_key(f)) is not None and t.get(far_key(f)) is not None]
+    return ", ".join(f"at FAR {k} {t[k] - m[k]:+.4f}" for k in keys)
+
+
 def tar_note(ds: dict[str, Any]) -> str:
     """The table's footnote on TAR@FAR: the rule, and what would fill a '-'. Pure."""
     n = ds["impostor_pairs"]
@@ -543,6 +583,9 @@ def _format_target(t: dict[str, Any], kinds: dict[str, str]) -> str:
     for role, r in t["models"].items():
         if r.get("collapsed"):
             lines.append(f"WARNING {role}: {r['collapse_warning']}")
+    gap = _tar_gap(t["models"])
+    if gap:
+        lines.append(f"TAR gap, teacher minus model: {gap}")
     if t.get("mean_cosine") is not None:
         lines.append(f"mean teacher-student cosine: {t['mean_cosine']:.4f}")
     shuffled = "of the shuffled pairs" if folders else "in the set's order"
@@ -579,7 +622,12 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
     check_outputs(cfg)
     # (MODEL on an object store: a local copy of the finished export)
-    cfg = replace(cfg, model=local_copy(cfg.model, "MODEL"))
+    if cfg.model.lower().endswith(".onnx"):
+        from distill.teacher import fetch_teacher
+
+        cfg = replace(cfg, model=fetch_teacher(cfg.model))  # (with the weight files it names beside it)
+    else:
+        cfg = replace(cfg, model=local_copy(cfg.model, "MODEL"))
     # Bad paths, and a bad or hostile .bin, are refused before any model is loaded.
     resolve_model_dir(cfg.model)
     scanned = {path: scan_folders(path) for kind, path in cfg.targets if kind == "folders"}
@@ -626,6 +674,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "tar_at_far_rule": {"rule": TAR_RULE, "min_false_accepts": MIN_FALSE_ACCEPTS,
                             "min_impostor_pairs": {far_key(f): min_impostor_pairs(f) for f in FARS}},
     }
+    if cfg.gates:
+        results["gates"] = judge(results, cfg.gates)
     if cfg.out:
         _write_json(cfg.out, results)
     return results
@@ -641,7 +691,7 @@ def add_cli(sub) -> None:
     p = sub.add_parser(
         "evaluate",
         help="verification ROC-AUC / accuracy of a student or teacher, and teacher-student cosine",
-        description="Evaluate an exported student (or a teacher) SavedModel on identity folder trees and/or "
+        description="Evaluate an exported student (or a teacher), a SavedModel or an ONNX file, on identity folder trees and/or "
         "insightface verification .bin files (several in one call: one model load).",
     )
     add_options(p, EvaluateConfig)
@@ -653,10 +703,21 @@ def _main(args) -> int:
     results = run_evaluate(cfg)
     if cfg.json:
         print(json.dumps(results, indent=2, sort_keys=True))
-        return 0
+        return 1 if any(not v["passed"] for v in results.get("gates", [])) else 0
     print(format_table(results))
     if cfg.out:
         print(f"results: {cfg.out}")
     if cfg.plot:
         print(f"ROC curves: {cfg.plot}")
+    return _report_gates(results.get("gates", []))
+
+
+def _report_gates(verdicts: list[dict[str, Any]]) -> int:
+    """One line per gate and set; 1 when any failed (for CI pipelines that retrain students)."""
+    for v in verdicts:
+        print(f"gate {v['gate']} on {v['set']}: {'pass' if v['passed'] else 'FAIL'}: {v['reason']}")
+    failed = [v for v in verdicts if not v["passed"]]
+    if failed:
+        print(f"distill evaluate: {len(failed)} of {len(verdicts)} quality gate verdicts failed", file=sys.stderr)
+        return 1
     return 0

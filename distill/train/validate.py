@@ -197,11 +197,11 @@ def from_bin(name: str, path: str, input_size: tuple[int, int]) -> BinSet:
 
 
 def _teacher_embeddings(shards, pixels: np.ndarray) -> np.ndarray | None:
-    from distill.teacher import Preprocessing, Teacher, TeacherError, inspect_teacher
+    from distill.teacher import Preprocessing, TeacherError, inspect_teacher, load_teacher
 
     rec = shards.teacher or {}
     path, sig = rec.get("path"), rec.get("signature") or {}
-    if not path or not os.path.isdir(path):
+    if not path or not os.path.exists(path):
         log.warning("validation: the teacher %s the shards were made with is not on this machine; scoring "
                     "verification only, no teacher-student cosine", path)
         return None
@@ -210,7 +210,7 @@ def _teacher_embeddings(shards, pixels: np.ndarray) -> np.ndarray | None:
     except TeacherError as e:
         log.warning("validation: cannot load the teacher (%s); no teacher-student cosine", e)
         return None
-    teacher = Teacher(spec, Preprocessing(**(rec.get("preprocessing") or {})))
+    teacher = load_teacher(spec, Preprocessing(**(rec.get("preprocessing") or {})))
     return np.concatenate([teacher(pixels[a:a + 64]) for a in range(0, len(pixels), 64)])
 
 

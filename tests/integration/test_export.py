@@ -102,6 +102,14 @@ def test_a_mobilefacenet_student_exports_onnx_and_full_integer_tflite(embedded_r
     five = check_images(str(embedded_run), 69, (112, 112))[64:]
     want = loaded.signatures["serving_default"](images=tf.constant(five))["embeddings"].numpy()
     np.testing.assert_allclose(session.run(None, {"images": five})[0], want, atol=1e-4)
+    # evaluate reads student.onnx as the student it is (uint8 in), beside the export's SavedModel.
+    from distill.evaluate.run import Embedder, trained_on
+    from distill.teacher import Preprocessing
+
+    student = Embedder(str(tmp_path / "export" / "student.onnx"), Preprocessing())
+    assert (student.kind, student.height, student.width) == ("student", 112, 112)
+    np.testing.assert_allclose(student(five), want, atol=1e-4)
+    assert trained_on(str(tmp_path / "export" / "student.onnx")) == trained_on(str(tmp_path / "export")) == str(embedded_run)
 
     path = str(tmp_path / "export" / "student_int8.tflite")
     interpreter = tf.lite.Interpreter(model_path=path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 
 from distill.mirror import MARKER, RUN_SKIP, RUN_UNITS, Mirror
@@ -128,3 +129,34 @@ def test_a_teacher_on_the_store_is_fetched_once_and_one_changed_under_a_run_is_r
         fetch_teacher("s3://bkt/t5/teacher", fp)
     with pytest.raises(TeacherError, match="does not exist"):
         fetch_teacher("s3://bkt/t5/nothing")
+
+
+def test_an_onnx_teacher_on_the_store_comes_with_its_weight_file_and_the_same_fingerprint(aws, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from distill.teacher import TeacherError, fetch_teacher, inspect_teacher, teacher_fingerprint
+
+    w = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3, 1, 1), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+         helper.make_node("Flatten", ["p"], ["embedding"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 8, 8])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["n", 4])], initializer=[w])
+    local = tmp_path / "model.onnx"
+    onnx.save_model(helper.make_model(graph), str(local), save_as_external_data=True, location="model.weights",
+                    size_threshold=0)
+    client = aws.client()
+    for name in ("model.onnx", "model.weights"):
+        client.put_object(Bucket="bkt", Key=f"t6/{name}", Body=(tmp_path / name).read_bytes())
+    path = fetch_teacher("s3://bkt/t6/model.onnx")
+    assert os.path.isfile(os.path.join(os.path.dirname(path), "model.weights"))  # beside the model, as it names it
+    fp = teacher_fingerprint(path)
+    assert fp == teacher_fingerprint(str(local))
+    assert inspect_teacher(path).layout == "NCHW"
+    assert fetch_teacher("s3://bkt/t6/model.onnx", fp) == path
+    client.put_object(Bucket="bkt", Key="t6/model.weights", Body=b"\0" * 52)  # the weights replaced on the store
+    with pytest.raises(TeacherError, match="is not the one this run started with"):
+        fetch_teacher("s3://bkt/t6/model.onnx", fp)
+    with pytest.raises(TeacherError, match="does not exist"):
+        fetch_teacher("s3://bkt/t6/other.onnx")

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.integration
 def test_unusable_teachers_fail_before_work(tmp_path):
     import tensorflow as tf
 
-    with pytest.raises(TeacherError, match="not a TensorFlow SavedModel"):
+    with pytest.raises(TeacherError, match="neither a TensorFlow SavedModel .* nor an ONNX file"):
         inspect_teacher(str(tmp_path))
 
     class Fixed(tf.Module):
