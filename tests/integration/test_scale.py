@@ -1,6 +1,7 @@
 """Many people, labelled and not: a CelebA + UTKFace subset listed as two sources, embedded by
 the real mobilefacenet teacher, distilled into a MobileFaceNet student that gets closer to the
-teacher on people it never saw, resumed mid-epoch, and exported."""
+teacher on people it never saw, resumed mid-epoch, exported and evaluated. (Views, TFLite and
+Ray Train have tests of their own: test_glint_views, test_export, test_train.)"""
 
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ def _link(src: Path, names: list[str], dst: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory, ray_address):
-    """Listing and shards of 80 CelebA people (their folders) and 160 UTKFace faces (a flat
-    folder: unlabelled), embedded with 2 views by the real teacher."""
+    """Listing and shards of 150 CelebA people (their folders) and 400 UTKFace faces (a flat
+    folder: unlabelled), embedded by the real teacher (the image and its mirror)."""
     if not (CELEBA.is_dir() and UTKFACE.is_dir()):
         pytest.skip("../shared/data/celeba and utkface are not here")
     root = tmp_path_factory.mktemp("mixed")
@@ -38,7 +39,7 @@ def mixed(tmp_path_factory, ray_address):
     _link(UTKFACE, sorted(p.name for p in UTKFACE.iterdir())[:UNLABELLED], root / "utk")
     out = run_cli("listing", root / "celeba", root / "utk", "--out", root / "listing.parquet").stdout
     assert f"{UNLABELLED} rows unlabelled" in out and f"{PEOPLE} classes" in out
-    run_cli("embed", root / "listing.parquet", "--teacher", MOBILEFACENET, "--out", root / "shards", "--views", 2,
+    run_cli("embed", root / "listing.parquet", "--teacher", MOBILEFACENET, "--out", root / "shards",
             "--shard-size", 128, "--address", ray_address, "--no-progress")
     status = run_cli("status", root / "shards").stdout
     assert f"{UNLABELLED} unlabelled" in status
@@ -81,11 +82,10 @@ def test_a_mobilefacenet_student_gets_closer_to_the_teacher_on_unseen_people_and
     assert (config["student"]["arch"], config["student"]["resolution"], config["student"]["num_classes"]) == (
         "mobilefacenet", 64, PEOPLE)
 
-    export = run_cli("export", out, "--out", tmp_path / "export", "--tflite").stdout
-    assert "images uint8 [N,112,112,3] -> embeddings float32 [N,192]" in export and "tflite int8" in export
+    export = run_cli("export", out, "--out", tmp_path / "export").stdout
+    assert "images uint8 [N,112,112,3] -> embeddings float32 [N,192]" in export
     report = json.loads((tmp_path / "export" / "export.json").read_text())
     assert report["student"]["arch"] == "mobilefacenet"
-    assert min(c["min"] for c in report["report"]["tflite_cosine"].values()) >= 0.99
     scored = run_cli("evaluate", tmp_path / "export", "--folders", mixed / "unseen", "--teacher", MOBILEFACENET,
                      "--out", tmp_path / "eval.json", "--no-progress")
     result = json.loads((tmp_path / "eval.json").read_text())["targets"][0]
