@@ -92,16 +92,7 @@ def inspect_teacher(path: str, signature: str = "serving_default", output: str |
             f"teacher {path} has no signature {signature!r}; it has {sorted(sigs) or 'none'}. "
             "Pass --signature NAME, or re-export the model with a serving signature."
         )
-    sig = sigs[signature]
-    if len(sig.inputs) != 1:
-        raise TeacherError(
-            f"teacher {path} signature {signature!r} takes {len(sig.inputs)} inputs ({sorted(sig.inputs)}); "
-            "distill feeds exactly one image batch input"
-        )
-    (input_name, tensor), = sig.inputs.items()
-    h, w, layout = image_input(input_name, tensor, onnx=False)
-    output, dim = _embedding_output(path, sig.outputs, output)
-    return TeacherSpec(path, signature, input_name, output, h, w, 3, dim)
+    return _spec(path, sigs[signature].inputs, sigs[signature].outputs, output, signature)
 
 
 def _spec_from_onnx(path: str, signature: str, output: str | None) -> TeacherSpec:
@@ -115,13 +106,21 @@ def _spec_from_onnx(path: str, signature: str, output: str | None) -> TeacherSpe
         graph = read_onnx(path)
     except OnnxError as e:
         raise TeacherError(str(e)) from None
-    if len(graph.inputs) != 1:
-        raise TeacherError(f"teacher {path} takes {len(graph.inputs)} inputs ({list(graph.inputs)}); distill feeds "
-                           "exactly one image batch input")
-    (input_name, tensor), = graph.inputs.items()
-    h, w, layout = image_input(input_name, tensor, onnx=True)
-    output, dim = _embedding_output(path, graph.outputs, output)
-    return TeacherSpec(path, "", input_name, output, h, w, 3, dim, "onnx", layout)
+    return _spec(path, graph.inputs, graph.outputs, output, signature=None)
+
+
+def _spec(path: str, inputs: dict, outputs: dict, output: str | None, signature: str | None) -> TeacherSpec:
+    """The spec of a SavedModel signature (``signature``) or an ONNX graph (None): one image
+    input, one embedding output."""
+    onnx = signature is None
+    if len(inputs) != 1:
+        where = f"teacher {path}" + ("" if onnx else f" signature {signature!r}")
+        raise TeacherError(f"{where} takes {len(inputs)} inputs ({sorted(inputs)}); distill feeds exactly one image "
+                           "batch input")
+    (input_name, tensor), = inputs.items()
+    h, w, layout = image_input(input_name, tensor, onnx)
+    output, dim = _embedding_output(path, outputs, output)
+    return TeacherSpec(path, signature or "", input_name, output, h, w, 3, dim, "onnx" if onnx else "savedmodel", layout)
 
 
 def _shape_text(shape) -> str:
@@ -137,9 +136,9 @@ def image_input(name: str, tensor, onnx: bool) -> tuple[int, int, str]:
         raise TeacherError(f"teacher input {name!r} has shape {_shape_text(shape)}; expected {expected} images")
     n, a, b, c = shape
     if n is not None:
-        fix = ("re-export it with a dynamic batch axis, e.g. torch.onnx.export(..., dynamic_axes={'input': {0: "
-               "'batch'}})" if onnx else "re-export it with a free batch dimension (None), e.g. "
-               "tf.TensorSpec([None, H, W, 3])")
+        fix = (f"re-export it with a dynamic batch axis, e.g. torch.onnx.export(..., input_names=[{name!r}], "
+               f"dynamic_axes={{{name!r}: {{0: 'batch'}}}})" if onnx else "re-export it with a free batch dimension "
+               "(None), e.g. tf.TensorSpec([None, H, W, 3])")
         raise TeacherError(f"teacher input {name!r} has a fixed batch size {n} (shape {_shape_text(shape)}); {fix}")
     if onnx and a == 3 and c != 3:
         layout, (h, w) = "NCHW", (b, c)

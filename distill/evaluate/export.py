@@ -114,6 +114,16 @@ class ExportReport:
     int8: str = "dynamic"  # the int8 file's kind
     calibration_rows: int = 0  # images that calibrated a full-integer int8 file
     seconds: float = 0.0
+    # The side the student computes at: it resizes its input to this inside (None: at input_size).
+    resolution: int | None = None
+
+
+def computes_at(resolution: int | None, input_size) -> str:
+    """What the export says of the resolution its student computes at. Pure."""
+    h, w = input_size
+    if resolution is None or (resolution, resolution) == (h, w):
+        return f"computes at {h}x{w}, its input size"
+    return f"computes at {resolution}x{resolution}: resizes its {h}x{w} input inside"
 
 
 def cosine_agreement(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
@@ -256,6 +266,7 @@ def run_export(cfg: ExportConfig) -> ExportReport:
         report = ExportReport(
             out=out, saved_model=os.path.join(out, "saved_model"), checkpoint=ckpt, step=cursor.step,
             embedding_dim=spec.embedding_dim, input_size=spec.input_size, check_rows=len(images),
+            resolution=spec.resolution,
             max_abs_diff=diff, tolerance=cfg.tolerance,
             tflite={k: os.path.join(out, os.path.basename(p)) for k, p in tflite.items()}, tflite_cosine=cosines,
             int8=cfg.tflite_int8, calibration_rows=len(calibration), seconds=time.perf_counter() - t0,
@@ -370,6 +381,7 @@ def _main(args) -> int:
     print(f"exported step {r.step} from {r.checkpoint}")
     print(f"  saved_model  {r.saved_model}")
     print(f"               images uint8 [N,{h},{w},3] -> embeddings float32 [N,{r.embedding_dim}], L2-normalised")
+    print(f"               {computes_at(r.resolution, r.input_size)}")
     print(f"  check        max abs diff {r.max_abs_diff:.2e} on {r.check_rows} shard images (tolerance {r.tolerance:g})")
     for kind, path in r.tflite.items():
         c = r.tflite_cosine[kind]

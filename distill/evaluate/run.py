@@ -254,6 +254,7 @@ class Embedder:
 
         path = resolve_model_dir(path)
         self.path = path
+        self.computes_at: str | None = None  # an exported student's resolution, from its export.json
         onnx = os.path.isfile(path)
         inputs, outputs = _model_io(path, signature)
         (input_name, tensor), = inputs.items()
@@ -274,6 +275,7 @@ class Embedder:
             raise TeacherError(f"{path}: input {input_name!r} has no fixed height/width ({shape}); re-export it")
         self.height, self.width = shape[1], shape[2]
         self.dim = int(outputs[self._output].shape[-1])
+        self.computes_at = _student_resolution(path, (self.height, self.width))
         if onnx:
             from distill.teacher import require_onnxruntime
 
@@ -298,6 +300,20 @@ class Embedder:
 
         out = self._fn(**{self._input: tf.constant(rgb_uint8, dtype=tf.uint8)})[self._output]
         return out.numpy().astype(np.float32, copy=False)
+
+
+def _student_resolution(path: str, input_size: tuple[int, int]) -> str | None:
+    """'computes at 64x64: resizes its 112x112 input inside', from the export.json beside an
+    exported student (its saved_model/ or student.onnx); None when there is none."""
+    from distill.evaluate.export import computes_at
+
+    base = os.path.dirname(os.path.abspath(path))
+    try:
+        with open(os.path.join(base, "export.json")) as f:
+            student = json.load(f)["student"]
+    except (OSError, ValueError, KeyError):
+        return None
+    return computes_at(student.get("resolution"), input_size)
 
 
 def _model_io(path: str, signature: str) -> tuple[dict, dict]:
@@ -556,7 +572,8 @@ def tar_note(ds: dict[str, Any]) -> str:
 
 def format_table(results: dict[str, Any]) -> str:
     """Plain-text tables of ``run_evaluate``'s results, one per verification set."""
-    return "\n\n".join(_format_target(t, results["kinds"]) for t in results["targets"])
+    head = [f"{role}: {results['kinds'][role]}, {what}" for role, what in results.get("computes_at", {}).items()]
+    return "\n\n".join(["\n".join(head)] * bool(head) + [_format_target(t, results["kinds"]) for t in results["targets"]])
 
 
 def _format_target(t: dict[str, Any], kinds: dict[str, str]) -> str:
@@ -669,6 +686,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "targets": every,
         "paths": {role: m.path for role, m in models.items()},
         "kinds": {role: m.kind for role, m in models.items()},
+        "computes_at": {role: m.computes_at for role, m in models.items() if m.computes_at},
         "preprocessing": pre.to_json(),
         "preprocessing_from": record.manifest if record else None,
         "tar_at_far_rule": {"rule": TAR_RULE, "min_false_accepts": MIN_FALSE_ACCEPTS,

@@ -84,9 +84,13 @@ def test_a_mobilefacenet_student_gets_closer_to_the_teacher_on_unseen_people_and
 
     export = run_cli("export", out, "--out", tmp_path / "export").stdout
     assert "images uint8 [N,112,112,3] -> embeddings float32 [N,192]" in export
+    assert "computes at 64x64: resizes its 112x112 input inside" in export
     report = json.loads((tmp_path / "export" / "export.json").read_text())
     assert report["student"]["arch"] == "mobilefacenet"
     scored = run_cli("evaluate", tmp_path / "export", "--folders", mixed / "unseen", "--teacher", MOBILEFACENET,
                      "--out", tmp_path / "eval.json", "--no-progress")
-    result = json.loads((tmp_path / "eval.json").read_text())["targets"][0]
+    assert scored.stdout.startswith("model: student, computes at 64x64: resizes its 112x112 input inside\n")
+    results = json.loads((tmp_path / "eval.json").read_text())
+    assert results["computes_at"] == {"model": "computes at 64x64: resizes its 112x112 input inside"}
+    result = results["targets"][0]
     assert np.isfinite(result["mean_cosine"]) and result["models"]["teacher"]["auc"] > 0.9, scored.stdout

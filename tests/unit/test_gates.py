@@ -1,4 +1,4 @@
-"""Quality gates: parsing, and judging results (pure, no model)."""
+"""Quality gates (parsing, judging results) and what evaluate says of the models: pure, no model."""
 
 from __future__ import annotations
 
@@ -71,3 +71,14 @@ def test_gates_are_checked_before_any_model_loads(tmp_path):
     with pytest.raises(BadOption, match="one of 1e-02"):
         EvaluateConfig(model="m", folders="f", min_tar="1e-6=0.2")
     assert EvaluateConfig(model="m", folders="f", min_tar="1e-3=0.5").gates == (Gate("min_tar", 1e-3, 0.5),)
+
+
+def test_the_resolution_a_student_computes_at_is_said_where_it_differs_from_its_input():
+    from distill.evaluate.export import computes_at
+    from distill.evaluate.run import format_table
+
+    assert computes_at(64, (112, 112)) == "computes at 64x64: resizes its 112x112 input inside"
+    assert computes_at(None, (112, 112)) == computes_at(112, (112, 112)) == "computes at 112x112, its input size"
+    assert format_table({"kinds": {}, "targets": [], "computes_at": {}}) == ""
+    head = format_table({"kinds": {"model": "student"}, "targets": [], "computes_at": {"model": computes_at(64, (112, 112))}})
+    assert head == "model: student, computes at 64x64: resizes its 112x112 input inside"
