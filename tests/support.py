@@ -126,10 +126,12 @@ class RayHead:
         return self
 
     def __exit__(self, *exc) -> None:
-        kill_tree(self.temp)
+        # Ray's GCS server and raylet take SIGTERM but do not exit on it within 10 s: 2 s of grace,
+        # then SIGKILL (a test cluster's state is thrown away with its temp dir).
+        kill_tree(self.temp, grace=2)
         # The Ray Client server is started detached and names only the head's address in its
         # command line, not the temp dir: without this it outlives every test session.
-        kill_tree(f":{self.port} ")
+        kill_tree(f":{self.port} ", grace=2)
         shutil.rmtree(self.temp, ignore_errors=True)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,7 +109,9 @@ def test_sigkill_mid_run_and_rerun_align_every_photo_once_with_the_same_bytes(ph
 
 
 def test_an_insightface_pack_of_the_aligned_faces(photos, aligned, tmp_path, ray_address):
+    # The finished run again with --rec (a copy of it): nothing is aligned twice, the pack is written.
     out = tmp_path / "faces"
+    shutil.copytree(aligned[0], out, symlinks=True)
     r = _align(photos, out, ray_address, "--rec")
     assert "insightface pack" in r.stdout
     listing = run_cli("listing", out / "train.rec", "--out", tmp_path / "l.parquet").stdout

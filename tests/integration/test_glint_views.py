@@ -1,6 +1,6 @@
 """Teacher views and validation on real faces (glint12): the student sees the teacher's exact
 pixels, the stored targets are the teacher on those pixels, and a short training with views
-and a held-out split learns, keeps its best epoch, and resumes mid-epoch on the same order."""
+and a held-out split learns, keeps its best epoch, and resumes mid-epoch on the planned order."""
 
 from __future__ import annotations
 
@@ -99,25 +99,46 @@ def _train(shards: Path, out: Path, *extra):
                    "--checkpoint-every", 1000, "--log-every", 1, "--trace-samples", "--no-progress", *extra)
 
 
+def _planned(shards: Path) -> list[tuple[int, int, list[int]]]:
+    """(step, epoch, listing indices) of every step of ``_train``'s run as one process plans it:
+    the held-out people's rows excluded, the rest in each epoch's planned order."""
+    import pyarrow.parquet as pq
+
+    from distill.shards.reader import open_shards
+    from distill.train.centres import scan_shards
+    from distill.train.config import TrainConfig
+    from distill.train.order import plan_epoch
+    from distill.train.validate import heldout_classes
+
+    opened, defaults = open_shards(str(shards)), TrainConfig(shards=str(shards), out="-")
+    scan = scan_shards(opened, centres=False)
+    exclude = np.isin(scan.labels, heldout_classes(scan.counts, 0.34, defaults.val_seed))
+    index_of = np.concatenate([pq.read_table(shards / n, columns=["index"]).column("index").to_numpy()
+                               for n in opened.names])
+    steps = []
+    for epoch in range(6):
+        plan = plan_epoch(opened.rows, seed=defaults.seed, epoch=epoch, world_size=1, rank=0, buffer=64, global_batch=16,
+                          partitions=defaults.partitions, exclude=exclude)
+        for batch in index_of[plan.order].reshape(plan.steps, 16).tolist():
+            steps.append((len(steps) + 1, epoch, batch))
+    return steps
+
+
 def test_training_with_views_and_validation_learns_keeps_its_best_and_resumes(glint_views, tmp_path):
     shards = glint_views / "shards"
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    _train(shards, whole)
+    run = tmp_path / "student"
     # Stopped mid-epoch (step 6 of 4-step epochs), then resumed with the same command.
-    _train(shards, split, "--max-steps", 6)
-    _train(shards, split)
-
-    def trace(d):
-        return [(r["step"], r["epoch"], r["index"]) for r in map(json.loads, (d / "trace.jsonl").read_text().splitlines())]
-
-    assert trace(split) == trace(whole)  # same samples, same order, none twice, none skipped
-    used = {i for _, _, idx in trace(whole) for i in idx}
-    records = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    _train(shards, run, "--max-steps", 6)
+    _train(shards, run)
+    trace = [(r["step"], r["epoch"], r["index"]) for r in map(json.loads, (run / "trace.jsonl").read_text().splitlines())]
+    assert trace == _planned(shards)  # the planned samples in the planned order, none twice, none skipped
+    used = {i for _, _, idx in trace for i in idx}
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     val = [r for r in records if "val_cos" in r]
     assert val[0]["kind"] == "val" and val[0]["step"] == 0 and len(val) == 7  # the start, then every epoch
     assert val[-1]["val_cos"] > val[0]["val_cos"] + 0.05, [round(r["val_cos"], 3) for r in val]
-    best = json.loads((whole / "best" / "val.json").read_text())
-    assert best["val_auc"] == max(r["val_auc"] for r in val[1:])
+    best = json.loads((run / "best" / "val.json").read_text())
+    assert best["val_auc"] == max(r["val_auc"] for r in val[1:])  # the best over both parts of the run
 
     import pyarrow.parquet as pq
 
@@ -128,7 +149,7 @@ def test_training_with_views_and_validation_learns_keeps_its_best_and_resumes(gl
     held = {lab for lab in labels.values()} - {labels[i] for i in used}
     assert len(held) == 2  # 0.34 of 6 people never trained on
 
-    run_cli("export", whole, "--out", tmp_path / "export", "--best")
+    run_cli("export", run, "--out", tmp_path / "export", "--best")
     doc = json.loads((tmp_path / "export" / "export.json").read_text())
     assert doc["validation"]["val_auc"] == best["val_auc"]
     assert os.path.isfile(tmp_path / "export" / "checkpoint" / "state.npz")

@@ -1,5 +1,7 @@
 """`distill train` as a real process: SIGKILL mid-epoch and resume at the exact sample;
-refusal of an incompatible rerun; SIGTERM under Ray Train and a resume with another worker count."""
+refusal of an incompatible rerun; SIGTERM and `--resume`; a user error inside Ray Train's
+workers. (SIGTERM under Ray Train and a resume with another worker count: test_object_store,
+with OUT on the store.)"""
 
 from __future__ import annotations
 
@@ -187,63 +189,6 @@ def test_refuses_shards_without_images(tmp_path):
     shards = write_toy_shards(tmp_path / "shards", rows=32, images=False)
     r = distill("train", shards, "--out", tmp_path / "student")
     assert r.returncode == 2 and "no images" in r.stderr and "Traceback" not in r.stderr
-
-
-def test_sigterm_stops_two_ray_workers_at_one_step_and_one_process_goes_on_from_there(ray_address, tmp_path):
-    """Graceful stop under Ray Train, then elastic resume: the driver's SIGTERM reaches the
-    two workers through OUT, they agree on a step, checkpoint it and end; exit 143. One
-    process then goes on from that checkpoint at exactly the next sample, and the toy task is
-    learnt across both runs."""
-    shards = write_toy_shards(tmp_path / "shards", rows=128, shard_size=32, classes=4, size=32, dim=8)
-    out = tmp_path / "student"
-    # The recipe is spelled out: this is about the workers, not about the default recipe.
-    args = ["train", shards, "--out", out, "--epochs", 4, "--batch-size", 16, "--student", "mobilenetv2", "--width", 0.35, "--lr", 3e-3,
-            "--lr-schedule", "constant", "--warmup-steps", 0, "--distill-loss", "mse", "--ce-weight", 1,
-            "--log-every", 1, "--checkpoint-every", 100, "--shuffle-buffer", 64, "--trace-samples", "--no-progress"]
-    first = subprocess.Popen([sys.executable, "-m", "distill", *map(str, [*args, "--workers", 2, "--address", ray_address,
-                                                                       "--heartbeat", 0.2])],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    trace, deadline = out / "trace.jsonl", time.monotonic() + 600
-    while not (trace.exists() and len(jsonl(trace, partial_ok=True)) >= 3):
-        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
-        time.sleep(0.05)
-    first.send_signal(signal.SIGTERM)
-    _, err = first.communicate(timeout=600)
-    assert first.returncode == 143, err[-3000:]
-    # The driver's own lines end with how to resume and hold no traceback (Ray forwards its actors'
-    # logs too; its placement-group cleaner sometimes logs one while the run shuts down: Ray's, not ours).
-    own = own_lines(err)
-    assert "on every worker, with a checkpoint; rerun the same command" in own[-1], err[-3000:]
-    assert not [line for line in own if "Traceback" in line], err[-3000:]
-    # The heartbeat comes from rank 0 alone, forwarded to the driver's log by Ray (in Ray Train's format).
-    beats = [line for line in err.splitlines() if re.search(r"\(RayTrainWorker pid=\d+[^)]*\)(\x1b\[[0-9;]*m)? train: step \d+/32 ", line)]
-    assert beats and len({line.split(")")[0] for line in beats}) == 1, err[-3000:]
-    stopped = ckpt_steps(out)[-1]
-    assert 3 <= stopped < 32 and [t["step"] for t in jsonl(trace)] == list(range(1, stopped + 1))
-    assert not (out / "STOP").exists()  # the request is cleared: the rerun is not stopped by it
-    r = distill(*args)
-    assert r.returncode == 0, r.stderr[-4000:]
-    samples = (stopped % 8) * 16
-    assert f"epoch {stopped // 8}, sample {samples}, step {stopped}" in r.stderr, r.stderr[-3000:]
-    metrics = jsonl(out / "metrics.jsonl")
-    epochs = [m for m in metrics if m["kind"] == "epoch"]
-    assert [m["epoch"] for m in epochs] == [0, 1, 2, 3]
-    steps = [m["loss"] for m in metrics if m["kind"] == "step"]
-    assert len(steps) == 32 and np.mean(steps[-4:]) < 0.8 * np.mean(steps[:4]), steps  # learnt, across both runs
-    trace = jsonl(out / "trace.jsonl")
-    assert [t["step"] for t in trace] == list(range(1, 33))  # each step once, across the two runs
-    rows = open_shards(str(shards)).rows
-    index_of = listing_index(shards)
-    for epoch in range(4):
-        # Both workers' halves of every global batch were trained on, and each global batch is
-        # the one a single process plans: 8 steps x 16 distinct rows per epoch.
-        got = [sorted(t["index"]) for t in trace if t["epoch"] == epoch]
-        plan = plan_epoch(rows, seed=0, epoch=epoch, world_size=1, rank=0, buffer=64, global_batch=16)
-        assert got == [sorted(b) for b in index_of[plan.order].reshape(8, 16).tolist()], epoch
-        assert len({i for b in got for i in b}) == 128
-    cursor = json.loads((out / "checkpoints" / "ckpt-000000032" / "cursor.json").read_text())
-    assert (cursor["world_size"], cursor["step"], cursor["epoch"]) == (1, 32, 4)
-    assert any((out / "ray" / "train").glob("checkpoint_*"))  # the workers' checkpoints, where Ray Train keeps them
 
 
 def test_verification_sets_every_n_steps_choose_the_best_and_the_run_still_resumes(embedded_run, tmp_path):

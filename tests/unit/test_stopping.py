@@ -51,3 +51,19 @@ def test_other_exits_during_start_up_are_not_swallowed():
         with pytest.raises(SystemExit):
             stop.hold_during(lambda: sys.exit(3))
         assert not stop.requested
+
+
+def test_the_request_to_ray_train_workers_is_a_file_in_a_local_out(tmp_path):
+    """OUT on a local (or shared) disk: the driver's request is the file OUT/STOP, read by every
+    worker and cleared for the rerun. (OUT on a store: test_object_store's Ray Train test.)"""
+    from distill.stopping import REQUEST, clear_request, read_request, write_request
+
+    out = str(tmp_path / "student")
+    assert read_request(out) is None
+    clear_request(out)  # (no OUT yet: nothing to clear, nothing made)
+    write_request(out, signal.SIGINT)
+    assert read_request(out) == signal.SIGINT and (tmp_path / "student" / REQUEST).read_text() == str(int(signal.SIGINT))
+    (tmp_path / "student" / REQUEST).write_text("")  # (an empty request file is a SIGTERM)
+    assert read_request(out) == signal.SIGTERM
+    clear_request(out)
+    assert read_request(out) is None and os.listdir(tmp_path / "student") == []

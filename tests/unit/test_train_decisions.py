@@ -197,6 +197,26 @@ def test_checkpoints_are_renamed_into_place_and_only_the_last_few_kept(tmp_path)
         assert z["model.00000"].tolist() == [9, 9]
 
 
+def test_a_ray_train_checkpoint_is_adopted_into_a_local_out_whole(tmp_path):
+    """Ray Train's checkpoint (under OUT/ray) is copied into OUT/checkpoints at its own step,
+    where export and a one-process rerun look; the last few kept as for the run's own saves."""
+    store = LocalCheckpoints(str(tmp_path / "out"), keep=2)
+    store.save({"model.00000": np.zeros(2)}, {"k": 3}, _cursor(step=3), {})
+    ray_ckpt = tmp_path / "out" / "ray" / "train" / "checkpoint_2026-12-06_21-14-05.461164"
+    ray_ckpt.mkdir(parents=True)
+    from distill.train.checkpoints import write_checkpoint_files
+
+    write_checkpoint_files(str(ray_ckpt), {"model.00000": np.full(2, 7.0)}, {"k": 7}, _cursor(step=7, world_size=2))
+    final = store.adopt(str(ray_ckpt))
+    assert final == store.latest() == str(tmp_path / "out" / "checkpoints" / "ckpt-000000007")
+    assert sorted(os.listdir(final)) == sorted(os.listdir(ray_ckpt))
+    config, cursor = read_checkpoint(final)
+    assert config == {"k": 7} and (cursor.step, cursor.world_size) == (7, 2)
+    with np.load(os.path.join(final, "state.npz")) as z:
+        assert z["model.00000"].tolist() == [7.0, 7.0]
+    assert ray_ckpt.is_dir()  # Ray Train's own stays where Ray Train keeps it
+
+
 def test_trim_drops_records_past_the_checkpoint_and_a_torn_last_line(tmp_path):
     p = tmp_path / "metrics.jsonl"
     p.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 8)) + '{"step": 8, "lo')
