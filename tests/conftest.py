@@ -107,9 +107,9 @@ def _reads_shared(item) -> bool:
 
 # The longest files first (measured: docs/BENCHMARKS.md, "The test suite"): the two workers take
 # whole files in this order, so no long one starts last and runs alone at the end.
-LONGEST_FIRST = ("test_train", "test_object_store", "test_scale", "test_embed", "test_readme", "test_glint_views",
-                 "test_export", "test_demo_cli", "test_cluster", "test_align", "test_onnx_teacher", "test_faults",
-                 "test_bad_storage", "test_evaluate_cli")
+LONGEST_FIRST = ("test_object_store", "test_embed", "test_readme", "test_scale", "test_train", "test_export",
+                 "test_glint_views", "test_demo_cli", "test_onnx_teacher", "test_cluster", "test_align", "test_bad_storage",
+                 "test_faults", "test_evaluate_cli")
 
 
 def pytest_collection_modifyitems(config, items):
