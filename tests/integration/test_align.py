@@ -114,6 +114,8 @@ def test_an_insightface_pack_of_the_aligned_faces(photos, aligned, tmp_path, ray
     shutil.copytree(aligned[0], out, symlinks=True)
     r = _align(photos, out, ray_address, "--rec")
     assert "insightface pack" in r.stdout
+    pack = ("train.rec", "train.idx", "property")
+    assert {k: v for k, v in _files(out).items() if k not in pack} == _files(aligned[0])  # no face rewritten
     listing = run_cli("listing", out / "train.rec", "--out", tmp_path / "l.parquet").stdout
     faces = len(list(out.rglob("*.jpg")))
     assert f"{faces} rows, {PEOPLE} classes" in listing

@@ -297,7 +297,7 @@ def test_ray_train_workers_stop_through_the_store_and_one_process_goes_on_from_t
     One process then goes on from that checkpoint at exactly the next sample: every step is
     trained once across the two runs, in the order one process plans, and the toy task is
     learnt across both. (OUT on a local disk takes the same path through ``distill.storage``;
-    its STOP file and checkpoint adoption are unit-tested in test_stopping and test_mirror.)"""
+    its STOP file and checkpoint adoption are unit-tested in test_stopping and test_train_decisions.)"""
     shards = write_toy_shards(tmp_path / "shards", rows=128, shard_size=32, classes=4, size=32, dim=8)
     out = f"s3://{BUCKET}/ray-run/student"
     # The recipe is spelled out: this is about the workers, not about the default recipe.

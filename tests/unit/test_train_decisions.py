@@ -209,6 +209,7 @@ def test_a_ray_train_checkpoint_is_adopted_into_a_local_out_whole(tmp_path):
     write_checkpoint_files(str(ray_ckpt), {"model.00000": np.full(2, 7.0)}, {"k": 7}, _cursor(step=7, world_size=2))
     final = store.adopt(str(ray_ckpt))
     assert final == store.latest() == str(tmp_path / "out" / "checkpoints" / "ckpt-000000007")
+    assert sorted(os.listdir(tmp_path / "out" / "checkpoints")) == ["ckpt-000000003", "ckpt-000000007"]
     assert sorted(os.listdir(final)) == sorted(os.listdir(ray_ckpt))
     config, cursor = read_checkpoint(final)
     assert config == {"k": 7} and (cursor.step, cursor.world_size) == (7, 2)
