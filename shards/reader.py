@@ -24,6 +24,12 @@ import numpy as np
 
 from distill.errors import BadInput, NoManifest
 
+# Every Parquet read here decodes on the calling thread (``use_threads=False``). A row group is
+# small, so Arrow's CPU pool gains nothing; and a process that started that pool can abort at exit
+# ("terminate called without an active exception", apache/arrow#34314): seen once, after
+# `distill export-npy` had written all its files.
+READ = {"use_threads": False}
+
 
 @dataclass(frozen=True)
 class ShardSet:
@@ -158,14 +164,14 @@ class ShardFile:
 
         g0 = int(np.searchsorted(self.starts, lo, side="right") - 1)
         g1 = int(np.searchsorted(self.starts, hi, side="left"))
-        tables = [self._pf.read_row_group(g, columns=list(columns)) for g in range(g0, g1)]
+        tables = [self._pf.read_row_group(g, columns=list(columns), **READ) for g in range(g0, g1)]
         table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
         return table.slice(lo - int(self.starts[g0]), hi - lo)
 
     def row_groups(self, columns: Sequence[str]) -> Iterator[tuple[int, object]]:
         """(first row, Table) of every row group, in order."""
         for g in range(len(self.starts) - 1):
-            yield int(self.starts[g]), self._pf.read_row_group(g, columns=list(columns))
+            yield int(self.starts[g]), self._pf.read_row_group(g, columns=list(columns), **READ)
 
     def close(self) -> None:
         self._f.close()

@@ -42,4 +42,4 @@ def read_records(storage, name: str, columns: list[str]):
     import pyarrow.parquet as pq
 
     with storage.open_input(name) as f:
-        return pq.read_table(f, columns=columns)
+        return pq.read_table(f, columns=columns, use_threads=False)  # (see shards/reader.py, READ)
