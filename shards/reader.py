@@ -25,9 +25,10 @@ import numpy as np
 from distill.errors import BadInput, NoManifest
 
 # Every Parquet read here decodes on the calling thread (``use_threads=False``). A row group is
-# small, so Arrow's CPU pool gains nothing; and a process that started that pool can abort at exit
-# ("terminate called without an active exception", apache/arrow#34314): seen once, after
-# `distill export-npy` had written all its files.
+# small, so Arrow's CPU pool gains nothing; and a process whose Arrow threads are still alive at
+# exit can abort there ("terminate called without an active exception", apache/arrow#34314):
+# seen once, after `distill export-npy` had written all its files. Reading this way starts one
+# Arrow thread instead of three.
 READ = {"use_threads": False}
 
 

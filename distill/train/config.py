@@ -63,6 +63,11 @@ class TrainConfig:
     contrast_weight: float = option(RECIPE.contrast_weight, "weight of contrastive distillation: each student embedding must pick its own "
                                     "teacher target out of the global batch's (InfoNCE on cosines; 0: off)", group="objective")
     contrast_temperature: float = option(RECIPE.contrast_temperature, "temperature of the contrastive term", group="objective")
+    pair_weight: float = option(RECIPE.pair_weight, "weight of relational distillation on the hardest impostors: a student "
+                                "embedding's cosines to the batch's other teacher targets fitted to the teacher's own, "
+                                "weighted to the pairs the student finds most alike (0: off)", group="objective")
+    pair_temperature: float = option(RECIPE.pair_temperature, "temperature of the relational term's weights (lower: "
+                                     "harder impostors only)", group="objective")
     margin: str = option(RECIPE.margin, "classifier: softmax, arcface (learned centres) or teacher (ArcFace whose "
                          "class centres are the teacher's, AdaDistill-style)", choices=MARGINS, group="objective")
     arc_scale: float = option(RECIPE.arc_scale, "ArcFace scale s (arcface and teacher margins)", group="objective")
@@ -184,7 +189,8 @@ class TrainConfig:
 
     def loss_spec(self) -> LossSpec:
         return LossSpec(self.ce_weight, self.distill_weight, self.distill_loss, self.margin, self.arc_scale,
-                        self.arc_margin, self.contrast_weight, self.contrast_temperature)
+                        self.arc_margin, self.contrast_weight, self.contrast_temperature, self.pair_weight,
+                        self.pair_temperature)
 
     @property
     def validates(self) -> bool:
@@ -299,8 +305,9 @@ def resolve(cfg: TrainConfig, shards) -> TrainRun:
         width=cfg.width or DEFAULT_WIDTH[cfg.student], head=cfg.head, margin=loss.margin, arch=cfg.student,
         resolution=working_resolution(cfg.resolution, shards.input_size),
     )
-    if student.embedding_dim != shards.embedding_dim and (loss.distill_weight > 0 or loss.contrast_weight > 0
-                                                          or loss.margin == "teacher"):
+    in_teacher_space = loss.distill_weight > 0 or loss.contrast_weight > 0 or loss.pair_weight > 0 \
+        or loss.margin == "teacher"
+    if student.embedding_dim != shards.embedding_dim and in_teacher_space:
         why = "the teacher's class centres live" if loss.margin == "teacher" else "the distillation term compares them"
         raise BadOption(
             f"--embedding-dim {student.embedding_dim} differs from the teacher's {shards.embedding_dim}; {why} in "
@@ -338,11 +345,11 @@ def unlabelled_loss(cfg: TrainConfig, shards) -> LossSpec:
     loss = cfg.loss_spec()
     if not loss.ce_weight and loss.margin == "softmax":
         return loss
-    if not (loss.distill_weight or loss.contrast_weight):
+    if not (loss.distill_weight or loss.contrast_weight or loss.pair_weight):
         raise BadOption(
             f"the shards in {shards.location} hold no labelled rows (every image is of no known identity), so the "
             "classifier (--ce-weight, --margin) has nothing to learn and it is the only term asked for; distil "
-            "instead (--distill-weight, --contrast-weight), or list identity folders with `distill listing`")
+            "instead (--distill-weight, --contrast-weight, --pair-weight), or list identity folders with `distill listing`")
     log.warning("the shards in %s hold no labelled rows (every image is of no known identity): the classifier term "
                 "is off, the student learns from the teacher's embeddings only", shards.location)
     return replace(loss, ce_weight=0.0, margin="softmax")

@@ -72,7 +72,7 @@ class RunLog:
         meta = summary_pb2.SummaryMetadata(plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
         with self.tb.as_default(step=rec["step"]):
             prefix = "train" if rec["kind"] == "step" else "epoch"
-            for k in ("loss", "distill", "contrast", "ce", "cos", "images_per_sec", "lr"):
+            for k in ("loss", "distill", "contrast", "pair", "ce", "cos", "images_per_sec", "lr"):
                 if k in rec:
                     tf.summary.write(f"{prefix}/{k}", tf.constant(rec[k], tf.float32), metadata=meta)
             for k, v in rec.items():  # held-out auc, cos, accuracy; each --val-bin set's acc and auc

@@ -1,7 +1,7 @@
-"""The training objective, as named parts: ``distill``, ``contrast``, ``ce``, ``loss`` (and ``cos``, logged).
+"""The training objective, as named parts: ``distill``, ``contrast``, ``pair``, ``ce``, ``loss`` (and ``cos``, logged).
 
-``loss = distill_weight * distill + contrast_weight * contrast + ce_weight * ce``; a part whose weight
-is 0 is neither computed nor logged.
+``loss = distill_weight * distill + contrast_weight * contrast + pair_weight * pair + ce_weight * ce``;
+a part whose weight is 0 is neither computed nor logged.
 
 - ``ce`` is softmax cross-entropy of the classifier head. With ``margin`` ``arcface`` or
   ``teacher`` the logits are cosines and get the ArcFace additive angular margin and scale
@@ -21,6 +21,12 @@ is 0 is neither computed nor logged.
   apart in the teacher's space, which is what carries over to people the student never saw.
   Every replica gathers the whole global batch's targets, so the term is the same for any
   number of workers.
+- ``pair`` is relational distillation aimed at the impostor tail: the cosines of a student
+  embedding to the *other* teacher targets of the global batch, fitted to the teacher's own
+  cosines between those images, ``sum_j w_ij (cos(s_i, t_j) - cos(t_i, t_j))^2``. The weights
+  ``w_ij = softmax_j(cos(s_i, t_j) / T)`` (no gradient; ``j != i``) put the term on the pairs the
+  student finds most alike: the impostors that decide TAR at a low FAR. Unlike ``contrast`` it
+  pushes no pair apart that the teacher holds together (two photos of one person stay close).
 - ``cos`` is the batch's mean teacher-student cosine, whatever the loss: the number to watch.
 
 Parts are averaged over the *global* batch (``tf.nn.compute_average_loss``): summed across
@@ -52,18 +58,21 @@ class LossSpec:
     arc_margin: float = 0.3
     contrast_weight: float = 0.0  # on: +InfoNCE; at scale nMSE alone measured better (docs/QUALITY.md)
     contrast_temperature: float = 0.1
+    pair_weight: float = 0.0  # on: + the relational term on the student's hardest impostor pairs
+    pair_temperature: float = 0.1
 
     def __post_init__(self) -> None:
         if self.distill not in DISTILL_LOSSES:
             raise BadOption(f"--distill-loss must be one of {', '.join(DISTILL_LOSSES)}, got {self.distill!r}")
-        weights = (self.ce_weight, self.distill_weight, self.contrast_weight)
+        weights = (self.ce_weight, self.distill_weight, self.contrast_weight, self.pair_weight)
         if min(weights) < 0 or sum(weights) == 0:
             raise BadOption(
-                f"--ce-weight {self.ce_weight}, --distill-weight {self.distill_weight} and --contrast-weight "
-                f"{self.contrast_weight} must be >= 0 and not all 0"
+                f"--ce-weight {self.ce_weight}, --distill-weight {self.distill_weight}, --contrast-weight "
+                f"{self.contrast_weight} and --pair-weight {self.pair_weight} must be >= 0 and not all 0"
             )
-        if self.contrast_temperature <= 0:
-            raise BadOption(f"--contrast-temperature must be > 0 (e.g. 0.1), got {self.contrast_temperature}")
+        for name, t in (("contrast", self.contrast_temperature), ("pair", self.pair_temperature)):
+            if not t > 0:
+                raise BadOption(f"--{name}-temperature must be > 0 (e.g. 0.1), got {t}")
         if not self.arc_scale > 0:
             raise BadOption(f"--arc-scale must be > 0 (e.g. 64), got {self.arc_scale}")
         if not 0 <= self.arc_margin < math.pi / 2:
@@ -94,19 +103,43 @@ def arcface_logits(cosine, labels, scale: float, margin: float):
     return scale * (onehot * with_margin + (1.0 - onehot) * cos)
 
 
-def contrast_loss(student_unit, teacher_unit, temperature: float):
-    """Per-sample InfoNCE of unit student embeddings against the teacher targets of the whole
-    global batch (gathered from every replica; sample i's positive is its own target)."""
+def batch_targets(teacher_unit):
+    """(the teacher targets of the whole global batch, gathered from every replica in replica
+    order; the position of this replica's own rows among them: ``own[i]`` is row i's)."""
     import tensorflow as tf
 
     n = tf.shape(teacher_unit)[0]
     keys, first = teacher_unit, 0
     ctx = tf.distribute.get_replica_context()
     if ctx is not None and ctx.num_replicas_in_sync > 1:
-        keys = ctx.all_gather(teacher_unit, axis=0)  # in replica order: this replica's rows start at id * n
+        keys = ctx.all_gather(teacher_unit, axis=0)  # this replica's rows start at id * n
         first = tf.cast(ctx.replica_id_in_sync_group, tf.int32) * n
+    return keys, first + tf.range(n)
+
+
+def contrast_loss(student_unit, teacher_unit, temperature: float):
+    """Per-sample InfoNCE of unit student embeddings against the teacher targets of the whole
+    global batch (sample i's positive is its own target)."""
+    import tensorflow as tf
+
+    keys, own = batch_targets(teacher_unit)
     logits = tf.matmul(student_unit, keys, transpose_b=True) / temperature
-    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=first + tf.range(n), logits=logits)
+    return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=own, logits=logits)
+
+
+def pair_loss(student_unit, teacher_unit, temperature: float):
+    """Per-sample relational term: ``sum_j w_ij (cos(s_i, t_j) - cos(t_i, t_j))^2`` over the other
+    targets j of the global batch, ``w_ij = softmax_j(cos(s_i, t_j) / T)`` without gradient (the
+    student's hardest impostors weigh most). 0 for a global batch of one."""
+    import tensorflow as tf
+
+    keys, own = batch_targets(teacher_unit)
+    student_cos = tf.matmul(student_unit, keys, transpose_b=True)  # [n, N]
+    teacher_cos = tf.matmul(teacher_unit, keys, transpose_b=True)
+    other = 1.0 - tf.one_hot(own, tf.shape(keys)[0], dtype=student_cos.dtype)
+    logits = tf.stop_gradient(student_cos) / temperature - 1e9 * (1.0 - other)
+    weights = tf.nn.softmax(logits, axis=-1) * other  # (all 0 when i is the batch's only row)
+    return tf.reduce_sum(weights * tf.square(student_cos - teacher_cos), axis=-1)
 
 
 def classifier_loss(logits, labels, spec: LossSpec, class_bias=None):
@@ -164,5 +197,9 @@ def loss_parts(embedding, logits, teacher, labels, spec: LossSpec, global_batch_
         con = contrast_loss(s_unit, t_unit, spec.contrast_temperature)
         parts["contrast"] = tf.nn.compute_average_loss(con, global_batch_size=global_batch_size)
         loss += spec.contrast_weight * parts["contrast"]
+    if spec.pair_weight:
+        pair = pair_loss(s_unit, t_unit, spec.pair_temperature)
+        parts["pair"] = tf.nn.compute_average_loss(pair, global_batch_size=global_batch_size)
+        loss += spec.pair_weight * parts["pair"]
     cos = tf.nn.compute_average_loss(cos, global_batch_size=global_batch_size)
     return {"loss": loss, **parts, "cos": cos}

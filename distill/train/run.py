@@ -194,7 +194,8 @@ def add_cli(subparsers) -> None:
         "train", help="train the student on the shards",
         description="Stream the shards into a student (MobileNetV2 or MobileFaceNet). The loss is "
                     "distill_weight x distillation (nmse: 2 - 2 cos to the teacher's embedding) + contrast_weight x "
-                    "contrastive distillation (each embedding picks its own teacher target out of the batch's) + "
+                    "contrastive distillation (each embedding picks its own teacher target out of the batch's) + pair_weight x "
+                    "relational distillation on the hardest impostors + "
                     "ce_weight x the identity classifier on the labelled rows. Rerun the same command (or "
                     "`distill train --resume OUT`) to resume after an interruption.",
     )

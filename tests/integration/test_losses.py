@@ -139,6 +139,42 @@ def test_contrast_picks_each_target_out_of_the_batch_and_only_trains_the_student
     assert set(loss_parts(student, logits, teacher, labels, LossSpec(ce_weight=0.0, contrast_weight=0.0))) == {"loss", "distill", "cos"}  # off: not computed
 
 
+def _pair(s: np.ndarray, t: np.ndarray, temperature: float) -> np.ndarray:
+    u = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    student_cos, teacher_cos = u(s) @ u(t).T, u(t) @ u(t).T
+    out = np.zeros(len(s))
+    for i in range(len(s)):
+        others = [j for j in range(len(s)) if j != i]
+        w = np.exp(student_cos[i, others] / temperature)
+        out[i] = (w / w.sum() * (student_cos[i, others] - teacher_cos[i, others]) ** 2).sum()
+    return out
+
+
+def test_pair_fits_the_teacher_cosines_of_the_student_hardest_impostors_and_only_trains_the_student():
+    student, logits, teacher, labels = _batch(5, n=6)
+    spec = LossSpec(distill_weight=0.5, contrast_weight=0.0, pair_weight=3.0, pair_temperature=0.2)
+    with tf.GradientTape() as tape:
+        tape.watch([student, teacher])
+        p = loss_parts(student, logits, teacher, labels, spec)
+    assert set(p) == {"loss", "distill", "pair", "cos"}
+    want = _pair(student.numpy(), teacher.numpy(), 0.2).mean()
+    assert float(p["pair"]) == pytest.approx(want, rel=1e-5)
+    assert float(p["loss"]) == pytest.approx(0.5 * float(p["distill"]) + 3.0 * want, rel=1e-5)
+    student_grad, teacher_grad = tape.gradient(p["loss"], [student, teacher])
+    assert teacher_grad is None and float(tf.reduce_sum(tf.abs(student_grad))) > 0
+    # Scale-free; 0 where the student holds the teacher's geometry (its own target excluded: a
+    # student at 0.9 of every target's cosine to its own is not charged for that here).
+    again = loss_parts(7.0 * student, logits, 70.0 * teacher, labels, spec)
+    assert float(again["pair"]) == pytest.approx(float(p["pair"]), rel=1e-5)
+    assert float(loss_parts(teacher, logits, teacher, labels, spec)["pair"]) == pytest.approx(0.0, abs=1e-7)
+    # The weights follow the student: a lower temperature puts the term on its hardest impostors.
+    cold = _pair(student.numpy(), teacher.numpy(), 0.01).mean()
+    assert float(loss_parts(student, logits, teacher, labels, LossSpec(pair_weight=1.0, pair_temperature=0.01))["pair"]) \
+        == pytest.approx(cold, rel=1e-4)
+    one = loss_parts(student[:1], logits[:1], teacher[:1], labels[:1], spec)  # a batch of one has no pairs
+    assert float(one["pair"]) == 0.0
+
+
 def test_contrast_over_replicas_is_the_global_batch_term():
     """Two replicas (logical CPUs, a fresh process): each gathers the whole global batch's
     targets (and counts its labelled rows), so the summed per-replica parts equal one replica
@@ -152,14 +188,14 @@ def test_contrast_over_replicas_is_the_global_batch_term():
         s, t = (rng.normal(size=(8, 5)).astype(np.float32) for _ in range(2))
         logits = rng.normal(size=(8, 2)).astype(np.float32)
         lab = np.array([0, 1, -1, 0, -1, -1, 1, 1], np.int64)  # unlabelled rows spread unevenly over the replicas
-        spec = LossSpec(ce_weight=0.5, distill_weight=1.0, distill="nmse", contrast_weight=1.0)
+        spec = LossSpec(ce_weight=0.5, distill_weight=1.0, distill="nmse", contrast_weight=1.0, pair_weight=2.0)
         one = loss_parts(s, logits, t, lab, spec, 8)
         st = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         ds = st.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((s, logits, t, lab)).batch(8))
         fn = lambda a, l, b, c: loss_parts(a, l, b, c, spec, 8)
         for batch in ds:
             two = {k: float(st.reduce("SUM", v, axis=None)) for k, v in st.run(fn, args=batch).items()}
-        for k in ("contrast", "distill", "ce", "loss"):
+        for k in ("contrast", "pair", "distill", "ce", "loss"):
             assert abs(two[k] - float(one[k])) < 1e-5 * max(1.0, abs(float(one[k]))), (k, two[k], float(one[k]))
         print("ok")
     """)
@@ -171,6 +207,9 @@ def test_contrast_over_replicas_is_the_global_batch_term():
 def test_bad_contrast_options_say_which():
     with pytest.raises(ValueError, match="--contrast-temperature"):
         LossSpec(contrast_weight=1.0, contrast_temperature=0.0)
+    with pytest.raises(ValueError, match="--pair-temperature must be > 0"):
+        LossSpec(pair_weight=1.0, pair_temperature=-1.0)
+    assert LossSpec(distill_weight=0, pair_weight=1.0).pair_weight == 1.0
     with pytest.raises(ValueError, match="not all 0"):
         LossSpec(ce_weight=0, distill_weight=0, contrast_weight=0)
     assert LossSpec(ce_weight=0, distill_weight=0, contrast_weight=1.0).contrast_weight == 1.0

@@ -122,7 +122,7 @@ def test_resume_after_sigkill_covers_every_sample_once_in_order(killed_and_resum
     steps = [m for m in metrics if m["kind"] == "step"]
     assert [m["step"] for m in steps] == list(range(1, total + 1))  # each step once, counters continue
     assert all(m["samples"] == ((m["step"] - 1) % spe + 1) * BATCH and m["epoch"] == (m["step"] - 1) // spe for m in steps)
-    assert all({"loss", "distill", "cos", "images_per_sec"} <= set(m) and not {"ce", "contrast"} & set(m)
+    assert all({"loss", "distill", "cos", "images_per_sec"} <= set(m) and not {"ce", "contrast", "pair"} & set(m)
                for m in steps)  # the default terms: nMSE alone
     assert [(m["epoch"], m["step"]) for m in metrics if m["kind"] == "epoch"] == [(0, spe), (1, total)]
     cursor = json.loads((out / "checkpoints" / f"ckpt-{total:09d}" / "cursor.json").read_text())
