@@ -65,7 +65,8 @@ class TrainConfig:
     contrast_temperature: float = option(RECIPE.contrast_temperature, "temperature of the contrastive term", group="objective")
     pair_weight: float = option(RECIPE.pair_weight, "weight of relational distillation on the hardest impostors: a student "
                                 "embedding's cosines to the batch's other teacher targets fitted to the teacher's own, "
-                                "weighted to the pairs the student finds most alike (0: off)", group="objective")
+                                "weighted to the pairs the student finds most alike (0: off; experimental: at weight 2 one seed "
+                                "of two collapsed a group of faces, docs/QUALITY.md)", group="objective")
     pair_temperature: float = option(RECIPE.pair_temperature, "temperature of the relational term's weights (lower: "
                                      "harder impostors only)", group="objective")
     margin: str = option(RECIPE.margin, "classifier: softmax, arcface (learned centres) or teacher (ArcFace whose "
