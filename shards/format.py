@@ -33,6 +33,13 @@ META_STATS = b"distill.stats"
 ROW_GROUP_ROWS = 256
 UNLABELLED = -1  # the label of a row of no known identity (a flat folder of faces): distillation needs none
 EMBEDDING_DTYPES = ("float32", "float16")
+# The keywords of every Parquet read of shards, records and listings: decode on the calling
+# thread. A row group is small, so Arrow's CPU pool gains nothing (docs/BENCHMARKS.md, "Parquet
+# decoded on the calling thread"); and a process whose Arrow threads are still alive at exit can
+# abort there ("terminate called without an active exception", apache/arrow#34314): seen once,
+# after `distill export-npy` had written all its files. Read this way, one Arrow thread starts
+# instead of three.
+PARQUET_READ = {"use_threads": False}
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from distill.errors import BadInput, NoManifest
-
-# Every Parquet read here decodes on the calling thread (``use_threads=False``). A row group is
-# small, so Arrow's CPU pool gains nothing; and a process whose Arrow threads are still alive at
-# exit can abort there ("terminate called without an active exception", apache/arrow#34314):
-# seen once, after `distill export-npy` had written all its files. Reading this way starts one
-# Arrow thread instead of three.
-READ = {"use_threads": False}
+from distill.shards.format import PARQUET_READ
 
 
 @dataclass(frozen=True)
@@ -165,14 +159,14 @@ class ShardFile:
 
         g0 = int(np.searchsorted(self.starts, lo, side="right") - 1)
         g1 = int(np.searchsorted(self.starts, hi, side="left"))
-        tables = [self._pf.read_row_group(g, columns=list(columns), **READ) for g in range(g0, g1)]
+        tables = [self._pf.read_row_group(g, columns=list(columns), **PARQUET_READ) for g in range(g0, g1)]
         table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
         return table.slice(lo - int(self.starts[g0]), hi - lo)
 
     def row_groups(self, columns: Sequence[str]) -> Iterator[tuple[int, object]]:
         """(first row, Table) of every row group, in order."""
         for g in range(len(self.starts) - 1):
-            yield int(self.starts[g]), self._pf.read_row_group(g, columns=list(columns), **READ)
+            yield int(self.starts[g]), self._pf.read_row_group(g, columns=list(columns), **PARQUET_READ)
 
     def close(self) -> None:
         self._f.close()

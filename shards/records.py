@@ -10,7 +10,7 @@ import io
 import json
 from dataclasses import asdict
 
-from distill.shards.format import META_ERRORS, META_RUN, META_SHARD, RowError
+from distill.shards.format import META_ERRORS, META_RUN, META_SHARD, PARQUET_READ, RowError
 from distill.shards.plan import Shard
 
 
@@ -42,4 +42,4 @@ def read_records(storage, name: str, columns: list[str]):
     import pyarrow.parquet as pq
 
     with storage.open_input(name) as f:
-        return pq.read_table(f, columns=columns, use_threads=False)  # (see shards/reader.py, READ)
+        return pq.read_table(f, columns=columns, **PARQUET_READ)

@@ -50,7 +50,7 @@ from distill.errors import BadInput, BadOption
 from distill.folders import Tree
 from distill.options import add_options, config_from_args, option
 from distill.outputs import LISTING, LISTING_FOOTER_KEY, check_output
-from distill.shards.format import UNLABELLED
+from distill.shards.format import PARQUET_READ, UNLABELLED
 from distill.storage import is_uri, local_path, make_dir
 
 log = logging.getLogger(__name__)
@@ -819,7 +819,7 @@ def listing_fingerprint(path: str) -> str:
     pf = pq.ParquetFile(path)
     h = {k: hashlib.sha256() for k in ("index", "label", "offset", "path_valid", "path_len", "path_data")}
     for g in range(pf.num_row_groups):
-        t = pf.read_row_group(g, columns=["index", "label", "path", "offset"], use_threads=False)
+        t = pf.read_row_group(g, columns=["index", "label", "path", "offset"], **PARQUET_READ)
         h["index"].update(t.column("index").to_numpy().astype("<i8").tobytes())
         h["label"].update(t.column("label").to_numpy().astype("<i8").tobytes())
         h["offset"].update(pc.fill_null(t.column("offset"), -1).to_numpy().astype("<i8").tobytes())
@@ -859,7 +859,7 @@ class ListingReader:
         if g in self._cache:
             self._cache.move_to_end(g)
             return self._cache[g]
-        t = self._pf.read_row_group(g, columns=["index", "label", "path", "offset"], use_threads=False)
+        t = self._pf.read_row_group(g, columns=["index", "label", "path", "offset"], **PARQUET_READ)
         self._cache[g] = t
         if len(self._cache) > self._CACHE:
             self._cache.popitem(last=False)

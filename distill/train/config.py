@@ -306,9 +306,7 @@ def resolve(cfg: TrainConfig, shards) -> TrainRun:
         width=cfg.width or DEFAULT_WIDTH[cfg.student], head=cfg.head, margin=loss.margin, arch=cfg.student,
         resolution=working_resolution(cfg.resolution, shards.input_size),
     )
-    in_teacher_space = loss.distill_weight > 0 or loss.contrast_weight > 0 or loss.pair_weight > 0 \
-        or loss.margin == "teacher"
-    if student.embedding_dim != shards.embedding_dim and in_teacher_space:
+    if student.embedding_dim != shards.embedding_dim and (loss.distils or loss.margin == "teacher"):
         why = "the teacher's class centres live" if loss.margin == "teacher" else "the distillation term compares them"
         raise BadOption(
             f"--embedding-dim {student.embedding_dim} differs from the teacher's {shards.embedding_dim}; {why} in "
@@ -346,7 +344,7 @@ def unlabelled_loss(cfg: TrainConfig, shards) -> LossSpec:
     loss = cfg.loss_spec()
     if not loss.ce_weight and loss.margin == "softmax":
         return loss
-    if not (loss.distill_weight or loss.contrast_weight or loss.pair_weight):
+    if not loss.distils:
         raise BadOption(
             f"the shards in {shards.location} hold no labelled rows (every image is of no known identity), so the "
             "classifier (--ce-weight, --margin) has nothing to learn and it is the only term asked for; distil "

@@ -78,6 +78,11 @@ class LossSpec:
         if not 0 <= self.arc_margin < math.pi / 2:
             raise BadOption(f"--arc-margin is an angle in radians in [0, pi/2) (e.g. 0.5), got {self.arc_margin}")
 
+    @property
+    def distils(self) -> bool:
+        """A term compares the student's embeddings with the teacher's (distill, contrast or pair)."""
+        return bool(self.distill_weight or self.contrast_weight or self.pair_weight)
+
     @classmethod
     def from_json(cls, d: dict) -> "LossSpec":
         """A saved spec; runs saved before the rename have ``mse_weight`` for ``distill_weight``."""
