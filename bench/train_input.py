@@ -51,12 +51,15 @@ def child_ratio(a) -> dict:
     import numpy as np
     import tensorflow as tf
 
+    from distill.shards.format import PARQUET_READ
     from distill.shards.reader import open_shards
     from distill.train.config import TrainConfig, resolve
     from distill.train.loop import _make_step, _optimizer
     from distill.train.order import plan_epoch
     from distill.train.stream import make_dataset
     from distill.train.student import build_student
+
+    PARQUET_READ["use_threads"] = a.arrow_threads  # (the default: False; --arrow-threads compares)
 
     cfg = TrainConfig(shards=a.shards, out=a.out, batch_size=a.batch_size, shuffle_buffer=a.shuffle_buffer,
                       width=a.width, student=a.student, resolution=a.resolution, view_prob=a.view_prob)
@@ -168,7 +171,7 @@ def ratio_section(a, shards: Path, work: Path) -> None:
         "--batch-size", a.batch_size, "--shuffle-buffer", a.shuffle_buffer, *(["--width", a.width] if a.width else []),
         "--student", a.student, *(["--resolution", a.resolution] if a.resolution else []), "--view-prob", a.view_prob,
         "--alone-threads", a.alone_threads, "--warmup-steps", a.warmup_steps, "--phase-steps", a.phase_steps,
-        "--rounds", a.rounds, "--memory-batches", a.memory_batches))
+        "--rounds", a.rounds, "--memory-batches", a.memory_batches, *(["--arrow-threads"] if a.arrow_threads else [])))
     r = res.json()
     rows = [[i + 1, f"{s:.3f}", f"{m:.3f}", f"**{s / m:.2f}**", f"{sc:.2f} / {mc:.2f}"]
             for i, (s, sc, m, mc) in enumerate(r["phases"])]
@@ -179,7 +182,7 @@ def ratio_section(a, shards: Path, work: Path) -> None:
     res_text = f" at {a.resolution} px" if a.resolution else ""
     print(f"Student {a.student}{res_text} ({r['student_params']:,} parameters), batch {a.batch_size}, shards {shards}, "
           f"stored JPEG {r['images_bytes_mean']:.0f} B mean, flip on, views with probability {a.view_prob}, "
-          f"shuffle buffer {a.shuffle_buffer}; {a.phase_steps} steps per phase after {a.warmup_steps} "
+          f"shuffle buffer {a.shuffle_buffer}, Parquet decoded {'on Arrow threads' if a.arrow_threads else 'on the calling thread'}; {a.phase_steps} steps per phase after {a.warmup_steps} "
           f"warm-up steps each; load avg at start {load}\n")
     print(table(["round", "streamed steps/s", "in-memory steps/s", "streamed / in-memory",
                  "CPU s per step: streamed / in-memory"], rows))
@@ -218,6 +221,8 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--memory-batches", type=int, default=8)
     p.add_argument("--work", default=None)
+    p.add_argument("--arrow-threads", action="store_true",
+                   help="decode Parquet on Arrow's thread pool (use_threads=True), against the reader's calling thread")
     p.add_argument("--child", choices=["ratio", "build-teacher"], help=argparse.SUPPRESS)
     p.add_argument("--shards", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
