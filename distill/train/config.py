@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "sgd")
 RECIPE = LossSpec()  # the default objective, stated once (in LossSpec)
+# The working side a CPU run defaults to: at equal samples 112 px (the aligned faces' own side) is
+# better, but 64 px trains 2.4x the samples per CPU minute (docs/QUALITY.md, "Resolution").
+CPU_RESOLUTION = 64
 SCHEDULES = ("cosine", "constant")
 BACKBONE_WEIGHTS = ("imagenet",)
 
@@ -82,9 +85,10 @@ class TrainConfig:
     student: str = option("mobilefacenet", "backbone: mobilefacenet (the face recognition mobile net: stride 16, PReLU, "
                           "~1M parameters) or mobilenetv2 (Keras' MobileNetV2)", choices=ARCHS, group="student")
     width: float | None = option(None, "width multiplier (default: 0.5 for mobilenetv2, its alpha; 1.0 for mobilefacenet)", group="student")
-    resolution: int | None = option(64, "the student's working resolution: it takes the shards' images (112x112) and "
-                                    "resizes them inside the model to this side: fewer FLOPs per image, more samples per "
-                                    "CPU minute (a side not below the images': the images as they are)", group="student")
+    resolution: int | None = option(None, "the student's working resolution: it takes the shards' images (112x112) and "
+                                    "resizes them inside the model to this side (a side not below the images': the images "
+                                    f"as they are). Default: {CPU_RESOLUTION} on CPUs (2.4x the samples per minute of 112), the "
+                                    "images' own side with --use-gpu (the better student per sample: docs/QUALITY.md)", group="student")
     head: str = option("gdc", "embedding head: global depthwise conv, or GAP+BN+Dropout+Dense", choices=HEADS, group="student")
     embedding_dim: int | None = option(None, "student embedding dim (default: the teacher's)", group="student")
     init: str | None = option(None, "start from these weights: a student dir, checkpoint or best/ dir (matching "
@@ -285,7 +289,7 @@ class TrainRun:
         train = {"distill_weight" if k == "mse_weight" else k: v for k, v in d["train"].items()}  # (the old name)
         # Runs saved before --student and --resolution trained the student they saved, whatever today's defaults.
         train.setdefault("student", d["student"].get("arch", "mobilenetv2"))
-        train.setdefault("resolution", d["student"].get("resolution"))
+        train.setdefault("resolution", d["student"].get("resolution") or max(d["student"]["input_size"]))
         return cls(
             train=TrainConfig(**{k: v for k, v in train.items() if k in known}),
             student=StudentSpec.from_json(d["student"]), loss=LossSpec.from_json(d["loss"]), flip=d["flip"],
@@ -304,7 +308,7 @@ def resolve(cfg: TrainConfig, shards) -> TrainRun:
         embedding_dim=cfg.embedding_dim or shards.embedding_dim,
         num_classes=shards.num_classes,
         width=cfg.width or DEFAULT_WIDTH[cfg.student], head=cfg.head, margin=loss.margin, arch=cfg.student,
-        resolution=working_resolution(cfg.resolution, shards.input_size),
+        resolution=working_resolution(cfg.resolution or default_resolution(cfg.use_gpu), shards.input_size),
     )
     if student.embedding_dim != shards.embedding_dim and (loss.distils or loss.margin == "teacher"):
         why = "the teacher's class centres live" if loss.margin == "teacher" else "the distillation term compares them"
@@ -329,6 +333,13 @@ def views_note(run: TrainRun) -> str | None:
     return (f"the shards in {run.train.shards} hold no teacher views: training on the plain and mirrored images. That "
             "is the default: measured, views help on faces unlike the training faces (grey, older photos such as "
             "ORL's), not on faces like them; for such a deployment, `distill embed --views 4` (docs/QUALITY.md)")
+
+
+def default_resolution(use_gpu: bool) -> int | None:
+    """The working side when ``--resolution`` is not given: ``CPU_RESOLUTION`` on CPUs, where
+    samples are what a minute buys least of; on GPUs, where samples are cheap, None (the images
+    as they are), the better student per sample. Pure."""
+    return None if use_gpu else CPU_RESOLUTION
 
 
 def working_resolution(resolution: int | None, input_size: tuple[int, int]) -> int | None:
@@ -383,9 +394,14 @@ def check_resume(saved: Mapping[str, Any], cursor: Cursor, run: TrainRun, where:
         if getattr(was, k) != getattr(run, k):
             diffs.append(f"  {k.replace('_', '-')}: checkpoint has {getattr(was, k)}, now {getattr(run, k)}")
     for f in fields(StudentSpec):
-        if getattr(was.student, f.name) != getattr(run.student, f.name):
-            diffs.append(f"  student {f.name}: checkpoint has {getattr(was.student, f.name)!r}, now "
-                         f"{getattr(run.student, f.name)!r}")
+        old, new = getattr(was.student, f.name), getattr(run.student, f.name)
+        if old == new:
+            continue
+        if f.name == "resolution":  # (None: the images' own side; the default differs between CPUs and GPUs)
+            side = {None: f"the images' own side ({max(run.student.input_size)})"}
+            diffs.append(f"  --resolution: checkpoint has {side.get(old, old)}, now {side.get(new, new)}")
+        else:
+            diffs.append(f"  student {f.name}: checkpoint has {old!r}, now {new!r}")
     if was.schedule is not None:  # (runs saved before it was recorded have none)
         why = _schedule_diff(asdict(was.schedule), asdict(run.train))
         if why:

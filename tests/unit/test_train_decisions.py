@@ -18,6 +18,7 @@ from distill.train.config import (
     TrainConfig,
     TrainRun,
     check_resume,
+    default_resolution,
     lr_schedule,
     objective_changes,
     resolve,
@@ -124,9 +125,25 @@ def test_shards_with_no_labelled_row_turn_the_classifier_off_and_say_so(tmp_path
 def test_the_student_is_chosen_and_its_width_defaults_per_backbone(shards):
     mfn = resolve(TrainConfig(shards=shards.location, out="o"), shards).student
     assert (mfn.arch, mfn.width) == ("mobilefacenet", 1.0)  # the default student
-    assert mfn.resolution is None  # the default --resolution 64 is not below these 32 px shards' side: as they are
+    assert mfn.resolution is None  # the CPU default, 64, is not below these 32 px shards' side: as they are
     assert resolve(TrainConfig(shards=shards.location, out="o", student="mobilenetv2"), shards).student.width == 0.5
     assert working_resolution(64, (112, 112)) == 64 and working_resolution(112, (112, 112)) is None
+
+
+def test_the_working_resolution_defaults_to_64_px_on_cpus_and_the_images_own_side_on_gpus(tmp_path):
+    faces = open_shards(str(write_toy_shards(tmp_path / "s", rows=8, shard_size=8, size=112)))
+    def side(**kw):
+        return resolve(TrainConfig(shards=faces.location, out="o", **kw), faces).student.resolution
+
+    assert (default_resolution(False), default_resolution(True)) == (64, None)
+    assert side() == 64 and side(use_gpu=True) is None  # None: the 112x112 images as they are
+    assert side(resolution=80) == side(resolution=80, use_gpu=True) == 80  # given: taken as given
+    assert side(resolution=112) is None and side(resolution=500, use_gpu=True) is None
+    # A CPU run resumed on GPUs with the same options would change the graph: refused, naming the option.
+    cpu = TrainConfig(shards=faces.location, out="o", batch_size=4)
+    with pytest.raises(IncompatibleRun, match=r"--resolution: checkpoint has 64, now the images' own side \(112\)"):
+        check_resume(_saved(cpu, faces, 8), _cursor(), resolve(replace(cpu, use_gpu=True), faces), "ckpt")
+    check_resume(_saved(cpu, faces, 8), _cursor(), resolve(replace(cpu, use_gpu=True, resolution=64), faces), "ckpt")
     with pytest.raises(ValueError, match="--student"):
         TrainConfig(shards="s", out="o", student="resnet")
     with pytest.raises(ValueError, match="MobileNetV2 weights"):
@@ -176,7 +193,10 @@ def test_the_resolved_run_round_trips_through_its_checkpoint_form(shards):
                                 "gone_option": 1},
              "student": {k: v for k, v in saved["student"].items() if k not in ("arch", "resolution")}}
     back = TrainRun.from_json(older)  # saved before --student: the MobileNetV2 it trained, not today's default
-    assert (back.train.student, back.train.resolution, back.student.arch) == ("mobilenetv2", None, "mobilenetv2")
+    assert (back.train.student, back.student.arch) == ("mobilenetv2", "mobilenetv2")
+    # ... at the images' own side (no --resolution then), whatever today's default is:
+    assert back.train.resolution == 32 and back.student.resolution is None
+    assert resolve(back.train, shards).student == back.student
     renamed = {**saved, "train": {**{k: v for k, v in saved["train"].items() if k != "distill_weight"}, "mse_weight": 0.5},
                "loss": {**{k: v for k, v in saved["loss"].items() if k != "distill_weight"}, "mse_weight": 0.5}}
     back = TrainRun.from_json(renamed)  # a run saved before --mse-weight became --distill-weight
