@@ -168,6 +168,9 @@ ROWS: tuple[Row, ...] = (
     Row("resolution: the default recipe at 112 px (nMSE, lr 0.004)",
         ("--student", "mobilefacenet", "--resolution", "112", *PLAIN, *NMSE, *LR4), samples=80_000, views=0,
         yaleb=True, group="tail"),
+    Row("resolution, seed 1: the default recipe at 112 px",
+        ("--student", "mobilefacenet", "--resolution", "112", *PLAIN, *NMSE, *LR4, "--seed", "1"), samples=80_000,
+        views=0, yaleb=True, group="tail"),
     # The identity curve: the default recipe at equal samples on CelebA people only (no curve
     # during training: many tiny epochs).
     Row("MobileFaceNet at 64 px, no views, CelebA only (no UTKFace)", (*MFN64, *PLAIN, *CONTRAST, *LR2), samples=160_000,
