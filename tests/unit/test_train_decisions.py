@@ -128,6 +128,10 @@ def test_the_student_is_chosen_and_its_width_defaults_per_backbone(shards):
     assert mfn.resolution is None  # the CPU default, 64, is not below these 32 px shards' side: as they are
     assert resolve(TrainConfig(shards=shards.location, out="o", student="mobilenetv2"), shards).student.width == 0.5
     assert working_resolution(64, (112, 112)) == 64 and working_resolution(112, (112, 112)) is None
+    with pytest.raises(ValueError, match="--student"):
+        TrainConfig(shards="s", out="o", student="resnet")
+    with pytest.raises(ValueError, match="MobileNetV2 weights"):
+        TrainConfig(shards="s", out="o", student="mobilefacenet", init="backbone.h5")
 
 
 def test_the_working_resolution_defaults_to_64_px_on_cpus_and_the_images_own_side_on_gpus(tmp_path):
@@ -144,10 +148,6 @@ def test_the_working_resolution_defaults_to_64_px_on_cpus_and_the_images_own_sid
     with pytest.raises(IncompatibleRun, match=r"--resolution: checkpoint has 64, now the images' own side \(112\)"):
         check_resume(_saved(cpu, faces, 8), _cursor(), resolve(replace(cpu, use_gpu=True), faces), "ckpt")
     check_resume(_saved(cpu, faces, 8), _cursor(), resolve(replace(cpu, use_gpu=True, resolution=64), faces), "ckpt")
-    with pytest.raises(ValueError, match="--student"):
-        TrainConfig(shards="s", out="o", student="resnet")
-    with pytest.raises(ValueError, match="MobileNetV2 weights"):
-        TrainConfig(shards="s", out="o", student="mobilefacenet", init="backbone.h5")
 
 
 def test_config_refuses_bad_options_with_the_flag_name():
