@@ -22,7 +22,7 @@ from distill.heartbeat import check_every
 from distill.options import option
 from distill.train.centres import CENTRE_UPDATES
 from distill.train.checkpoints import Cursor
-from distill.train.losses import DISTILL_LOSSES, LossSpec
+from distill.train.losses import DISTILL_LOSSES, PAIR_FOCUSES, LossSpec
 from distill.train.order import DEFAULT_PARTITIONS, check_partitions
 from distill.train.student import ARCHS, DEFAULT_WIDTH, HEADS, MARGINS, StudentSpec
 
@@ -72,6 +72,9 @@ class TrainConfig:
                                 "of two collapsed a group of faces, docs/QUALITY.md)", group="objective")
     pair_temperature: float = option(RECIPE.pair_temperature, "temperature of the relational term's weights (lower: "
                                      "harder impostors only)", group="objective")
+    pair_focus: str = option(RECIPE.pair_focus, "whose cosines pick the relational term's hard pairs: the student's "
+                             "(its hardest impostors) or the teacher's (the pairs the teacher finds most alike)",
+                             choices=PAIR_FOCUSES, group="objective")
     margin: str = option(RECIPE.margin, "classifier: softmax, arcface (learned centres) or teacher (ArcFace whose "
                          "class centres are the teacher's, AdaDistill-style)", choices=MARGINS, group="objective")
     arc_scale: float = option(RECIPE.arc_scale, "ArcFace scale s (arcface and teacher margins)", group="objective")
@@ -195,7 +198,7 @@ class TrainConfig:
     def loss_spec(self) -> LossSpec:
         return LossSpec(self.ce_weight, self.distill_weight, self.distill_loss, self.margin, self.arc_scale,
                         self.arc_margin, self.contrast_weight, self.contrast_temperature, self.pair_weight,
-                        self.pair_temperature)
+                        self.pair_temperature, self.pair_focus)
 
     @property
     def validates(self) -> bool:

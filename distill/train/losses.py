@@ -27,6 +27,9 @@ a part whose weight is 0 is neither computed nor logged.
   ``w_ij = softmax_j(cos(s_i, t_j) / T)`` (no gradient; ``j != i``) put the term on the pairs the
   student finds most alike: the impostors that decide TAR at a low FAR. Unlike ``contrast`` it
   pushes no pair apart that the teacher holds together (two photos of one person stay close).
+  ``pair_focus`` ``teacher`` takes the weights from the teacher's cosines ``cos(t_i, t_j)``
+  instead: the pairs the teacher finds most alike, fixed by the data, so the weights cannot
+  follow the student onto a group of faces it has merged.
 - ``cos`` is the batch's mean teacher-student cosine, whatever the loss: the number to watch.
 
 Parts are averaged over the *global* batch (``tf.nn.compute_average_loss``): summed across
@@ -42,6 +45,7 @@ from dataclasses import dataclass
 from distill.errors import BadOption
 
 DISTILL_LOSSES = ("mse", "nmse", "cosine")
+PAIR_FOCUSES = ("student", "teacher")  # whose cosines weight the relational term's pairs
 COSINE_MARGINS = ("arcface", "teacher")  # heads whose logits are cosines
 
 
@@ -60,8 +64,11 @@ class LossSpec:
     contrast_temperature: float = 0.1
     pair_weight: float = 0.0  # on: + the relational term on the student's hardest impostor pairs
     pair_temperature: float = 0.1
+    pair_focus: str = "student"
 
     def __post_init__(self) -> None:
+        if self.pair_focus not in PAIR_FOCUSES:
+            raise BadOption(f"--pair-focus must be one of {', '.join(PAIR_FOCUSES)}, got {self.pair_focus!r}")
         if self.distill not in DISTILL_LOSSES:
             raise BadOption(f"--distill-loss must be one of {', '.join(DISTILL_LOSSES)}, got {self.distill!r}")
         weights = (self.ce_weight, self.distill_weight, self.contrast_weight, self.pair_weight)
@@ -132,17 +139,19 @@ def contrast_loss(student_unit, teacher_unit, temperature: float):
     return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=own, logits=logits)
 
 
-def pair_loss(student_unit, teacher_unit, temperature: float):
+def pair_loss(student_unit, teacher_unit, temperature: float, focus: str = "student"):
     """Per-sample relational term: ``sum_j w_ij (cos(s_i, t_j) - cos(t_i, t_j))^2`` over the other
-    targets j of the global batch, ``w_ij = softmax_j(cos(s_i, t_j) / T)`` without gradient (the
-    student's hardest impostors weigh most). 0 for a global batch of one."""
+    targets j of the global batch, ``w_ij = softmax_j(cos(x_i, t_j) / T)`` without gradient, x the
+    student (``focus`` "student": its hardest impostors weigh most) or the teacher ("teacher": the
+    pairs the teacher finds most alike). 0 for a global batch of one."""
     import tensorflow as tf
 
     keys, own = batch_targets(teacher_unit)
     student_cos = tf.matmul(student_unit, keys, transpose_b=True)  # [n, N]
     teacher_cos = tf.matmul(teacher_unit, keys, transpose_b=True)
     other = 1.0 - tf.one_hot(own, tf.shape(keys)[0], dtype=student_cos.dtype)
-    logits = tf.stop_gradient(student_cos) / temperature - 1e9 * (1.0 - other)
+    focus_cos = student_cos if focus == "student" else teacher_cos
+    logits = tf.stop_gradient(focus_cos) / temperature - 1e9 * (1.0 - other)
     weights = tf.nn.softmax(logits, axis=-1) * other  # (all 0 when i is the batch's only row)
     return tf.reduce_sum(weights * tf.square(student_cos - teacher_cos), axis=-1)
 
@@ -203,7 +212,7 @@ def loss_parts(embedding, logits, teacher, labels, spec: LossSpec, global_batch_
         parts["contrast"] = tf.nn.compute_average_loss(con, global_batch_size=global_batch_size)
         loss += spec.contrast_weight * parts["contrast"]
     if spec.pair_weight:
-        pair = pair_loss(s_unit, t_unit, spec.pair_temperature)
+        pair = pair_loss(s_unit, t_unit, spec.pair_temperature, spec.pair_focus)
         parts["pair"] = tf.nn.compute_average_loss(pair, global_batch_size=global_batch_size)
         loss += spec.pair_weight * parts["pair"]
     cos = tf.nn.compute_average_loss(cos, global_batch_size=global_batch_size)

@@ -139,13 +139,14 @@ def test_contrast_picks_each_target_out_of_the_batch_and_only_trains_the_student
     assert set(loss_parts(student, logits, teacher, labels, LossSpec(ce_weight=0.0, contrast_weight=0.0))) == {"loss", "distill", "cos"}  # off: not computed
 
 
-def _pair(s: np.ndarray, t: np.ndarray, temperature: float) -> np.ndarray:
+def _pair(s: np.ndarray, t: np.ndarray, temperature: float, focus: str = "student") -> np.ndarray:
     u = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
     student_cos, teacher_cos = u(s) @ u(t).T, u(t) @ u(t).T
+    focus_cos = student_cos if focus == "student" else teacher_cos
     out = np.zeros(len(s))
     for i in range(len(s)):
         others = [j for j in range(len(s)) if j != i]
-        w = np.exp(student_cos[i, others] / temperature)
+        w = np.exp(focus_cos[i, others] / temperature)
         out[i] = (w / w.sum() * (student_cos[i, others] - teacher_cos[i, others]) ** 2).sum()
     return out
 
@@ -173,6 +174,12 @@ def test_pair_fits_the_teacher_cosines_of_the_student_hardest_impostors_and_only
         == pytest.approx(cold, rel=1e-4)
     one = loss_parts(student[:1], logits[:1], teacher[:1], labels[:1], spec)  # a batch of one has no pairs
     assert float(one["pair"]) == 0.0
+    # --pair-focus teacher: the teacher's cosines weigh the pairs, whatever the student does.
+    by_teacher = LossSpec(pair_weight=1.0, pair_temperature=0.05, pair_focus="teacher")
+    want = _pair(student.numpy(), teacher.numpy(), 0.05, "teacher").mean()
+    assert want != pytest.approx(_pair(student.numpy(), teacher.numpy(), 0.05).mean(), rel=1e-3)
+    assert float(loss_parts(student, logits, teacher, labels, by_teacher)["pair"]) == pytest.approx(want, rel=1e-5)
+    assert float(loss_parts(teacher, logits, teacher, labels, by_teacher)["pair"]) == pytest.approx(0.0, abs=1e-7)
 
 
 def test_contrast_over_replicas_is_the_global_batch_term():
@@ -210,6 +217,8 @@ def test_bad_contrast_options_say_which():
     with pytest.raises(ValueError, match="--pair-temperature must be > 0"):
         LossSpec(pair_weight=1.0, pair_temperature=-1.0)
     assert LossSpec(distill_weight=0, pair_weight=1.0).pair_weight == 1.0
+    with pytest.raises(ValueError, match="--pair-focus must be one of student, teacher"):
+        LossSpec(pair_weight=1.0, pair_focus="both")
     with pytest.raises(ValueError, match="not all 0"):
         LossSpec(ce_weight=0, distill_weight=0, contrast_weight=0)
     assert LossSpec(ce_weight=0, distill_weight=0, contrast_weight=1.0).contrast_weight == 1.0
