@@ -172,6 +172,12 @@ ROWS: tuple[Row, ...] = (
     Row("tail, seed 1: nMSE + pair 2, focus on the teacher's cosines",
         (*MFN64, *PLAIN, *NMSE, *LR4, "--pair-weight", "2", "--pair-focus", "teacher", "--seed", "1"),
         samples=80_000, views=0, yaleb=True, group="tail"),
+    # EMA weights (--ema): the student judged and exported is the moving average of its weights over
+    # about the last 200 of the run's 1,188 steps.
+    Row("tail: nMSE, EMA weights (--ema 0.995)", (*MFN64, *PLAIN, *NMSE, *LR4, "--ema", "0.995"),
+        samples=80_000, views=0, yaleb=True, group="tail"),
+    Row("tail, seed 1: nMSE, EMA weights (--ema 0.995)", (*MFN64, *PLAIN, *NMSE, *LR4, "--ema", "0.995", "--seed", "1"),
+        samples=80_000, views=0, yaleb=True, group="tail"),
     # Resolution at equal samples (issue 31, item 2): the default recipe computing at 112 px, the
     # size the faces are aligned at, against the two 64 px seeds of (a) above.
     Row("resolution: the default recipe at 112 px (nMSE, lr 0.004)",

@@ -226,7 +226,7 @@ def choose_checkpoint(cfg: ExportConfig, student: str) -> str:
 def run_export(cfg: ExportConfig) -> ExportReport:
     from distill.mirror import RUN_SKIP, RUN_UNITS, local_copy
     from distill.startup import import_tensorflow_quietly
-    from distill.train.checkpoints import read_checkpoint, restore
+    from distill.train.checkpoints import load_student, read_checkpoint
     from distill.train.student import StudentSpec, build_student, embedding_model
 
     t0 = time.perf_counter()
@@ -236,7 +236,7 @@ def run_export(cfg: ExportConfig) -> ExportReport:
     spec = StudentSpec.from_json(config["student"])
     import_tensorflow_quietly()  # (the checkpoint is found and read: now the slow part)
     model = build_student(spec)
-    restore(model, None, ckpt)
+    load_student(model, ckpt)  # (with --ema, the averaged weights)
     emb_model = embedding_model(model)
     full = cfg.tflite and cfg.tflite_int8 == "full"
     try:

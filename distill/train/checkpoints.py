@@ -173,12 +173,39 @@ def assign_model(model, state: dict[str, np.ndarray], where: str = "the snapshot
     _assign(model.weights, state, "model", where)
 
 
+def average_key(path: str) -> str:
+    """The snapshot key of a trainable variable's moving average (``--ema``): Keras keeps it as
+    the optimizer variable ``<path, / as _>_average``. Pure."""
+    return f"optimizer/{path.replace('/', '_')}_average"
+
+
+def averaged(state: dict[str, np.ndarray], trainable: list[str], where: str = "the snapshot") -> dict[str, np.ndarray]:
+    """The weights to judge and ship: ``state`` with each trainable variable (paths ``trainable``)
+    replaced by its moving average where the run kept them (``--ema``), else ``state`` itself.
+    Batch-norm statistics are not trained and stay as they are. Pure."""
+    keys = {f"model/{path}": average_key(path) for path in trainable}
+    have = [k for k in keys.values() if k in state]
+    if not have:
+        return state
+    if len(have) != len(keys):
+        raise IncompatibleRun(f"{where} keeps moving averages (--ema) for {len(have)} of the student's {len(keys)} "
+                              "trainable variables; it was written by another architecture: use a new --out directory")
+    return {**state, **{m: state[a] for m, a in keys.items()}}
+
+
+def load_student(model, path: str) -> None:
+    """The student of a checkpoint, to judge or ship: its weights, or with ``--ema`` their averages."""
+    with np.load(os.path.join(path, "state.npz")) as z:
+        state = {k: z[k] for k in z.files}
+    assign_model(model, averaged(state, [v.path for v in model.trainable_variables], path), path)
+
+
 def restore(model, optimizer, path: str) -> None:
+    """A run's state, to train on: the model's last weights and the optimizer's variables."""
     with np.load(os.path.join(path, "state.npz")) as z:
         state = {k: z[k] for k in z.files}
     _assign(model.weights, state, "model", path)
-    if optimizer is not None:
-        _assign(optimizer.variables, state, "optimizer", path)
+    _assign(optimizer.variables, state, "optimizer", path)
 
 
 class LocalCheckpoints:
@@ -242,7 +269,8 @@ class LocalCheckpoints:
 
 
 def write_best(out: str, state: dict[str, np.ndarray], config: dict, cursor: Cursor, val: dict) -> str:
-    """``OUT/best``: the checkpoint that scored best on validation, replaced whole (temp + rename)."""
+    """``OUT/best``: the checkpoint that scored best on validation, replaced whole (temp + rename):
+    the model as it was judged (with ``--ema``, ``state`` holds the averages), no optimizer."""
     from distill.storage import publish_dir
 
     tmp = tempfile.mkdtemp(prefix=".best-", suffix=".tmp", dir=out)

@@ -54,6 +54,9 @@ class TrainConfig:
     lr_schedule: str = option("cosine", "cosine decay to 1%% of --lr over the run, or constant", choices=SCHEDULES, group="schedule")
     warmup_steps: int = option(100, "linear warm-up from 1%% of --lr over this many steps (0: none)", group="schedule")
     weight_decay: float = option(0.0, "decoupled weight decay (BatchNorm, biases and class centres exempt)", group="schedule")
+    ema: float = option(0.0, "keep an exponential moving average of the student's trainable weights at this decay "
+                        "(e.g. 0.995: about the last 200 steps) and validate and export it instead of the last "
+                        "weights (0: off)", group="schedule")
     max_steps: int | None = option(None, "stop after this many global steps (smoke runs, tests, a run in parts); the "
                                    "learning-rate schedule still spans --epochs, so a rerun with a larger value goes on", group="schedule")
     # -- objective
@@ -68,8 +71,9 @@ class TrainConfig:
     contrast_temperature: float = option(RECIPE.contrast_temperature, "temperature of the contrastive term", group="objective")
     pair_weight: float = option(RECIPE.pair_weight, "weight of relational distillation on the hardest impostors: a student "
                                 "embedding's cosines to the batch's other teacher targets fitted to the teacher's own, "
-                                "weighted to the pairs the student finds most alike (0: off; experimental: at weight 2 one seed "
-                                "of two collapsed a group of faces, docs/QUALITY.md)", group="objective")
+                                "weighted to the pairs the student (or, --pair-focus teacher, the teacher) finds most alike "
+                                "(0: off; experimental: neither focus beat nMSE alone over two seeds, and at weight 2 one "
+                                "seed of two of the student's focus collapsed a group of faces, docs/QUALITY.md)", group="objective")
     pair_temperature: float = option(RECIPE.pair_temperature, "temperature of the relational term's weights (lower: "
                                      "harder impostors only)", group="objective")
     pair_focus: str = option(RECIPE.pair_focus, "whose cosines pick the relational term's hard pairs: the student's "
@@ -153,6 +157,8 @@ class TrainConfig:
         for name in ("resolution", "embedding_dim"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise BadOption(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.ema < 1:
+            raise BadOption(f"--ema is a decay in [0, 1) (e.g. 0.995; 0: off), got {self.ema}")
         if self.optimizer not in OPTIMIZERS:
             raise BadOption(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.lr_schedule not in SCHEDULES:
@@ -369,7 +375,7 @@ def unlabelled_loss(cfg: TrainConfig, shards) -> LossSpec:
 
 
 # Changing these mid-run would silently change the data order, the training rows or the graph.
-_FIXED_TRAIN = ("batch_size", "seed", "shuffle_buffer", "partitions", "optimizer", "val_split", "val_seed")
+_FIXED_TRAIN = ("batch_size", "seed", "shuffle_buffer", "partitions", "optimizer", "ema", "val_split", "val_seed")
 
 
 def objective_changes(saved: dict[str, Any], run: TrainRun) -> list[str]:
@@ -420,6 +426,16 @@ def check_resume(saved: Mapping[str, Any], cursor: Cursor, run: TrainRun, where:
             + "\nRerun with the original options (`distill train --resume OUT` takes them from the checkpoint; a run "
             "started before --lr defaulted to 4e-3 had 2e-3), or train into a new --out directory."
         )
+
+
+def ema_warning(ema: float, steps: int) -> str | None:
+    """What to say when ``--ema``'s average would still hold much of the first step's weights at
+    the run's end (Keras starts it there and does not correct for it): over 1%. Pure."""
+    if not ema or ema ** steps <= 0.01:
+        return None
+    window = max(10, round(0.2 * steps / 10) * 10)
+    return (f"--ema {ema:g} over {steps} steps: the first step's weights still make up {ema ** steps:.0%} of the "
+            f"average at the end; a decay of about {1 - 1 / window:.4g} averages the last ~{window} steps")
 
 
 def lr_schedule(train: Mapping[str, Any], train_rows: int) -> Schedule:

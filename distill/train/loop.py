@@ -28,8 +28,17 @@ from distill.heartbeat import Heartbeat, interval, train_line
 from distill.startup import show_progress
 from distill.stopping import StopRequest, read_request
 from distill.storage import is_uri, write_file_atomic
-from distill.train.checkpoints import Cursor, read_best_val, read_checkpoint, restore, snapshot, write_best
-from distill.train.config import Schedule, TrainConfig, TrainRun, check_resume, should_checkpoint
+from distill.train.checkpoints import (
+    Cursor,
+    averaged,
+    load_student,
+    read_best_val,
+    read_checkpoint,
+    restore,
+    snapshot,
+    write_best,
+)
+from distill.train.config import Schedule, TrainConfig, TrainRun, check_resume, ema_warning, should_checkpoint
 from distill.train.losses import LossSpec
 from distill.train.order import steps_per_epoch
 from distill.train.student import StudentSpec
@@ -172,10 +181,11 @@ def _optimizer(cfg: TrainConfig, schedule: Schedule):
         warmup_target=peak if warmup else None, warmup_steps=warmup,
     )
     wd = cfg.weight_decay or None
+    ema = {"use_ema": True, "ema_momentum": cfg.ema} if cfg.ema else {}  # averages kept as optimizer variables
     if cfg.optimizer == "adam":
-        opt = keras.optimizers.Adam(lr, weight_decay=wd)
+        opt = keras.optimizers.Adam(lr, weight_decay=wd, **ema)
     else:
-        opt = keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=wd)
+        opt = keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=wd, **ema)
     if wd:
         # Decay shrinks weights towards 0; scales, shifts, biases and class centres are not weights of that kind.
         opt.exclude_from_weight_decay(var_names=["gamma", "beta", "bias", "centres"])
@@ -259,7 +269,7 @@ def _load_init(model, spec: StudentSpec, cfg: TrainConfig) -> str:
         return f"backbone from {source} ({copied} layers)"
     path = find_checkpoint(cfg.init)
     src = build_student(StudentSpec.from_json(read_checkpoint(path)[0]["student"]))
-    restore(src, None, path)
+    load_student(src, path)
     mine = {v.path: v for v in model.weights}
     copied, skipped = 0, []
     for v in src.weights:
@@ -320,6 +330,8 @@ class _Run:
         # --heartbeat: with the bars off, rank 0 logs where the run is every so many seconds.
         total = cfg.epochs * steps_per_epoch(self.prep.train_rows, cfg.batch_size)
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
+        if rank == 0 and ema_warning(cfg.ema, total):
+            log.warning("%s", ema_warning(cfg.ema, total))
         self.pulse = Heartbeat(interval(cfg.heartbeat, show_progress(cfg.progress), rank), time.monotonic())
         self.stop = stop or StopRequest("training")
 
@@ -375,11 +387,12 @@ class _Run:
         if self.prep.validator is None:
             return None
         t0 = time.perf_counter()
-        val = self.prep.validator(state)
+        judged = averaged(state, [v.path for v in self.model.trainable_variables])  # (--ema: the averages)
+        val = self.prep.validator(judged)
         val["val_seconds"] = round(time.perf_counter() - t0, 3)
         if keep_best and is_better(val, self.best, self.cfg.best_key):
-            write_best(self.out, state, self.resolved.to_json(), self.cursor, {**val, "epochs_done": self.cursor.epoch,
-                                                                    "step": self.cursor.step})
+            write_best(self.out, judged, self.resolved.to_json(), self.cursor, {**val, "epochs_done": self.cursor.epoch,
+                                                                     "step": self.cursor.step})
             self.store.sync()
             self.best = val
             val["best"] = True

@@ -197,8 +197,10 @@ def test_verification_sets_every_n_steps_choose_the_best_and_the_run_still_resum
     tiny = write_tiny_bin(tmp_path / "orlpairs.bin")
     out = tmp_path / "student"
     args = ("train", embedded_run, "--out", out, "--student", "mobilenetv2", "--width", "0.35", "--batch-size", "16",
-            "--epochs", "1", "--val-bin", tiny, "--val-every", "10", "--no-progress", "--no-verify-shards")
+            "--epochs", "1", "--val-bin", tiny, "--val-every", "10", "--no-progress", "--no-verify-shards", "--ema", "0.9")
     r = run_cli(*args, "--max-steps", "20", "--heartbeat", "0.1")
+    # --ema over a run this short: the average would still hold the first step's weights, and the log says so.
+    assert "--ema 0.9 over 25 steps: the first step's weights still make up 7% of the average" in r.stderr
     assert "validating at every epoch end and every 10 steps on orlpairs (20 pairs); OUT/best by val_orlpairs_acc" in r.stderr
     # Off a terminal the bars are off: the heartbeat says where the run is (here every 0.1 s, at most once a step).
     beats = [line for line in r.stderr.splitlines() if " INFO distill.train.loop: train: step " in line]
@@ -219,3 +221,8 @@ def test_verification_sets_every_n_steps_choose_the_best_and_the_run_still_resum
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epoch = [rec for rec in records if rec["kind"] == "epoch"]
     assert len(epoch) == 1 and epoch[0]["step"] == 25 and "val_orlpairs_acc" in epoch[0]
+    # The averages ride in every checkpoint (optimizer state); OUT/best holds the model alone.
+    with np.load(out / "checkpoints" / f"ckpt-{25:09d}" / "state.npz") as z:
+        assert any(k.startswith("optimizer/") and k.endswith("_average") for k in z.files)
+    with np.load(out / "best" / "state.npz") as z:
+        assert z.files and all(k.startswith("model/") for k in z.files)

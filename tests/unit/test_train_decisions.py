@@ -12,13 +12,14 @@ from toy_shards import write_toy_shards
 
 from distill.errors import IncompatibleRun
 from distill.shards.reader import open_shards
-from distill.train.checkpoints import Cursor, LocalCheckpoints, read_checkpoint
+from distill.train.checkpoints import Cursor, LocalCheckpoints, average_key, averaged, read_checkpoint
 from distill.train.config import (
     Schedule,
     TrainConfig,
     TrainRun,
     check_resume,
     default_resolution,
+    ema_warning,
     lr_schedule,
     objective_changes,
     resolve,
@@ -93,6 +94,30 @@ def test_incompatible_resume_names_every_difference(shards):
     saved_other_shards = {**saved, "shards_run_id": "elsewhere"}
     with pytest.raises(ValueError, match="shards: checkpoint trained on run elsewhere"):
         check_resume(saved_other_shards, _cursor(), resolve(cfg, shards), "ckpt")
+
+
+def test_ema_is_fixed_for_a_run_and_its_averages_stand_in_for_the_trained_weights(shards):
+    cfg = TrainConfig(shards=shards.location, out="o", batch_size=16)
+    saved = resolve(cfg, shards).to_json()
+    with pytest.raises(IncompatibleRun, match=r"--ema: checkpoint has 0.0, now 0.995"):  # (the optimizer's variables)
+        check_resume(saved, _cursor(), resolve(replace(cfg, ema=0.995), shards), "ckpt")
+    older = {**saved, "train": {k: v for k, v in saved["train"].items() if k != "ema"}}  # saved before --ema
+    check_resume(older, _cursor(), resolve(cfg, shards), "ckpt")
+    assert ema_warning(0.0, 100) is None and ema_warning(0.995, 1188) is None  # 0.26% of step 1 left: fine
+    assert ema_warning(0.999, 1188) == ("--ema 0.999 over 1188 steps: the first step's weights still make up 30% of "
+                                        "the average at the end; a decay of about 0.9958 averages the last ~240 steps")
+    with pytest.raises(ValueError, match=r"--ema is a decay in \[0, 1\) \(e.g. 0.995; 0: off\), got 1.0"):
+        TrainConfig(shards="s", out="o", ema=1.0)
+
+    one, two, stats = np.ones(2), np.full(2, 2.0), np.full(2, 9.0)
+    state = {"model/d/kernel": one, "model/bn/moving_mean": stats, "optimizer/d_kernel_momentum": one}
+    assert average_key("d/kernel") == "optimizer/d_kernel_average"
+    assert averaged(state, ["d/kernel"]) is state  # no averages kept: the weights as trained
+    with_avg = {**state, average_key("d/kernel"): two}
+    got = averaged(with_avg, ["d/kernel"])
+    assert got["model/d/kernel"] is two and got["model/bn/moving_mean"] is stats and with_avg["model/d/kernel"] is one
+    with pytest.raises(IncompatibleRun, match="moving averages .* for 1 of the student's 2 trainable"):
+        averaged(with_avg, ["d/kernel", "e/kernel"], "ckpt")
 
 
 def test_the_worker_count_may_change_anywhere_but_an_older_order_only_at_an_epoch_boundary(shards):
