@@ -193,17 +193,20 @@ def averaged(state: dict[str, np.ndarray], trainable: list[str], where: str = "t
     return {**state, **{m: state[a] for m, a in keys.items()}}
 
 
+def _read_state(path: str) -> dict[str, np.ndarray]:
+    with np.load(os.path.join(path, "state.npz")) as z:
+        return {k: z[k] for k in z.files}
+
+
 def load_student(model, path: str) -> None:
     """The student of a checkpoint, to judge or ship: its weights, or with ``--ema`` their averages."""
-    with np.load(os.path.join(path, "state.npz")) as z:
-        state = {k: z[k] for k in z.files}
+    state = _read_state(path)
     assign_model(model, averaged(state, [v.path for v in model.trainable_variables], path), path)
 
 
 def restore(model, optimizer, path: str) -> None:
     """A run's state, to train on: the model's last weights and the optimizer's variables."""
-    with np.load(os.path.join(path, "state.npz")) as z:
-        state = {k: z[k] for k in z.files}
+    state = _read_state(path)
     _assign(model.weights, state, "model", path)
     _assign(optimizer.variables, state, "optimizer", path)
 
