@@ -172,11 +172,36 @@ ROWS: tuple[Row, ...] = (
     Row("tail, seed 1: nMSE + pair 2, focus on the teacher's cosines",
         (*MFN64, *PLAIN, *NMSE, *LR4, "--pair-weight", "2", "--pair-focus", "teacher", "--seed", "1"),
         samples=80_000, views=0, yaleb=True, group="tail"),
+    # The same term with each pair's weight capped at 0.1 (--pair-cap 0.1): no pair carries more than a
+    # tenth of a row's term, so a group of faces the student has merged cannot draw all of it (seed 1
+    # of the student's focus above).
+    Row("tail: nMSE + pair 2, each pair's weight capped at 0.1",
+        (*MFN64, *PLAIN, *NMSE, *LR4, "--pair-weight", "2", "--pair-cap", "0.1"),
+        samples=80_000, views=0, yaleb=True, group="tail"),
+    Row("tail, seed 1: nMSE + pair 2, each pair's weight capped at 0.1",
+        (*MFN64, *PLAIN, *NMSE, *LR4, "--pair-weight", "2", "--pair-cap", "0.1", "--seed", "1"),
+        samples=80_000, views=0, yaleb=True, group="tail"),
     # EMA weights (--ema): the student judged and exported is the moving average of its weights over
     # about the last 200 of the run's 1,188 steps.
     Row("tail: nMSE, EMA weights (--ema 0.995)", (*MFN64, *PLAIN, *NMSE, *LR4, "--ema", "0.995"),
         samples=80_000, views=0, yaleb=True, group="tail"),
     Row("tail, seed 1: nMSE, EMA weights (--ema 0.995)", (*MFN64, *PLAIN, *NMSE, *LR4, "--ema", "0.995", "--seed", "1"),
+        samples=80_000, views=0, yaleb=True, group="tail"),
+    # Hardness weighting of the per-row term (--distill-hardness 1): each row's nMSE weighted by
+    # itself over the batch's mean, so the faces the student is furthest from its teacher on steer
+    # the step instead of the many it already matches.
+    Row("tail: nMSE, hard rows weigh more (--distill-hardness 1)", (*MFN64, *PLAIN, *NMSE, *LR4, "--distill-hardness", "1"),
+        samples=80_000, views=0, yaleb=True, group="tail"),
+    Row("tail, seed 1: nMSE, hard rows weigh more (--distill-hardness 1)",
+        (*MFN64, *PLAIN, *NMSE, *LR4, "--distill-hardness", "1", "--seed", "1"),
+        samples=80_000, views=0, yaleb=True, group="tail"),
+    # The teacher embedding's norm as a per-row quality weight (--distill-quality 2): the norm runs
+    # from about 44 to 82 in these shards (1st to 99th percentile), so the weights from about 0.5
+    # to 1.7 of the mean: clear faces steer the step, blurred and turned ones less.
+    Row("tail: nMSE, clear faces weigh more (--distill-quality 2)", (*MFN64, *PLAIN, *NMSE, *LR4, "--distill-quality", "2"),
+        samples=80_000, views=0, yaleb=True, group="tail"),
+    Row("tail, seed 1: nMSE, clear faces weigh more (--distill-quality 2)",
+        (*MFN64, *PLAIN, *NMSE, *LR4, "--distill-quality", "2", "--seed", "1"),
         samples=80_000, views=0, yaleb=True, group="tail"),
     # Resolution at equal samples (issue 31, item 2): the default recipe computing at 112 px, the
     # size the faces are aligned at, against the two 64 px seeds of (a) above.

@@ -63,6 +63,13 @@ class TrainConfig:
     distill_loss: str = option(RECIPE.distill, "distillation term: nmse (||s/|s| - t/|t|||^2 = 2 - 2 cos, the MSE of the "
                                "directions), cosine (1 - cos) or mse (raw values: dominated by the teacher's norm)",
                                choices=DISTILL_LOSSES, group="objective")
+    distill_hardness: float = option(RECIPE.distill_hardness, "weigh each row's distillation term by that term to "
+                                     "this power, normalised to mean 1 over the global batch: the faces the student "
+                                     "is furthest from its teacher on weigh most (0: every row alike)", group="objective")
+    distill_quality: float = option(RECIPE.distill_quality, "weigh each row's distillation term by the teacher "
+                                    "embedding's norm to this power (the norm grows with face quality in "
+                                    "margin-trained teachers), normalised to mean 1 over the global batch; with "
+                                    "--distill-hardness, one weight of both (0: every row alike)", group="objective")
     distill_weight: float = option(RECIPE.distill_weight, "weight of the distillation term (--mse-weight: its old "
                                    "name)", group="objective", aliases=("mse_weight",))
     ce_weight: float = option(RECIPE.ce_weight, "weight of the identity classifier's cross-entropy", group="objective")
@@ -79,6 +86,9 @@ class TrainConfig:
     pair_focus: str = option(RECIPE.pair_focus, "whose cosines pick the relational term's hard pairs: the student's "
                              "(its hardest impostors) or the teacher's (the pairs the teacher finds most alike)",
                              choices=PAIR_FOCUSES, group="objective")
+    pair_cap: float = option(RECIPE.pair_cap, "the most weight any one pair can have in a row's relational term, of "
+                             "the row's 1 (e.g. 0.1: no pair carries more than a tenth of it, so a few faces the "
+                             "student has merged cannot take the whole term; 1: no cap)", group="objective")
     margin: str = option(RECIPE.margin, "classifier: softmax, arcface (learned centres) or teacher (ArcFace whose "
                          "class centres are the teacher's, AdaDistill-style)", choices=MARGINS, group="objective")
     arc_scale: float = option(RECIPE.arc_scale, "ArcFace scale s (arcface and teacher margins)", group="objective")
@@ -202,9 +212,12 @@ class TrainConfig:
         self.loss_spec()  # validates early
 
     def loss_spec(self) -> LossSpec:
-        return LossSpec(self.ce_weight, self.distill_weight, self.distill_loss, self.margin, self.arc_scale,
-                        self.arc_margin, self.contrast_weight, self.contrast_temperature, self.pair_weight,
-                        self.pair_temperature, self.pair_focus)
+        return LossSpec(
+            ce_weight=self.ce_weight, distill_weight=self.distill_weight, distill=self.distill_loss, margin=self.margin,
+            arc_scale=self.arc_scale, arc_margin=self.arc_margin, contrast_weight=self.contrast_weight,
+            contrast_temperature=self.contrast_temperature, pair_weight=self.pair_weight,
+            pair_temperature=self.pair_temperature, pair_focus=self.pair_focus, pair_cap=self.pair_cap,
+            distill_hardness=self.distill_hardness, distill_quality=self.distill_quality)
 
     @property
     def validates(self) -> bool:

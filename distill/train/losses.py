@@ -12,7 +12,15 @@ a part whose weight is 0 is neither computed nor logged.
   ``nmse``   squared distance of the L2-normalised embeddings, ``2 - 2 cos``: MSE on the
              direction, the only thing verification uses, and independent of either norm;
   ``cosine`` ``1 - cos``, the same direction term at half the scale.
-  The teacher side is a constant: gradients reach the student only.
+  The teacher side is a constant: gradients reach the student only. ``distill_hardness`` H > 0
+  weighs each row's term ``d_i`` by ``d_i^H / mean_j(d_j^H)`` over the global batch (no gradient
+  through the weights; their mean is 1, so the learning rate means the same): the faces the
+  student is furthest from its teacher on weigh most, where the mean lets the many easy rows set
+  the step. ``distill_quality`` Q > 0 weighs it by the teacher embedding's norm ``|t_i|^Q`` the
+  same way: in margin-trained teachers the norm grows with how clearly the face shows who it is
+  (MagFace), so clear faces weigh most and blurred or turned ones least. Both on: one weight,
+  ``d_i^H |t_i|^Q`` over its batch mean. A teacher whose embeddings are unit-length has no norm
+  to give: Q then changes nothing.
 - ``contrast`` is contrastive distillation (InfoNCE over the teacher's embeddings, as in CRD):
   each student embedding must pick its own teacher target out of every target of the global
   batch, ``-log softmax_j(cos(s_i, t_j) / T)[i]``. The other targets are mostly *other images
@@ -29,7 +37,9 @@ a part whose weight is 0 is neither computed nor logged.
   pushes no pair apart that the teacher holds together (two photos of one person stay close).
   ``pair_focus`` ``teacher`` takes the weights from the teacher's cosines ``cos(t_i, t_j)``
   instead: the pairs the teacher finds most alike, fixed by the data, so the weights cannot
-  follow the student onto a group of faces it has merged.
+  follow the student onto a group of faces it has merged. ``pair_cap`` C < 1 caps each weight
+  at C (``min(w_ij, C)``, not renormalised): no single pair carries more than C of a row's term,
+  so a few pairs the student has merged cannot take the whole of it.
 - ``cos`` is the batch's mean teacher-student cosine, whatever the loss: the number to watch.
 
 Parts are averaged over the *global* batch (``tf.nn.compute_average_loss``): summed across
@@ -65,8 +75,14 @@ class LossSpec:
     pair_weight: float = 0.0  # on: + the relational term on the student's hardest impostor pairs
     pair_temperature: float = 0.1
     pair_focus: str = "student"
+    pair_cap: float = 1.0  # below 1: the most weight any one pair can have in a row's relational term
+    distill_hardness: float = 0.0  # on: rows weighted by their own distillation term to this power
+    distill_quality: float = 0.0  # on: rows weighted by the teacher embedding's norm to this power
 
     def __post_init__(self) -> None:
+        for name, power in (("hardness", self.distill_hardness), ("quality", self.distill_quality)):
+            if not power >= 0:
+                raise BadOption(f"--distill-{name} must be >= 0 (0: every row alike; e.g. 1), got {power}")
         if self.pair_focus not in PAIR_FOCUSES:
             raise BadOption(f"--pair-focus must be one of {', '.join(PAIR_FOCUSES)}, got {self.pair_focus!r}")
         if self.distill not in DISTILL_LOSSES:
@@ -77,6 +93,8 @@ class LossSpec:
                 f"--ce-weight {self.ce_weight}, --distill-weight {self.distill_weight}, --contrast-weight "
                 f"{self.contrast_weight} and --pair-weight {self.pair_weight} must be >= 0 and not all 0"
             )
+        if not 0 < self.pair_cap <= 1:
+            raise BadOption(f"--pair-cap is a share of a row's pair weights in (0, 1] (1: no cap; e.g. 0.1), got {self.pair_cap}")
         for name, t in (("contrast", self.contrast_temperature), ("pair", self.pair_temperature)):
             if not t > 0:
                 raise BadOption(f"--{name}-temperature must be > 0 (e.g. 0.1), got {t}")
@@ -139,11 +157,11 @@ def contrast_loss(student_unit, teacher_unit, temperature: float):
     return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=own, logits=logits)
 
 
-def pair_loss(student_unit, teacher_unit, temperature: float, focus: str = "student"):
+def pair_loss(student_unit, teacher_unit, temperature: float, focus: str = "student", cap: float = 1.0):
     """Per-sample relational term: ``sum_j w_ij (cos(s_i, t_j) - cos(t_i, t_j))^2`` over the other
     targets j of the global batch, ``w_ij = softmax_j(cos(x_i, t_j) / T)`` without gradient, x the
     student (``focus`` "student": its hardest impostors weigh most) or the teacher ("teacher": the
-    pairs the teacher finds most alike). 0 for a global batch of one."""
+    pairs the teacher finds most alike), each capped at ``cap``. 0 for a global batch of one."""
     import tensorflow as tf
 
     keys, own = batch_targets(teacher_unit)
@@ -153,7 +171,29 @@ def pair_loss(student_unit, teacher_unit, temperature: float, focus: str = "stud
     focus_cos = student_cos if focus == "student" else teacher_cos
     logits = tf.stop_gradient(focus_cos) / temperature - 1e9 * (1.0 - other)
     weights = tf.nn.softmax(logits, axis=-1) * other  # (all 0 when i is the batch's only row)
+    if cap < 1:
+        weights = tf.minimum(weights, cap)
     return tf.reduce_sum(weights * tf.square(student_cos - teacher_cos), axis=-1)
+
+
+def row_weights(dist, teacher_norm, hardness: float, quality: float):
+    """``x_i / mean_j(x_j)`` over the rows of the global batch (every replica's), for
+    ``x_i = d_i^hardness * |t_i|^quality``, without gradient: per-row weights of mean 1 that grow
+    with the row's own distillation term ``d_i`` and with its teacher embedding's norm."""
+    import tensorflow as tf
+
+    x = tf.ones_like(dist)
+    if hardness:
+        x *= tf.pow(tf.maximum(dist, 0.0), hardness)
+    if quality:
+        x *= tf.pow(teacher_norm, quality)
+    x = tf.stop_gradient(x)
+    total, count = tf.reduce_sum(x), tf.cast(tf.shape(x)[0], x.dtype)
+    ctx = tf.distribute.get_replica_context()
+    if ctx is not None and ctx.num_replicas_in_sync > 1:
+        total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, total)
+        count = ctx.all_reduce(tf.distribute.ReduceOp.SUM, count)
+    return x / tf.maximum(total / tf.maximum(count, 1.0), 1e-12)
 
 
 def classifier_loss(logits, labels, spec: LossSpec, class_bias=None):
@@ -205,6 +245,9 @@ def loss_parts(embedding, logits, teacher, labels, spec: LossSpec, global_batch_
             dist = 2.0 - 2.0 * cos
         else:
             dist = 1.0 - cos
+        if spec.distill_hardness or spec.distill_quality:
+            norm = tf.norm(teacher, axis=-1)
+            dist = row_weights(dist, norm, spec.distill_hardness, spec.distill_quality) * dist
         parts["distill"] = tf.nn.compute_average_loss(dist, global_batch_size=global_batch_size)
         loss += spec.distill_weight * parts["distill"]
     if spec.contrast_weight:
@@ -212,7 +255,7 @@ def loss_parts(embedding, logits, teacher, labels, spec: LossSpec, global_batch_
         parts["contrast"] = tf.nn.compute_average_loss(con, global_batch_size=global_batch_size)
         loss += spec.contrast_weight * parts["contrast"]
     if spec.pair_weight:
-        pair = pair_loss(s_unit, t_unit, spec.pair_temperature, spec.pair_focus)
+        pair = pair_loss(s_unit, t_unit, spec.pair_temperature, spec.pair_focus, spec.pair_cap)
         parts["pair"] = tf.nn.compute_average_loss(pair, global_batch_size=global_batch_size)
         loss += spec.pair_weight * parts["pair"]
     cos = tf.nn.compute_average_loss(cos, global_batch_size=global_batch_size)

@@ -68,6 +68,38 @@ def test_normalised_mse_is_two_minus_two_cos_and_ignores_either_norm():
     assert tape.gradient(parts["loss"], teacher) is None  # the teacher is never trained
 
 
+def test_row_weights_follow_hardness_and_the_teacher_norm_with_mean_one_and_no_gradient():
+    student, logits, teacher, labels = _batch(4, n=6)
+    s = student.numpy() / np.linalg.norm(student.numpy(), axis=1, keepdims=True)
+    t = teacher.numpy() / np.linalg.norm(teacher.numpy(), axis=1, keepdims=True)
+    d = 2 - 2 * (s * t).sum(1)
+    plain = float(loss_parts(student, logits, teacher, labels, LossSpec())["distill"])
+    assert plain == pytest.approx(d.mean(), rel=1e-5)
+    for power in (1.0, 2.0):
+        w = d**power / (d**power).mean()
+        assert float(loss_parts(student, logits, teacher, labels, LossSpec(distill_hardness=power))["distill"]) \
+            == pytest.approx((w * d).mean(), rel=1e-5)
+    # Rows further from the teacher than the mean gain weight: the weighted term exceeds the plain mean.
+    assert (d / d.mean() * d).mean() > plain
+    # The weights are constants of the step: the gradient is the plain one of each row, reweighted.
+    w = tf.constant((d / d.mean()).astype(np.float32))
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(student)
+        hard = loss_parts(student, logits, teacher, labels, LossSpec(distill_hardness=1.0))["distill"]
+        su = tf.math.l2_normalize(student, -1)
+        fixed = tf.reduce_mean(w * (2.0 - 2.0 * tf.reduce_sum(su * tf.math.l2_normalize(teacher, -1), -1)))
+    np.testing.assert_allclose(tape.gradient(hard, student).numpy(), tape.gradient(fixed, student).numpy(), rtol=1e-4, atol=1e-7)
+    # Where the student is the teacher every term is 0 and nothing divides by 0.
+    assert float(loss_parts(teacher, logits, teacher, labels, LossSpec(distill_hardness=1.0))["distill"]) == pytest.approx(0.0, abs=1e-6)
+    # --distill-quality: the teacher embedding's norm weighs the row, alone or times the hardness.
+    norm = np.linalg.norm(teacher.numpy(), axis=1)
+    for spec, x in ((LossSpec(distill_quality=2.0), norm**2), (LossSpec(distill_hardness=1.0, distill_quality=1.0), d * norm)):
+        assert float(loss_parts(student, logits, teacher, labels, spec)["distill"]) == pytest.approx((x / x.mean() * d).mean(), rel=1e-5)
+    # A unit-length teacher has no norm to give: the term is nMSE's, whatever the power.
+    unit = tf.math.l2_normalize(teacher, -1)
+    assert float(loss_parts(student, logits, unit, labels, LossSpec(distill_quality=3.0))["distill"]) == pytest.approx(plain, rel=1e-5)
+
+
 def test_the_classifier_skips_unlabelled_rows():
     student, logits, teacher, _ = _batch(8, n=6)
     logits = 0.5 * tf.tanh(logits)  # cosine-like, so the ArcFace head is not saturated either
@@ -139,7 +171,7 @@ def test_contrast_picks_each_target_out_of_the_batch_and_only_trains_the_student
     assert set(loss_parts(student, logits, teacher, labels, LossSpec(ce_weight=0.0, contrast_weight=0.0))) == {"loss", "distill", "cos"}  # off: not computed
 
 
-def _pair(s: np.ndarray, t: np.ndarray, temperature: float, focus: str = "student") -> np.ndarray:
+def _pair(s: np.ndarray, t: np.ndarray, temperature: float, focus: str = "student", cap: float = 1.0) -> np.ndarray:
     u = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
     student_cos, teacher_cos = u(s) @ u(t).T, u(t) @ u(t).T
     focus_cos = student_cos if focus == "student" else teacher_cos
@@ -147,7 +179,7 @@ def _pair(s: np.ndarray, t: np.ndarray, temperature: float, focus: str = "studen
     for i in range(len(s)):
         others = [j for j in range(len(s)) if j != i]
         w = np.exp(focus_cos[i, others] / temperature)
-        out[i] = (w / w.sum() * (student_cos[i, others] - teacher_cos[i, others]) ** 2).sum()
+        out[i] = (np.minimum(w / w.sum(), cap) * (student_cos[i, others] - teacher_cos[i, others]) ** 2).sum()
     return out
 
 
@@ -180,6 +212,12 @@ def test_pair_fits_the_teacher_cosines_of_the_student_hardest_impostors_and_only
     assert want != pytest.approx(_pair(student.numpy(), teacher.numpy(), 0.05).mean(), rel=1e-3)
     assert float(loss_parts(student, logits, teacher, labels, by_teacher)["pair"]) == pytest.approx(want, rel=1e-5)
     assert float(loss_parts(teacher, logits, teacher, labels, by_teacher)["pair"]) == pytest.approx(0.0, abs=1e-7)
+    # --pair-cap: no pair weighs more than the cap, and the term shrinks where one pair held most of a row's.
+    hot = LossSpec(pair_weight=1.0, pair_temperature=0.01)
+    capped = LossSpec(pair_weight=1.0, pair_temperature=0.01, pair_cap=0.3)
+    want = _pair(student.numpy(), teacher.numpy(), 0.01, cap=0.3).mean()
+    assert want < float(loss_parts(student, logits, teacher, labels, hot)["pair"])
+    assert float(loss_parts(student, logits, teacher, labels, capped)["pair"]) == pytest.approx(want, rel=1e-5)
 
 
 def test_contrast_over_replicas_is_the_global_batch_term():
@@ -195,15 +233,17 @@ def test_contrast_over_replicas_is_the_global_batch_term():
         s, t = (rng.normal(size=(8, 5)).astype(np.float32) for _ in range(2))
         logits = rng.normal(size=(8, 2)).astype(np.float32)
         lab = np.array([0, 1, -1, 0, -1, -1, 1, 1], np.int64)  # unlabelled rows spread unevenly over the replicas
-        spec = LossSpec(ce_weight=0.5, distill_weight=1.0, distill="nmse", contrast_weight=1.0, pair_weight=2.0)
-        one = loss_parts(s, logits, t, lab, spec, 8)
         st = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         ds = st.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((s, logits, t, lab)).batch(8))
-        fn = lambda a, l, b, c: loss_parts(a, l, b, c, spec, 8)
-        for batch in ds:
-            two = {k: float(st.reduce("SUM", v, axis=None)) for k, v in st.run(fn, args=batch).items()}
-        for k in ("contrast", "pair", "distill", "ce", "loss"):
-            assert abs(two[k] - float(one[k])) < 1e-5 * max(1.0, abs(float(one[k]))), (k, two[k], float(one[k]))
+        for spec in (LossSpec(ce_weight=0.5, distill_weight=1.0, distill="nmse", contrast_weight=1.0, pair_weight=2.0),
+                     LossSpec(distill_hardness=2.0, distill_quality=1.0, pair_weight=1.0, pair_cap=0.2)):  # (the row weights' mean is over the global batch too)
+            one = loss_parts(s, logits, t, lab, spec, 8)
+            fn = lambda a, l, b, c: loss_parts(a, l, b, c, spec, 8)
+            for batch in ds:
+                two = {k: float(st.reduce("SUM", v, axis=None)) for k, v in st.run(fn, args=batch).items()}
+            assert set(two) == set(one)
+            for k in two:
+                assert abs(two[k] - float(one[k])) < 1e-5 * max(1.0, abs(float(one[k]))), (k, two[k], float(one[k]))
         print("ok")
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
@@ -217,6 +257,13 @@ def test_bad_contrast_options_say_which():
     with pytest.raises(ValueError, match="--pair-temperature must be > 0"):
         LossSpec(pair_weight=1.0, pair_temperature=-1.0)
     assert LossSpec(distill_weight=0, pair_weight=1.0).pair_weight == 1.0
+    with pytest.raises(ValueError, match="--distill-hardness must be >= 0"):
+        LossSpec(distill_hardness=-1.0)
+    with pytest.raises(ValueError, match="--distill-quality must be >= 0"):
+        LossSpec(distill_quality=float("nan"))
+    for cap in (0.0, 1.5):
+        with pytest.raises(ValueError, match="--pair-cap is a share"):
+            LossSpec(pair_weight=1.0, pair_cap=cap)
     with pytest.raises(ValueError, match="--pair-focus must be one of student, teacher"):
         LossSpec(pair_weight=1.0, pair_focus="both")
     with pytest.raises(ValueError, match="not all 0"):
