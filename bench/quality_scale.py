@@ -196,8 +196,8 @@ ROWS: tuple[Row, ...] = (
         (*MFN64, *PLAIN, *NMSE, *LR4, "--distill-hardness", "1", "--seed", "1"),
         samples=80_000, views=0, yaleb=True, group="tail"),
     # The teacher embedding's norm as a per-row quality weight (--distill-quality 2): the norm runs
-    # from about 44 to 82 in these shards (1st to 99th percentile), so the weights from about 0.5
-    # to 1.7 of the mean: clear faces steer the step, blurred and turned ones less.
+    # from about 48 to 99 in these shards (1st to 99th percentile), so the weights from about 0.5
+    # to 2.1 of the mean: clear faces steer the step, blurred and turned ones less.
     Row("tail: nMSE, clear faces weigh more (--distill-quality 2)", (*MFN64, *PLAIN, *NMSE, *LR4, "--distill-quality", "2"),
         samples=80_000, views=0, yaleb=True, group="tail"),
     Row("tail, seed 1: nMSE, clear faces weigh more (--distill-quality 2)",

@@ -45,6 +45,11 @@ class ShardsFailed(DistillError, RuntimeError):
     """Some shards failed every attempt; the rest are done and kept."""
 
 
+class Diverged(DistillError, ArithmeticError):
+    """The training loss stopped being a finite number; the steps since the last checkpoint were
+    not saved (their weights are not numbers)."""
+
+
 class Stopped(DistillError):
     """The run stopped cleanly on SIGTERM or SIGINT after saving its progress; rerunning the
     same command resumes. The CLI exits 128 + the signal's number (143, 130), as a signal would."""

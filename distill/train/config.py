@@ -64,10 +64,10 @@ class TrainConfig:
                                "directions), cosine (1 - cos) or mse (raw values: dominated by the teacher's norm)",
                                choices=DISTILL_LOSSES, group="objective")
     distill_hardness: float = option(RECIPE.distill_hardness, "weigh each row's distillation term by that term to "
-                                     "this power, normalised to mean 1 over the global batch: the faces the student "
+                                     "this power (>= 0), normalised to mean 1 over the global batch: the faces the student "
                                      "is furthest from its teacher on weigh most (0: every row alike)", group="objective")
     distill_quality: float = option(RECIPE.distill_quality, "weigh each row's distillation term by the teacher "
-                                    "embedding's norm to this power (the norm grows with face quality in "
+                                    "embedding's norm to this power (>= 0; the norm grows with face quality in "
                                     "margin-trained teachers), normalised to mean 1 over the global batch; with "
                                     "--distill-hardness, one weight of both (0: every row alike)", group="objective")
     distill_weight: float = option(RECIPE.distill_weight, "weight of the distillation term (--mse-weight: its old "
@@ -88,9 +88,11 @@ class TrainConfig:
     pair_focus: str = option(RECIPE.pair_focus, "whose cosines pick the relational term's hard pairs: the student's "
                              "(its hardest impostors) or the teacher's (the pairs the teacher finds most alike)",
                              choices=PAIR_FOCUSES, group="objective")
-    pair_cap: float = option(RECIPE.pair_cap, "the most weight any one pair can have in a row's relational term, of "
-                             "the row's 1 (e.g. 0.1: no pair carries more than a tenth of it, so a few faces the "
-                             "student has merged cannot take the whole term; 1: no cap)", group="objective")
+    pair_cap: float = option(RECIPE.pair_cap, "cap each pair's weight in a row's relational term (the row's weights "
+                             "sum to 1) at this share, not renormalised: at 0.1 no pair carries more than a tenth "
+                             "of it, so a few faces the student has merged cannot take the whole term; at or below "
+                             "1/(batch size - 1) every pair is capped and the term only shrinks (1: no cap)",
+                             group="objective")
     margin: str = option(RECIPE.margin, "classifier: softmax, arcface (learned centres) or teacher (ArcFace whose "
                          "class centres are the teacher's, AdaDistill-style)", choices=MARGINS, group="objective")
     arc_scale: float = option(RECIPE.arc_scale, "ArcFace scale s (arcface and teacher margins)", group="objective")

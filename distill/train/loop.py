@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from distill.errors import BadInput, BadOption, IncompatibleRun, Stopped
+from distill.errors import BadInput, BadOption, Diverged, IncompatibleRun, Stopped
 from distill.heartbeat import Heartbeat, interval, train_line
 from distill.startup import show_progress
 from distill.stopping import StopRequest, read_request
@@ -39,7 +40,7 @@ from distill.train.checkpoints import (
     write_best,
 )
 from distill.train.config import Schedule, TrainConfig, TrainRun, check_resume, ema_warning, should_checkpoint
-from distill.train.losses import LossSpec
+from distill.train.losses import LossSpec, unused_options
 from distill.train.order import steps_per_epoch
 from distill.train.student import StudentSpec
 from distill.train.validate import is_better
@@ -314,8 +315,11 @@ class _Run:
         self.resumed_from = self.cursor.step if latest is not None else None
         norm = self.shards.teacher_norm
         if norm and rank == 0:
-            log.info("targets: raw teacher norm %.2f +- %.2f over %d rows; the %s term compares %s", norm["mean"],
-                     norm["std"], norm["rows"], cfg.distill_loss, "raw values" if cfg.distill_loss == "mse" else "directions")
+            log.info("targets: raw teacher norm %.2f +- %.2f over %d rows; the %s term compares %s%s", norm["mean"],
+                     norm["std"], norm["rows"], cfg.distill_loss, "raw values" if cfg.distill_loss == "mse" else "directions",
+                     f", each row weighted by the norm to the power {cfg.distill_quality:g}" if cfg.distill_quality else "")
+        for warning in (unused_options(self.resolved.loss) if rank == 0 else ()):
+            log.warning("%s", warning)
         from distill.train.stream import check_decoder
 
         check_decoder(self.shards)  # (a few images: the student's pixels are the teacher's, or say why not)
@@ -532,6 +536,12 @@ class _Run:
 
         parts, index = self.step_fn(next(batches), tf.constant(1.0 if self._stop_wanted() else 0.0))
         parts = {k: float(v) for k, v in parts.items()}
+        if not math.isfinite(parts["loss"]):
+            c, saved = self.cursor, self.last_saved
+            raise Diverged(
+                f"training diverged: the loss is {parts['loss']} at step {c.step + 1} (epoch {c.epoch + 1}), so the "
+                f"weights are no longer numbers; nothing after {f'the checkpoint at step {saved}' if saved >= 0 else 'the start'} "
+                "was saved. Lower --lr (a new --out), or undo what made the loss blow up, and rerun")
         if parts.pop("stop") > 0 and not self.stop.requested:  # another worker's, or the driver's (Ray Train)
             self.stop.signum = read_request(self.cfg.out) or signal.SIGTERM
         self.cursor = replace(self.cursor, samples=self.cursor.samples + self.cfg.batch_size, step=self.cursor.step + 1)

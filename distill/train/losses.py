@@ -81,8 +81,8 @@ class LossSpec:
 
     def __post_init__(self) -> None:
         for name, power in (("hardness", self.distill_hardness), ("quality", self.distill_quality)):
-            if not power >= 0:
-                raise BadOption(f"--distill-{name} must be >= 0 (0: every row alike; e.g. 1), got {power}")
+            if not 0 <= power < math.inf:
+                raise BadOption(f"--distill-{name} is a power >= 0 (0: every row alike; e.g. 1), got {power}")
         if self.pair_focus not in PAIR_FOCUSES:
             raise BadOption(f"--pair-focus must be one of {', '.join(PAIR_FOCUSES)}, got {self.pair_focus!r}")
         if self.distill not in DISTILL_LOSSES:
@@ -179,21 +179,43 @@ def pair_loss(student_unit, teacher_unit, temperature: float, focus: str = "stud
 def row_weights(dist, teacher_norm, hardness: float, quality: float):
     """``x_i / mean_j(x_j)`` over the rows of the global batch (every replica's), for
     ``x_i = d_i^hardness * |t_i|^quality``, without gradient: per-row weights of mean 1 that grow
-    with the row's own distillation term ``d_i`` and with its teacher embedding's norm."""
+    with the row's own distillation term ``d_i`` and with its teacher embedding's norm. Computed
+    from logs less the global batch's largest, so no power overflows float32 (|t|^25 would)."""
     import tensorflow as tf
 
-    x = tf.ones_like(dist)
+    log_x = tf.zeros_like(dist)
     if hardness:
-        x *= tf.pow(tf.maximum(dist, 0.0), hardness)
+        log_x += hardness * tf.math.log(tf.maximum(dist, 1e-30))
     if quality:
-        x *= tf.pow(teacher_norm, quality)
-    x = tf.stop_gradient(x)
-    total, count = tf.reduce_sum(x), tf.cast(tf.shape(x)[0], x.dtype)
+        log_x += quality * tf.math.log(tf.maximum(teacher_norm, 1e-30))
+    log_x = tf.stop_gradient(log_x)
+    top = tf.reduce_max(log_x)
     ctx = tf.distribute.get_replica_context()
-    if ctx is not None and ctx.num_replicas_in_sync > 1:
+    many = ctx is not None and ctx.num_replicas_in_sync > 1
+    if many:
+        top = tf.reduce_max(ctx.all_gather(tf.reshape(top, [1]), axis=0))  # (ReduceOp has no MAX)
+    x = tf.exp(log_x - top)  # (in (0, 1], the largest row of the global batch at 1)
+    total, count = tf.reduce_sum(x), tf.cast(tf.shape(x)[0], x.dtype)
+    if many:
         total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, total)
         count = ctx.all_reduce(tf.distribute.ReduceOp.SUM, count)
-    return x / tf.maximum(total / tf.maximum(count, 1.0), 1e-12)
+    return x * (count / total)
+
+
+def unused_options(spec: "LossSpec") -> list[str]:
+    """The options set away from their defaults that shape a term whose weight is 0, so change
+    nothing (a user who sets ``--pair-cap`` without ``--pair-weight`` may think it acts). Pure."""
+    default, unused = LossSpec(), []
+    for weight, name, options in (
+        (spec.distill_weight, "--distill-weight", ("distill", "distill_hardness", "distill_quality")),
+        (spec.contrast_weight, "--contrast-weight", ("contrast_temperature",)),
+        (spec.pair_weight, "--pair-weight", ("pair_temperature", "pair_focus", "pair_cap")),
+    ):
+        changed = [o for o in options if getattr(spec, o) != getattr(default, o)]
+        if not weight and changed:
+            flags = ", ".join(f"--{'distill-loss' if o == 'distill' else o.replace('_', '-')}" for o in changed)
+            unused.append(f"{flags} change nothing: {name} is 0, so its term is off")
+    return unused
 
 
 def classifier_loss(logits, labels, spec: LossSpec, class_bias=None):

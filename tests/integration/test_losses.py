@@ -95,6 +95,12 @@ def test_row_weights_follow_hardness_and_the_teacher_norm_with_mean_one_and_no_g
     norm = np.linalg.norm(teacher.numpy(), axis=1)
     for spec, x in ((LossSpec(distill_quality=2.0), norm**2), (LossSpec(distill_hardness=1.0, distill_quality=1.0), d * norm)):
         assert float(loss_parts(student, logits, teacher, labels, spec)["distill"]) == pytest.approx((x / x.mean() * d).mean(), rel=1e-5)
+    # A power that would overflow float32 (|t|^25 with norms near 100) still gives the weights, not nan.
+    big = teacher * 100.0
+    x = np.linalg.norm(big.numpy().astype(np.float64), axis=1) ** 25
+    got = float(loss_parts(student, logits, big, labels, LossSpec(distill_quality=25.0, distill_hardness=200.0))["distill"])
+    x = x * d.astype(np.float64) ** 200
+    assert got == pytest.approx((x / x.mean() * d).mean(), rel=1e-4)
     # A unit-length teacher has no norm to give: the term is nMSE's, whatever the power.
     unit = tf.math.l2_normalize(teacher, -1)
     assert float(loss_parts(student, logits, unit, labels, LossSpec(distill_quality=3.0))["distill"]) == pytest.approx(plain, rel=1e-5)
@@ -257,10 +263,11 @@ def test_bad_contrast_options_say_which():
     with pytest.raises(ValueError, match="--pair-temperature must be > 0"):
         LossSpec(pair_weight=1.0, pair_temperature=-1.0)
     assert LossSpec(distill_weight=0, pair_weight=1.0).pair_weight == 1.0
-    with pytest.raises(ValueError, match="--distill-hardness must be >= 0"):
-        LossSpec(distill_hardness=-1.0)
-    with pytest.raises(ValueError, match="--distill-quality must be >= 0"):
-        LossSpec(distill_quality=float("nan"))
+    for power in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="--distill-hardness is a power >= 0"):
+            LossSpec(distill_hardness=power)
+        with pytest.raises(ValueError, match="--distill-quality is a power >= 0"):
+            LossSpec(distill_quality=power)
     for cap in (0.0, 1.5):
         with pytest.raises(ValueError, match="--pair-cap is a share"):
             LossSpec(pair_weight=1.0, pair_cap=cap)

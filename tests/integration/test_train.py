@@ -185,6 +185,18 @@ def test_a_user_error_inside_a_ray_train_worker_reaches_the_cli_as_one_line(ray_
     assert not [line for line in own if "Traceback" in line], r.stderr[-3000:]
 
 
+def test_a_loss_that_stops_being_a_number_ends_the_run_in_one_line_and_saves_nothing_after_it(tmp_path):
+    shards = write_toy_shards(tmp_path / "shards", rows=64, shard_size=32, size=32, dim=8)
+    out = tmp_path / "student"
+    r = distill("train", shards, "--out", out, "--batch-size", 16, "--student", "mobilenetv2", "--width", 0.35,
+                "--lr", 1e30, "--warmup-steps", 0, "--epochs", 2, "--checkpoint-every", 1000, "--no-progress")
+    assert r.returncode == 2, r.stderr[-3000:]
+    own = own_lines(r.stderr)
+    assert re.match(r"distill train: error: training diverged: the loss is (nan|inf) at step \d+ \(epoch 1\), so the "
+                    r"weights are no longer numbers; nothing after the start was saved", own[-1]), r.stderr[-3000:]
+    assert not [line for line in own if "Traceback" in line] and ckpt_steps(out) == []
+
+
 def test_refuses_shards_without_images(tmp_path):
     shards = write_toy_shards(tmp_path / "shards", rows=32, images=False)
     r = distill("train", shards, "--out", tmp_path / "student")

@@ -281,3 +281,15 @@ def test_shards_without_views_are_said_once_as_the_measured_default_not_a_loss(s
     assert "unlike the training faces" in note and "--views 4" in note and "measured best" not in note
     assert views_note(resolve(TrainConfig(shards=shards.location, out="o", view_prob=0.0), shards)) is None
     assert views_note(replace(run, view_prob=0.75)) is None  # (shards with views: trained on)
+
+
+def test_options_of_a_term_that_is_off_are_named_as_changing_nothing():
+    from distill.train.losses import LossSpec, unused_options
+
+    assert unused_options(LossSpec()) == []
+    assert unused_options(LossSpec(pair_weight=2.0, pair_cap=0.1, distill_hardness=1.0)) == []
+    assert unused_options(LossSpec(pair_cap=0.1, pair_focus="teacher")) == [
+        "--pair-focus, --pair-cap change nothing: --pair-weight is 0, so its term is off"]
+    assert unused_options(LossSpec(distill_weight=0, contrast_weight=1.0, distill="cosine", distill_quality=2.0,
+                                   contrast_temperature=0.2)) == [
+        "--distill-loss, --distill-quality change nothing: --distill-weight is 0, so its term is off"]
