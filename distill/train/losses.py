@@ -214,7 +214,7 @@ def unused_options(spec: "LossSpec") -> list[str]:
         changed = [o for o in options if getattr(spec, o) != getattr(default, o)]
         if not weight and changed:
             flags = ", ".join(f"--{'distill-loss' if o == 'distill' else o.replace('_', '-')}" for o in changed)
-            unused.append(f"{flags} change nothing: {name} is 0, so its term is off")
+            unused.append(f"{flags} change{'s' if len(changed) == 1 else ''} nothing: {name} is 0, so its term is off")
     return unused
 
 

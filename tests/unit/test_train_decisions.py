@@ -290,6 +290,8 @@ def test_options_of_a_term_that_is_off_are_named_as_changing_nothing():
     assert unused_options(LossSpec(pair_weight=2.0, pair_cap=0.1, distill_hardness=1.0)) == []
     assert unused_options(LossSpec(pair_cap=0.1, pair_focus="teacher")) == [
         "--pair-focus, --pair-cap change nothing: --pair-weight is 0, so its term is off"]
+    assert unused_options(LossSpec(contrast_temperature=0.2)) == [
+        "--contrast-temperature changes nothing: --contrast-weight is 0, so its term is off"]
     assert unused_options(LossSpec(distill_weight=0, contrast_weight=1.0, distill="cosine", distill_quality=2.0,
                                    contrast_temperature=0.2)) == [
         "--distill-loss, --distill-quality change nothing: --distill-weight is 0, so its term is off"]
