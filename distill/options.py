@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import typing
 from typing import Any, Mapping
@@ -84,6 +85,18 @@ def flag_of(f: dataclasses.Field) -> str:
     return meta["flag"] or f"--{f.name.replace('_', '-')}"
 
 
+def finite(text: str) -> float:
+    """A float option's value: a number (``nan`` and ``inf`` parse as floats, and no option means
+    them: a learning rate or a loss weight of nan would train to nan)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
+
 def add_options(parser: argparse.ArgumentParser, cls, *, config_file: bool = False) -> dict[str, Any]:
     """One argument per ``option`` field of the dataclass ``cls``, in field order, in the
     argument group its ``group`` names (created on first use). Only options the user gives are
@@ -117,7 +130,7 @@ def add_options(parser: argparse.ArgumentParser, cls, *, config_file: bool = Fal
             if f.default is not None:  # (None: the stage decides, and its help says how)
                 kwargs["help"] = f"{text} (default: {'on' if f.default else 'off'})"
         else:
-            kwargs.update(type=kind, metavar=meta["metavar"], choices=meta["choices"], **many)
+            kwargs.update(type=finite if kind is float else kind, metavar=meta["metavar"], choices=meta["choices"], **many)
             if (meta["required"] or not has_default) and not config_file:
                 kwargs["required"] = True
         parser.add_argument(flag_of(f), *(f"--{a.replace('_', '-')}" for a in meta["aliases"]), **kwargs)
@@ -260,6 +273,8 @@ def _typed_scalar(f: dataclasses.Field, kind: type, value: Any, where: str) -> A
         value, ok = float(value), True
     if not ok:
         raise BadOption(f"{where}: {f.name} = {value!r} is not {'an' if kind is int else 'a'} {kind.__name__}")
+    if kind is float and not math.isfinite(value):
+        raise BadOption(f"{where}: {f.name} = {value!r} is not a finite number")
     choices = f.metadata[_META]["choices"]
     if choices and value not in choices:
         raise BadOption(f"{where}: {f.name} = {value!r} is not one of {', '.join(map(str, choices))}")

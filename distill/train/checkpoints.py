@@ -141,6 +141,12 @@ def snapshot(model, optimizer=None) -> dict[str, np.ndarray]:
     return state
 
 
+def not_finite(state: dict[str, np.ndarray]) -> list[str]:
+    """The keys of ``state`` whose floating-point arrays hold a nan or an infinity: weights no
+    checkpoint may keep (the step after a resume would start from them)."""
+    return sorted(k for k, a in state.items() if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all())
+
+
 def _name(v, prefix: str) -> str:
     """A variable's key: its path (``layer/name``); an optimizer's variables without the
     optimizer's own name (``adam``, or ``adam_1`` for the second one in a process)."""

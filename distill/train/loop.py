@@ -33,6 +33,7 @@ from distill.train.checkpoints import (
     Cursor,
     averaged,
     load_student,
+    not_finite,
     read_best_val,
     read_checkpoint,
     restore,
@@ -380,10 +381,28 @@ class _Run:
 
     def save(self, state: dict | None = None, val: dict[str, float] | None = None) -> None:
         if state is None:
-            state = snapshot(self.model, self.optimizer)  # on every rank: reading on-read-synced variables is a collective
+            state = self._snapshot()
         self.last_saved = self.cursor.step
         # The summary rides along: under Ray Train it is what the driver gets back.
         self.store.save(state, self.resolved.to_json(), self.cursor, {**self.summary(), **(val or {})})
+
+    def _snapshot(self, optimizer: bool = True) -> dict:
+        """The weights (and the optimizer's state) as arrays, on every rank (reading on-read-synced
+        variables is a collective). The update that broke the weights can come before any loss
+        shows it (the last step of an epoch, a --checkpoint-every step): such weights are never
+        saved or scored (the same on every rank: one state)."""
+        state = snapshot(self.model, self.optimizer if optimizer else None)
+        broken = not_finite(state)
+        if broken:
+            raise self._diverged(f"{len(broken)} of the weights at step {self.cursor.step} are not numbers "
+                                 f"(e.g. {broken[0]})")
+        return state
+
+    def _diverged(self, what: str) -> Diverged:
+        saved = self.last_saved
+        return Diverged(f"training diverged: {what}; nothing after "
+                        f"{f'the checkpoint at step {saved}' if saved >= 0 else 'the start'} was saved. Lower --lr "
+                        "(a new --out), or undo what made the loss blow up, and rerun")
 
     def validate(self, state: dict, keep_best: bool = True) -> dict[str, float] | None:
         """Score a snapshot on the held-out people (rank 0, a model of its own: no collectives)
@@ -405,8 +424,7 @@ class _Run:
     def _validate_mid_epoch(self, bar) -> None:
         """``--val-every``: validate (and keep the best) at this step, inside the epoch."""
 
-        state = snapshot(self.model, self.optimizer)  # (every rank: a collective)
-        val = self.validate(state)
+        val = self.validate(self._snapshot())
         if val:
             c = self.cursor
             self.runlog.record({"kind": "val", "epoch": c.epoch, "step": c.step, "samples": c.samples,
@@ -462,7 +480,7 @@ class _Run:
         try:
             if self.resumed_from is None and cfg.validates:
                 # Where the student starts: the first point of the curve (the snapshot is a collective).
-                val = self.validate(snapshot(self.model, None), keep_best=False)
+                val = self.validate(self._snapshot(optimizer=False), keep_best=False)
                 if val:
                     self.runlog.record({"kind": "val", "epoch": 0, "step": 0, "samples": 0, "seen": 0, **val})
             while not self.done():
@@ -537,11 +555,8 @@ class _Run:
         parts, index = self.step_fn(next(batches), tf.constant(1.0 if self._stop_wanted() else 0.0))
         parts = {k: float(v) for k, v in parts.items()}
         if not math.isfinite(parts["loss"]):
-            c, saved = self.cursor, self.last_saved
-            raise Diverged(
-                f"training diverged: the loss is {parts['loss']} at step {c.step + 1} (epoch {c.epoch + 1}), so the "
-                f"weights are no longer numbers; nothing after {f'the checkpoint at step {saved}' if saved >= 0 else 'the start'} "
-                "was saved. Lower --lr (a new --out), or undo what made the loss blow up, and rerun")
+            raise self._diverged(f"the loss is {parts['loss']} at step {self.cursor.step + 1} (epoch "
+                                 f"{self.cursor.epoch + 1}), so the weights are no longer numbers")
         if parts.pop("stop") > 0 and not self.stop.requested:  # another worker's, or the driver's (Ray Train)
             self.stop.signum = read_request(self.cfg.out) or signal.SIGTERM
         self.cursor = replace(self.cursor, samples=self.cursor.samples + self.cfg.batch_size, step=self.cursor.step + 1)
@@ -582,7 +597,7 @@ class _Run:
                **tally.means(), "steps_averaged": tally.steps,
                "images_per_sec": tally.steps * cfg.batch_size / max(seconds, 1e-9), "seconds": seconds}
         self.cursor = replace(c, epoch=c.epoch + 1, samples=0)
-        state = snapshot(self.model, self.optimizer)
+        state = self._snapshot()
         val = self.validate(state)
         if val:
             rec.update(val)

@@ -75,11 +75,25 @@ def test_a_config_file_round_trips_through_print_config(tmp_path):
     ("flip = 1\n", "flip = 1 is not a bool"),
     ("margin = 'cosface'\n", "is not one of softmax, arcface, teacher"),
     ("epochs = [\n", "not valid TOML"),
+    ("lr = nan\n", "lr = nan is not a finite number"),
+    ("ce_weight = -inf\n", "ce_weight = -inf is not a finite number"),
 ])
 def test_a_config_file_is_refused_naming_the_key(tmp_path, text, match):
     (tmp_path / "c.toml").write_text(text)
     with pytest.raises(ValueError, match=match):
         load_config_file(TrainConfig, str(tmp_path / "c.toml"))
+
+
+@pytest.mark.parametrize("flag, value, said", [
+    ("--lr", "nan", "nan is not a finite number"), ("--ce-weight", "inf", "inf is not a finite number"),
+    ("--width", "Infinity", "Infinity is not a finite number"), ("--lr", "fast", "'fast' is not a number"),
+])
+def test_a_float_option_is_a_finite_number(capsys, flag, value, said):
+    # (float() takes nan and inf, and every comparison with nan is false: a range check lets it by)
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["s", "--out", "o", flag, value])
+    assert f"argument {flag}: {said}" in capsys.readouterr().err
+    assert _parser().parse_args(["s", "--out", "o", flag, "1e-3"]).__dict__[flag[2:].replace("-", "_")] == 1e-3
 
 
 def test_a_flag_beside_the_file_wins_and_says_so(tmp_path, caplog):

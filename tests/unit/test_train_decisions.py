@@ -12,7 +12,7 @@ from toy_shards import write_toy_shards
 
 from distill.errors import IncompatibleRun
 from distill.shards.reader import open_shards
-from distill.train.checkpoints import Cursor, LocalCheckpoints, average_key, averaged, read_checkpoint
+from distill.train.checkpoints import Cursor, LocalCheckpoints, average_key, averaged, not_finite, read_checkpoint
 from distill.train.config import (
     Schedule,
     TrainConfig,
@@ -226,6 +226,14 @@ def test_the_resolved_run_round_trips_through_its_checkpoint_form(shards):
                "loss": {**{k: v for k, v in saved["loss"].items() if k != "distill_weight"}, "mse_weight": 0.5}}
     back = TrainRun.from_json(renamed)  # a run saved before --mse-weight became --distill-weight
     assert back.train.distill_weight == 0.5 and back.loss.distill_weight == 0.5
+
+
+def test_weights_that_are_not_numbers_are_named_and_integer_state_is_not_judged():
+    state = {"model/dense/kernel": np.ones((2, 2), np.float32), "optimizer/iteration": np.array(5, np.int64),
+             "model/bn/moving_variance": np.array([1.0, np.inf], np.float32),
+             "optimizer/dense/kernel_momentum": np.array([np.nan], np.float32)}
+    assert not_finite(state) == ["model/bn/moving_variance", "optimizer/dense/kernel_momentum"]
+    assert not_finite({k: v for k, v in state.items() if k in ("model/dense/kernel", "optimizer/iteration")}) == []
 
 
 def test_checkpoints_are_renamed_into_place_and_only_the_last_few_kept(tmp_path):
