@@ -400,9 +400,12 @@ class _Run:
 
     def _diverged(self, what: str) -> Diverged:
         saved = self.last_saved
-        return Diverged(f"training diverged: {what}; nothing after "
-                        f"{f'the checkpoint at step {saved}' if saved >= 0 else 'the start'} was saved. Lower --lr "
-                        "(a new --out), or undo what made the loss blow up, and rerun")
+        if saved < 0:
+            return Diverged(f"training diverged: {what}; nothing after the start was saved. Lower --lr, or undo what "
+                            "made the loss blow up, and rerun (the same --out starts afresh)")
+        return Diverged(f"training diverged: {what}; nothing after the checkpoint at step {saved} was saved. Lower "
+                        "--lr in a new --out (--init OUT starts it from that checkpoint), or undo what made the loss "
+                        "blow up, and rerun")
 
     def validate(self, state: dict, keep_best: bool = True) -> dict[str, float] | None:
         """Score a snapshot on the held-out people (rank 0, a model of its own: no collectives)
