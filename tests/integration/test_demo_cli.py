@@ -1,6 +1,6 @@
 """`distill demo --quick` end to end through the real CLI: killed mid-run, rerun, rerun again.
 
-The first run is SIGKILLed once the embed stage is recorded (so during training); the
+The first run is SIGKILLed once the embed stage is recorded (as training starts); the
 second must reuse the finished stages, resume the rest and finish; the third must reuse
 everything. The summary JSON is the contract checked: every stage ran, the student
 separates held-out identities well above chance, the outputs exist.
@@ -41,12 +41,9 @@ def test_demo_quick_killed_resumed_and_reused(tmp_path, ray_address):
                              stderr=subprocess.DEVNULL)
     try:
         while "embed" not in _stages_recorded(out) and first.poll() is None:
-            time.sleep(0.5)
-        metrics = out / "student" / "metrics.jsonl"  # training has taken steps once this has lines
-        while not (metrics.is_file() and metrics.read_text().strip()) and first.poll() is None:
             time.sleep(0.1)
         assert first.poll() is None, "the first demo run ended before it could be interrupted"
-        first.send_signal(signal.SIGKILL)  # inside training: kill the driver without warning
+        first.send_signal(signal.SIGKILL)  # as training starts: kill the driver without warning
         first.wait(timeout=60)
     finally:
         if first.poll() is None:

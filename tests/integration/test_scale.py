@@ -1,6 +1,6 @@
 """Many people, labelled and not: a CelebA + UTKFace subset listed as two sources, embedded by
 the real mobilefacenet teacher, distilled into a MobileFaceNet student (the classifier on the
-labelled rows only) scored on people it never saw, resumed mid-epoch, exported and evaluated.
+labelled rows only) scored on people it never saw, exported and evaluated.
 How close such a student gets to its teacher is measured where runs are long enough to say it:
 bench/quality_scale.py, docs/QUALITY.md. (Views, TFLite and Ray Train have tests of their own:
 test_glint_views, test_export, test_object_store.)"""
@@ -61,15 +61,14 @@ def _train(mixed: Path, out: Path, *extra):
                    "--checkpoint-every", 1000, "--trace-samples", "--no-progress", *extra)
 
 
-def test_a_mobilefacenet_student_on_labelled_and_unlabelled_rows_resumes_and_is_scored_on_unseen_people(mixed, tmp_path):
+def test_a_mobilefacenet_student_on_labelled_and_unlabelled_rows_is_scored_on_unseen_people(mixed, tmp_path):
     out = tmp_path / "student"
     rows = json.loads((mixed / "shards" / "manifest.json").read_text())["rows"]
     steps = EPOCHS * (rows // BATCH)
-    # In two parts, the first stopping mid-epoch; the second goes on at the next sample.
-    first = _train(mixed, out, "--max-steps", steps // 2 + 1)
-    assert "trained to step" in first.stdout
-    second = _train(mixed, out)
-    assert f"step {steps // 2 + 1}" in second.stderr  # resumed where the first part stopped
+    # One run: a stop and resume mid-epoch are tested where the student is cheaper (test_train,
+    # test_glint_views, test_object_store); what this adds is many people, labelled and not.
+    trained = _train(mixed, out)
+    assert f"trained to step {steps}" in trained.stdout
     trace = [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()]
     assert [t["step"] for t in trace] == list(range(1, steps + 1))
     for epoch in range(EPOCHS):  # every sample of every epoch once, unlabelled ones included
