@@ -133,8 +133,9 @@ def train_recipe(guard, work: Path, name: str, opts: list[str], epochs: int, sha
     load = settle(guard, name).label()
     print(f"[{time.strftime('%H:%M:%S')}] {name}: training {epochs} epochs (load {load})", file=sys.stderr, flush=True)
     held = ["--val-split", VAL_SPLIT, "--val-seed", VAL_SEED] if split else []
+    # Every recipe here ran before the relational term existed: it is off unless a recipe says so.
     train = run_child(distill_cmd("train", shards, "--out", student, "--epochs", epochs, "--seed", seed, *held,
-                                  "--no-progress", *opts), timeout=3 * 3600, sample_cpu=5)
+                                  "--no-progress", "--pair-weight", "0", *opts), timeout=3 * 3600, sample_cpu=5)
     # The last checkpoint, not --best: picking the epoch on the held-out people would flatter them.
     run_child(distill_cmd("export", student, "--out", export), timeout=1800)
     scores = {}

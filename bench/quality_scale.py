@@ -85,9 +85,12 @@ MFN64 = ("--student", "mobilefacenet", "--resolution", "64")
 MFN112 = ("--student", "mobilefacenet", "--resolution", "112")
 PLAIN = ("--view-prob", "0")
 # The objective is stated in every row, so that no row moves with a default: nMSE + contrastive
-# was the default until 2026-12-05 05:30, nMSE alone since.
-CONTRAST = ("--contrast-weight", "1")
-NMSE = ("--contrast-weight", "0")
+# was the default until 2026-12-05 05:30, nMSE alone until 2026-12-07 16:40, nMSE + the relational
+# term capped at 0.1 (--pair-weight 2 --pair-cap 0.1) since. A row that adds the relational term
+# states its cap (UNCAPPED: the cap's default until then).
+CONTRAST = ("--contrast-weight", "1", "--pair-weight", "0")
+NMSE = ("--contrast-weight", "0", "--pair-weight", "0")
+UNCAPPED = ("--pair-cap", "1")
 # Adam's peak learning rate: 2e-3 was the default until 2026-12-05 07:40 (the rows that ran then
 # passed no --lr and state it now), 4e-3 since.
 LR2 = ("--lr", "0.002")
@@ -161,16 +164,16 @@ ROWS: tuple[Row, ...] = (
     # cosines to the batch's other teacher targets fitted to the teacher's, weighted to the pairs
     # the student finds most alike. Weight 2: its gradient near nMSE's at the start (on paper).
     Row("tail: nMSE + pair 2 (the hardest impostors' cosines fitted to the teacher's)",
-        (*MFN64, *PLAIN, *NMSE, *LR4, "--pair-weight", "2"), samples=80_000, views=0, yaleb=True, group="tail"),
-    Row("tail, seed 1: nMSE + pair 2", (*MFN64, *PLAIN, *NMSE, *LR4, "--pair-weight", "2", "--seed", "1"),
+        (*MFN64, *PLAIN, *NMSE, *LR4, "--pair-weight", "2", *UNCAPPED), samples=80_000, views=0, yaleb=True, group="tail"),
+    Row("tail, seed 1: nMSE + pair 2", (*MFN64, *PLAIN, *NMSE, *LR4, "--pair-weight", "2", *UNCAPPED, "--seed", "1"),
         samples=80_000, views=0, yaleb=True, group="tail"),
     # The same term with its weights taken from the teacher's cosines (--pair-focus teacher): fixed by
     # the data, so they cannot follow the student onto a group of faces it merged (seed 1 above).
     Row("tail: nMSE + pair 2, focus on the teacher's cosines",
-        (*MFN64, *PLAIN, *NMSE, *LR4, "--pair-weight", "2", "--pair-focus", "teacher"),
+        (*MFN64, *PLAIN, *NMSE, *LR4, "--pair-weight", "2", *UNCAPPED, "--pair-focus", "teacher"),
         samples=80_000, views=0, yaleb=True, group="tail"),
     Row("tail, seed 1: nMSE + pair 2, focus on the teacher's cosines",
-        (*MFN64, *PLAIN, *NMSE, *LR4, "--pair-weight", "2", "--pair-focus", "teacher", "--seed", "1"),
+        (*MFN64, *PLAIN, *NMSE, *LR4, "--pair-weight", "2", *UNCAPPED, "--pair-focus", "teacher", "--seed", "1"),
         samples=80_000, views=0, yaleb=True, group="tail"),
     # The same term with each pair's weight capped at 0.1 (--pair-cap 0.1): no pair carries more than a
     # tenth of a row's term, so a group of faces the student has merged cannot draw all of it (seed 1

@@ -72,10 +72,12 @@ class LossSpec:
     arc_margin: float = 0.3
     contrast_weight: float = 0.0  # on: +InfoNCE; at scale nMSE alone measured better (docs/QUALITY.md)
     contrast_temperature: float = 0.1
-    pair_weight: float = 0.0  # on: + the relational term on the student's hardest impostor pairs
+    # The relational term on the student's hardest impostor pairs, each pair's weight capped at a
+    # tenth of its row's: ahead of nMSE alone at 76k and 279k samples, two seeds each (docs/QUALITY.md).
+    pair_weight: float = 2.0
     pair_temperature: float = 0.1
     pair_focus: str = "student"
-    pair_cap: float = 1.0  # below 1: the most weight any one pair can have in a row's relational term
+    pair_cap: float = 0.1  # the most weight any one pair can have in a row's relational term (1: no cap)
     distill_hardness: float = 0.0  # on: rows weighted by their own distillation term to this power
     distill_quality: float = 0.0  # on: rows weighted by the teacher embedding's norm to this power
 

@@ -27,7 +27,8 @@ def test_gradient_reaches_the_student_only_and_pulls_it_towards_the_teacher():
     student, logits, teacher, labels = _batch()
     with tf.GradientTape(persistent=True) as tape:
         tape.watch([student, teacher])
-        parts = loss_parts(student, logits, teacher, labels, LossSpec(ce_weight=0.0, distill_weight=1.0, distill="mse", contrast_weight=0.0))
+        parts = loss_parts(student, logits, teacher, labels, LossSpec(ce_weight=0.0, distill_weight=1.0, distill="mse", contrast_weight=0.0,
+                                                                     pair_weight=0.0))
     assert tape.gradient(parts["loss"], teacher) is None  # the teacher is a constant target
     g = tape.gradient(parts["loss"], student).numpy()
     np.testing.assert_allclose(g, 2 * (student - teacher).numpy() / student.numpy().size, rtol=1e-5)
@@ -35,7 +36,8 @@ def test_gradient_reaches_the_student_only_and_pulls_it_towards_the_teacher():
 
 def test_parts_are_named_and_weighted():
     student, logits, teacher, labels = _batch(1)
-    p = loss_parts(student, logits, teacher, labels, LossSpec(ce_weight=0.3, distill_weight=2.0, distill="mse", contrast_weight=0.0))
+    p = loss_parts(student, logits, teacher, labels, LossSpec(ce_weight=0.3, distill_weight=2.0, distill="mse", contrast_weight=0.0,
+                                                             pair_weight=0.0))
     assert set(p) == {"loss", "ce", "distill", "cos"}
     np.testing.assert_allclose(float(p["distill"]), np.mean((student.numpy() - teacher.numpy()) ** 2), rtol=1e-6)
     ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
@@ -111,7 +113,8 @@ def test_the_classifier_skips_unlabelled_rows():
     logits = 0.5 * tf.tanh(logits)  # cosine-like, so the ArcFace head is not saturated either
     labels = tf.constant([2, -1, 0, -1, 1, 2], tf.int64)  # -1: a face of no known identity
     for margin in ("softmax", "arcface"):
-        spec = LossSpec(ce_weight=1.0, distill_weight=0.0, contrast_weight=0.0, margin=margin, arc_scale=8.0, arc_margin=0.2)
+        spec = LossSpec(ce_weight=1.0, distill_weight=0.0, contrast_weight=0.0, pair_weight=0.0, margin=margin, arc_scale=8.0,
+                        arc_margin=0.2)
         got = float(loss_parts(student, logits, teacher, labels, spec)["ce"])
         keep = np.array([0, 2, 4, 5])
         want = float(loss_parts(tf.gather(student, keep), tf.gather(logits, keep), tf.gather(teacher, keep),
@@ -129,7 +132,7 @@ def test_the_classifier_skips_unlabelled_rows():
 def test_class_bias_takes_classes_out_of_the_softmax():
     student, logits, teacher, labels = _batch(4, c=3)
     labels = tf.constant([0, 1, 0, 1], tf.int64)
-    spec = LossSpec(ce_weight=1.0, distill_weight=0.0)
+    spec = LossSpec(ce_weight=1.0, distill_weight=0.0, pair_weight=0.0)
     masked = loss_parts(student, logits, teacher, labels, spec, class_bias=tf.constant([0.0, 0.0, -1e4]))
     two = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits[:, :2]))
     assert float(masked["ce"]) == pytest.approx(float(two), rel=1e-5)
@@ -148,7 +151,7 @@ def test_bad_loss_options_say_which():
     with pytest.raises(ValueError, match="--distill-loss"):
         LossSpec(distill="kl")
     with pytest.raises(ValueError, match="not all 0"):
-        LossSpec(ce_weight=0, distill_weight=0, contrast_weight=0)
+        LossSpec(ce_weight=0, distill_weight=0, contrast_weight=0, pair_weight=0)
 
 
 def _infonce(s: np.ndarray, t: np.ndarray, temperature: float) -> np.ndarray:
@@ -160,7 +163,8 @@ def _infonce(s: np.ndarray, t: np.ndarray, temperature: float) -> np.ndarray:
 
 def test_contrast_picks_each_target_out_of_the_batch_and_only_trains_the_student():
     student, logits, teacher, labels = _batch(5, n=6)
-    spec = LossSpec(ce_weight=0.0, distill_weight=0.5, distill="nmse", contrast_weight=2.0, contrast_temperature=0.2)
+    spec = LossSpec(ce_weight=0.0, distill_weight=0.5, distill="nmse", contrast_weight=2.0, contrast_temperature=0.2,
+                    pair_weight=0.0)
     with tf.GradientTape(persistent=True) as tape:
         tape.watch([student, teacher])
         p = loss_parts(student, logits, teacher, labels, spec)
@@ -174,7 +178,7 @@ def test_contrast_picks_each_target_out_of_the_batch_and_only_trains_the_student
     assert float(again["contrast"]) == pytest.approx(float(p["contrast"]), rel=1e-5)
     matched = loss_parts(teacher, logits, teacher, labels, spec)
     assert float(matched["contrast"]) < float(p["contrast"])
-    assert set(loss_parts(student, logits, teacher, labels, LossSpec(ce_weight=0.0, contrast_weight=0.0))) == {"loss", "distill", "cos"}  # off: not computed
+    assert set(loss_parts(student, logits, teacher, labels, LossSpec(ce_weight=0.0, contrast_weight=0.0, pair_weight=0.0))) == {"loss", "distill", "cos"}  # off: not computed
 
 
 def _pair(s: np.ndarray, t: np.ndarray, temperature: float, focus: str = "student", cap: float = 1.0) -> np.ndarray:
@@ -191,7 +195,7 @@ def _pair(s: np.ndarray, t: np.ndarray, temperature: float, focus: str = "studen
 
 def test_pair_fits_the_teacher_cosines_of_the_student_hardest_impostors_and_only_trains_the_student():
     student, logits, teacher, labels = _batch(5, n=6)
-    spec = LossSpec(distill_weight=0.5, contrast_weight=0.0, pair_weight=3.0, pair_temperature=0.2)
+    spec = LossSpec(distill_weight=0.5, contrast_weight=0.0, pair_weight=3.0, pair_temperature=0.2, pair_cap=1.0)  # (uncapped)
     with tf.GradientTape() as tape:
         tape.watch([student, teacher])
         p = loss_parts(student, logits, teacher, labels, spec)
@@ -208,18 +212,18 @@ def test_pair_fits_the_teacher_cosines_of_the_student_hardest_impostors_and_only
     assert float(loss_parts(teacher, logits, teacher, labels, spec)["pair"]) == pytest.approx(0.0, abs=1e-7)
     # The weights follow the student: a lower temperature puts the term on its hardest impostors.
     cold = _pair(student.numpy(), teacher.numpy(), 0.01).mean()
-    assert float(loss_parts(student, logits, teacher, labels, LossSpec(pair_weight=1.0, pair_temperature=0.01))["pair"]) \
+    assert float(loss_parts(student, logits, teacher, labels, LossSpec(pair_weight=1.0, pair_temperature=0.01, pair_cap=1.0))["pair"]) \
         == pytest.approx(cold, rel=1e-4)
     one = loss_parts(student[:1], logits[:1], teacher[:1], labels[:1], spec)  # a batch of one has no pairs
     assert float(one["pair"]) == 0.0
     # --pair-focus teacher: the teacher's cosines weigh the pairs, whatever the student does.
-    by_teacher = LossSpec(pair_weight=1.0, pair_temperature=0.05, pair_focus="teacher")
+    by_teacher = LossSpec(pair_weight=1.0, pair_temperature=0.05, pair_focus="teacher", pair_cap=1.0)
     want = _pair(student.numpy(), teacher.numpy(), 0.05, "teacher").mean()
     assert want != pytest.approx(_pair(student.numpy(), teacher.numpy(), 0.05).mean(), rel=1e-3)
     assert float(loss_parts(student, logits, teacher, labels, by_teacher)["pair"]) == pytest.approx(want, rel=1e-5)
     assert float(loss_parts(teacher, logits, teacher, labels, by_teacher)["pair"]) == pytest.approx(0.0, abs=1e-7)
     # --pair-cap: no pair weighs more than the cap, and the term shrinks where one pair held most of a row's.
-    hot = LossSpec(pair_weight=1.0, pair_temperature=0.01)
+    hot = LossSpec(pair_weight=1.0, pair_temperature=0.01, pair_cap=1.0)
     capped = LossSpec(pair_weight=1.0, pair_temperature=0.01, pair_cap=0.3)
     want = _pair(student.numpy(), teacher.numpy(), 0.01, cap=0.3).mean()
     assert want < float(loss_parts(student, logits, teacher, labels, hot)["pair"])
@@ -274,5 +278,5 @@ def test_bad_contrast_options_say_which():
     with pytest.raises(ValueError, match="--pair-focus must be one of student, teacher"):
         LossSpec(pair_weight=1.0, pair_focus="both")
     with pytest.raises(ValueError, match="not all 0"):
-        LossSpec(ce_weight=0, distill_weight=0, contrast_weight=0)
-    assert LossSpec(ce_weight=0, distill_weight=0, contrast_weight=1.0).contrast_weight == 1.0
+        LossSpec(ce_weight=0, distill_weight=0, contrast_weight=0, pair_weight=0)
+    assert LossSpec(ce_weight=0, distill_weight=0, contrast_weight=1.0, pair_weight=0).contrast_weight == 1.0

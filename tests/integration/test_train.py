@@ -29,7 +29,7 @@ ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "RAY_AUTH_MODE": os.environ.ge
 BATCH, BUFFER, SEED = 32, 128, 3
 # A heartbeat line of `distill train` (distill.heartbeat.train_line); 20 steps of 16 of the 400 ORL rows.
 HEARTBEAT = re.compile(r"train: step \d+/25 \(\d+\.\d%\), epoch 1/1 at sample \d+, [\d,]+ img/s, loss \d\.\d{4}, "
-                       r"distill \d\.\d{4}, cos -?\d\.\d{4}, lr \S+, ETA (\d+[smhd])+$")
+                       r"distill \d\.\d{4}, pair \d\.\d{4}, cos -?\d\.\d{4}, lr \S+, ETA (\d+[smhd])+$")
 
 
 def distill(*args, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -122,8 +122,8 @@ def test_resume_after_sigkill_covers_every_sample_once_in_order(killed_and_resum
     steps = [m for m in metrics if m["kind"] == "step"]
     assert [m["step"] for m in steps] == list(range(1, total + 1))  # each step once, counters continue
     assert all(m["samples"] == ((m["step"] - 1) % spe + 1) * BATCH and m["epoch"] == (m["step"] - 1) // spe for m in steps)
-    assert all({"loss", "distill", "cos", "images_per_sec"} <= set(m) and not {"ce", "contrast", "pair"} & set(m)
-               for m in steps)  # the default terms: nMSE alone
+    assert all({"loss", "distill", "pair", "cos", "images_per_sec"} <= set(m) and not {"ce", "contrast"} & set(m)
+               for m in steps)  # the default terms: nMSE and the capped relational term
     assert [(m["epoch"], m["step"]) for m in metrics if m["kind"] == "epoch"] == [(0, spe), (1, total)]
     cursor = json.loads((out / "checkpoints" / f"ckpt-{total:09d}" / "cursor.json").read_text())
     assert (cursor["epoch"], cursor["samples"], cursor["step"], cursor["global_batch"]) == (2, 0, total, BATCH)

@@ -142,7 +142,8 @@ def test_shards_with_no_labelled_row_turn_the_classifier_off_and_say_so(tmp_path
     assert (config.loss.ce_weight, config.loss.margin) == (0.0, "softmax")
     assert config.student.num_classes == 0
     with pytest.raises(ValueError, match="no labelled rows.*only term"):
-        resolve(TrainConfig(shards=free.location, out="o", ce_weight=1.0, distill_weight=0.0, contrast_weight=0.0), free)
+        resolve(TrainConfig(shards=free.location, out="o", ce_weight=1.0, distill_weight=0.0, contrast_weight=0.0,
+                                pair_weight=0.0), free)
     mixed = open_shards(str(write_toy_shards(tmp_path / "mixed", rows=32, shard_size=16, unlabelled=0.5)))
     assert resolve(TrainConfig(shards=mixed.location, out="o", ce_weight=1.0), mixed).loss.ce_weight == 1.0
 
@@ -296,7 +297,8 @@ def test_options_of_a_term_that_is_off_are_named_as_changing_nothing():
 
     assert unused_options(LossSpec()) == []
     assert unused_options(LossSpec(pair_weight=2.0, pair_cap=0.1, distill_hardness=1.0)) == []
-    assert unused_options(LossSpec(pair_cap=0.1, pair_focus="teacher")) == [
+    assert unused_options(LossSpec(pair_weight=0.0)) == []  # the default term turned off, nothing else changed
+    assert unused_options(LossSpec(pair_weight=0.0, pair_cap=0.5, pair_focus="teacher")) == [
         "--pair-focus, --pair-cap change nothing: --pair-weight is 0, so its term is off"]
     assert unused_options(LossSpec(contrast_temperature=0.2)) == [
         "--contrast-temperature changes nothing: --contrast-weight is 0, so its term is off"]
